@@ -1,0 +1,44 @@
+"""Bind a Denoiser and its conditioning into a velocity function, with optional CFG."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from distill_pl.diffusion.flow import classifier_free_guidance
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+
+
+def negative_conditioning(cond: Conditioning, embeds: Tensor, mask: Tensor | None) -> Conditioning:
+    """The unconditional branch: the negative-prompt embedding ([1, L, D] or [B, L, D])
+    broadcast to the batch, with the SAME control as ``cond``."""
+    b = cond.batch_size
+    embeds = embeds.to(cond.text_embeds).expand(b, *embeds.shape[1:])
+    if mask is not None:
+        mask = mask.to(cond.text_embeds.device).expand(b, *mask.shape[1:])
+    return cond.with_text(embeds, mask)
+
+
+def velocity_fn(
+    denoiser: Denoiser,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance: float = 1.0,
+):
+    """``fn(x_t, sigma) -> v`` with CFG ``u + w (c - u)`` when ``guidance != 1``.
+
+    Both branches run in one batched call.
+    """
+    if guidance == 1.0 or uncond is None:
+        if guidance != 1.0:
+            raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
+        return lambda x_t, sigma: denoiser(x_t, sigma, cond)
+
+    both = Conditioning.cat([cond, uncond])
+
+    def guided(x_t: Tensor, sigma: Tensor) -> Tensor:
+        v = denoiser(x_t.repeat(2, *[1] * (x_t.ndim - 1)), sigma.repeat(2), both)
+        v_cond, v_uncond = v.chunk(2)
+        return classifier_free_guidance(v_uncond, v_cond, guidance)
+
+    return guided
