@@ -1,0 +1,39 @@
+"""Canny-edge control videos (the control signal of Cosmos-Transfer "Edge").
+
+Convention: a control video has the layout and value range of a video, [3, T, H, W] (or
+[B, 3, T, H, W]) in [-1, 1], so a latent model encodes it with its VAE like the video. Each
+frame's canny edge map (of the grey frame in [0, 1]) is replicated to the 3 channels, with
+-1 = no edge and +1 = edge; no other values occur.
+"""
+
+from __future__ import annotations
+
+import kornia
+from torch import Tensor
+
+
+def canny_control(
+    video: Tensor,
+    low_threshold: float = 0.1,
+    high_threshold: float = 0.2,
+    kernel_size: int = 5,
+    sigma: float = 1.0,
+) -> Tensor:
+    """Edge control of ``video`` [3, T, H, W] or [B, 3, T, H, W] in [-1, 1]; same shape and dtype.
+
+    Thresholds, ``kernel_size`` and ``sigma`` are those of :func:`kornia.filters.canny`
+    (thresholds compare against the unnormalised Sobel magnitude of the blurred grey frame
+    in [0, 1]: a unit step reaches about 2.6 with the default blur).
+    """
+    if video.ndim not in (4, 5) or video.shape[-4] != 3:
+        raise ValueError(f"expected a video [B?, 3, T, H, W], got shape {tuple(video.shape)}")
+    batched = video if video.ndim == 5 else video.unsqueeze(0)
+    b, _, t, h, w = batched.shape
+    frames = batched.transpose(1, 2).reshape(b * t, 3, h, w).float()
+    grey = kornia.color.rgb_to_grayscale(((frames + 1) / 2).clamp(0, 1))
+    _, edges = kornia.filters.canny(
+        grey, low_threshold, high_threshold, (kernel_size, kernel_size), (sigma, sigma)
+    )
+    control = (edges > 0.5).to(video.dtype) * 2 - 1  # [B*T, 1, H, W]
+    control = control.reshape(b, t, 1, h, w).transpose(1, 2).expand(b, 3, t, h, w).contiguous()
+    return control if video.ndim == 5 else control[0]

@@ -1,0 +1,106 @@
+"""Video autoencoders: the map between pixel videos and the space a denoiser works in.
+
+Videos are [B, 3, T, H, W] in [-1, 1]. A latent model's denoiser sees normalised latents
+(zero mean, unit std per channel, as the Wan pipeline feeds its transformer); a pixel-space
+model sees the video itself (:class:`PixelSpace`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+from torch import Tensor, nn
+
+from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
+
+
+class VideoAutoencoder(nn.Module):
+    """``encode(video) -> latents`` and ``decode(latents) -> video``.
+
+    video:   [B, 3, T, H, W] in [-1, 1]
+    latents: [B, latent_channels, T', H / spatial_compression, W / spatial_compression]
+    """
+
+    #: channels of the latents
+    latent_channels: int
+    #: True when latents are the pixels themselves
+    is_pixel_space: bool
+    #: frames: T' = 1 + (T - 1) // temporal_compression (1 = every frame kept)
+    temporal_compression: int
+    #: height and width are divided by this
+    spatial_compression: int
+
+    def encode(self, video: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class PixelSpace(VideoAutoencoder):
+    """The identity: a pixel-space denoiser works on the video directly (no clamping)."""
+
+    is_pixel_space = True
+    temporal_compression = 1
+    spatial_compression = 1
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.latent_channels = channels
+
+    def encode(self, video: Tensor) -> Tensor:
+        return video
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+
+class WanVAE(VideoAutoencoder):
+    """diffusers' ``AutoencoderKLWan`` from a local folder, frozen and in eval mode.
+
+    ``path`` is the VAE folder or a pipeline root with ``vae/`` (safetensors only, never the
+    hub). ``encode`` takes the posterior mode and normalises it per channel,
+    ``(z - latents_mean) / latents_std``; ``decode`` undoes that exactly as ``WanPipeline``
+    does before ``vae.decode`` and returns the video clamped to [-1, 1]. Causal in time:
+    T frames -> ``1 + (T - 1) // 4`` latent frames (frames past ``1 + 4k`` are dropped),
+    H and W divided by 8 (for the Wan 2.1 VAE; the factors come from the VAE config).
+    Outputs have the dtype of the input; the VAE runs in ``dtype``.
+    """
+
+    is_pixel_space = False
+
+    def __init__(self, path: str, dtype: str = "float32") -> None:
+        super().__init__()
+        folder = find_diffusers_model_folder(path, "AutoencoderKLWan", "vae")
+        self.vae = AutoencoderKLWan.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, torch_dtype=parse_dtype(dtype)
+        )
+        self.vae.requires_grad_(False).eval()
+        config = self.vae.config
+        self.latent_channels = config.z_dim
+        self.temporal_compression = config.scale_factor_temporal
+        self.spatial_compression = config.scale_factor_spatial
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean, std = torch.tensor(config.latents_mean), torch.tensor(config.latents_std)
+        self.register_buffer("latents_mean", mean.view(shape), persistent=False)
+        self.register_buffer("latents_std", std.view(shape), persistent=False)
+
+    def train(self, mode: bool = True) -> "WanVAE":
+        """The VAE stays in eval mode whatever the parent module does."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def encode(self, video: Tensor) -> Tensor:
+        latents = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
+        return ((latents.float() - self.latents_mean) / self.latents_std).to(video.dtype)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        raw = latents.float() * self.latents_std + self.latents_mean
+        video = self.vae.decode(raw.to(self.vae.dtype)).sample
+        return video.clamp(-1.0, 1.0).to(latents.dtype)
+
+
+def build_autoencoder(path: str | None, dtype: str = "float32") -> VideoAutoencoder:
+    """``WanVAE(path, dtype)`` for a local VAE or pipeline folder; ``None``: ``PixelSpace()``."""
+    return PixelSpace() if path is None else WanVAE(path, dtype)

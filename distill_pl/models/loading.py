@@ -1,0 +1,87 @@
+"""Find diffusers model folders on the local disk, with errors that say what is wrong.
+
+Only local folders are loaded, never the Hugging Face hub: a string such as
+``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` that is not a folder on disk is an error, not a download.
+A path may be a model folder (``config.json`` + ``*.safetensors``) or a pipeline root that
+holds the model in a subfolder (``transformer/``, ``vae/``); ``pkg://module/sub`` paths
+point inside installed packages (see :func:`distill_pl.paths.resolve_path`).
+Also :func:`parse_dtype`, for the dtype names that loaders take from config files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distill_pl.paths import resolve_path
+
+#: weight files diffusers can write besides safetensors; named in the error when found
+_OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class ModelFolderError(ValueError):
+    """A path does not hold the expected diffusers model (the message names the folder)."""
+
+
+def find_diffusers_model_folder(path: str, class_name: str, subfolder: str) -> Path:
+    """Return the folder that holds the ``class_name`` model of ``path``.
+
+    ``path`` is either the model folder itself (its ``config.json`` has
+    ``"_class_name": class_name``) or a pipeline root with the model in ``subfolder``.
+    Raises :class:`ModelFolderError` if the folder does not exist, has no ``config.json``,
+    the config is not JSON or names another class, or there are no ``*.safetensors`` weights.
+    """
+    root = resolve_path(path)
+    if not root.is_dir():
+        raise ModelFolderError(
+            f"{root}: model folder does not exist. Only local diffusers folders are loaded "
+            "(never from the Hugging Face hub); download the model and give its local path."
+        )
+    folder = root
+    if not (root / "config.json").is_file() and (root / subfolder).is_dir():
+        folder = root / subfolder
+    _check_config(folder, class_name, subfolder)
+    _check_weights(folder)
+    return folder
+
+
+def _check_config(folder: Path, class_name: str, subfolder: str) -> None:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelFolderError(
+            f"{folder}: no config.json; expected a diffusers {class_name} folder "
+            f"or a pipeline folder with {subfolder}/config.json"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{folder}: config.json is not valid JSON ({error})") from error
+    found = config.get("_class_name") if isinstance(config, dict) else None
+    if found != class_name:
+        raise ModelFolderError(
+            f"{folder}: config.json describes {found!r} (its _class_name), expected {class_name!r}"
+        )
+
+
+def _check_weights(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    others = sorted(p.name for pattern in _OTHER_WEIGHT_PATTERNS for p in folder.glob(pattern))
+    if others:
+        raise ModelFolderError(
+            f"{folder}: only {', '.join(others)}; safetensors weights are required "
+            "(re-save the model with save_pretrained(..., safe_serialization=True))"
+        )
+    raise ModelFolderError(f"{folder}: no *.safetensors weights")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` as a torch dtype (config files use names)."""
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]

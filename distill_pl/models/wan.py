@@ -1,0 +1,181 @@
+"""The :class:`Denoiser` adapter for diffusers' ``WanTransformer3DModel`` (Wan 2.1 / 2.2).
+
+Conventions (checked against diffusers' ``WanPipeline`` with UniPC
+``prediction_type="flow_prediction"``, where ``x0 = x_t - sigma * model_output``):
+
+- the transformer predicts the flow velocity ``v = eps - x0``;
+- it takes ``timestep = 1000 * sigma`` (a float, not rounded);
+- text: ``encoder_hidden_states`` [B, L, text_dim] with padding positions zeroed, as the
+  pipeline pads the T5 output with zeros (the transformer has no text attention mask);
+- control by channel concatenation: the transformer input is ``cat([x_t, control], dim=1)``,
+  so ``in_channels = latent_channels + control_channels`` and ``out_channels`` is the latent
+  channel count;
+- tokens: the Conv3d patch embedding output [B, D, t, h, w] is flattened to [B, t*h*w, D]
+  (frame-major, then rows, then columns); block features are reshaped back to that grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch import Tensor
+
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
+
+
+class WanDenoiser(Denoiser):
+    """Wan transformer as a velocity predictor ``(x_t, sigma, cond) -> v``.
+
+    Exactly one of ``path`` (a local diffusers folder: the transformer folder or a pipeline
+    root with ``transformer/``; safetensors only, never the hub) or ``config`` (keyword
+    arguments of ``WanTransformer3DModel``, randomly initialised) must be given.
+    ``dtype`` is the parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); like
+    diffusers' ``from_pretrained``, modules in ``_keep_in_fp32_modules`` stay float32.
+    Gradient checkpointing is per block and non-reentrant (diffusers' default).
+    """
+
+    transformer_class_name = "WanTransformer3DModel"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        config: dict | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if (path is None) == (config is None):
+            raise ValueError("WanDenoiser needs exactly one of `path` (a local folder) or `config`")
+        torch_dtype = parse_dtype(dtype)
+        if path is not None:
+            folder = find_diffusers_model_folder(path, self.transformer_class_name, "transformer")
+            self.transformer = WanTransformer3DModel.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+            )
+        else:
+            self.transformer = WanTransformer3DModel(**config)
+            _cast_parameters(self.transformer, torch_dtype)
+        cfg = self.transformer.config
+        self.latent_channels = cfg.out_channels
+        self.control_channels = cfg.in_channels - cfg.out_channels
+        self.num_blocks = len(self.transformer.blocks)
+        self.feature_dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    @classmethod
+    def build_on_meta(cls, config: dict) -> "WanDenoiser":
+        """Build from ``config`` with every tensor on the meta device (no memory, no values).
+
+        For inspecting real-size configs (shapes, parameter counts) without allocating them.
+        """
+        with torch.device("meta"):
+            return cls(config=config)
+
+    def forward(
+        self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Velocity [B, C, T, H, W] (dtype of ``x_t``), and features [B, D, T/pt, H/ph, W/pw]
+        after block ``feature_block`` if it is given (gradients flow through both)."""
+        self._check_inputs(x_t, sigma, cond)
+        model_dtype = self.transformer.dtype
+        hidden = x_t if cond.control is None else torch.cat([x_t, cond.control], dim=1)
+        text = cond.text_embeds
+        if cond.text_mask is not None:
+            text = text.masked_fill(~cond.text_mask.bool()[..., None], 0.0)
+        kwargs = dict(
+            hidden_states=hidden.to(model_dtype),
+            timestep=1000.0 * sigma.float(),
+            encoder_hidden_states=text.to(model_dtype),
+            return_dict=False,
+        )
+        if feature_block is None:
+            return self.transformer(**kwargs)[0].to(x_t.dtype)
+
+        if not 0 <= feature_block < self.num_blocks:
+            raise ValueError(
+                f"feature_block={feature_block}: valid blocks are 0..{self.num_blocks - 1}"
+            )
+        captured: list[Tensor] = []
+        # Removed before backward, so checkpointing's recomputation does not fire it again.
+        hook = self.transformer.blocks[feature_block].register_forward_hook(
+            lambda module, args, output: captured.append(output)
+        )
+        try:
+            velocity = self.transformer(**kwargs)[0]
+        finally:
+            hook.remove()
+        return velocity.to(x_t.dtype), self._tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+
+    def _tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
+        """[B, N, D] tokens -> [B, D, t, h, w], the inverse of ``flatten(2).transpose(1, 2)``."""
+        batch, _, frames, height, width = shape
+        p_t, p_h, p_w = self.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], *grid)
+
+    def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
+        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"x_t must be [B, {self.latent_channels}, T, H, W], got {list(x_t.shape)}"
+            )
+        batch, _, *sizes = x_t.shape
+        if any(size % patch for size, patch in zip(sizes, self.patch_size)):
+            raise ValueError(
+                f"x_t frames/height/width {sizes} must be multiples of the patch size "
+                f"{list(self.patch_size)}"
+            )
+        if sigma.shape != (batch,):
+            raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
+        text_dim = self.transformer.config.text_dim
+        text = cond.text_embeds
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != text_dim:
+            raise ValueError(
+                f"text_embeds must be [{batch}, L, {text_dim}], got {list(text.shape)}"
+            )
+        if cond.text_mask is not None and cond.text_mask.shape != text.shape[:2]:
+            raise ValueError(
+                f"text_mask must be [B, L] = {list(text.shape[:2])}, "
+                f"got {list(cond.text_mask.shape)}"
+            )
+        self._check_control(x_t, cond.control)
+
+    def _check_control(self, x_t: Tensor, control: Tensor | None) -> None:
+        if self.control_channels == 0:
+            if control is not None:
+                raise ValueError(
+                    "this Wan model takes no control (in_channels == out_channels), "
+                    "but cond.control was given"
+                )
+            return
+        expected = [x_t.shape[0], self.control_channels, *x_t.shape[2:]]
+        if control is None:
+            raise ValueError(f"this Wan model needs cond.control of shape {expected}, got None")
+        if list(control.shape) != expected:
+            raise ValueError(
+                f"cond.control must be {expected} (matching x_t), got {list(control.shape)}"
+            )
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in backward (non-reentrant ``torch.utils.checkpoint``)."""
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write a diffusers ``WanTransformer3DModel`` folder (config.json + safetensors)."""
+        self.transformer.save_pretrained(folder, safe_serialization=True)
+
+
+def _cast_parameters(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
+    """Cast parameters to ``dtype`` except ``_keep_in_fp32_modules``, as ``from_pretrained`` does.
+
+    Buffers (the float32 RoPE tables) are left alone, as ``from_pretrained`` leaves them.
+    """
+    keep = model._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():
+        if not any(module in name.split(".") for module in keep):
+            param.data = param.data.to(dtype)
