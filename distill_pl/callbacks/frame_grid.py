@@ -1,0 +1,84 @@
+"""Log a rows x (first, middle, last frame) grid of a fixed validation batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from distill_pl.media import frame_grid, upscale, write_png
+
+
+def labelled(grid: Tensor, labels: list[str], row_height: int, width: int = 150) -> Tensor:
+    """Prepend a white margin with one text label per row to a uint8 [3, H, W] grid."""
+    from PIL import Image, ImageDraw
+
+    margin = Image.new("RGB", (width, grid.shape[1]), "white")
+    draw = ImageDraw.Draw(margin)
+    for r, text in enumerate(labels):
+        draw.text((4, r * row_height + row_height // 2 - 5), text, fill="black")
+    margin_t = torch.from_numpy(__import__("numpy").asarray(margin)).permute(2, 0, 1)
+    return torch.cat([margin_t, grid], dim=2)
+
+
+class FrameGridLogger(L.Callback):
+    """Every ``every_n_steps`` training steps and at the end of every validation, render
+    ``pl_module.grid_rows(batch, seed)`` -- an ordered ``{label: video [B, 3, T, H, W]}``
+    -- for a fixed validation batch with a fixed seed.
+
+    One image per video (up to ``max_videos``): rows in the order of the dict, columns =
+    first, middle, last frame. Logged to TensorBoard with ``add_image`` (tag
+    ``grid/<i>``) and written as ``<log_dir>/grids/step<global_step>_<i>.png``.
+    """
+
+    def __init__(self, every_n_steps: int = 0, seed: int = 0, max_videos: int = 2, scale: int = 4):
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.max_videos = max_videos
+        self.scale = scale
+        self._batch: dict | None = None
+
+    def _fixed_batch(self, trainer: L.Trainer) -> dict:
+        if self._batch is None:
+            batch = next(iter(trainer.datamodule.val_dataloader()))
+            self._batch = {
+                k: (v[: self.max_videos] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()
+            }
+        return self._batch
+
+    @rank_zero_only
+    def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        batch = {
+            k: v.to(pl_module.device) if isinstance(v, Tensor) else v
+            for k, v in self._fixed_batch(trainer).items()
+        }
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            rows = pl_module.grid_rows(batch, self.seed)
+        pl_module.train(was_training)
+        labels = list(rows)
+        step = trainer.global_step
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "grids"
+        written = []
+        for i in range(len(next(iter(rows.values())))):
+            grid = upscale(frame_grid([rows[k][i].cpu() for k in labels]), self.scale)
+            h = batch["video"].shape[-2] * self.scale
+            image = labelled(grid, labels, row_height=h + 2 * self.scale)
+            for logger in trainer.loggers:
+                exp = getattr(logger, "experiment", None)
+                if hasattr(exp, "add_image"):
+                    exp.add_image(f"grid/{i}", image, global_step=step)
+            written.append(write_png(out_dir / f"step{step:06d}_{i}.png", image))
+        return written
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.render(trainer, pl_module)

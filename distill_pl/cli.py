@@ -1,0 +1,47 @@
+"""``distill-pl``: LightningCLI for fit/validate/test/predict, plus ``distill-pl sample``."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from distill_pl.data.datamodule import VideoDataModule
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+OTHER_COMMANDS = {
+    "sample": "distill_pl.sample:main",
+}
+
+
+class DistillCLI(LightningCLI):
+    """Models are chosen by ``class_path`` (one LightningModule per stage); the data is the
+    shared VideoDataModule, configured flat under ``data:``."""
+
+
+def lightning_main(args: list[str] | None = None) -> DistillCLI:
+    return DistillCLI(
+        model_class=None,
+        datamodule_class=VideoDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OTHER_COMMANDS:
+        module, _, func = OTHER_COMMANDS[argv[0]].partition(":")
+        getattr(__import__(module, fromlist=[func]), func)(argv[1:])
+        return
+    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        sys.exit(
+            f"distill-pl: unknown command {argv[0]!r}; expected one of "
+            f"{', '.join(LIGHTNING_COMMANDS + tuple(OTHER_COMMANDS))}"
+        )
+    lightning_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Turn video tensors into things a person looks at: mp4 files, PNG frame grids.
+
+Videos are [3, T, H, W] float tensors in [-1, 1] (pixel space). Files are written
+atomically (temp file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def to_uint8(video: Tensor) -> Tensor:
+    """[-1, 1] float -> [0, 255] uint8, same shape."""
+    return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def grid_frame_indices(num_frames: int) -> tuple[int, int, int]:
+    """The grid's three columns: first, middle and last frame."""
+    return 0, num_frames // 2, num_frames - 1
+
+
+def frame_grid(rows: Sequence[Tensor], pad: int = 2, pad_value: int = 255) -> Tensor:
+    """Rows of videos [3, T, H, W] -> one uint8 image [3, R*(H+pad)-pad, 3*(W+pad)-pad].
+
+    Row r, column c holds frame ``grid_frame_indices(T)[c]`` of ``rows[r]``; rows with one
+    channel are shown in grey. All rows must share T, H and W.
+    """
+    if not rows:
+        raise ValueError("frame_grid needs at least one row")
+    _, t, h, w = rows[0].shape
+    cols = grid_frame_indices(t)
+    out = torch.full(
+        (3, len(rows) * (h + pad) - pad, len(cols) * (w + pad) - pad), pad_value, dtype=torch.uint8
+    )
+    for r, video in enumerate(rows):
+        if video.shape[1:] != (t, h, w):
+            raise ValueError(f"row {r} has shape {tuple(video.shape)}, expected (*, {t}, {h}, {w})")
+        frames = to_uint8(video.expand(3, -1, -1, -1) if video.shape[0] == 1 else video)
+        for c, f in enumerate(cols):
+            y, x = r * (h + pad), c * (w + pad)
+            out[:, y : y + h, x : x + w] = frames[:, f]
+    return out
+
+
+def upscale(image_or_video: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour upscaling of the last two dims (tiny videos are 32 px wide)."""
+    if factor == 1:
+        return image_or_video
+    return image_or_video.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_png(path: str | Path, image: Tensor) -> Path:
+    """Write a uint8 [3, H, W] image as PNG (atomically)."""
+    from PIL import Image
+
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_mp4(path: str | Path, video: Tensor, fps: int = 8, scale: int = 1) -> Path:
+    """Write a [3, T, H, W] video in [-1, 1] as H.264 mp4 with PyAV (atomically)."""
+    import av
+
+    path = Path(path)
+    frames = upscale(to_uint8(video), scale).permute(1, 2, 3, 0).numpy()  # [T, H, W, 3]
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:  # yuv420p needs even sizes
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    tmp = _atomic_target(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "18"}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,85 @@
+"""``distill-pl sample``: N-step CFG samples of a teacher folder on validation clips.
+
+Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``
+and ``grid_<i>.png`` (rows: control / sample / ground truth; columns: first, middle, last
+frame), plus ``grid.png`` stacking all grids.
+
+    distill-pl sample --teacher teachers/tiny --out runs/tiny/teacher_samples
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser, ActionConfigFile
+
+from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.media import frame_grid, upscale, write_mp4, write_png
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.teacher_folder import load_scheduler
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.stages.batch import encode_clip_batch
+
+
+def sample_teacher(
+    teacher: str,
+    out: str,
+    data: VideoDataModule,
+    vae_path: str | None = None,
+    num_videos: int = 4,
+    steps: int = 36,
+    guidance: float = 5.0,
+    seed: int = 0,
+    fps: int = 8,
+    scale: int = 4,
+) -> list[Path]:
+    """Sample ``num_videos`` validation clips' controls and captions with the teacher."""
+    denoiser = WanDenoiser(path=teacher).eval()
+    scheduler = load_scheduler(teacher)
+    autoencoder = build_autoencoder(vae_path)
+    data.setup("validate")
+    batches = iter(data.val_dataloader())
+    out_dir = Path(out)
+    written: list[Path] = []
+    grids = []
+    index = 0
+    null_embeds, null_mask = data.negative_prompt_embedding()
+    while index < num_videos:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        x0, cond = encode_clip_batch(batch, autoencoder)
+        g = torch.Generator().manual_seed(seed + index)
+        noise = torch.randn(x0.shape, generator=g)
+        fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
+        with torch.no_grad():
+            video = autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps, progress=True))
+        for b in range(video.shape[0]):
+            if index >= num_videos:
+                break
+            rows = {"control": batch["control"][b], "sample": video[b], "ground_truth": batch["video"][b]}
+            for name, v in rows.items():
+                written.append(write_mp4(out_dir / f"{name}_{index}.mp4", v, fps=fps, scale=scale))
+            grid = upscale(frame_grid(list(rows.values())), scale)
+            grids.append(grid)
+            written.append(write_png(out_dir / f"grid_{index}.png", grid))
+            print(f"[{index}] {batch['caption'][b]!r} ({batch['path'][b]}, frame {int(batch['start'][b])})")
+            index += 1
+    if not grids:
+        raise ValueError("the validation split produced no clips to sample")
+    written.append(write_png(out_dir / "grid.png", torch.cat(grids, dim=1)))
+    print(f"wrote {len(written)} files to {out_dir.resolve()}")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="distill-pl sample", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(sample_teacher, skip={"data"})
+    parser.add_class_arguments(VideoDataModule, "data")
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    sample_teacher(**{k: v for k, v in cfg.items() if k != "config"})

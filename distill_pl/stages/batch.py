@@ -1,0 +1,39 @@
+"""From a data batch to what a Denoiser takes: latents and a Conditioning."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distill_pl.models.autoencoder import VideoAutoencoder
+from distill_pl.models.conditioning import Conditioning
+
+
+@torch.no_grad()
+def encode_clip_batch(batch: dict, autoencoder: VideoAutoencoder) -> tuple[Tensor, Conditioning]:
+    """``batch`` from VideoDataModule (clips mode) -> (x0 latents [B, C, T', H', W'], cond).
+
+    The control video is encoded with the same autoencoder as the clip (identity in pixel
+    space), so latent models see the control in latent space.
+    """
+    x0 = autoencoder.encode(batch["video"])
+    control = autoencoder.encode(batch["control"])
+    cond = Conditioning(batch["text_embeds"], batch["text_mask"], control)
+    return x0, cond
+
+
+def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) -> Conditioning:
+    """Replace each sample's text by the null (negative-prompt) text with probability ``p``.
+
+    Trains the unconditional branch that classifier-free guidance needs.
+    """
+    if p <= 0:
+        return cond
+    b = cond.batch_size
+    drop = torch.rand(b, generator=generator, device=cond.text_embeds.device) < p
+    d3 = drop.view(b, 1, 1)
+    embeds = torch.where(d3, null.text_embeds, cond.text_embeds)
+    mask = None
+    if cond.text_mask is not None and null.text_mask is not None:
+        mask = torch.where(drop.view(b, 1), null.text_mask, cond.text_mask)
+    return cond.with_text(embeds, mask)
