@@ -15,48 +15,25 @@ Epochs: the train loader's :class:`EpochShuffleSampler` has ``set_epoch``, which
 calls before each training epoch; it reshuffles (seeded from ``seed`` and the epoch) and sets
 the dataset's epoch, so item windows change per epoch and are reproducible. Workers are not
 persistent: they are started per epoch from the main process's dataset and see its epoch.
+The train loader is a :class:`ResumableDataLoader`: a run resumed from a mid-epoch
+checkpoint continues with the next batch it would have seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from distill_pl.data.bundled import write_bundled_manifest
 from distill_pl.data.clips import ClipDataset
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
+from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from distill_pl.models.text_encoder import text_encoder_dim
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(len(dataset))`` drawn from (seed, epoch).
-
-    ``set_epoch`` also forwards the epoch to the dataset when it has ``set_epoch``.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.dataset))
-        yield from order.tolist()
 
 
 class CaptionEmbeddingCollate:
@@ -170,11 +147,9 @@ class VideoDataModule(lightning.LightningDataModule):
         captions = [v.caption for v in (*self.train_set.videos, *self.val_set.videos)]
         self._embed(captions)
 
-    def _loader(self, dataset: ClipDataset, batch_size: int, sampler: Sampler | None) -> DataLoader:
-        return DataLoader(
-            dataset,
+    def _loader_kwargs(self, batch_size: int) -> dict:
+        return dict(
             batch_size=batch_size,
-            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=CaptionEmbeddingCollate(self._embeddings),
             persistent_workers=False,
@@ -187,12 +162,12 @@ class VideoDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         sampler = EpochShuffleSampler(self.train_set, self.hparams.seed)
-        return self._loader(self.train_set, self.hparams.batch_size, sampler)
+        return ResumableDataLoader(self.train_set, sampler, **self._loader_kwargs(self.hparams.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
         batch_size = self.hparams.val_batch_size or self.hparams.batch_size
-        return self._loader(self.val_set, batch_size, None)
+        return DataLoader(self.val_set, **self._loader_kwargs(batch_size))
 
     def negative_prompt_embedding(self) -> tuple[Tensor, Tensor]:
         """Embedding of ``negative_prompt``: embeds [1, L, D] float32, mask [1, L] bool."""

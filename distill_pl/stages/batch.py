@@ -30,7 +30,7 @@ def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) 
     if p <= 0:
         return cond
     b = cond.batch_size
-    drop = torch.rand(b, generator=generator, device=cond.text_embeds.device) < p
+    drop = (torch.rand(b, generator=generator) < p).to(cond.text_embeds.device)
     d3 = drop.view(b, 1, 1)
     embeds = torch.where(d3, null.text_embeds, cond.text_embeds)
     mask = None

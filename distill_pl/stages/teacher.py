@@ -16,6 +16,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import save_teacher_folder
 from distill_pl.stages.batch import drop_text, encode_clip_batch
+from distill_pl.stages.randomness import randn, step_generator
 
 
 class TeacherTrainingModule(L.LightningModule):
@@ -28,6 +29,7 @@ class TeacherTrainingModule(L.LightningModule):
         text_dropout: probability of replacing the prompt by the negative prompt ("" by
             default), which trains the unconditional branch used by CFG.
         shift: timestep shift applied to ``t ~ U[0, 1]`` in training and by the scheduler.
+        seed: seeds the step-keyed noise, sigma and text-dropout draws (exact resume).
         scheduler, sample_steps, guidance: how samples are drawn for monitoring and export
             (guidance in the common form ``u + w (c - u)``).
         export_dir: if set, the trained teacher is written there at the end of fit as a
@@ -48,6 +50,7 @@ class TeacherTrainingModule(L.LightningModule):
         sample_steps: int = 36,
         guidance: float = 5.0,
         export_dir: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser"])
@@ -75,9 +78,10 @@ class TeacherTrainingModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, cond = encode_clip_batch(batch, self.autoencoder)
-        cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout)
-        sigma = sample_training_sigma(x0.shape[0], self.hparams.shift, device=x0.device)
-        eps = torch.randn_like(x0)
+        g = step_generator(self.hparams.seed, self.global_step)
+        cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout, generator=g)
+        sigma = sample_training_sigma(x0.shape[0], self.hparams.shift, generator=g).to(x0)
+        eps = randn(x0.shape, g, x0)
         loss = flow_matching_loss(lambda x, s: self.denoiser(x, s, cond), x0, eps, sigma)
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
