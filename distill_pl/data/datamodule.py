@@ -76,7 +76,7 @@ class VideoDataModule(lightning.LightningDataModule):
         frame_stride: int = 4,
         height: int = 32,
         width: int = 32,
-        val_fraction: float = 0.2,
+        val_fraction: float = 0.25,
         samples_per_epoch: int = 256,
         val_clips_per_video: int = 2,
         canny_low: float = 0.1,

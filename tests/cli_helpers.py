@@ -1,0 +1,57 @@
+"""Run the real ``distill-pl`` command in a subprocess, in a scratch working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DISTILL_PL = [sys.executable, "-m", "distill_pl.cli"]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``distill-pl *args`` in ``cwd``; raise with its output if it fails."""
+    proc = subprocess.run(
+        DISTILL_PL + args, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"distill-pl {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        DISTILL_PL + args, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def edited_config(source: str | Path, dest: Path, edit) -> Path:
+    """Write ``source`` (a YAML relative to the repo) to ``dest`` after ``edit(config)``."""
+    config = yaml.safe_load((REPO / source).read_text())
+    edit(config)
+    dest.write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def scalar_events(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a TensorBoard scalar over all event files below ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
