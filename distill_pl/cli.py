@@ -30,6 +30,7 @@ def lightning_main(args: list[str] | None = None) -> DistillCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    explicit = argv is not None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OTHER_COMMANDS:
         module, _, func = OTHER_COMMANDS[argv[0]].partition(":")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             f"distill-pl: unknown command {argv[0]!r}; expected one of "
             f"{', '.join(LIGHTNING_COMMANDS + tuple(OTHER_COMMANDS))}"
         )
-    lightning_main(argv)
+    lightning_main(argv if explicit else None)
 
 
 if __name__ == "__main__":
