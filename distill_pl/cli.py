@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from distill_pl.data.datamodule import VideoDataModule
@@ -17,6 +19,24 @@ OTHER_COMMANDS = {
 class DistillCLI(LightningCLI):
     """Models are chosen by ``class_path`` (one LightningModule per stage); the data is the
     shared VideoDataModule, configured flat under ``data:``."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse ``--ckpt_path`` from another stage before LightningCLI silently swaps the
+        model class to the checkpoint's (a KD checkpoint starts DMD2 through ``init_from``)."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            written_by = saved.get("_class_path")
+            wanted = (self.config[sub].get("model") or {}).get("class_path")
+            if written_by and wanted and written_by != wanted:
+                sys.exit(
+                    f"distill-pl: --ckpt_path {ckpt} was written by {written_by}, but this config "
+                    f"trains {wanted}. --ckpt_path only resumes a run of the same stage; to start "
+                    f"from that checkpoint's student use the model's init argument "
+                    f"(DMD2: --model.init_from {ckpt})."
+                )
+        super()._parse_ckpt_path()
 
 
 def lightning_main(args: list[str] | None = None) -> DistillCLI:

@@ -1,0 +1,509 @@
+"""DMD2: distribution matching distillation of a CFG teacher into a one-step student.
+
+Four networks (see DESIGN.md, "DMD2"):
+
+- ``student``: the one-step generator ``x_g = eps - S(eps, 1, c)``; initialised from a KD
+  checkpoint (``init_from``, EMA weights by default) or, without one, from the teacher.
+- ``teacher``: the frozen N-step CFG teacher (the "real" score); eval mode, no gradients,
+  in no optimizer and in no checkpoint.
+- ``fake_score``: tracks the score of the student's samples; initialised from the teacher,
+  trained with flow matching on detached student samples.
+- ``discriminator``: a small head on the hidden states of block ``feature_block``, taken
+  from the fake score network (default: shared backbone, as in the DMD2 paper) or from the
+  frozen teacher (``discriminator_on="teacher"``, as in the Cosmos code).
+
+Alternation: exactly one optimizer step per ``training_step``. With
+``phase = global_step % student_update_freq``, phases ``0 .. freq-2`` step the critic
+optimizer (fake score + discriminator, two parameter groups) and phase ``freq-1`` steps the
+student optimizer. Lightning counts every optimizer step in ``global_step``, so
+``global_step`` = training steps, generator steps = ``global_step // freq``, and max_steps,
+checkpoint intervals, logging and resume all count the same unit; the phase is a function
+of the restored ``global_step``.
+
+Non-finite losses or gradients: the update is skipped and counted. A skipped step still
+calls ``optimizer.step()`` (so Lightning's step counter, and with it the phase, the data
+position and the step-keyed randomness, stay in lockstep) but with every gradient set to
+``None``: torch optimizers skip parameters without a gradient, so no weight, moment,
+per-parameter step count or weight decay changes. (Stepping with zeroed gradients would
+not do: AdamW's decoupled weight decay and its moments would still move the weights.)
+``max_nonfinite_steps`` consecutive skips stop the run with an error, before any NaN
+reaches the weights or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from distill_pl.diffusion.dmd import (
+    dmd_gradient,
+    dmd_loss,
+    dmd_normaliser,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from distill_pl.diffusion.flow import add_noise, velocity, x0_from_velocity
+from distill_pl.diffusion.losses import sample_training_sigma
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.ema import EMA
+from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.stages.randomness import randn, step_generator
+from distill_pl.stages.student_init import load_student_weights
+
+#: checkpoint key of the DMD2 bookkeeping that is not a tensor of a network
+STATE_KEY = "dmd2"
+#: frozen submodules rebuilt from their folders, never stored in checkpoints
+FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive steps with a non-finite loss or gradient."""
+
+
+class DMD2Module(L.LightningModule):
+    """DMD2 step distillation (manual optimization, one optimizer step per training step).
+
+    Args:
+        teacher: local teacher folder with ``transformer/`` (diffusers Wan transformer) and
+            ``scheduler/`` (its flow scheduler; the timestep shift is read from it).
+        init_from: student initialisation: a KD (or DMD2) Lightning checkpoint, or a
+            diffusers folder; None = a copy of the teacher. Not ``--ckpt_path``, which only
+            resumes a DMD2 run.
+        init_from_ema: take the checkpoint's EMA weights (``student_ema.module.*``) when present.
+        vae_path, vae_dtype: local video VAE folder (None: pixel space) and its dtype.
+        teacher_dtype: parameter dtype of the frozen teacher (e.g. "bfloat16" to save memory).
+        guidance: teacher CFG weight ``w`` in the common form ``u + w (c - u)``
+            (the recipe's Cosmos guidance 5 is ``w = 6``).
+        student_update_freq: steps per cycle: ``freq - 1`` critic steps, then 1 student step.
+        t_min, t_max: ``t ~ U[t_min, t_max]``, then the teacher's shift, gives ``sigma``.
+        gan_weight: weight of the generator's GAN loss (``L_G = L_DMD + gan_weight * L_GAN``).
+        critic_gan_weight: weight of the discriminator loss in the critic loss
+            (``fake-score FM loss + critic_gan_weight * L_D``; DESIGN.md: 1).
+        feature_block: block whose hidden states the discriminator sees (None: the middle
+            block, ``num_blocks // 2``).
+        discriminator_on: take those features from ``"fake_score"`` (shared backbone; the
+            discriminator loss also trains the fake score's first blocks) or ``"teacher"``.
+        discriminator_hidden: channels of the discriminator head.
+        student_lr, fake_score_lr, discriminator_lr, betas, weight_decay: AdamW settings;
+            fake score and discriminator are two parameter groups of one critic optimizer.
+        student_grad_clip, critic_grad_clip: max total gradient norm per optimizer (None: no
+            clipping; the norms are logged either way).
+        ema_decay: EMA of the student (``student_ema``), updated after each student step;
+            None: no EMA.
+        max_nonfinite_steps: stop after this many consecutive skipped (non-finite) updates.
+        gradient_checkpointing: recompute blocks in backward (student and fake score).
+        seed: seeds the discriminator head's initialisation and the step-keyed draws
+            (student noise, t, fresh noise) of every step.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
+        vae_path: str | None = None,
+        vae_dtype: str = "float32",
+        teacher_dtype: str = "float32",
+        guidance: float = 6.0,
+        student_update_freq: int = 5,
+        t_min: float = 0.02,
+        t_max: float = 0.98,
+        gan_weight: float = 1e-3,
+        critic_gan_weight: float = 1.0,
+        feature_block: int | None = None,
+        discriminator_on: Literal["fake_score", "teacher"] = "fake_score",
+        discriminator_hidden: int = 256,
+        student_lr: float = 5e-7,
+        fake_score_lr: float = 5e-7,
+        discriminator_lr: float = 5e-7,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        student_grad_clip: float | None = 10.0,
+        critic_grad_clip: float | None = None,
+        ema_decay: float | None = None,
+        max_nonfinite_steps: int = 20,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if student_update_freq < 2:
+            raise ValueError(f"student_update_freq must be >= 2 (critic steps + 1), got {student_update_freq}")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if discriminator_on not in ("fake_score", "teacher"):
+            raise ValueError(f"discriminator_on must be 'fake_score' or 'teacher', got {discriminator_on!r}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+
+        self.shift = scheduler_shift(load_scheduler(teacher))
+        self.fake_score = WanDenoiser(path=teacher, gradient_checkpointing=gradient_checkpointing)
+        self.student = copy.deepcopy(self.fake_score)
+        if teacher_dtype == "float32":
+            self.teacher = copy.deepcopy(self.fake_score)
+        else:
+            self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype)
+        self.teacher.set_gradient_checkpointing(False)
+        self.teacher.eval().requires_grad_(False)
+        if init_from is not None:
+            source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
+            rank_zero_info(f"DMD2 student initialised from {source}")
+        else:
+            rank_zero_info("DMD2 student initialised from the teacher (no init_from given)")
+
+        blocks = self.teacher.num_blocks
+        self.feature_block = blocks // 2 if feature_block is None else feature_block
+        if not 0 <= self.feature_block < blocks:
+            raise ValueError(f"feature_block={feature_block}: valid blocks are 0..{blocks - 1}")
+        with torch.random.fork_rng(devices=[]):  # the head's init depends on `seed` only
+            torch.manual_seed(seed)
+            self.discriminator = DiscriminatorHead(self.teacher.feature_dim, discriminator_hidden)
+        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        self.autoencoder = build_autoencoder(vae_path, vae_dtype)
+        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
+        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.step_metrics: dict[str, float] = {}
+
+    # --- modes and conditioning ---------------------------------------------------------
+    def train(self, mode: bool = True) -> "DMD2Module":
+        """The teacher stays in eval mode whatever the rest does."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "negative_prompt_embedding"):
+            self.set_negative_prompt(*datamodule.negative_prompt_embedding())
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"DMD2 does not support precision={precision!r} (fp16 needs a gradient scaler, "
+                "which cannot skip non-finite steps the way this module does); use 32-true or bf16-mixed"
+            )
+        every = self.trainer.log_every_n_steps
+        if every % self.hparams.student_update_freq == 0:
+            rank_zero_warn(
+                f"log_every_n_steps={every} is a multiple of student_update_freq="
+                f"{self.hparams.student_update_freq}: only one phase's metrics would be logged; "
+                "use 1 or a number coprime to it"
+            )
+
+    def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
+        """The [1, L, D] embedding (+ [1, L] mask) of the unconditional CFG branch."""
+        self.null_embeds = embeds.to(self.device)
+        self.null_mask = mask.to(self.device)
+
+    def null_conditioning(self, cond: Conditioning) -> Conditioning:
+        if self.null_embeds.numel() == 0:
+            raise RuntimeError("no negative-prompt embedding: call set_negative_prompt first")
+        return negative_conditioning(cond, self.null_embeds, self.null_mask)
+
+    @torch.no_grad()
+    def conditioning(self, batch: dict) -> Conditioning:
+        """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
+        without control channels (e.g. Wan2.1 T2V) gets no control."""
+        control = None
+        if self.teacher.control_channels > 0:
+            control = self.autoencoder.encode(batch["control"])
+        return Conditioning(batch["text_embeds"], batch["text_mask"], control)
+
+    def latent_shape(self, video: Tensor) -> tuple[int, ...]:
+        """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""
+        b, _, t, h, w = video.shape
+        ae = self.autoencoder
+        frames = 1 + (t - 1) // ae.temporal_compression
+        return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
+
+    def generate(self, eps: Tensor, cond: Conditioning) -> Tensor:
+        """Student one-step sample ``x_g = eps - S(eps, 1, c)`` (gradients follow the caller's mode)."""
+        return one_step_sample(lambda x, s: self.student(x, s, cond), eps)
+
+    # --- losses ----------------------------------------------------------------------------
+    def _features_for_discriminator(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> tuple[Tensor | None, Tensor]:
+        """(velocity of the fake score or None, block features) for the discriminator."""
+        k = self.feature_block
+        if self.hparams.discriminator_on == "fake_score":
+            return self.fake_score(x, sigma, cond, feature_block=k)
+        return None, self.teacher(x, sigma, cond, feature_block=k)[1]
+
+    def critic_loss(
+        self, x_g: Tensor, x_real: Tensor, sigma: Tensor, noise: Tensor, noise_real: Tensor, cond: Conditioning
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fake-score flow-matching loss on detached student samples + discriminator loss.
+
+        ``x_t = add_noise(x_g, noise, sigma)``; the real clip is noised to the same sigma
+        with its own noise. Fake and real go through the feature network in one batch.
+        """
+        x_g = x_g.detach()
+        b = x_g.shape[0]
+        x_t = add_noise(x_g, noise, sigma)
+        x_t_real = add_noise(x_real, noise_real, sigma)
+        both = Conditioning.cat([cond, cond])
+        if self.hparams.discriminator_on == "fake_score":
+            v, features = self.fake_score(
+                torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
+            )
+            v_fake = v[:b]
+        else:
+            v_fake = self.fake_score(x_t, sigma, cond)
+            with torch.no_grad():
+                _, features = self.teacher(
+                    torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
+                )
+        fake_score_loss = torch.mean((v_fake.float() - velocity(x_g, noise).float()) ** 2)
+        logits = self.discriminator(features)
+        logits_fake, logits_real = logits[:b], logits[b:]
+        discriminator_loss = gan_discriminator_loss(logits_real, logits_fake)
+        loss = fake_score_loss + self.hparams.critic_gan_weight * discriminator_loss
+        accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        logs = {
+            "critic_loss": loss,
+            "fake_score_loss": fake_score_loss,
+            "discriminator_loss": discriminator_loss,
+            "logits_real": logits_real.mean(),
+            "logits_fake": logits_fake.mean(),
+            "discriminator_accuracy": accuracy,
+        }
+        return loss, logs
+
+    def generator_loss(
+        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
+
+        ``x0_real``: teacher with CFG ``w`` at ``(x_t, sigma)``; ``x0_fake``: fake score
+        without CFG; both without gradient. The GAN term's gradient flows through the
+        (not updated) feature network and head into ``x_g``.
+        """
+        x_t = add_noise(x_g, noise, sigma)
+        x_t_const = x_t.detach()
+        with torch.no_grad():
+            teacher = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)
+            x0_real = x0_from_velocity(x_t_const, sigma, teacher(x_t_const, sigma))
+        use_gan = self.hparams.gan_weight != 0
+        if use_gan:
+            v_fake, features = self._features_for_discriminator(x_t, sigma, cond)
+        if not use_gan or v_fake is None:
+            with torch.no_grad():
+                v_fake = self.fake_score(x_t_const, sigma, cond)
+        x0_fake = x0_from_velocity(x_t_const, sigma, v_fake.detach())
+        del v_fake  # frees the part of the fake score's graph the GAN term does not need
+
+        normaliser = dmd_normaliser(x_g, x0_real)
+        loss_dmd = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, normaliser))
+        logs = {"dmd_loss": loss_dmd, "dmd_normaliser": normaliser.mean()}
+        loss = loss_dmd
+        if use_gan:
+            logits_fake = self.discriminator(features)
+            loss_gan = gan_generator_loss(logits_fake)
+            loss = loss + self.hparams.gan_weight * loss_gan
+            logs.update(gan_loss=loss_gan, generator_logits_fake=logits_fake.mean())
+        logs["generator_loss"] = loss
+        return loss, logs
+
+    # --- training --------------------------------------------------------------------------
+    def phase(self, step: int | None = None) -> int:
+        """``step % student_update_freq`` (default: the current global step)."""
+        return (self.global_step if step is None else step) % self.hparams.student_update_freq
+
+    def is_generator_phase(self, step: int | None = None) -> bool:
+        return self.phase(step) == self.hparams.student_update_freq - 1
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        step = self.global_step
+        critic_opt, student_opt = self.optimizers()
+        cond = self.conditioning(batch)
+        like = batch["text_embeds"]
+        shape = self.latent_shape(batch["video"])
+        g = step_generator(self.hparams.seed, step)
+        eps = randn(shape, g, like)
+        sigma = sample_training_sigma(
+            shape[0], self.shift, self.hparams.t_min, self.hparams.t_max, generator=g
+        ).to(like)
+        noise = randn(shape, g, like)
+        noise_real = randn(shape, g, like)
+
+        if not self.is_generator_phase(step):
+            with torch.no_grad():
+                x_g = self.generate(eps, cond)
+                x_real = self.autoencoder.encode(batch["video"]).to(like)
+            with self.toggled_optimizer(critic_opt):
+                loss, logs = self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
+                groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
+                applied, norms = self._update(critic_opt, loss, groups, self.hparams.critic_grad_clip)
+        else:
+            uncond = self.null_conditioning(cond)
+            with self.toggled_optimizer(student_opt):
+                x_g = self.generate(eps, cond)
+                loss, logs = self.generator_loss(x_g, sigma, noise, cond, uncond)
+                applied, norms = self._update(
+                    student_opt, loss, {"student": self.student}, self.hparams.student_grad_clip
+                )
+            if applied and self.student_ema is not None:
+                self.student_ema.update(self.student)
+
+        self._count_nonfinite(applied, step)
+        self._log_step(step, logs, norms, applied, shape[0])
+
+    def _log_step(self, step: int, logs: dict, norms: dict, applied: bool, batch_size: int) -> None:
+        """Log this step's metrics; ``self.step_metrics`` keeps them as floats.
+
+        ``train/phase``, ``train/update_skipped`` and ``train/nonfinite_steps`` exist in every
+        step and go through ``self.log``. The phase's own metrics (losses, logits, normaliser,
+        gradient norms) go to the loggers directly, at Lightning's logging steps: through
+        ``self.log`` Lightning would re-log a key's last value at every later step of the
+        epoch, so a critic loss would appear again at student steps. They still reach
+        ``callback_metrics`` and the progress bar (``logger=False``).
+        """
+        phase_metrics = {f"train/{k}": v.detach().float() for k, v in logs.items()}
+        phase_metrics.update({f"train/grad_norm_{k}": v for k, v in norms.items()})
+        common = {
+            "train/phase": float(self.phase(step)),
+            "train/update_skipped": float(not applied),
+            "train/nonfinite_steps": float(self.nonfinite_total),
+        }
+        self.step_metrics = {k: float(v) for k, v in {**phase_metrics, **common}.items()}
+        self.log_dict(common, on_step=True, on_epoch=False, batch_size=batch_size)
+        shown = {"train/critic_loss", "train/generator_loss"}
+        for key, value in phase_metrics.items():
+            self.log(key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key in shown,
+                     batch_size=batch_size)
+        if self.loggers and (step + 1) % self.trainer.log_every_n_steps == 0:
+            values = {k: self.step_metrics[k] for k in phase_metrics}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=step)
+
+    def _update(
+        self, optimizer, loss: Tensor, groups: dict[str, torch.nn.Module], max_norm: float | None
+    ) -> tuple[bool, dict[str, Tensor]]:
+        """Backward, gradient norms (+ clipping), one optimizer step. Returns (applied, norms).
+
+        A non-finite loss (decided jointly by all ranks, before backward) or gradient skips
+        the update: every gradient is set to None before ``optimizer.step()``, which then
+        changes nothing but still counts as Lightning's step.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        norms: dict[str, Tensor] = {}
+        if finite:
+            self.manual_backward(loss)
+            grads = {
+                name: [p.grad for p in module.parameters() if p.grad is not None]
+                for name, module in groups.items()
+            }
+            norms = {name: get_total_norm(gs).float() for name, gs in grads.items()}
+            total = torch.stack(list(norms.values())).square().sum().sqrt()
+            if not bool(torch.isfinite(total)):  # gradients are all-reduced: same on every rank
+                finite = False
+                norms = {}
+                optimizer.zero_grad(set_to_none=True)
+            elif max_norm is not None:
+                params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
+                clip_grads_with_norm_(params, max_norm, total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until this optimizer's next step
+        return finite, norms
+
+    def _count_nonfinite(self, applied: bool, step: int) -> None:
+        if applied:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        what = "student" if self.is_generator_phase(step) else "critic"
+        limit = self.hparams.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteTrainingError(
+                f"DMD2 stopped at step {step}: {self.nonfinite_streak} consecutive steps had a "
+                f"non-finite loss or gradient (max_nonfinite_steps={limit}; {self.nonfinite_total} "
+                "in total). Their updates were skipped, so the weights hold no NaN; check the data "
+                "and the teacher, lower the learning rates, or use precision 32-true."
+            )
+        rank_zero_warn(
+            f"DMD2 step {step} ({what} phase): non-finite loss or gradient, update skipped "
+            f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in total)"
+        )
+
+    def configure_optimizers(self):
+        h = self.hparams
+        critic = torch.optim.AdamW(
+            [
+                {"params": list(self.fake_score.parameters()), "lr": h.fake_score_lr, "name": "fake_score"},
+                {"params": list(self.discriminator.parameters()), "lr": h.discriminator_lr, "name": "discriminator"},
+            ],
+            betas=tuple(h.betas),
+            weight_decay=h.weight_decay,
+        )
+        student = torch.optim.AdamW(
+            [{"params": list(self.student.parameters()), "lr": h.student_lr, "name": "student"}],
+            betas=tuple(h.betas),
+            weight_decay=h.weight_decay,
+        )
+        return [critic, student]
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen teacher and VAE (reloaded from their folders); keep the skip counters."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint[STATE_KEY] = {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Accept only DMD2 checkpoints; put the current teacher's and VAE's weights back in.
+
+        Lightning calls this before it loads the state dict, so a KD checkpoint passed as
+        ``--ckpt_path`` fails here with a message instead of a state-dict mismatch.
+        """
+        state = checkpoint.get("state_dict", {})
+        if not any(k.startswith("fake_score.") for k in state):
+            hparams = checkpoint.get("hyper_parameters", {})
+            written_by = hparams.get("_class_path") if isinstance(hparams, dict) else None
+            kind = f"written by {written_by}" if written_by else "without fake_score.* weights"
+            raise ValueError(
+                f"this checkpoint is not a DMD2 checkpoint ({kind}). --ckpt_path only resumes a "
+                "DMD2 run; to start DMD2 from a KD student pass its checkpoint as "
+                "--model.init_from <path> (EMA weights by default, --model.init_from_ema false "
+                "for the raw ones) and no --ckpt_path."
+            )
+        for prefix in FROZEN_PREFIXES:
+            for key, value in getattr(self, prefix[:-1]).state_dict().items():
+                state[prefix + key] = value
+        counters = checkpoint.get(STATE_KEY, {})
+        self.nonfinite_total = int(counters.get("nonfinite_total", 0))
+        self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))
+
+    # --- monitoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
+        """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:
+        the student's 1-step sample; the teacher's 1-step sample ``eps - v(eps, 1)`` with the
+        DMD guidance ``w`` (the clean estimate the DMD gradient pulls toward at sigma = 1);
+        the control input (labelled unused for a model without control); the real clip."""
+        cond = self.conditioning(batch)
+        like = batch["text_embeds"]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
+        w = self.hparams.guidance
+        teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
+        return {
+            "student 1-step": self.autoencoder.decode(self.generate(eps, cond)),
+            f"teacher 1-step w={w:g}": self.autoencoder.decode(one_step_sample(teacher, eps)),
+            "control" if self.teacher.control_channels else "control (unused)": batch["control"],
+            "ground truth": batch["video"],
+        }
