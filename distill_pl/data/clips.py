@@ -102,8 +102,8 @@ class ClipDataset(Dataset):
         samples_per_epoch: int = 256,
         val_clips_per_video: int = 2,
         seed: int = 0,
-        canny_low: float = 0.1,
-        canny_high: float = 0.2,
+        canny_low: float = 0.2,
+        canny_high: float = 0.4,
         cache_frames: bool = True,
     ):
         if split not in ("train", "val"):
