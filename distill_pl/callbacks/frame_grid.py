@@ -20,7 +20,7 @@ def labelled(grid: Tensor, labels: list[str], row_height: int, width: int = 150)
     draw = ImageDraw.Draw(margin)
     for r, text in enumerate(labels):
         draw.text((4, r * row_height + row_height // 2 - 5), text, fill="black")
-    margin_t = torch.from_numpy(__import__("numpy").asarray(margin)).permute(2, 0, 1)
+    margin_t = torch.from_numpy(__import__("numpy").array(margin)).permute(2, 0, 1)
     return torch.cat([margin_t, grid], dim=2)
 
 
@@ -40,6 +40,7 @@ class FrameGridLogger(L.Callback):
         self.max_videos = max_videos
         self.scale = scale
         self._batch: dict | None = None
+        self._last_periodic_step: int | None = None
 
     def _fixed_batch(self, trainer: L.Trainer) -> dict:
         if self._batch is None:
@@ -76,7 +77,10 @@ class FrameGridLogger(L.Callback):
         return written
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # Called per micro-batch: with gradient accumulation, global_step repeats.
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_periodic_step:
+            self._last_periodic_step = step
             self.render(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

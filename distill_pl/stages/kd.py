@@ -1,0 +1,331 @@
+"""Knowledge distillation (KD): regress the student's one-step output on the teacher's N-step output.
+
+For each stored pair (noise ``eps``, text, control, teacher output ``x_teacher``, see
+:mod:`distill_pl.data.pairs`) the student generates in one step from pure noise,
+``x_g = eps - S(eps, 1, c)``, and the loss is ``L_KD = mean((x_g - x_teacher)^2)``.
+The teacher's network is not run in training (its outputs are stored); it is kept, frozen,
+for the validation baseline and the monitoring grid: the teacher's own one-step sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from distill_pl.data.pairs import teacher_fingerprint
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.ema import EMA
+from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.paths import resolve_path
+from distill_pl.stages.student_init import load_student_weights
+
+#: frozen submodules that are rebuilt from their folders and never stored in checkpoints
+FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+
+
+class KDModule(L.LightningModule):
+    """One-step student trained by regression on stored teacher outputs.
+
+    Args:
+        teacher: local teacher folder (``transformer/`` + ``scheduler/``, e.g. ``teachers/tiny``
+            or a Wan diffusers pipeline folder). Loaded frozen, in eval mode, never
+            checkpointed; its scheduler's shift is the exported student's shift.
+        student_init: None: the student starts as a copy of the teacher's weights (loaded in
+            float32); else a diffusers folder or a KD/DMD2 ``.ckpt`` (EMA weights preferred).
+        vae_path: local VAE (or pipeline) folder for a latent model; None = pixel space.
+        lr, betas, weight_decay: AdamW on the student, constant learning rate.
+        ema_decay: if set, an EMA of the student (``student_ema``) is updated after every
+            optimizer step and checkpointed.
+        validate_with_ema: validation, the grid and the export use the EMA weights (if any).
+        gradient_checkpointing: per-block recomputation in the student.
+        teacher_dtype: parameter dtype of the frozen teacher (``"bfloat16"`` halves its memory).
+        teacher_1step_guidance: CFG weight ``w`` (common form ``u + w (c - u)``) of the
+            teacher's one-step baseline (grid row and ``val/teacher_1step_*``). None: the
+            guidance the pairs were generated with (``pairs_metadata``), i.e. the teacher as
+            it is used, only with one step instead of N.
+        export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
+            a teacher-style folder: ``transformer/`` and a one-step ``scheduler/``
+            (flow-match Euler with the teacher's shift; one Euler step is ``eps - v(eps, 1)``).
+
+    Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
+    [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
+    ``text_embeds`` [B, L, D], ``text_mask`` [B, L].
+
+    Validation logs ``val/loss`` (KD loss of the evaluated student), PSNR / SSIM of the
+    student's one-step sample against the teacher output (``val/student_psnr``,
+    ``val/student_ssim``) and the same for the teacher's own one-step sample
+    (``val/teacher_1step_psnr``, ``val/teacher_1step_ssim``): decoded pixels clamped to
+    [-1, 1], ``data_range = 2``, PSNR per video then averaged, SSIM over all frames.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        student_init: str | None = None,
+        vae_path: str | None = None,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        ema_decay: float | None = None,
+        validate_with_ema: bool = True,
+        gradient_checkpointing: bool = False,
+        teacher_dtype: str = "float32",
+        teacher_1step_guidance: float | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        if teacher_dtype == "float32":
+            self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        else:  # keep the student's master weights in float32
+            self.student = WanDenoiser(path=teacher)
+        if student_init is not None:
+            load_student_weights(self.student, student_init)
+        self.student.set_gradient_checkpointing(gradient_checkpointing)
+        self.student.train()
+        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        self.autoencoder = build_autoencoder(vae_path)
+        self.shift = scheduler_shift(load_scheduler(teacher))
+        self.pairs_guidance: float | None = None
+        self.pairs_steps: int | None = None
+        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
+        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.student_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
+        self.teacher_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
+        self.student_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.teacher_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+
+    def train(self, mode: bool = True) -> "KDModule":
+        """The teacher stays in eval mode whatever Lightning does with the module."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # --- data contract ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        metadata = getattr(datamodule, "pairs_metadata", None)
+        if metadata is None:
+            raise ValueError(
+                "KDModule trains on KD pairs: set `data.mode: pairs` and `data.pairs_dir` "
+                "(generate them first with the kd_pairs stage)"
+            )
+        self.check_pairs_metadata(metadata)
+        if hasattr(datamodule, "negative_prompt_embedding"):
+            self.set_negative_prompt(*datamodule.negative_prompt_embedding())
+
+    def check_pairs_metadata(self, metadata: dict) -> None:
+        """Raise ValueError unless the pairs (``pairs_metadata``, see :mod:`distill_pl.data.pairs`)
+        were made by this teacher (same folder content: ``teacher_sha256``), in the same space
+        (pixels or latents of a VAE), with latents of the student's channels and of the shape
+        the autoencoder gives the pairs' clips."""
+        problems = []
+        made_by = metadata.get("teacher")
+        if "teacher_sha256" in metadata:
+            if metadata["teacher_sha256"] != self.teacher_sha256:
+                same = _same_path(made_by, self.hparams.teacher) if made_by else None
+                problems.append(
+                    f"pairs were generated by teacher {made_by!r}, this KD run uses "
+                    f"{self.hparams.teacher!r}"
+                    + (" (same folder, but its content changed since)" if same else "")
+                    + ": the fingerprints (teacher_sha256) differ; regenerate the pairs"
+                )
+        elif made_by is not None and _same_path(made_by, self.hparams.teacher) is False:
+            problems.append(f"pairs were generated by teacher {made_by!r}, this KD run uses "
+                            f"{self.hparams.teacher!r}")
+        if "vae_path" in metadata and (metadata["vae_path"] is None) != (self.hparams.vae_path is None):
+            space = lambda v: "pixel space" if v is None else f"the latents of VAE {v!r}"  # noqa: E731
+            problems.append(f"pairs are in {space(metadata['vae_path'])}, this KD run works in "
+                            f"{space(self.hparams.vae_path)}")
+        shape = metadata.get("latent_shape")
+        if shape is not None:
+            channels, *sizes = shape
+            if channels != self.student.latent_channels:
+                problems.append(f"pairs hold {channels}-channel noise, the student denoises "
+                                f"{self.student.latent_channels} channels")
+            expected = self._latent_sizes(metadata)
+            if expected is not None and list(sizes) != expected:
+                problems.append(f"pairs latents are {list(sizes)} (T, H, W), the autoencoder "
+                                f"maps their {metadata.get('num_frames')} frames of "
+                                f"{metadata.get('height')}x{metadata.get('width')} to {expected}")
+            if any(s % p for s, p in zip(sizes, self.student.patch_size)):
+                problems.append(f"pairs latents {list(sizes)} are not multiples of the student's "
+                                f"patch size {list(self.student.patch_size)}")
+        if self.student.control_channels and self.student.control_channels != self.autoencoder.latent_channels:
+            problems.append(f"the student takes {self.student.control_channels} control channels, "
+                            f"the encoded control has {self.autoencoder.latent_channels}")
+        if problems:
+            raise ValueError("KD pairs do not match the model:\n  - " + "\n  - ".join(problems))
+        self.pairs_guidance = metadata.get("guidance")
+        self.pairs_steps = metadata.get("num_steps")
+
+    @functools.cached_property
+    def teacher_sha256(self) -> str:
+        """Fingerprint of the teacher folder, as stored in the pairs' metadata."""
+        return teacher_fingerprint(self.hparams.teacher)
+
+    def _latent_sizes(self, metadata: dict) -> list[int] | None:
+        keys = ("num_frames", "height", "width")
+        if not all(k in metadata for k in keys):
+            return None
+        ae = self.autoencoder
+        frames, height, width = (int(metadata[k]) for k in keys)
+        return [1 + (frames - 1) // ae.temporal_compression,
+                height // ae.spatial_compression, width // ae.spatial_compression]
+
+    def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
+        """The [1, L, D] embedding (+ [1, L] mask) of the teacher's unconditional CFG branch."""
+        self.null_embeds = embeds.to(self.device)
+        self.null_mask = mask.to(self.device)
+
+    @torch.no_grad()
+    def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
+        """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
+        clip (identity in pixel space) and left out for a model without control input."""
+        control = None
+        if self.student.control_channels:
+            control = self.autoencoder.encode(batch["control"].float())
+        cond = Conditioning(batch["text_embeds"].float(), batch["text_mask"], control)
+        return batch["noise"].float(), batch["teacher_output"].float(), cond
+
+    # --- the networks as samplers -------------------------------------------------------
+    @property
+    def eval_student(self) -> Denoiser:
+        """The student used for validation, the grid and the export (EMA if enabled)."""
+        if self.student_ema is not None and self.hparams.validate_with_ema:
+            return self.student_ema.module
+        return self.student
+
+    @property
+    def teacher_guidance(self) -> float:
+        if self.hparams.teacher_1step_guidance is not None:
+            return float(self.hparams.teacher_1step_guidance)
+        return float(self.pairs_guidance) if self.pairs_guidance is not None else 1.0
+
+    def student_1step(self, student: Denoiser, noise: Tensor, cond: Conditioning) -> Tensor:
+        return one_step_sample(lambda x, s: student(x, s, cond), noise)
+
+    @torch.no_grad()
+    def teacher_1step(self, noise: Tensor, cond: Conditioning) -> Tensor:
+        w = self.teacher_guidance
+        uncond = None
+        if w != 1.0:
+            if self.null_embeds.numel() == 0:
+                raise RuntimeError("teacher 1-step CFG needs the negative prompt: call set_negative_prompt")
+            uncond = negative_conditioning(cond, self.null_embeds, self.null_mask)
+        return one_step_sample(velocity_fn(self.teacher, cond, uncond, w), noise)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> pixels [B, 3, T, H, W] clamped to [-1, 1] (float32)."""
+        with torch.no_grad():
+            return self.autoencoder.decode(latents.float()).float().clamp(-1.0, 1.0)
+
+    # --- training -----------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        noise, target, cond = self.pair_inputs(batch)
+        x_g = self.student_1step(self.student, noise, cond)
+        loss = kd_loss(x_g, target)
+        self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0])
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update (only on real steps, not accumulation)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.student_ema is not None:
+            self.student_ema.update(self.student)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.student.parameters(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+        )
+
+    # --- validation and monitoring ------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        noise, target, cond = self.pair_inputs(batch)
+        b = noise.shape[0]
+        x_student = self.student_1step(self.eval_student, noise, cond)
+        x_teacher = self.teacher_1step(noise, cond)
+        self.log("val/loss", kd_loss(x_student, target), prog_bar=True, batch_size=b, sync_dist=True)
+        reference = self.decode(target)
+        for video, psnr, ssim in (
+            (self.decode(x_student), self.student_psnr, self.student_ssim),
+            (self.decode(x_teacher), self.teacher_psnr, self.teacher_ssim),
+        ):
+            psnr.update(video, reference)
+            ssim.update(_frames(video), _frames(reference))
+        self.log("val/student_psnr", self.student_psnr, prog_bar=True, batch_size=b)
+        self.log("val/student_ssim", self.student_ssim, batch_size=b)
+        self.log("val/teacher_1step_psnr", self.teacher_psnr, batch_size=b)
+        self.log("val/teacher_1step_ssim", self.teacher_ssim, batch_size=b)
+
+    @torch.no_grad()
+    def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
+        """Rows of the monitoring grid (see callbacks.FrameGridLogger), pixels [B, 3, T, H, W].
+
+        ``seed`` is unused: the noise is the stored noise of each pair.
+        """
+        noise, target, cond = self.pair_inputs(batch)
+        steps = f"{self.pairs_steps}-step" if self.pairs_steps else "N-step"
+        control = "control" if self.student.control_channels else "control (unused)"
+        return {
+            "student 1-step": self.decode(self.student_1step(self.eval_student, noise, cond)),
+            f"teacher 1-step w={self.teacher_guidance:g}": self.decode(self.teacher_1step(noise, cond)),
+            control: batch["control"].float(),
+            f"teacher {steps} (GT)": self.decode(target),
+        }
+
+    # --- checkpoints and export -----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen teacher and autoencoder: they are reloaded from their folders."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fill in the frozen modules' keys from this module, so strict loading still
+        reports any other missing or unexpected key."""
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES):
+                state.setdefault(key, value)
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            folder = save_teacher_folder(self.hparams.export_dir, self.eval_student, "euler", self.shift)
+            print(f"one-step student exported to {Path(folder).resolve()}")
+
+
+def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
+    """``L_KD = mean((x_g - x_teacher)^2)`` in float32."""
+    return (x_g.float() - x_teacher.float()).square().mean()
+
+
+def _frames(video: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W] (SSIM is computed per frame)."""
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def _same_path(a: str, b: str) -> bool | None:
+    """Whether two folder paths name the same folder (None when ``a`` does not exist here)."""
+    try:
+        pa, pb = resolve_path(a).resolve(), resolve_path(b).resolve()
+    except FileNotFoundError:
+        return None
+    if not pa.exists():
+        return None
+    return pa == pb

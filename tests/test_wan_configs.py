@@ -1,0 +1,154 @@
+"""The Wan2.1-T2V-1.3B configs: parsed by the real CLI parser and their models built on the meta
+device, from a stand-in of the diffusers folder that holds the published configs and no weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+from distill_pl.cli import DistillCLI
+from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.stages.kd import KDModule
+from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs/wan2.1-t2v-1.3b"
+FOLDER = "checkpoints/Wan2.1-T2V-1.3B-Diffusers"
+
+#: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (dim 1536 = 12 heads x 128)
+TRANSFORMER_CONFIG = {
+    "_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+    "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": None,
+    "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+    "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024, "text_dim": 4096,
+}
+#: scheduler/scheduler_config.json: UniPC with flow sigmas, shift 3 (480p)
+SCHEDULER_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True, "solver_order": 2, "num_train_timesteps": 1000,
+}
+#: text_encoder/config.json: umT5-XXL encoder (only what text_encoder_dim reads matters)
+TEXT_ENCODER_CONFIG = {
+    "architectures": ["UMT5EncoderModel"], "model_type": "umt5", "d_model": 4096, "d_ff": 10240,
+    "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+}
+
+
+def write_stand_in(root: Path) -> None:
+    """The Wan2.1-T2V-1.3B diffusers folder layout with its configs and empty weight files."""
+    def model(sub: str, config: dict) -> None:
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(config))
+        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+
+    model("transformer", TRANSFORMER_CONFIG)
+    # the Wan 2.1 VAE: diffusers' AutoencoderKLWan defaults (z_dim 16, 4x temporal, 8x spatial)
+    with torch.device("meta"):
+        vae_defaults = dict(AutoencoderKLWan().config)
+    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    (root / "scheduler").mkdir()
+    (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder/config.json").write_text(json.dumps(TEXT_ENCODER_CONFIG))
+
+
+@pytest.fixture
+def wan_folder(tmp_path, monkeypatch):
+    """cwd = tmp_path holding the stand-in folder; from_pretrained builds on the meta device."""
+    monkeypatch.chdir(tmp_path)
+    write_stand_in(tmp_path / FOLDER)
+
+    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, param in model.named_parameters():
+            if not any(m in name.split(".") for m in keep):
+                param.data = param.data.to(torch_dtype)
+        return model
+
+    for cls in (WanTransformer3DModel, AutoencoderKLWan):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    return tmp_path / FOLDER
+
+
+class ParsedCLI(DistillCLI):
+    """The project's CLI, parsing and instantiating model and data only (no Trainer: the
+    configs ask for 8 GPUs)."""
+
+    def instantiate_classes(self) -> None:
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+        self.config_init = instantiate(self.config)
+        self.model = self.config_init["model"]
+        self.datamodule = self.config_init["data"]
+
+
+def parse(config: Path) -> ParsedCLI:
+    return ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
+                     run=False, args=["--config", str(config)])
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def check_data(cli: ParsedCLI, kd_model) -> tuple[int, ...]:
+    data: VideoDataModule = cli.datamodule
+    h = data.hparams
+    assert h.mode == "pairs" and (h.num_frames, h.height, h.width) == (81, 480, 832)
+    assert data.text_dim == 4096 == TRANSFORMER_CONFIG["text_dim"]
+    assert h.max_text_length == 512
+    shape = latent_shape(kd_model.autoencoder, (3, h.num_frames, h.height, h.width))
+    assert shape == (16, 21, 60, 104)
+    assert all(s % p == 0 for s, p in zip(shape[1:], (1, 2, 2)))
+    return shape
+
+
+def test_kd_pairs_config(wan_folder):
+    cli = parse(CONFIGS / "kd_pairs.yaml")
+    model = cli.model
+    assert isinstance(model, KDPairGenerationModule)
+    assert model.hparams.num_steps == 36 and model.hparams.guidance == 8.0  # Cosmos g = 7
+    assert model.teacher.transformer.device.type == "meta"
+    assert model.teacher.control_channels == 0  # T2V: control off
+    assert model.teacher.transformer.dtype == torch.bfloat16
+    assert 1.3e9 < num_params(model.teacher) < 1.5e9
+    assert model.autoencoder.latent_channels == 16
+    check_data(cli, model)
+    data = cli.datamodule.hparams
+    assert data.num_examples == 10_000 and data.negative_prompt
+    trainer = cli.config["trainer"]
+    assert trainer["devices"] == 8 and trainer["use_distributed_sampler"] is False
+    assert data.shard_size % data.batch_size == 0
+
+
+def test_kd_config(wan_folder):
+    cli = parse(CONFIGS / "kd.yaml")
+    kd = cli.model
+    assert isinstance(kd, KDModule)
+    h = kd.hparams
+    assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
+    for net in (kd.teacher, kd.student):
+        assert net.transformer.device.type == "meta"
+        assert 1.3e9 < num_params(net) < 1.5e9
+        assert net.control_channels == 0 and net.latent_channels == 16  # T2V: control off
+    assert kd.teacher.transformer.dtype == torch.bfloat16
+    assert kd.student.transformer.proj_out.weight.dtype == torch.float32
+    assert kd.student.transformer.gradient_checkpointing
+    assert kd.shift == 3.0
+    assert kd.autoencoder.latent_channels == 16 and not kd.autoencoder.is_pixel_space
+    shape = check_data(cli, kd)
+    kd.check_pairs_metadata({"latent_shape": list(shape), "num_frames": 81, "height": 480,
+                             "width": 832, "vae_path": FOLDER, "guidance": 8.0, "num_steps": 36})
+
+    trainer = cli.config["trainer"]
+    global_batch = trainer["devices"] * trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size
+    assert global_batch == 64
+    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
+    assert trainer["precision"] == "bf16-mixed"
