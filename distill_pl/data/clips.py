@@ -207,7 +207,7 @@ class ClipDataset(Dataset):
         except Exception as err:
             raise RuntimeError(f"cannot read frames {indices} of {path}: {_first_line(err)}") from None
 
-    def _cached(self, video: "_Video") -> tuple[Tensor, Tensor]:
+    def _cached(self, video: VideoPart) -> tuple[Tensor, Tensor]:
         """(clip frames [3, F, H, W], control [3, F, H, W]) of the whole split part, decoded once."""
         if video.path not in self._cache:
             end = video.last_start + self.span

@@ -10,16 +10,21 @@ from distill_pl.models.conditioning import Conditioning
 
 
 @torch.no_grad()
-def encode_clip_batch(batch: dict, autoencoder: VideoAutoencoder) -> tuple[Tensor, Conditioning]:
-    """``batch`` from VideoDataModule (clips mode) -> (x0 latents [B, C, T', H', W'], cond).
+def batch_conditioning(batch: dict, autoencoder: VideoAutoencoder, takes_control: bool = True) -> Conditioning:
+    """Text (+ mask) of a batch and its control video, encoded with the same autoencoder as
+    the clips (identity in pixel space) so latent models see the control in latent space.
+    ``takes_control=False`` (a denoiser without control channels, e.g. Wan2.1 T2V) leaves
+    the control out."""
+    control = autoencoder.encode(batch["control"].float()) if takes_control else None
+    return Conditioning(batch["text_embeds"].float(), batch["text_mask"], control)
 
-    The control video is encoded with the same autoencoder as the clip (identity in pixel
-    space), so latent models see the control in latent space.
-    """
-    x0 = autoencoder.encode(batch["video"])
-    control = autoencoder.encode(batch["control"])
-    cond = Conditioning(batch["text_embeds"], batch["text_mask"], control)
-    return x0, cond
+
+@torch.no_grad()
+def encode_clip_batch(
+    batch: dict, autoencoder: VideoAutoencoder, takes_control: bool = True
+) -> tuple[Tensor, Conditioning]:
+    """``batch`` from VideoDataModule (clips mode) -> (x0 latents [B, C, T', H', W'], cond)."""
+    return autoencoder.encode(batch["video"]), batch_conditioning(batch, autoencoder, takes_control)
 
 
 def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) -> Conditioning:

@@ -58,6 +58,7 @@ from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
+from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.randomness import randn, step_generator
 from distill_pl.stages.student_init import load_student_weights
 
@@ -217,10 +218,7 @@ class DMD2Module(L.LightningModule):
     def conditioning(self, batch: dict) -> Conditioning:
         """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
         without control channels (e.g. Wan2.1 T2V) gets no control."""
-        control = None
-        if self.teacher.control_channels > 0:
-            control = self.autoencoder.encode(batch["control"])
-        return Conditioning(batch["text_embeds"], batch["text_mask"], control)
+        return batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
 
     def latent_shape(self, video: Tensor) -> tuple[int, ...]:
         """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""

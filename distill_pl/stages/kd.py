@@ -28,6 +28,7 @@ from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
+from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.student_init import load_student_weights
 
 #: frozen submodules that are rebuilt from their folders and never stored in checkpoints
@@ -194,10 +195,7 @@ class KDModule(L.LightningModule):
     def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
         """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
         clip (identity in pixel space) and left out for a model without control input."""
-        control = None
-        if self.student.control_channels:
-            control = self.autoencoder.encode(batch["control"].float())
-        cond = Conditioning(batch["text_embeds"].float(), batch["text_mask"], control)
+        cond = batch_conditioning(batch, self.autoencoder, self.student.control_channels > 0)
         return batch["noise"].float(), batch["teacher_output"].float(), cond
 
     # --- the networks as samplers -------------------------------------------------------

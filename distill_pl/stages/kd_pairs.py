@@ -21,11 +21,11 @@ from torch import Tensor
 from distill_pl.data.pairs import example_seed, teacher_fingerprint
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
-from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
+from distill_pl.stages.batch import batch_conditioning
 
 
 def latent_shape(autoencoder: VideoAutoencoder, video_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -134,8 +134,7 @@ class KDPairGenerationModule(L.LightningModule):
         video = batch["video"]
         indices = batch["index"].tolist()
         splits = list(batch["split"])
-        control = self.autoencoder.encode(batch["control"])
-        cond = Conditioning(batch["text_embeds"], batch["text_mask"], control)
+        cond = batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
         uncond = negative_conditioning(cond, self.null_embeds, self.null_mask)
         noise = self.example_noise(splits, indices, latent_shape(self.autoencoder, tuple(video.shape[1:])))
         scheduler = type(self.scheduler).from_config(self.scheduler.config)

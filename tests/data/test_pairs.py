@@ -10,7 +10,6 @@ from distill_pl.data import pairs
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import (
     PairShardDataset,
-    ShardError,
     ShardLayout,
     example_seed,
     finished_shards,
