@@ -27,6 +27,15 @@ def save_teacher_folder(
     return folder
 
 
+def save_student_folder(folder: str | Path, student: Denoiser, shift: float) -> Path:
+    """A one-step student as a folder: ``transformer/`` and a flow-match Euler
+    ``scheduler/`` with the teacher's shift, so one Euler step from sigma = 1 is exactly
+    ``x_g = eps - v(eps, 1)``. Prints where it went."""
+    folder = save_teacher_folder(folder, student, "euler", shift)
+    print(f"one-step student exported to {Path(folder).resolve()}")
+    return folder
+
+
 def load_scheduler(folder: str | Path):
     """The diffusers scheduler saved in ``folder/scheduler`` (or ``folder`` itself)."""
     import diffusers

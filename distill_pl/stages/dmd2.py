@@ -56,7 +56,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
-from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
+from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.randomness import randn, step_generator
@@ -104,6 +104,8 @@ class DMD2Module(L.LightningModule):
             None: no EMA.
         max_nonfinite_steps: stop after this many consecutive skipped (non-finite) updates.
         gradient_checkpointing: recompute blocks in backward (student and fake score).
+        export_dir: if set, the student (its EMA when enabled) is written there at the end of
+            fit as a one-step folder: ``transformer/`` + flow-match Euler ``scheduler/``.
         seed: seeds the discriminator head's initialisation and the step-keyed draws
             (student noise, t, fresh noise) of every step.
     """
@@ -135,6 +137,7 @@ class DMD2Module(L.LightningModule):
         ema_decay: float | None = None,
         max_nonfinite_steps: int = 20,
         gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -505,3 +508,9 @@ class DMD2Module(L.LightningModule):
             "control" if self.teacher.control_channels else "control (unused)": batch["control"],
             "ground truth": batch["video"],
         }
+
+    # --- export ------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            student = self.student_ema.module if self.student_ema is not None else self.student
+            save_student_folder(self.hparams.export_dir, student, self.shift)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -25,7 +24,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
-from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
+from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
@@ -304,8 +303,7 @@ class KDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            folder = save_teacher_folder(self.hparams.export_dir, self.eval_student, "euler", self.shift)
-            print(f"one-step student exported to {Path(folder).resolve()}")
+            save_student_folder(self.hparams.export_dir, self.eval_student, self.shift)
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ Closed-form tests replace the networks by exact Gaussian denoisers (tests/gaussi
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -475,6 +476,16 @@ def test_tiny_config_fits_from_kd_checkpoint(teacher_dir, kd_checkpoint, tmp_pat
     assert len(scalar_events(run_dir, "train/critic_loss")) == 8
     assert list(run_dir.rglob("grids/step000005_0.png")) and list(run_dir.rglob("grids/step000010_1.png"))
     assert ckpt["hyper_parameters"]["init_from"] == str(kd_path)
+    # the export is the EMA student of the last checkpoint, loadable as a diffusers folder
+    export = run_dir / "export"
+    assert json.loads((export / "scheduler/scheduler_config.json").read_text())["_class_name"] == (
+        "FlowMatchEulerDiscreteScheduler"
+    )
+    exported = WanDenoiser(path=str(export)).state_dict()
+    ema = {k[len("student_ema.module."):]: v for k, v in ckpt["state_dict"].items()
+           if k.startswith("student_ema.module.")}
+    assert ema and ema.keys() == exported.keys()
+    assert all(torch.equal(ema[k], exported[k]) for k in ema)
 
 
 def test_kd_checkpoint_as_ckpt_path_through_cli_says_init_from(teacher_dir, kd_checkpoint, tmp_path):
