@@ -55,7 +55,8 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
-from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import batch_conditioning
@@ -176,8 +177,7 @@ class DMD2Module(L.LightningModule):
             self.discriminator = DiscriminatorHead(self.teacher.feature_dim, discriminator_hidden)
         self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
         self.autoencoder = build_autoencoder(vae_path, vae_dtype)
-        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
-        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.negative_prompt = NegativePrompt()
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.step_metrics: dict[str, float] = {}
@@ -190,9 +190,7 @@ class DMD2Module(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "negative_prompt_embedding"):
-            self.set_negative_prompt(*datamodule.negative_prompt_embedding())
+        self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError(
@@ -209,13 +207,10 @@ class DMD2Module(L.LightningModule):
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) of the unconditional CFG branch."""
-        self.null_embeds = embeds.to(self.device)
-        self.null_mask = mask.to(self.device)
+        self.negative_prompt.set(embeds, mask)
 
     def null_conditioning(self, cond: Conditioning) -> Conditioning:
-        if self.null_embeds.numel() == 0:
-            raise RuntimeError("no negative-prompt embedding: call set_negative_prompt first")
-        return negative_conditioning(cond, self.null_embeds, self.null_mask)
+        return self.negative_prompt.conditioning(cond)
 
     @torch.no_grad()
     def conditioning(self, batch: dict) -> Conditioning:

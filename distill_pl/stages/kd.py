@@ -23,7 +23,8 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
-from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
@@ -100,8 +101,7 @@ class KDModule(L.LightningModule):
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.pairs_guidance: float | None = None
         self.pairs_steps: int | None = None
-        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
-        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.negative_prompt = NegativePrompt()
         self.student_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
         self.teacher_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
         self.student_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
@@ -123,8 +123,7 @@ class KDModule(L.LightningModule):
                 "(generate them first with the kd_pairs stage)"
             )
         self.check_pairs_metadata(metadata)
-        if hasattr(datamodule, "negative_prompt_embedding"):
-            self.set_negative_prompt(*datamodule.negative_prompt_embedding())
+        self.negative_prompt.set_from(datamodule)
 
     def check_pairs_metadata(self, metadata: dict) -> None:
         """Raise ValueError unless the pairs (``pairs_metadata``, see :mod:`distill_pl.data.pairs`)
@@ -187,8 +186,7 @@ class KDModule(L.LightningModule):
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) of the teacher's unconditional CFG branch."""
-        self.null_embeds = embeds.to(self.device)
-        self.null_mask = mask.to(self.device)
+        self.negative_prompt.set(embeds, mask)
 
     @torch.no_grad()
     def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
@@ -219,9 +217,7 @@ class KDModule(L.LightningModule):
         w = self.teacher_guidance
         uncond = None
         if w != 1.0:
-            if self.null_embeds.numel() == 0:
-                raise RuntimeError("teacher 1-step CFG needs the negative prompt: call set_negative_prompt")
-            uncond = negative_conditioning(cond, self.null_embeds, self.null_mask)
+            uncond = self.negative_prompt.conditioning(cond)
         return one_step_sample(velocity_fn(self.teacher, cond, uncond, w), noise)
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ from torch import Tensor
 from distill_pl.data.pairs import example_seed, teacher_fingerprint
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
-from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
@@ -81,8 +82,7 @@ class KDPairGenerationModule(L.LightningModule):
             )
         self.scheduler = load_scheduler(teacher)
         self.teacher_sha256 = teacher_fingerprint(teacher)
-        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
-        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.negative_prompt = NegativePrompt()
 
     def train(self, mode: bool = True) -> "KDPairGenerationModule":
         """The teacher and VAE stay in eval mode."""
@@ -98,8 +98,7 @@ class KDPairGenerationModule(L.LightningModule):
                 "KD pair generation needs the shard writer: add "
                 "distill_pl.callbacks.shard_writer.PairShardWriter to trainer.callbacks"
             )
-        embeds, mask = self.trainer.datamodule.negative_prompt_embedding()
-        self.null_embeds, self.null_mask = embeds.to(self.device), mask.to(self.device)
+        self.negative_prompt.set(*self.trainer.datamodule.negative_prompt_embedding())
 
     def on_predict_start(self) -> None:
         # outputs go to the shard writer; keeping them all would grow memory with the data set
@@ -135,7 +134,7 @@ class KDPairGenerationModule(L.LightningModule):
         indices = batch["index"].tolist()
         splits = list(batch["split"])
         cond = batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
-        uncond = negative_conditioning(cond, self.null_embeds, self.null_mask)
+        uncond = self.negative_prompt.conditioning(cond)
         noise = self.example_noise(splits, indices, latent_shape(self.autoencoder, tuple(video.shape[1:])))
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         fn = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)

@@ -13,7 +13,8 @@ from distill_pl.diffusion.sampling import SchedulerName, build_flow_scheduler, s
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import save_teacher_folder
 from distill_pl.stages.batch import drop_text, encode_clip_batch
 from distill_pl.stages.randomness import randn, step_generator
@@ -56,24 +57,18 @@ class TeacherTrainingModule(L.LightningModule):
         self.save_hyperparameters(ignore=["denoiser"])
         self.denoiser = denoiser
         self.autoencoder = build_autoencoder(vae_path)
-        self.register_buffer("null_embeds", torch.zeros(0), persistent=False)
-        self.register_buffer("null_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.negative_prompt = NegativePrompt()
 
     # --- conditioning -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "negative_prompt_embedding"):
-            self.set_negative_prompt(*datamodule.negative_prompt_embedding())
+        self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) used for text dropout and CFG."""
-        self.null_embeds = embeds.to(self.device)
-        self.null_mask = mask.to(self.device)
+        self.negative_prompt.set(embeds, mask)
 
     def null_conditioning(self, cond: Conditioning) -> Conditioning:
-        if self.null_embeds.numel() == 0:
-            raise RuntimeError("no negative-prompt embedding: call set_negative_prompt first")
-        return negative_conditioning(cond, self.null_embeds, self.null_mask)
+        return self.negative_prompt.conditioning(cond)
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
