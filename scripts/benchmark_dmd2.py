@@ -160,7 +160,8 @@ def build_cli(config: str, max_steps: int, device: str, init_from: str | None) -
     args = ["--config", config, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
             "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "--trainer.devices=1"]
+            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "--trainer.devices=1",
+            "--model.init_args.export_dir=null"]
     if init_from is not None:
         args.append(f"--model.init_args.init_from={init_from}")
     return DistillCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
