@@ -40,13 +40,7 @@ FAST = dict(student_lr=1e-3, fake_score_lr=1e-3, discriminator_lr=1e-3, discrimi
 
 
 # --- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/stages/conftest.py
 
 
 @pytest.fixture(scope="module")

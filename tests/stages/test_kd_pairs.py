@@ -39,14 +39,7 @@ TEACHER = dict(patch_size=[1, 4, 4], num_attention_heads=2, attention_head_dim=1
                out_channels=3, text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread on a shared CPU (and the same thread count in
-    every process keeps the kernels, hence the bits, identical)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/stages/conftest.py
 
 
 @pytest.fixture(scope="module")
