@@ -39,6 +39,18 @@ class DistillCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
+def benchmark_cli(config: str, max_steps: int, device: str = "cpu", extra_args: tuple[str, ...] = ()) -> DistillCLI:
+    """Model, data and trainer of ``config`` as ``distill-pl fit`` builds them, not run, and
+    without validation, logging, checkpoints, callbacks, progress bar or export (benchmarks)."""
+    args = ["--config", config, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
+            "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "--trainer.devices=1",
+            "--model.init_args.export_dir=null", *extra_args]
+    return DistillCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
+                      run=False, save_config_callback=None, args=args)
+
+
 def lightning_main(args: list[str] | None = None) -> DistillCLI:
     return DistillCLI(
         model_class=None,

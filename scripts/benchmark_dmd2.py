@@ -38,8 +38,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from distill_pl.cli import DistillCLI
-from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.cli import benchmark_cli
 from distill_pl.diffusion.flow import add_noise
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.paths import resolve_path
@@ -155,19 +154,6 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     return t
 
 
-def build_cli(config: str, max_steps: int, device: str, init_from: str | None) -> DistillCLI:
-    """Model, data and trainer of ``config`` without logging, checkpoints or grids."""
-    args = ["--config", config, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
-            "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "--trainer.devices=1",
-            "--model.init_args.export_dir=null"]
-    if init_from is not None:
-        args.append(f"--model.init_args.init_from={init_from}")
-    return DistillCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
-                      run=False, save_config_callback=None, args=args)
-
-
 def config_init_from(config: str) -> str | None:
     import yaml
 
@@ -194,7 +180,8 @@ def main() -> None:
         init_from = "null"
     else:
         init_from = None
-    cli = build_cli(args.config, args.warmup + args.steps, args.device, init_from)
+    extra = () if init_from is None else (f"--model.init_args.init_from={init_from}",)
+    cli = benchmark_cli(args.config, args.warmup + args.steps, args.device, extra)
     timer = PhaseTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

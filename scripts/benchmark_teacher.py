@@ -18,8 +18,7 @@ import time
 import lightning as L
 import torch
 
-from distill_pl.cli import DistillCLI
-from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.cli import benchmark_cli
 
 
 
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    cli = build_cli(args.config, args.warmup + args.steps)
+    cli = benchmark_cli(args.config, args.warmup + args.steps)
     timer = StepTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -56,17 +55,6 @@ def main() -> None:
     print(f"timed steps: {timer.steps} after {args.warmup} warm-up steps")
     print(f"teacher training: {timer.steps / elapsed:.2f} steps/s, {elapsed / timer.steps:.3f} s/step, "
           f"{timer.steps * batch / elapsed:.1f} clips/s")
-
-
-def build_cli(config: str, max_steps: int) -> DistillCLI:
-    """The CLI's model, data and trainer for ``config``, without running, logging or saving."""
-    return DistillCLI(
-        model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True, run=False,
-        save_config_callback=None,
-        args=["--config", config, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
-              "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",
-              "--trainer.enable_progress_bar=false", "--model.init_args.export_dir=null"],
-    )
 
 
 if __name__ == "__main__":
