@@ -13,6 +13,7 @@ from distill_pl.data.datamodule import VideoDataModule
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = {
     "sample": "distill_pl.sample:main",
+    "evaluate": "distill_pl.eval.evaluate:main",
 }
 
 

@@ -63,6 +63,18 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file (atomically)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_png(path: str | Path, image: Tensor) -> Path:
     """Write a uint8 [3, H, W] image as PNG (atomically)."""
     from PIL import Image

@@ -81,5 +81,5 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(sample_teacher, skip={"data"})
     parser.add_class_arguments(VideoDataModule, "data")
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    cfg = parser.instantiate(parser.parse_args(argv))
     sample_teacher(**{k: v for k, v in cfg.items() if k != "config"})

@@ -175,7 +175,8 @@ class VideoDataModule(lightning.LightningDataModule):
     def prepare_data(self) -> None:
         self._manifest()
 
-    def _clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
+    def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
+        """A :class:`ClipDataset` of ``split`` with this module's data settings."""
         h = self.hparams
         return ClipDataset(
             self._manifest(),
@@ -212,8 +213,8 @@ class VideoDataModule(lightning.LightningDataModule):
             self._setup_pairs()
             return
         generating = self.hparams.mode == "pairs"
-        self.train_set = self._clip_dataset("train", self.hparams.num_examples if generating else None)
-        self.val_set = self._clip_dataset("val")
+        self.train_set = self.clip_dataset("train", self.hparams.num_examples if generating else None)
+        self.val_set = self.clip_dataset("val")
         captions = [v.caption for v in (*self.train_set.videos, *self.val_set.videos)]
         self._embed(captions)
 

@@ -4,14 +4,19 @@
 ``scheduler/scheduler_config.json`` the diffusers flow scheduler the teacher samples with
 (its ``flow_shift``/``shift`` is the teacher's timestep shift). Both load with plain
 diffusers classes, and the project reads the shift from the scheduler config.
+
+A student folder may also hold ``student.json``, the data settings its conditioning was
+built with (see :data:`STUDENT_SETTINGS`), read by ``scripts/one_step_diffusers.py``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 from distill_pl.diffusion.sampling import SchedulerName, build_flow_scheduler
+from distill_pl.media import write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.paths import resolve_path
@@ -27,11 +32,30 @@ def save_teacher_folder(
     return folder
 
 
-def save_student_folder(folder: str | Path, student: Denoiser, shift: float) -> Path:
+#: the data settings (``VideoDataModule`` arguments) that ``student.json`` records: the
+#: text encoder and its padded length, the clip size and frame stride, the canny thresholds
+STUDENT_SETTINGS = (
+    "text_encoder", "max_text_length", "num_frames", "frame_stride", "height", "width",
+    "canny_low", "canny_high",
+)
+
+
+def save_student_folder(
+    folder: str | Path, student: Denoiser, shift: float, data_hparams: Mapping | None = None
+) -> Path:
     """A one-step student as a folder: ``transformer/`` and a flow-match Euler
     ``scheduler/`` with the teacher's shift, so one Euler step from sigma = 1 is exactly
-    ``x_g = eps - v(eps, 1)``. Prints where it went."""
+    ``x_g = eps - v(eps, 1)``. Prints where it went.
+
+    With ``data_hparams`` (the training datamodule's ``hparams``) also ``student.json``:
+    its :data:`STUDENT_SETTINGS` plus ``control``, ``"canny"`` or None for a student
+    without control.
+    """
     folder = save_teacher_folder(folder, student, "euler", shift)
+    if data_hparams is not None:
+        settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
+        settings["control"] = "canny" if student.control_channels else None
+        write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
     print(f"one-step student exported to {Path(folder).resolve()}")
     return folder
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.autoencoder import build_autoencoder
@@ -299,7 +300,9 @@ class KDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            save_student_folder(self.hparams.export_dir, self.eval_student, self.shift)
+            data = self.trainer.datamodule
+            settings = data.hparams if isinstance(data, VideoDataModule) else None
+            save_student_folder(self.hparams.export_dir, self.eval_student, self.shift, settings)
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:

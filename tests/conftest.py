@@ -1,4 +1,4 @@
-"""Fixtures shared by the stage tests."""
+"""Fixtures shared by the tests."""
 
 from __future__ import annotations
 

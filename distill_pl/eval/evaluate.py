@@ -1,0 +1,242 @@
+"""``distill-pl evaluate``: what distillation bought, on held-out real clips with fixed seeds.
+
+For every held-out window of the clips split (its control, caption and real clip) and
+``samples_per_clip`` noise seeds, each method generates a video from the same noise: the
+teacher with ``teacher_steps`` steps and CFG (the reference), the teacher with each of
+``few_steps`` steps (same CFG), and each one-step student. Reported per method (see
+:mod:`distill_pl.eval.metrics` and :mod:`distill_pl.eval.report`): network calls and
+measured seconds per video, speed-up over the reference and its NFE ceiling, PSNR/SSIM
+against the reference from the same noise, canny-edge F1 against the control, a Fréchet
+distance of frame features to the real held-out clips (with real clips from the training
+part of the same videos as the floor) and the diversity across seeds.
+
+    distill-pl evaluate --config configs/tiny/eval.yaml
+
+Generated videos are kept in ``out/videos/`` so a rerun after an interruption only
+generates what is missing; the report files are rewritten each run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch import Tensor
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from distill_pl.data.control import canny_control
+from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.data.pairs import teacher_fingerprint
+from distill_pl.eval import metrics
+from distill_pl.eval.features import FrameFeatureNet, video_frame_features
+from distill_pl.eval.generated import load_videos, save_videos
+from distill_pl.eval.methods import Method, student_method, teacher_method
+from distill_pl.eval.report import write_report
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.guidance import negative_conditioning
+from distill_pl.models.teacher_folder import load_scheduler
+from distill_pl.models.wan import WanDenoiser
+
+
+def held_out_clips(data: VideoDataModule) -> dict:
+    """Every window of the validation split as one batch (video, control, text, caption...)."""
+    data.setup("validate")
+    batches = list(data.val_dataloader())
+    if not batches:
+        raise ValueError("the validation split has no clips to evaluate on")
+    clips = {}
+    for key, value in batches[0].items():
+        parts = [b[key] for b in batches]
+        clips[key] = torch.cat(parts) if isinstance(value, Tensor) else [x for p in parts for x in p]
+    return clips
+
+
+def real_training_clips(data: VideoDataModule, count: int) -> Tensor:
+    """``count`` real clips from the training part of the same videos (fixed windows)."""
+    dataset = data.clip_dataset("train", samples_per_epoch=count)
+    return default_collate([dataset[i] for i in range(count)])["video"]
+
+
+def _example_noise(shape: torch.Size, seed: int, index: int) -> Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+def generate(
+    method: Method, noise: Tensor, cond: Conditioning, uncond: Conditioning, batch_size: int, autoencoder
+) -> tuple[Tensor, list[float]]:
+    """Videos [E, 3, T, H, W] in [-1, 1] for every example, and the seconds of each batch
+    (sampling + decoding, wall clock)."""
+    videos, seconds = [], []
+    for start in tqdm(range(0, noise.shape[0], batch_size), desc=method.name, leave=False):
+        rows = slice(start, start + batch_size)
+        began = time.perf_counter()
+        with torch.no_grad():
+            x0 = method.sample(noise[rows], cond.select(rows), uncond.select(rows))
+            video = autoencoder.decode(x0).float().clamp(-1, 1)
+        seconds.append(time.perf_counter() - began)
+        videos.append(video)
+    return torch.cat(videos), seconds
+
+
+def seconds_per_video(batch_seconds: list[float], batch_size: int, num_examples: int) -> float:
+    """Median seconds of the full batches after the first (a warm-up), per video."""
+    full = batch_seconds[: num_examples // batch_size] or batch_seconds
+    warm = full[1:] or full
+    return statistics.median(warm) / batch_size
+
+
+def evaluate(
+    teacher: str,
+    students: dict[str, str],
+    out: str,
+    data: VideoDataModule,
+    vae_path: str | None = None,
+    teacher_steps: int = 36,
+    guidance: float = 8.0,
+    few_steps: list[int] = [1, 2, 4],
+    samples_per_clip: int = 3,
+    batch_size: int = 8,
+    seed: int = 0,
+    edge_tolerance: int = 1,
+    sheet_clips: int = 4,
+    fps: int = 8,
+    scale: int = 4,
+) -> dict:
+    """Run the evaluation and write the report into ``out``; returns the report dict.
+
+    Args:
+        teacher: teacher folder (``transformer/`` + ``scheduler/``).
+        students: report name -> exported student folder, e.g. ``{"KD": ..., "DMD2": ...}``.
+        out: run folder for the report, the contact sheet, mp4 samples and cached videos.
+        data: clips-mode data settings of the teacher (held-out split, control, captions).
+        vae_path: the teacher's VAE folder, None for a pixel-space teacher.
+        teacher_steps, guidance: the reference sampler (CFG in the form u + w (c - u)).
+        few_steps: the teacher's few-step samplers to compare (same guidance).
+        samples_per_clip: noise seeds per held-out window (>= 2, for diversity).
+        batch_size: videos per generation call (timed; the same for every method).
+        seed: noise of example i (seed s of window k is i = s * windows + k):
+            ``torch.Generator().manual_seed(seed * 1000003 + i)``.
+        edge_tolerance: pixel tolerance of the edge F1.
+        sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
+    """
+    if samples_per_clip < 2:
+        raise ValueError("samples_per_clip must be >= 2 (diversity compares samples of one clip)")
+    if data.hparams.mode != "clips":
+        raise ValueError("evaluation needs the data in clips mode (real held-out clips)")
+    out_dir = Path(out)
+    clips = held_out_clips(data)
+    windows = clips["video"].shape[0]
+    num_examples = windows * samples_per_clip
+    autoencoder = build_autoencoder(vae_path)
+    teacher_net = WanDenoiser(path=teacher).eval()
+    scheduler = load_scheduler(teacher)
+
+    index = torch.arange(num_examples) % windows  # example i shows window i % windows
+    control = autoencoder.encode(clips["control"].float()) if teacher_net.control_channels else None
+    cond = Conditioning(clips["text_embeds"].float(), clips["text_mask"], control).select(index)
+    uncond = negative_conditioning(cond, *data.negative_prompt_embedding())
+    latent_shape = autoencoder.encode(clips["video"][:1].float()).shape[1:]
+    noise = torch.stack([_example_noise(latent_shape, seed, i) for i in range(num_examples)])
+
+    methods = [teacher_method(teacher_net, scheduler, teacher_steps, guidance)]
+    methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
+    fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
+    for name, folder in students.items():
+        methods.append(student_method(name, WanDenoiser(path=folder).eval()))
+        fingerprints[methods[-1].key] = teacher_fingerprint(folder)
+    settings = dict(
+        data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},
+        seed=seed, samples_per_clip=samples_per_clip, batch_size=batch_size, vae_path=vae_path,
+        teacher=fingerprints[methods[0].key],
+    )
+
+    videos: dict[str, Tensor] = {}
+    timing: dict[str, float] = {}
+    for method in tqdm(methods, desc="methods"):
+        path = out_dir / "videos" / f"{method.key}.safetensors"
+        method_settings = dict(settings, method=method.name, model=fingerprints.get(method.key, settings["teacher"]))
+        cached = load_videos(path, method_settings)
+        if cached is None:
+            made, seconds = generate(method, noise, cond, uncond, batch_size, autoencoder)
+            save_videos(path, made, method_settings, seconds)
+            cached = load_videos(path, method_settings)  # metrics always see the stored float16
+        videos[method.key], batch_seconds = cached
+        timing[method.key] = seconds_per_video(batch_seconds, batch_size, num_examples)
+        print(f"{method.name}: {timing[method.key]:.4f} s/video ({method.nfe} network calls)")
+
+    results = score_methods(
+        methods, videos, timing, clips, real_training_clips(data, num_examples),
+        samples_per_clip, edge_tolerance, data.hparams.canny_low, data.hparams.canny_high,
+    )
+    report = dict(
+        settings=dict(
+            teacher=teacher, students=students, teacher_steps=teacher_steps, guidance=guidance,
+            few_steps=few_steps, samples_per_clip=samples_per_clip, held_out_windows=windows,
+            batch_size=batch_size, seed=seed, edge_tolerance_px=edge_tolerance,
+            canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
+            frames=list(clips["video"].shape[2:]),
+        ),
+        **results,
+    )
+    write_report(out_dir, report, methods, videos, clips, sheet_clips, fps, scale)
+    return report
+
+
+def score_methods(
+    methods: list[Method],
+    videos: dict[str, Tensor],
+    timing: dict[str, float],
+    clips: dict,
+    real_train: Tensor,
+    samples_per_clip: int,
+    edge_tolerance: int,
+    canny_low: float,
+    canny_high: float,
+) -> dict:
+    """The metrics of every method (the first is the reference) and of the real floor."""
+    windows = clips["video"].shape[0]
+    reference = videos[methods[0].key]
+    control_edges = metrics.edges_from_control(clips["control"]).repeat(samples_per_clip, 1, 1, 1)
+    features = FrameFeatureNet()
+    real_stats = metrics.gaussian_statistics(video_frame_features(features, clips["video"]))
+
+    def distance(v: Tensor) -> float:
+        return metrics.frechet_distance(*metrics.gaussian_statistics(video_frame_features(features, v)), *real_stats)
+
+    rows = []
+    for method in tqdm(methods, desc="metrics"):
+        v = videos[method.key]
+        paired = method is not methods[0]
+        per_clip = v.reshape(samples_per_clip, windows, *v.shape[1:]).transpose(0, 1)
+        generated_edges = metrics.edges_from_control(canny_control(v, canny_low, canny_high))
+        rows.append(dict(
+            key=method.key,
+            name=method.name,
+            nfe=method.nfe,
+            seconds_per_video=timing[method.key],
+            speedup=timing[methods[0].key] / timing[method.key],
+            nfe_ratio=methods[0].nfe / method.nfe,
+            psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
+            ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
+            edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
+            frechet_distance=distance(v),
+            diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
+        ))
+        rows[-1]["speedup_fraction_of_ceiling"] = rows[-1]["speedup"] / rows[-1]["nfe_ratio"]
+    floor = dict(name="real clips, training part of the same videos", frechet_distance=distance(real_train),
+                 num_videos=int(real_train.shape[0]))
+    return dict(methods=rows, real_floor=floor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="distill-pl evaluate", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(evaluate, skip={"data"})
+    parser.add_class_arguments(VideoDataModule, "data")
+    cfg = parser.instantiate(parser.parse_args(argv))
+    evaluate(**{k: v for k, v in cfg.items() if k != "config"})

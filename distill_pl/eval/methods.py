@@ -1,0 +1,52 @@
+"""The samplers the report compares: the teacher with k steps and CFG, one-step students.
+
+A :class:`Method` turns (noise, conditioning) into clean latents; ``nfe`` is its network
+calls per video (a CFG step is 2: the conditional and the unconditional branch, run as one
+batched call of twice the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from distill_pl.diffusion.sampling import one_step_sample, sample_with_scheduler
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.guidance import velocity_fn
+
+Sampler = Callable[[Tensor, Conditioning, Conditioning], Tensor]
+
+
+@dataclass
+class Method:
+    """``sample(noise, cond, uncond) -> x0`` with ``nfe`` network calls per video."""
+
+    key: str  # file-safe name
+    name: str  # what the report calls it
+    nfe: int
+    sample: Sampler
+
+
+def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) -> Method:
+    """The teacher with ``steps`` steps of its own scheduler and CFG weight ``guidance``."""
+    cfg = guidance != 1.0
+
+    def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance)
+        return sample_with_scheduler(fn, noise, scheduler, steps)
+
+    label = f"teacher {steps}-step" + (f" CFG w={guidance:g}" if cfg else "")
+    return Method(f"teacher_{steps}step", label, steps * (2 if cfg else 1), sample)
+
+
+def student_method(name: str, student: Denoiser) -> Method:
+    """A one-step student: ``x = eps - v(eps, 1)``, no CFG, one network call."""
+
+    def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
+        return one_step_sample(lambda x, s: student(x, s, cond), noise)
+
+    key = "student_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+    return Method(key, f"{name} student 1-step", 1, sample)

@@ -1,0 +1,143 @@
+"""Files of an evaluation run: ``report.md`` (table), ``report.json``, ``contact_sheet.png``
+(rows = control, each method, the real clip; columns = first, middle, last frame; one block
+per held-out window, all from the same noise) and ``samples/*.mp4``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill_pl.eval.features import NAME as FEATURE_NETWORK
+from distill_pl.eval.methods import Method
+from distill_pl.media import frame_grid, upscale, write_mp4, write_png, write_text
+
+LABEL_WIDTH = 260
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    return dict(
+        date=datetime.date.today().isoformat(),
+        platform=platform.platform(),
+        processor=platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        device="cpu",
+    )
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(report: dict) -> str:
+    """The report's table: one row per method, then the real-clip floor."""
+    lines = [
+        "| method | NFE / video | s / video | speed-up | NFE ratio (ceiling) | speed-up / ceiling "
+        "| PSNR vs ref (dB) | SSIM vs ref | edge F1 | Fréchet distance | diversity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["methods"]:
+        lines.append(
+            f"| {row['name']} | {row['nfe']} | {row['seconds_per_video']:.4f} | {row['speedup']:.1f}x "
+            f"| {row['nfe_ratio']:.0f}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
+            f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {row['edge_f1']:.3f} "
+            f"| {row['frechet_distance']:.1f} | {row['diversity']:.3f} |"
+        )
+    floor = report["real_floor"]
+    lines.append(f"| {floor['name']} (floor) | - | - | - | - | - | - | - | - | {floor['frechet_distance']:.1f} | - |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict) -> str:
+    s, m = report["settings"], report["machine"]
+    ref = report["methods"][0]["name"]
+    return f"""# Evaluation report
+
+{markdown_table(report)}
+
+- Held-out data: {s['held_out_windows']} windows of the held-out (last) part of each video x
+  {s['samples_per_clip']} noise seeds = {s['held_out_windows'] * s['samples_per_clip']} videos per
+  method (frames x height x width {s['frames']}); every method starts from the same noise.
+- Reference ("ref"): {ref}. PSNR/SSIM: each video against the reference video from the
+  same noise (mean over videos).
+- NFE: network calls per video (a CFG step counts 2). Seconds per video: median of the
+  timed generation batches of {s['batch_size']} videos after a warm-up batch, sampling +
+  decoding. Speed-up: reference seconds / method seconds; its ceiling is the NFE ratio.
+- Edge F1: canny edges of the generated video (thresholds {s['canny_thresholds']}) against
+  the control edges, a pixel counting as matched within {s['edge_tolerance_px']} px.
+- Fréchet distance: between Gaussians fitted to {FEATURE_NETWORK} of every frame of the
+  method's videos and of the real held-out clips. Floor: the same distance for real clips
+  from the training part of the same videos (same count as a method's videos). Not FID or
+  FVD: other network, frame-level, few samples (biased upwards; compare rows, not papers).
+- Diversity: mean pairwise RMS pixel distance (on [-1, 1]) between the
+  {s['samples_per_clip']} samples of one window, averaged over windows.
+- Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']}
+  threads, {m['date']}.
+"""
+
+
+def _sheet_windows(paths: list[str], count: int) -> list[int]:
+    """The first window of each video, then further windows in order, ``count`` in all."""
+    firsts = [i for i, p in enumerate(paths) if p not in paths[:i]]
+    rest = [i for i in range(len(paths)) if i not in firsts]
+    return (firsts + rest)[:count]
+
+
+def contact_sheet(rows: dict[str, list[Tensor]], scale: int, pad: int = 2) -> Tensor:
+    """Labelled uint8 image: one row per entry of ``rows`` (label -> one video per block),
+    blocks side by side, each block the first / middle / last frame of its videos."""
+    from PIL import Image, ImageDraw
+
+    labels = list(rows)
+    blocks = [upscale(frame_grid([rows[label][b] for label in labels], pad=pad), scale)
+              for b in range(len(rows[labels[0]]))]
+    sheet = torch.cat([torch.cat([b, torch.full((3, b.shape[1], pad * scale), 255, dtype=torch.uint8)], 2)
+                       for b in blocks], dim=2)
+    canvas = Image.new("RGB", (LABEL_WIDTH + sheet.shape[2], sheet.shape[1]), "white")
+    canvas.paste(Image.fromarray(sheet.permute(1, 2, 0).numpy()), (LABEL_WIDTH, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = sheet.shape[1] / len(labels)
+    for r, label in enumerate(labels):
+        draw.text((6, int((r + 0.45) * row_height)), label, fill="black")
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def write_report(
+    out_dir: Path,
+    report: dict,
+    methods: list[Method],
+    videos: dict[str, Tensor],
+    clips: dict,
+    sheet_clips: int,
+    fps: int,
+    scale: int,
+) -> dict[str, Path]:
+    """Write every report file into ``out_dir``; returns their paths by kind."""
+    report["machine"] = machine()
+    chosen = _sheet_windows(clips["path"], sheet_clips)
+    rows = {"control": [clips["control"][k] for k in chosen]}
+    rows.update({m.name: [videos[m.key][k] for k in chosen] for m in methods})  # seed 0 of window k
+    rows["real clip (held out)"] = [clips["video"][k] for k in chosen]
+    files = {
+        "json": write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n"),
+        "markdown": write_text(out_dir / "report.md", markdown_report(report)),
+        "contact_sheet": write_png(out_dir / "contact_sheet.png", contact_sheet(rows, scale)),
+    }
+    keys = ["control"] + [m.key for m in methods] + ["real"]
+    for key, label in zip(keys, rows):
+        for k, video in zip(chosen, rows[label]):
+            write_mp4(out_dir / "samples" / f"{key}_window{k}.mp4", video, fps=fps, scale=scale)
+    files["samples"] = out_dir / "samples"
+    print(markdown_table(report))
+    print(f"report: {files['markdown'].resolve()}")
+    return files

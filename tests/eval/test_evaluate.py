@@ -1,0 +1,89 @@
+"""``distill-pl evaluate`` on a tiny teacher and student: every report file, consistent
+rows, and a rerun that reuses the generated videos."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from distill_pl.cli import main
+from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
+from distill_pl.data.manifest import ManifestEntry, write_manifest
+from distill_pl.eval import evaluate as evaluate_module
+from distill_pl.eval.evaluate import seconds_per_video
+from distill_pl.models.teacher_folder import save_student_folder, save_teacher_folder
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.paths import resolve_path
+
+TEACHER = dict(patch_size=[1, 4, 4], num_attention_heads=2, attention_head_dim=12, in_channels=6,
+               out_channels=3, text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+VIDEOS = ("carphone_pristine", "bigbuckbunny")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_seconds_per_video_is_the_median_after_the_warmup_batch():
+    # batches of 4 for 10 examples: 2 full batches and a partial one; the first is warm-up
+    assert seconds_per_video([9.0, 2.0, 1.0], batch_size=4, num_examples=10) == 2.0 / 4
+    assert seconds_per_video([9.0, 2.0, 4.0, 3.0], batch_size=2, num_examples=8) == 3.0 / 2
+
+
+def _args(tmp_path: Path, teacher: Path, students: dict) -> list[str]:
+    return [
+        "evaluate", "--teacher", str(teacher), "--students", json.dumps(students),
+        "--out", str(tmp_path / "eval"), "--teacher_steps", "3", "--guidance", "1.0",
+        "--few_steps", "[1]", "--samples_per_clip", "2", "--batch_size", "4", "--sheet_clips", "3",
+        "--data.manifest", str(tmp_path / "manifest.jsonl"), "--data.num_frames", "4",
+        "--data.frame_stride", "2", "--data.height", "16", "--data.width", "16",
+        "--data.val_clips_per_video", "2", "--data.max_text_length", "8",
+        "--data.cache_dir", str(tmp_path / "cache"),
+    ]
+
+
+def test_report_files_rows_and_resume(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    videos = resolve_path(BUNDLED_CLIPS)
+    write_manifest(tmp_path / "manifest.jsonl",
+                   [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
+    teacher_net = WanDenoiser(config=TEACHER)
+    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
+    # a "student" with the teacher's weights: its one step is the teacher's one step without CFG
+    students = {"Same": str(save_student_folder(tmp_path / "same", teacher_net, 1.0)),
+                "Random": str(save_student_folder(tmp_path / "random", WanDenoiser(config=TEACHER), 1.0))}
+    main(_args(tmp_path, teacher, students))
+
+    out = tmp_path / "eval"
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["key"]: row for row in report["methods"]}
+    assert list(rows) == ["teacher_3step", "teacher_1step", "student_same", "student_random"]
+    assert [rows[k]["nfe"] for k in rows] == [3, 1, 1, 1]  # guidance 1: no CFG branch
+    assert rows["teacher_3step"]["psnr"] is None and rows["teacher_3step"]["speedup"] == 1.0
+    same, teacher_1 = rows["student_same"], rows["teacher_1step"]
+    # equal up to float rounding (videos are stored as float16; a rounding can flip an edge pixel)
+    for metric in ("psnr", "ssim", "frechet_distance", "diversity"):
+        assert same[metric] == pytest.approx(teacher_1[metric], rel=1e-3), metric
+    assert same["edge_f1"] == pytest.approx(teacher_1["edge_f1"], abs=5e-3)
+    assert rows["student_random"]["psnr"] != pytest.approx(same["psnr"], rel=1e-3)
+    for row in rows.values():
+        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["diversity"] > 0
+        assert row["speedup_fraction_of_ceiling"] == pytest.approx(row["speedup"] / row["nfe_ratio"])
+    assert report["real_floor"]["num_videos"] == 8  # 2 videos x 2 windows x 2 seeds
+    assert report["settings"]["held_out_windows"] == 4 and report["machine"]["cpu_count"]
+
+    table = (out / "report.md").read_text()
+    assert "teacher 3-step" in table and "(floor)" in table and "Fréchet distance" in table
+    sheet = Image.open(out / "contact_sheet.png")
+    # rows: control, 4 methods, real clip; 3 windows of 3 frames each
+    assert sheet.height == 6 * (16 + 2) * 4 - 2 * 4
+    mp4s = sorted(p.name for p in (out / "samples").glob("*.mp4"))
+    assert len(mp4s) == 3 * 6 and "control_window0.mp4" in mp4s and "student_same_window2.mp4" in mp4s
+
+    # a rerun reuses every generated video: generating again would fail here
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated again although the videos were saved")
+
+    monkeypatch.setattr(evaluate_module, "generate", refuse)
+    main(_args(tmp_path, teacher, students))
+    assert json.loads((out / "report.json").read_text())["methods"] == report["methods"]

