@@ -32,59 +32,16 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import lightning as L
 import torch
 
+from distill_pl.benchmarking import StepTimer, median_time
 from distill_pl.cli import benchmark_cli
 from distill_pl.diffusion.flow import add_noise
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.paths import resolve_path
 from distill_pl.stages.dmd2 import DMD2Module
-
-
-class PhaseTimer(L.Callback):
-    """Seconds of each training step by phase, and of the gaps between steps."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.steps: dict[str, list[float]] = {"critic": [], "student": []}
-        self.gaps: list[float] = []
-        self._end: float | None = None
-
-    def _sync(self, module):
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._sync(module)
-        self._start = time.perf_counter()
-        if self._end is not None and trainer.global_step > self.warmup:
-            self.gaps.append(self._start - self._end)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._sync(module)
-        self._end = time.perf_counter()
-        step = trainer.global_step - 1
-        if step >= self.warmup:
-            kind = "student" if module.is_generator_phase(step) else "critic"
-            self.steps[kind].append(self._end - self._start)
-
-
-def median_time(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, float]:
@@ -154,6 +111,10 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     return t
 
 
+def dmd2_phase(module: DMD2Module, step: int) -> str:
+    return "student" if module.is_generator_phase(step) else "critic"
+
+
 def config_init_from(config: str) -> str | None:
     import yaml
 
@@ -182,7 +143,7 @@ def main() -> None:
         init_from = None
     extra = () if init_from is None else (f"--model.init_args.init_from={init_from}",)
     cli = benchmark_cli(args.config, args.warmup + args.steps, args.device, extra)
-    timer = PhaseTimer(args.warmup)
+    timer = StepTimer(args.warmup, dmd2_phase)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 

@@ -13,28 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
-import lightning as L
 import torch
 
+from distill_pl.benchmarking import StepTimer
 from distill_pl.cli import benchmark_cli
-
-
-
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = None
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup and self.start is None:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.steps += 1
 
 
 def main() -> None:
@@ -47,14 +30,15 @@ def main() -> None:
     timer = StepTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    elapsed = time.perf_counter() - timer.start
+    steps = timer.steps["step"]
+    elapsed = sum(steps) + sum(timer.gaps)  # training steps and the data loading between them
     batch = cli.datamodule.hparams.batch_size
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"config: {args.config} (batch {batch})")
-    print(f"timed steps: {timer.steps} after {args.warmup} warm-up steps")
-    print(f"teacher training: {timer.steps / elapsed:.2f} steps/s, {elapsed / timer.steps:.3f} s/step, "
-          f"{timer.steps * batch / elapsed:.1f} clips/s")
+    print(f"timed steps: {len(steps)} after {args.warmup} warm-up steps")
+    print(f"teacher training: {len(steps) / elapsed:.2f} steps/s, {elapsed / len(steps):.3f} s/step, "
+          f"{len(steps) * batch / elapsed:.1f} clips/s")
 
 
 if __name__ == "__main__":
