@@ -49,6 +49,18 @@ def frame_grid(rows: Sequence[Tensor], pad: int = 2, pad_value: int = 255) -> Te
     return out
 
 
+def label_rows(image: Tensor, labels: Sequence[str], row_height: float, width: int = 150) -> Tensor:
+    """Prepend a white margin to a uint8 [3, H, W] image with ``labels[r]`` written at the
+    height of row ``r`` (rows ``row_height`` pixels apart)."""
+    from PIL import Image, ImageDraw
+
+    margin = Image.new("RGB", (width, image.shape[1]), "white")
+    draw = ImageDraw.Draw(margin)
+    for r, text in enumerate(labels):
+        draw.text((4, int(r * row_height + row_height / 2) - 5), text, fill="black")
+    return torch.cat([torch.from_numpy(np.array(margin)).permute(2, 0, 1), image], dim=2)
+
+
 def upscale(image_or_video: Tensor, factor: int) -> Tensor:
     """Nearest-neighbour upscaling of the last two dims (tiny videos are 32 px wide)."""
     if factor == 1:

@@ -9,19 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from distill_pl.media import frame_grid, upscale, write_png
-
-
-def labelled(grid: Tensor, labels: list[str], row_height: int, width: int = 150) -> Tensor:
-    """Prepend a white margin with one text label per row to a uint8 [3, H, W] grid."""
-    from PIL import Image, ImageDraw
-
-    margin = Image.new("RGB", (width, grid.shape[1]), "white")
-    draw = ImageDraw.Draw(margin)
-    for r, text in enumerate(labels):
-        draw.text((4, r * row_height + row_height // 2 - 5), text, fill="black")
-    margin_t = torch.from_numpy(__import__("numpy").array(margin)).permute(2, 0, 1)
-    return torch.cat([margin_t, grid], dim=2)
+from distill_pl.media import frame_grid, label_rows, upscale, write_png
 
 
 class FrameGridLogger(L.Callback):
@@ -50,8 +38,13 @@ class FrameGridLogger(L.Callback):
             }
         return self._batch
 
-    @rank_zero_only
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        # every rank reads log_dir: it is a broadcast, which rank 0 alone would wait on forever
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "grids"
+        return self._render(trainer, pl_module, out_dir) or []
+
+    @rank_zero_only
+    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> list[Path]:
         batch = {
             k: v.to(pl_module.device) if isinstance(v, Tensor) else v
             for k, v in self._fixed_batch(trainer).items()
@@ -63,12 +56,11 @@ class FrameGridLogger(L.Callback):
         pl_module.train(was_training)
         labels = list(rows)
         step = trainer.global_step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "grids"
         written = []
         for i in range(len(next(iter(rows.values())))):
             grid = upscale(frame_grid([rows[k][i].cpu() for k in labels]), self.scale)
             h = batch["video"].shape[-2] * self.scale
-            image = labelled(grid, labels, row_height=h + 2 * self.scale)
+            image = label_rows(grid, labels, row_height=h + 2 * self.scale)
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
                 if hasattr(exp, "add_image"):

@@ -11,15 +11,14 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from distill_pl.eval.features import NAME as FEATURE_NETWORK
 from distill_pl.eval.methods import Method
-from distill_pl.media import frame_grid, upscale, write_mp4, write_png, write_text
+from distill_pl.media import frame_grid, label_rows, upscale, write_mp4, write_png, write_text
 
-LABEL_WIDTH = 260
+LABEL_WIDTH = 180
 
 
 def machine() -> dict:
@@ -96,20 +95,12 @@ def _sheet_windows(paths: list[str], count: int) -> list[int]:
 def contact_sheet(rows: dict[str, list[Tensor]], scale: int, pad: int = 2) -> Tensor:
     """Labelled uint8 image: one row per entry of ``rows`` (label -> one video per block),
     blocks side by side, each block the first / middle / last frame of its videos."""
-    from PIL import Image, ImageDraw
-
     labels = list(rows)
     blocks = [upscale(frame_grid([rows[label][b] for label in labels], pad=pad), scale)
               for b in range(len(rows[labels[0]]))]
-    sheet = torch.cat([torch.cat([b, torch.full((3, b.shape[1], pad * scale), 255, dtype=torch.uint8)], 2)
-                       for b in blocks], dim=2)
-    canvas = Image.new("RGB", (LABEL_WIDTH + sheet.shape[2], sheet.shape[1]), "white")
-    canvas.paste(Image.fromarray(sheet.permute(1, 2, 0).numpy()), (LABEL_WIDTH, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_height = sheet.shape[1] / len(labels)
-    for r, label in enumerate(labels):
-        draw.text((6, int((r + 0.45) * row_height)), label, fill="black")
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+    gap = torch.full((3, blocks[0].shape[1], 3 * pad * scale), 255, dtype=torch.uint8)
+    sheet = torch.cat([part for block in blocks for part in (block, gap)][:-1], dim=2)
+    return label_rows(sheet, labels, row_height=(blocks[0].shape[1] + pad * scale) / len(labels), width=LABEL_WIDTH)
 
 
 def write_report(
