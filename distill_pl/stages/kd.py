@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.autoencoder import build_autoencoder
@@ -231,7 +230,7 @@ class KDModule(L.LightningModule):
         noise, target, cond = self.pair_inputs(batch)
         x_g = self.student_1step(self.student, noise, cond)
         loss = kd_loss(x_g, target)
-        self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -300,8 +299,7 @@ class KDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            data = self.trainer.datamodule
-            settings = data.hparams if isinstance(data, VideoDataModule) else None
+            settings = getattr(self.trainer.datamodule, "hparams", None)
             save_student_folder(self.hparams.export_dir, self.eval_student, self.shift, settings)
 
 
