@@ -14,6 +14,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OTHER_COMMANDS = {
     "sample": "distill_pl.sample:main",
     "evaluate": "distill_pl.eval.evaluate:main",
+    "estimate-memory": "distill_pl.memory_estimate:main",
 }
 
 

@@ -1,9 +1,10 @@
-"""The Wan2.1-T2V-1.3B configs: parsed by the real CLI parser and their models built on the meta
-device, from a stand-in of the diffusers folder that holds the published configs and no weights."""
+"""The Wan2.1-T2V-1.3B and 14B configs: parsed by the real CLI parser and their models built on the
+meta device, from a stand-in of the diffusers folder that holds the published configs and no weights."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,11 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs/wan2.1-t2v-1.3b"
-FOLDER = "checkpoints/Wan2.1-T2V-1.3B-Diffusers"
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (dim 1536 = 12 heads x 128)
 TRANSFORMER_CONFIG = {
@@ -27,6 +27,9 @@ TRANSFORMER_CONFIG = {
     "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
     "rope_max_seq_len": 1024, "text_dim": 4096,
 }
+#: transformer/config.json of Wan-AI/Wan2.1-T2V-14B-Diffusers (dim 5120 = 40 heads x 128), as in
+#: diffusers' scripts/convert_wan_to_diffusers.py ("Wan-T2V-14B") and Wan's wan/configs/wan_t2v_14B.py
+TRANSFORMER_CONFIG_14B = {**TRANSFORMER_CONFIG, "ffn_dim": 13824, "num_attention_heads": 40, "num_layers": 40}
 #: scheduler/scheduler_config.json: UniPC with flow sigmas, shift 3 (480p)
 SCHEDULER_CONFIG = {
     "_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "prediction_type": "flow_prediction",
@@ -39,14 +42,33 @@ TEXT_ENCODER_CONFIG = {
 }
 
 
-def write_stand_in(root: Path) -> None:
-    """The Wan2.1-T2V-1.3B diffusers folder layout with its configs and empty weight files."""
+@dataclass(frozen=True)
+class WanModel:
+    """A Wan2.1 T2V size: its configs folder, the diffusers folder they name, its transformer
+    config and the range its parameter count must fall in."""
+
+    configs: Path
+    folder: str
+    transformer_config: dict
+    num_params: tuple[float, float]
+
+
+MODELS = {
+    "1.3b": WanModel(REPO / "configs/wan2.1-t2v-1.3b", "checkpoints/Wan2.1-T2V-1.3B-Diffusers",
+                     TRANSFORMER_CONFIG, (1.3e9, 1.5e9)),
+    "14b": WanModel(REPO / "configs/wan2.1-t2v-14b", "checkpoints/Wan2.1-T2V-14B-Diffusers",
+                    TRANSFORMER_CONFIG_14B, (0.97 * 14e9, 1.03 * 14e9)),
+}
+
+
+def write_stand_in(root: Path, transformer_config: dict) -> None:
+    """A Wan2.1-T2V diffusers folder layout with its configs and empty weight files."""
     def model(sub: str, config: dict) -> None:
         (root / sub).mkdir(parents=True)
         (root / sub / "config.json").write_text(json.dumps(config))
         (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
 
-    model("transformer", TRANSFORMER_CONFIG)
+    model("transformer", transformer_config)
     # the Wan 2.1 VAE: diffusers' AutoencoderKLWan defaults (z_dim 16, 4x temporal, 8x spatial)
     with torch.device("meta"):
         vae_defaults = dict(AutoencoderKLWan().config)
@@ -57,11 +79,12 @@ def write_stand_in(root: Path) -> None:
     (root / "text_encoder/config.json").write_text(json.dumps(TEXT_ENCODER_CONFIG))
 
 
-@pytest.fixture
-def wan_folder(tmp_path, monkeypatch):
-    """cwd = tmp_path holding the stand-in folder; from_pretrained builds on the meta device."""
+@pytest.fixture(params=list(MODELS))
+def wan(request, tmp_path, monkeypatch) -> WanModel:
+    """cwd = tmp_path holding the model's stand-in folder; from_pretrained builds on the meta device."""
+    model_size = MODELS[request.param]
     monkeypatch.chdir(tmp_path)
-    write_stand_in(tmp_path / FOLDER)
+    write_stand_in(tmp_path / model_size.folder, model_size.transformer_config)
 
     def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -75,7 +98,7 @@ def wan_folder(tmp_path, monkeypatch):
 
     for cls in (WanTransformer3DModel, AutoencoderKLWan):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
-    return tmp_path / FOLDER
+    return model_size
 
 
 class ParsedCLI(DistillCLI):
@@ -89,19 +112,19 @@ class ParsedCLI(DistillCLI):
         self.datamodule = self.config_init["data"]
 
 
-def parse(config: Path) -> ParsedCLI:
+def parse(config: Path, *overrides: str) -> ParsedCLI:
     return ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
-                     run=False, args=["--config", str(config)])
+                     run=False, args=["--config", str(config), *overrides])
 
 
 def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_data(cli: ParsedCLI, kd_model) -> tuple[int, ...]:
+def check_data(cli: ParsedCLI, kd_model, mode: str = "pairs") -> tuple[int, ...]:
     data: VideoDataModule = cli.datamodule
     h = data.hparams
-    assert h.mode == "pairs" and (h.num_frames, h.height, h.width) == (81, 480, 832)
+    assert h.mode == mode and (h.num_frames, h.height, h.width) == (81, 480, 832)
     assert data.text_dim == 4096 == TRANSFORMER_CONFIG["text_dim"]
     assert h.max_text_length == 512
     shape = latent_shape(kd_model.autoencoder, (3, h.num_frames, h.height, h.width))
@@ -110,15 +133,25 @@ def check_data(cli: ParsedCLI, kd_model) -> tuple[int, ...]:
     return shape
 
 
-def test_kd_pairs_config(wan_folder):
-    cli = parse(CONFIGS / "kd_pairs.yaml")
+def in_range(module: torch.nn.Module, wan: WanModel) -> bool:
+    low, high = wan.num_params
+    return low < num_params(module) < high
+
+
+def global_batch(cli: ParsedCLI, per_device: int) -> int:
+    trainer = cli.config["trainer"]
+    return trainer["num_nodes"] * trainer["devices"] * per_device
+
+
+def test_kd_pairs_config(wan):
+    cli = parse(wan.configs / "kd_pairs.yaml")
     model = cli.model
     assert isinstance(model, KDPairGenerationModule)
     assert model.hparams.num_steps == 36 and model.hparams.guidance == 8.0  # Cosmos g = 7
     assert model.teacher.transformer.device.type == "meta"
     assert model.teacher.control_channels == 0  # T2V: control off
     assert model.teacher.transformer.dtype == torch.bfloat16
-    assert 1.3e9 < num_params(model.teacher) < 1.5e9
+    assert in_range(model.teacher, wan)
     assert model.autoencoder.latent_channels == 16
     check_data(cli, model)
     data = cli.datamodule.hparams
@@ -128,15 +161,15 @@ def test_kd_pairs_config(wan_folder):
     assert data.shard_size % data.batch_size == 0
 
 
-def test_kd_config(wan_folder):
-    cli = parse(CONFIGS / "kd.yaml")
+def test_kd_config(wan):
+    cli = parse(wan.configs / "kd.yaml")
     kd = cli.model
     assert isinstance(kd, KDModule)
     h = kd.hparams
     assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
     for net in (kd.teacher, kd.student):
         assert net.transformer.device.type == "meta"
-        assert 1.3e9 < num_params(net) < 1.5e9
+        assert in_range(net, wan)
         assert net.control_channels == 0 and net.latent_channels == 16  # T2V: control off
     assert kd.teacher.transformer.dtype == torch.bfloat16
     assert kd.student.transformer.proj_out.weight.dtype == torch.float32
@@ -145,10 +178,32 @@ def test_kd_config(wan_folder):
     assert kd.autoencoder.latent_channels == 16 and not kd.autoencoder.is_pixel_space
     shape = check_data(cli, kd)
     kd.check_pairs_metadata({"latent_shape": list(shape), "num_frames": 81, "height": 480,
-                             "width": 832, "vae_path": FOLDER, "guidance": 8.0, "num_steps": 36})
+                             "width": 832, "vae_path": wan.folder, "guidance": 8.0, "num_steps": 36})
 
     trainer = cli.config["trainer"]
-    global_batch = trainer["devices"] * trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size
-    assert global_batch == 64
+    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
     assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
     assert trainer["precision"] == "bf16-mixed"
+
+
+def test_dmd2_config(wan):
+    cli = parse(wan.configs / "dmd2.yaml", "--model.init_args.init_from=null")  # no KD checkpoint here
+    dmd2 = cli.model
+    assert isinstance(dmd2, DMD2Module)
+    h = dmd2.hparams
+    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
+    assert (h.guidance, h.gan_weight, h.student_update_freq) == (6.0, 1e-3, 5)  # Cosmos g = 5
+    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip, h.t_min, h.t_max) == ((0.9, 0.999), 0.01, 10.0, 0.02, 0.98)
+    assert dmd2.shift == SCHEDULER_CONFIG["flow_shift"]
+    for net in (dmd2.teacher, dmd2.student, dmd2.fake_score):
+        assert net.transformer.device.type == "meta" and in_range(net, wan)
+        assert net.control_channels == 0 and net.latent_channels == 16  # T2V: control off
+    assert dmd2.teacher.transformer.dtype == torch.bfloat16
+    assert dmd2.student.transformer.proj_out.weight.dtype == torch.float32
+    assert dmd2.student.transformer.gradient_checkpointing and dmd2.fake_score.transformer.gradient_checkpointing
+    assert dmd2.feature_block == dmd2.teacher.num_blocks // 2
+    check_data(cli, dmd2, mode="clips")
+
+    batch_size = cli.datamodule.hparams.batch_size  # per device, split into micro-batches of 1
+    assert global_batch(cli, batch_size) == 64 and batch_size == h.accumulate_micro_batches
+    assert cli.config["trainer"]["max_steps"] == 24_000 and cli.config["trainer"]["precision"] == "bf16-mixed"

@@ -14,7 +14,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -497,28 +496,3 @@ def test_kd_checkpoint_as_ckpt_path_through_cli_says_init_from(teacher_dir, kd_c
     assert proc.returncode != 0
     assert "--model.init_from" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "runs/tiny/dmd2/checkpoints").exists()  # nothing trained
-
-
-def test_wan_config_builds_the_recipe(monkeypatch, tmp_path):
-    from tests.test_wan_configs import CONFIGS, TRANSFORMER_CONFIG, ParsedCLI, num_params, wan_folder
-
-    wan_folder.__wrapped__(tmp_path, monkeypatch)  # the stand-in Wan folder, models on meta
-    config = yaml.safe_load((CONFIGS / "dmd2.yaml").read_text())
-    assert config["model"]["init_args"]["init_from"] == "runs/wan2.1-t2v-1.3b/kd/checkpoints/last.ckpt"
-    cli = ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True, run=False,
-                    args=["--config", str(CONFIGS / "dmd2.yaml"), "--model.init_args.init_from=null"])
-    module = cli.model
-    h = module.hparams
-    assert isinstance(module, DMD2Module)
-    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
-    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip) == ((0.9, 0.999), 0.01, 10.0)
-    assert (h.guidance, h.gan_weight, h.student_update_freq, h.t_min, h.t_max) == (6.0, 1e-3, 5, 0.02, 0.98)
-    assert module.shift == 3.0 and module.feature_block == 15
-    for net in (module.student, module.fake_score, module.teacher):
-        assert net.control_channels == 0 and 1.3e9 < num_params(net) < 1.5e9  # T2V: control off
-    assert module.teacher.transformer.dtype == torch.bfloat16
-    assert module.student.transformer.proj_out.weight.dtype == torch.float32
-    trainer = cli.config["trainer"]
-    assert trainer["devices"] * cli.datamodule.hparams.batch_size == 64
-    assert trainer["max_steps"] == 24_000 and trainer["precision"] == "bf16-mixed"
-    assert cli.datamodule.hparams.mode == "clips" and cli.datamodule.text_dim == TRANSFORMER_CONFIG["text_dim"]

@@ -1,0 +1,200 @@
+"""``distill-pl estimate-memory`` against measurements of real CPU training steps of the tiny
+models, and against closed forms.
+
+Measured peak: ``torch.profiler`` with ``profile_memory=True`` reports every CPU allocation and
+every free of memory allocated while it runs, so the running sum of its memory events is the
+live bytes allocated since profiling began; the peak of that sum, plus the tensors that existed
+before and live throughout (parameters, buffers, the batch), is the step's peak memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from distill_pl.memory_estimate import (
+    PUBLISHED_TRANSFORMER_CONFIGS,
+    estimate_memory,
+    main,
+    parameter_bytes,
+    saved_tensor_bytes,
+)
+from distill_pl.models.wan import WanDenoiser
+from distill_pl.stages.dmd2 import DMD2Module
+from distill_pl.stages.kd import KDModule
+from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_KD = "configs/tiny/kd.yaml"
+TINY_DMD2 = "configs/tiny/dmd2.yaml"
+
+
+@pytest.fixture(autouse=True)
+def at_repo(monkeypatch, one_thread):
+    """The tiny configs name ``teachers/tiny`` relative to the repository."""
+    monkeypatch.chdir(REPO)
+
+
+def init_args(config: str, **overrides) -> dict:
+    return {**yaml.safe_load(Path(config).read_text())["model"]["init_args"], **overrides}
+
+
+def tiny_batch(config: str, kd: bool) -> dict[str, torch.Tensor]:
+    """A batch as the data module delivers it (random values; memory depends on shapes only)."""
+    data = yaml.safe_load(Path(config).read_text())["data"]
+    b, video = data["batch_size"], (3, data["num_frames"], data["height"], data["width"])
+    text = (data["max_text_length"], 384)  # the tiny teacher's text_dim
+    batch = {"video": torch.randn(b, *video), "control": torch.randn(b, *video),
+             "text_embeds": torch.randn(b, *text), "text_mask": torch.ones(b, text[0], dtype=torch.bool)}
+    if kd:  # pixel space: latents have the video's shape
+        batch.update(noise=torch.randn(b, *video), teacher_output=torch.randn(b, *video))
+    return batch
+
+
+def live_bytes(*groups) -> int:
+    return sum(t.numel() * t.element_size() for group in groups for t in group)
+
+
+def profiled_peaks(steps: list[tuple[str, Callable[[], None]]]) -> dict[str, int]:
+    """Run the steps under the profiler; per step name (its last run), the peak of the bytes
+    allocated since profiling began."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for name, step in steps:
+            with record_function(name):
+                step()
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    windows = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in dict(steps)}
+    peaks = dict.fromkeys(windows, 0)
+    allocated = 0
+    for event in events:
+        if event.name() == "[memory]":
+            allocated += event.nbytes()
+            for name, (start, end) in windows.items():
+                if start <= event.start_ns() <= end:
+                    peaks[name] = max(peaks[name], allocated)
+    return peaks
+
+
+def test_published_configs_are_the_diffusers_folders_configs():
+    strip = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"] == strip(TRANSFORMER_CONFIG)
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-14B-Diffusers"] == strip(TRANSFORMER_CONFIG_14B)
+
+
+def test_parameter_and_optimizer_bytes_are_closed_forms():
+    """Wan2.1-1.3B KD on 8 GPUs with FSDP: float32 student, bf16 teacher, 2 AdamW moments, /8."""
+    estimate = estimate_memory("configs/wan2.1-t2v-1.3b/kd.yaml", devices=8, sharding="fsdp")
+    config = PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"]
+    with torch.device("meta"):
+        student, teacher = WanDenoiser(config=config), WanDenoiser(config=config, dtype="bfloat16")
+    n = sum(p.numel() for p in student.parameters())
+    assert n == 1_418_996_800
+    rows = estimate.static
+    assert rows["student: float32, trainable"] == parameter_bytes(student) // 8 == 4 * n // 8
+    assert rows["student: AdamW moments"] == 2 * 4 * n // 8
+    assert rows["teacher: bfloat16"] == sum(p.numel() * p.element_size() for p in teacher.parameters()) // 8
+    assert 2 * n // 8 < rows["teacher: bfloat16"] < 2.01 * n // 8  # bf16 but for the float32 norms/modulation
+    assert "DDP gradient buckets" not in rows and estimate.phases["KD step"].gradients == 4 * n // 8
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_equal_saved_bytes_of_a_real_forward(checkpointing):
+    """The meta pass (flash-attention op in place of SDPA) saves what the real CPU forward saves."""
+    estimate = estimate_memory(TINY_KD, gradient_checkpointing=checkpointing)
+    kd = KDModule(**init_args(TINY_KD, gradient_checkpointing=checkpointing))
+    batch = tiny_batch(TINY_KD, kd=True)
+    measured, _ = saved_tensor_bytes(lambda: kd.training_step(batch, 0), [*kd.parameters(), *kd.buffers()])
+    assert estimate.phases["KD step"].activations == pytest.approx(measured, rel=0.01)
+    assert measured > (40 if not checkpointing else 4) * 2**20
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_mixed_activations_match_a_real_autocast_forward(checkpointing, tmp_path):
+    """bf16-mixed: the bfloat16 meta pass + weight copies vs a float32 model under CPU autocast
+    (where autocast's bf16 weight copies are new storages, counted with the activations)."""
+    config = yaml.safe_load(Path(TINY_KD).read_text())
+    config["trainer"]["precision"] = "bf16-mixed"
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(config))
+    estimate = estimate_memory(str(tmp_path / "kd.yaml"), gradient_checkpointing=checkpointing).phases["KD step"]
+    kd = KDModule(**init_args(TINY_KD, gradient_checkpointing=checkpointing))
+    batch = tiny_batch(TINY_KD, kd=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
+        measured, _ = saved_tensor_bytes(lambda: kd.training_step(batch, 0), [*kd.parameters(), *kd.buffers()])
+    assert estimate.weight_copies > 0
+    assert estimate.activations + estimate.weight_copies == pytest.approx(measured, rel=0.05)
+
+
+def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
+    """Two real KD steps as Lightning's automatic optimization runs them: forward, zero_grad,
+    backward, clipping, AdamW, EMA. The second one holds the first one's gradients and the
+    AdamW state, as every later step does."""
+    estimate = estimate_memory(TINY_KD)
+    kd = KDModule(**init_args(TINY_KD))
+    batch = tiny_batch(TINY_KD, kd=True)
+    optimizer = kd.configure_optimizers()
+
+    def step():
+        loss = kd.training_step(batch, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(kd.student.parameters(), 10.0)
+        optimizer.step()
+        kd.student_ema.update(kd.student)
+
+    before = live_bytes(kd.parameters(), kd.buffers(), batch.values())
+    measured = before + max(profiled_peaks([("first", step), ("second", step)]).values())
+    print(f"tiny KD: estimated {estimate.total / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert estimate.total == pytest.approx(measured, rel=0.2)
+
+
+def test_dmd2_phases_match_measured_peaks_of_cpu_training_steps():
+    """Critic and generator steps as DMD2Module runs them: gradients freed before and after
+    each step, the other optimizer's networks frozen."""
+    estimate = estimate_memory(TINY_DMD2)
+    dmd2 = DMD2Module(**init_args(TINY_DMD2, init_from=None))
+    batch = tiny_batch(TINY_DMD2, kd=False)
+    critic_opt, student_opt = dmd2.configure_optimizers()
+    cond = dmd2.conditioning(batch)
+    shape = dmd2.latent_shape(batch["video"])
+    eps, noise, noise_real, sigma = torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.rand(shape[0])
+
+    def critic():
+        with torch.no_grad():
+            x_g = dmd2.generate(eps, cond)
+        loss, _ = dmd2.critic_loss(x_g, batch["video"], sigma, noise, noise_real, cond)
+        loss.backward()
+        critic_opt.step()
+        critic_opt.zero_grad(set_to_none=True)
+
+    def generator():
+        critics = (dmd2.fake_score, dmd2.discriminator)
+        for net in critics:
+            net.requires_grad_(False)
+        loss, _ = dmd2.generator_loss(dmd2.generate(eps, cond), sigma, noise, cond, cond)
+        loss.backward()
+        student_opt.step()
+        student_opt.zero_grad(set_to_none=True)
+        for net in critics:
+            net.requires_grad_(True)
+
+    before = live_bytes(dmd2.parameters(), dmd2.buffers(), batch.values(), (eps, noise, noise_real, sigma))
+    peaks = profiled_peaks([("critic 1", critic), ("generator 1", generator), ("critic", critic),
+                            ("generator", generator)])
+    for phase in ("critic", "generator"):
+        measured = before + peaks[phase]
+        print(f"tiny DMD2 {phase}: estimated {estimate.peak(phase) / 2**20:.1f} MiB, "
+              f"measured {measured / 2**20:.1f} MiB")
+        assert estimate.peak(phase) == pytest.approx(measured, rel=0.2)
+
+
+def test_cli_prints_the_table_and_the_verdict(capsys):
+    main(["--config", TINY_DMD2, "--gpu_gb", "0.1", "--micro_batch", "2", "--no_gradient_checkpointing"])
+    out = capsys.readouterr().out
+    assert "| MiB per GPU | critic | generator |" in out and "| **peak** |" in out
+    assert "micro-batch 2" in out and "gradient checkpointing off" in out
+    assert "does NOT fit in 0.1 GiB with a 10% margin" in out
