@@ -40,7 +40,7 @@ class FrameFeatureNet(nn.Module):
         return super().train(False)  # batch norm always uses its running statistics
 
     @torch.no_grad()
-    def forward(self, frames: Tensor, chunk: int = 64) -> Tensor:
+    def forward(self, frames: Tensor, chunk: int = 16) -> Tensor:
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected frames [N, 3, H, W], got {list(frames.shape)}")
         out = []
