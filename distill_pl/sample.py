@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser, ActionConfigFile
 
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.function_cli import run_with_data
 from distill_pl.media import frame_grid, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
@@ -77,9 +77,4 @@ def sample_teacher(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="distill-pl sample", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(sample_teacher, skip={"data"})
-    parser.add_class_arguments(VideoDataModule, "data")
-    cfg = parser.instantiate(parser.parse_args(argv))
-    sample_teacher(**{k: v for k, v in cfg.items() if k != "config"})
+    run_with_data(sample_teacher, "distill-pl sample", __doc__, argv)

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import Tensor
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from distill_pl.eval.features import FrameFeatureNet, video_frame_features
 from distill_pl.eval.generated import load_videos, save_videos
 from distill_pl.eval.methods import Method, student_method, teacher_method
 from distill_pl.eval.report import write_report
+from distill_pl.function_cli import run_with_data
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import negative_conditioning
@@ -234,9 +234,4 @@ def score_methods(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="distill-pl evaluate", description=__doc__)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(evaluate, skip={"data"})
-    parser.add_class_arguments(VideoDataModule, "data")
-    cfg = parser.instantiate(parser.parse_args(argv))
-    evaluate(**{k: v for k, v in cfg.items() if k != "config"})
+    run_with_data(evaluate, "distill-pl evaluate", __doc__, argv)
