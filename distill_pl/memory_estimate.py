@@ -9,7 +9,8 @@ run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
-  the VAE;
+  the VAE; a LoRA fake score (``fake_score_lora_rank``) is its frozen base in ``teacher_dtype``
+  plus float32 adapters, and only the adapters count as trainable below;
 - AdamW state: two moments per trainable parameter, in its dtype (float32), plus a float32
   master copy of trainable parameters that are not float32;
 - DDP gradient buckets (more than one device, no sharding): DDP all-reduces through flat
@@ -71,6 +72,7 @@ from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.dmd2 import DMD2Module
@@ -268,10 +270,12 @@ def estimate_memory(
     state = [t for module in passes.values() for t in (*module.parameters(), *module.buffers())]
     copied = [p for name, module in passes.items() for p in module.parameters()
               if sharding == "none" and networks[name].dtype != compute]
+    learnable = {id(p) for module in passes.values() for p in module.parameters() if p.requires_grad}
     phases = {}
     for phase, (names, forward) in _phase_forwards(stage, args, passes, micro_batch, latent, text).items():
         for name, module in passes.items():
-            module.requires_grad_(name in names)
+            for p in module.parameters():  # the phase's networks; a LoRA fake score's base stays frozen
+                p.requires_grad_(name in names and id(p) in learnable)
         with FusedAttention():
             activations, weight_copies = saved_tensor_bytes(forward, state, copied)
         phases[phase] = Phase(sum(trainable[n] for n in names), activations, weight_copies)
@@ -293,11 +297,18 @@ def _state_bytes(networks: dict[str, Network], built: dict[str, nn.Module], devi
     shard = devices if sharding == "fsdp" else 1
     rows, trainable = {}, {}
     for name, net in networks.items():
-        size = parameter_bytes(built[name]) // (shard if net.sharded else 1)
-        rows[f"{name}: {net.dtype}{', trainable' if net.trainable else ''}"] = size
+        divide = shard if net.sharded else 1
+        params = [p for p in built[name].parameters() if p.requires_grad] if net.trainable else []
+        size = parameter_bytes(built[name]) // divide
+        if net.trainable and len(params) < len(list(built[name].parameters())):  # LoRA: frozen base + adapters
+            adapters = sum(p.numel() * p.element_size() for p in params) // divide
+            rows[f"{name}: {net.dtype} frozen base"] = size - adapters
+            rows[f"{name}: LoRA adapters, trainable"] = size = adapters
+        else:
+            rows[f"{name}: {net.dtype}{', trainable' if net.trainable else ''}"] = size
         if net.trainable:
             trainable[name] = size
-            master = 4 * sum(p.numel() for p in built[name].parameters()) // shard if net.dtype != "float32" else 0
+            master = 4 * sum(p.numel() for p in params if p.dtype != torch.float32) // divide
             rows[f"{name}: AdamW moments{' + float32 master' if master else ''}"] = 2 * size + master
     if devices > 1 and sharding == "none":
         rows["DDP gradient buckets"] = sum(trainable.values())
@@ -368,6 +379,11 @@ def _networks(stage: str, args: dict, transformer: dict, vae: dict | None, check
                 return WanDenoiser(config=transformer, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         return build
 
+    def lora_wan(dtype: str) -> WanDenoiser:
+        with torch.device("meta"):
+            return add_lora(wan(checkpointing)(dtype), args["fake_score_lora_rank"], args["fake_score_lora_alpha"],
+                            args["fake_score_lora_targets"] or WAN_BLOCK_LINEARS)
+
     def head(dtype: str) -> DiscriminatorHead:
         feature_dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
         with torch.device("meta"):
@@ -381,7 +397,10 @@ def _networks(stage: str, args: dict, transformer: dict, vae: dict | None, check
     nets = {"student": Network(wan(checkpointing), "float32", True),
             "teacher": Network(wan(False), args["teacher_dtype"], False)}
     if stage == "DMD2Module":
-        nets["fake_score"] = Network(wan(checkpointing), "float32", True)
+        if args["fake_score_lora_rank"] is None:
+            nets["fake_score"] = Network(wan(checkpointing), "float32", True)
+        else:  # frozen base in the teacher's dtype, float32 adapters (as DMD2Module builds it)
+            nets["fake_score"] = Network(lora_wan, args["teacher_dtype"], True)
         nets["discriminator"] = Network(head, "float32", True)
     if args["ema_decay"] is not None:
         nets["student_ema"] = Network(wan(False), "float32", False)

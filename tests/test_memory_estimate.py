@@ -198,3 +198,23 @@ def test_cli_prints_the_table_and_the_verdict(capsys):
     assert "| MiB per GPU | critic | generator |" in out and "| **peak** |" in out
     assert "micro-batch 2" in out and "gradient checkpointing off" in out
     assert "does NOT fit in 0.1 GiB with a 10% margin" in out
+
+
+def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
+    """Wan2.1-1.3B DMD2 with a rank-64 LoRA fake score on 8 GPUs with FSDP: the fake score is a
+    bf16 frozen base + float32 adapters of r * (in + out) per targeted Linear; only the adapters
+    get AdamW moments and critic gradients."""
+    config = yaml.safe_load(Path("configs/wan2.1-t2v-1.3b/dmd2.yaml").read_text())
+    config["model"]["init_args"].update(fake_score_lora_rank=64, teacher_dtype="bfloat16")
+    (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
+    estimate = estimate_memory(str(tmp_path / "dmd2.yaml"), devices=8, sharding="fsdp")
+    plain = estimate_memory("configs/wan2.1-t2v-1.3b/dmd2.yaml", devices=8, sharding="fsdp")
+    d, ffn, blocks = 1536, 8960, 30
+    adapters = 64 * blocks * (8 * (d + d) + (d + ffn) + (ffn + d))  # q, k, v, out of 2 attentions; FFN in, out
+    rows = estimate.static
+    assert rows["fake_score: LoRA adapters, trainable"] == 4 * adapters // 8
+    assert rows["fake_score: AdamW moments"] == 2 * 4 * adapters // 8
+    assert rows["fake_score: bfloat16 frozen base"] == rows["teacher: bfloat16"]
+    critic_plain = plain.phases["critic"].gradients - plain.static["fake_score: float32, trainable"]
+    assert estimate.phases["critic"].gradients == critic_plain + rows["fake_score: LoRA adapters, trainable"]
+    assert estimate.phases["generator"] == plain.phases["generator"]

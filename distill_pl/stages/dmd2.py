@@ -7,7 +7,8 @@ Four networks (see DESIGN.md, "DMD2"):
 - ``teacher``: the frozen N-step CFG teacher (the "real" score); eval mode, no gradients,
   in no optimizer and in no checkpoint.
 - ``fake_score``: tracks the score of the student's samples; initialised from the teacher,
-  trained with flow matching on detached student samples.
+  trained with flow matching on detached student samples (optionally only LoRA adapters on
+  the frozen teacher weights: ``fake_score_lora_rank``).
 - ``discriminator``: a small head on the hidden states of block ``feature_block``, taken
   from the fake score network (default: shared backbone, as in the DMD2 paper) or from the
   frozen teacher (``discriminator_on="teacher"``, as in the Cosmos code).
@@ -73,6 +74,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
@@ -124,6 +126,13 @@ class DMD2Module(L.LightningModule):
         accumulate_micro_batches: micro-batches per optimizer step: each loaded batch (the data
             batch size, per device) is split into this many, of sizes that differ by at most one.
         gradient_checkpointing: recompute blocks in backward (student and fake score).
+        fake_score_lora_rank: None: the fake score is a full trainable copy of the teacher.
+            An int ``r``: the fake score is the teacher (frozen, in ``teacher_dtype``) with
+            rank-``r`` float32 LoRA adapters (peft; ``distill_pl.models.lora``), and only the
+            adapters (+ the discriminator head) are trained by the critic optimizer.
+        fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
+        fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
+            paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
         export_dir: if set, the student (its EMA when enabled) is written there at the end of
             fit as a one-step folder: ``transformer/`` + flow-match Euler ``scheduler/``.
         seed: seeds the discriminator head's initialisation and the step-keyed draws
@@ -158,6 +167,9 @@ class DMD2Module(L.LightningModule):
         max_nonfinite_steps: int = 20,
         accumulate_micro_batches: int = 1,
         gradient_checkpointing: bool = False,
+        fake_score_lora_rank: int | None = None,
+        fake_score_lora_alpha: float | None = None,
+        fake_score_lora_targets: list[str] | None = None,
         export_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -184,6 +196,12 @@ class DMD2Module(L.LightningModule):
             self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype)
         self.teacher.set_gradient_checkpointing(False)
         self.teacher.eval().requires_grad_(False)
+        if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
+            if teacher_dtype != "float32":
+                self.fake_score = copy.deepcopy(self.teacher).train()
+                self.fake_score.set_gradient_checkpointing(gradient_checkpointing)
+            add_lora(self.fake_score, fake_score_lora_rank, fake_score_lora_alpha,
+                     fake_score_lora_targets or WAN_BLOCK_LINEARS, seed=seed)
         if init_from is not None:
             source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
             rank_zero_info(f"DMD2 student initialised from {source}")
@@ -496,7 +514,8 @@ class DMD2Module(L.LightningModule):
         h = self.hparams
         critic = torch.optim.AdamW(
             [
-                {"params": list(self.fake_score.parameters()), "lr": h.fake_score_lr, "name": "fake_score"},
+                {"params": [p for p in self.fake_score.parameters() if p.requires_grad],  # LoRA: adapters only
+                 "lr": h.fake_score_lr, "name": "fake_score"},
                 {"params": list(self.discriminator.parameters()), "lr": h.discriminator_lr, "name": "discriminator"},
             ],
             betas=tuple(h.betas),
