@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,6 +12,11 @@ from lightning.pytorch.cli import LightningCLI
 from distill_pl.data.datamodule import VideoDataModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+# DMD2 uses manual optimization with one optimizer step per training step, so a checkpoint
+# taken after a step holds exactly the state the next step starts from (exact resume is
+# tested); Lightning's generic warning about pre-optimization states does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 OTHER_COMMANDS = {
     "sample": "distill_pl.sample:main",
     "evaluate": "distill_pl.eval.evaluate:main",
