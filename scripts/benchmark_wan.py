@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""KD and DMD2 step time, peak memory and MFU of the full-size Wan2.1-T2V-1.3B architecture.
+
+Random weights built directly on the device (no download), 81 frames at 480x832 by default
+(latents 16 x 21 x 60 x 104: the Wan VAE compresses 4x in time, 8x in space; 32,760 tokens
+per video after the 1x2x2 patches), batch 1, per-block gradient checkpointing on. Phases:
+
+- ``kd``: student one-step sample ``x = eps - v(eps, 1)``, MSE to a random target,
+  backward, AdamW step on the student.
+- ``dmd2_critic``: student generation without grad; fake score forward on fake + real (2B)
+  with the features of block ``num_layers // 2``; fake-score flow-matching loss + the
+  discriminator head's loss; backward; AdamW step on fake score + head.
+- ``dmd2_generator``: student generation with grad; teacher forward with CFG (cond + uncond,
+  2B) without grad; fake score forward (B) with features, gradient to its input only; DMD
+  loss + 1e-3 x GAN loss; backward; AdamW step on the student.
+
+The math is the project's (``distill_pl.diffusion``, ``models.guidance.velocity_fn``) on
+``WanDenoiser``s, as in ``distill_pl/stages/dmd2.py`` without Lightning, micro-batching,
+gradient clipping or logging. Each step runs on fixed random inputs.
+
+Precision: ``bf16-mixed`` (default, as the configs train): the trainable networks (student,
+fake score, head) hold float32 master weights and AdamW state, the step runs under bf16
+autocast; ``bf16-true``: they hold bf16 weights and state. The teacher is always bf16.
+
+Timing: median of ``--steps`` after ``--warmup``, each step between two device syncs.
+Peak memory: ``torch.cuda.max_memory_allocated``, reset before each phase (it includes the
+resident weights and optimizer state of every network built so far). FLOPs: counted with
+``FlopCounterMode`` on copies of the networks on the meta device (same shapes, no memory;
+see ``distill_pl/flops.py``): model FLOPs with checkpointing off, and the recomputation as
+the difference with it on. MFU = model FLOPs / s per step / the dense bf16 peak of the GPU
+(``--peak_tflops``, else by device name: H100 SXM and H200 989, A100 312).
+
+If a phase runs out of GPU memory, it says so and retries with 4 latent frames fewer, down
+to 1; the table states the size each phase ran at.
+
+    .venv/bin/python scripts/benchmark_wan.py --device cuda --json wan_benchmark.json
+    .venv/bin/python scripts/benchmark_wan.py --device cpu --tiny     # tiny model, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import diffusers
+import torch
+from torch import Tensor
+
+from distill_pl.benchmarking import synchronize
+from distill_pl.diffusion.dmd import (
+    dmd_gradient,
+    dmd_loss,
+    dmd_normaliser,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from distill_pl.diffusion.flow import add_noise, velocity, x0_from_velocity
+from distill_pl.diffusion.losses import sample_training_sigma
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.wan import WanDenoiser
+
+#: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
+WAN_1_3B_CONFIG = {
+    "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+    "ffn_dim": 8960, "freq_dim": 256, "image_dim": None, "in_channels": 16, "num_attention_heads": 12,
+    "num_layers": 30, "out_channels": 16, "patch_size": [1, 2, 2], "pos_embed_seq_len": None,
+    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
+}
+#: a 2-block model of the same layout for CPU tests
+TINY_CONFIG = {
+    **WAN_1_3B_CONFIG, "attention_head_dim": 32, "num_attention_heads": 2, "ffn_dim": 128,
+    "freq_dim": 32, "num_layers": 2, "text_dim": 32,
+}
+#: Wan VAE compression (time, height, width) and the text length of WanPipeline (umT5, 512)
+VAE_COMPRESSION = (4, 8, 8)
+WAN_TEXT_LEN = 512
+
+PHASES = ("kd", "dmd2_critic", "dmd2_generator")
+GUIDANCE = 6.0  # CFG w of the 1.3B DMD2 config
+GAN_WEIGHT = 1e-3
+SHIFT = 3.0  # Wan's 480p timestep shift
+
+
+@dataclass
+class Nets:
+    """The networks of a DMD2 step; KD uses only the student."""
+
+    student: WanDenoiser
+    fake_score: WanDenoiser | None = None
+    teacher: WanDenoiser | None = None
+    discriminator: DiscriminatorHead | None = None
+
+    @property
+    def feature_block(self) -> int:
+        return self.student.num_blocks // 2
+
+
+@dataclass
+class Inputs:
+    """Fixed random inputs: latents [B, C, T, H, W], sigma [B], text [B, L, text_dim]."""
+
+    eps: Tensor
+    noise: Tensor
+    noise_real: Tensor
+    x_real: Tensor
+    target: Tensor
+    sigma: Tensor
+    cond: Conditioning
+    uncond: Conditioning
+
+
+# --- the three steps' losses ------------------------------------------------------------
+def kd_loss(nets: Nets, d: Inputs) -> Tensor:
+    x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
+    return torch.mean((x_g.float() - d.target.float()) ** 2)
+
+
+def critic_loss(nets: Nets, d: Inputs) -> Tensor:
+    with torch.no_grad():
+        x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
+    b = x_g.shape[0]
+    x_t = add_noise(x_g, d.noise, d.sigma)
+    x_t_real = add_noise(d.x_real, d.noise_real, d.sigma)
+    both = Conditioning.cat([d.cond, d.cond])
+    v, features = nets.fake_score(
+        torch.cat([x_t, x_t_real]), d.sigma.repeat(2), both, feature_block=nets.feature_block
+    )
+    fake_score_loss = torch.mean((v[:b].float() - velocity(x_g, d.noise).float()) ** 2)
+    logits = nets.discriminator(features)
+    return fake_score_loss + gan_discriminator_loss(logits[b:], logits[:b])
+
+
+def generator_loss(nets: Nets, d: Inputs) -> Tensor:
+    x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
+    x_t = add_noise(x_g, d.noise, d.sigma)
+    x_t_const = x_t.detach()
+    with torch.no_grad():
+        teacher = velocity_fn(nets.teacher, d.cond, d.uncond, GUIDANCE)
+        x0_real = x0_from_velocity(x_t_const, d.sigma, teacher(x_t_const, d.sigma))
+    v_fake, features = nets.fake_score(x_t, d.sigma, d.cond, feature_block=nets.feature_block)
+    x0_fake = x0_from_velocity(x_t_const, d.sigma, v_fake.detach())
+    loss = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, dmd_normaliser(x_g, x0_real)))
+    return loss + GAN_WEIGHT * gan_generator_loss(nets.discriminator(features))
+
+
+LOSSES = {"kd": kd_loss, "dmd2_critic": critic_loss, "dmd2_generator": generator_loss}
+
+
+def set_trainable(nets: Nets, phase: str) -> None:
+    """Gradients for the networks the phase's optimizer updates only (as Lightning's
+    ``toggle_optimizer`` does); the teacher never gets any."""
+    critic = phase == "dmd2_critic"
+    nets.student.requires_grad_(not critic)
+    for net in (nets.fake_score, nets.discriminator):
+        if net is not None:
+            net.requires_grad_(critic)
+
+
+# --- building -----------------------------------------------------------------------------
+def build_student(config: dict, device, dtype: str, checkpointing: bool) -> WanDenoiser:
+    with torch.device(device):
+        return WanDenoiser(config=config, dtype=dtype, gradient_checkpointing=checkpointing)
+
+
+def add_dmd2_nets(nets: Nets, config: dict, device, dtype: str, checkpointing: bool) -> None:
+    """Fake score (trainable ``dtype``), discriminator head on its features, teacher (bf16)."""
+    nets.fake_score = build_student(config, device, dtype, checkpointing)
+    with torch.device(device):
+        nets.discriminator = DiscriminatorHead(nets.fake_score.feature_dim).to(getattr(torch, dtype))
+        nets.teacher = WanDenoiser(config=config, dtype="bfloat16", gradient_checkpointing=checkpointing)
+    nets.teacher.eval().requires_grad_(False)
+
+
+def make_inputs(config: dict, latent: tuple[int, ...], text_len: int, device) -> Inputs:
+    """Random float32 inputs on ``device`` (the meta device gives shapes only)."""
+    b = latent[0]
+    make = lambda *shape: torch.randn(shape, device=device)  # noqa: E731
+    text = lambda: Conditioning(make(b, text_len, config["text_dim"]))  # noqa: E731
+    sigma = sample_training_sigma(b, SHIFT, 0.02, 0.98, device=device)
+    return Inputs(make(*latent), make(*latent), make(*latent), make(*latent), make(*latent), sigma, text(), text())
+
+
+def latent_shape(batch: int, channels: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+    ct, ch, cw = VAE_COMPRESSION
+    if (frames - 1) % ct or height % (2 * ch) or width % (2 * cw):
+        raise ValueError(
+            f"frames {frames} must be 1 + a multiple of {ct}; height {height} and width {width} "
+            f"multiples of {2 * ch} (VAE x patch)"
+        )
+    return batch, channels, 1 + (frames - 1) // ct, height // ch, width // cw
+
+
+def tokens_per_video(config: dict, latent: tuple[int, ...]) -> int:
+    pt, ph, pw = config["patch_size"]
+    return latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
+
+
+# --- measuring ----------------------------------------------------------------------------
+def time_steps(step, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_phase(phase, nets, optimizer, inputs, device, precision, warmup, steps) -> dict:
+    set_trainable(nets, phase)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = LOSSES[phase](nets, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, warmup, steps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"s_per_step": statistics.median(times), "times": times, "peak_gib": peak}
+
+
+def count_phase_flops(phase: str, meta_nets: Nets, inputs: Inputs, checkpointing: bool) -> dict:
+    """Model FLOPs (checkpointing off) and recomputed FLOPs (the extra with it on) of a step."""
+    set_trainable(meta_nets, phase)
+
+    def counted(enabled: bool) -> int:
+        for net in (meta_nets.student, meta_nets.fake_score, meta_nets.teacher):
+            if net is not None:
+                net.set_gradient_checkpointing(enabled)
+        return count_flops(lambda: LOSSES[phase](meta_nets, inputs).backward())
+
+    model = counted(False)
+    total = counted(True) if checkpointing else model
+    return {"model_flops": model, "recompute_flops": total - model}
+
+
+def smaller_frames(frames: int) -> list[int]:
+    """``frames``, then 4 latent frames (16 video frames) fewer each, down to 1 frame."""
+    return list(range(frames, 0, -4 * VAE_COMPRESSION[0])) + ([1] if (frames - 1) % 16 else [])
+
+
+def largest_that_fits(phase: str, measure, args, channels: int, optimizers):
+    """``(frames, latent shape, measure(latent))`` at ``args.frames``, or at the largest of
+    :func:`smaller_frames` that does not run out of GPU memory; None if none fits."""
+    for frames in smaller_frames(args.frames):
+        latent = latent_shape(args.batch_size, channels, frames, args.height, args.width)
+        try:
+            return frames, latent, measure(latent)
+        except torch.OutOfMemoryError:
+            print(f"{phase}: out of memory at {frames} frames {args.height}x{args.width}, retrying smaller",
+                  flush=True)
+        # outside the except block: the traceback and the step's tensors are gone
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"{phase}: out of memory even at 1 frame; skipped", flush=True)
+    return None
+
+
+# --- main -----------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true",
+                   help="2-block model, 17 frames 256x256 (5x32x32 latents), 8 text tokens")
+    p.add_argument("--frames", type=int, help="video frames, 1 + 4k (default 81; tiny 17)")
+    p.add_argument("--height", type=int, help="pixels (default 480; tiny 256)")
+    p.add_argument("--width", type=int, help="pixels (default 832; tiny 256)")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--text_len", type=int, help=f"text tokens (default {WAN_TEXT_LEN}; tiny 8)")
+    p.add_argument("--no_checkpointing", action="store_true", help="turn per-block gradient checkpointing off")
+    p.add_argument("--precision", choices=["bf16-mixed", "bf16-true"], default="bf16-mixed")
+    p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    tiny = dict(frames=17, height=256, width=256, text_len=8)
+    full = dict(frames=81, height=480, width=832, text_len=WAN_TEXT_LEN)
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def peak_of(device: torch.device, name: str, override: float | None) -> tuple[float | None, str]:
+    if override is not None:
+        return override, "--peak_tflops"
+    found = peak_bf16_tflops(name) if device.type == "cuda" else None
+    if found is None:
+        return None, "unknown device: pass --peak_tflops for MFU"
+    return found[0], f"{found[1]} data sheet, dense bf16"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    config = TINY_CONFIG if args.tiny else WAN_1_3B_CONFIG
+    checkpointing = not args.no_checkpointing
+    dtype = "float32" if args.precision == "bf16-mixed" else "bfloat16"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    peak, peak_source = peak_of(device, name, args.peak_tflops)
+    channels = config["out_channels"]
+    torch.manual_seed(0)
+
+    nets = Nets(student=build_student(config, device, dtype, checkpointing))
+    meta_nets = Nets(student=build_student(config, "meta", "bfloat16", checkpointing))
+    student_opt = torch.optim.AdamW(nets.student.parameters(), lr=1e-6, weight_decay=0.01)
+    critic_opt = None
+    rows = []
+    for phase in args.phases:
+        if phase != "kd" and nets.fake_score is None:
+            add_dmd2_nets(nets, config, device, dtype, checkpointing)
+            add_dmd2_nets(meta_nets, config, "meta", "bfloat16", checkpointing)
+            critic_opt = torch.optim.AdamW(
+                [*nets.fake_score.parameters(), *nets.discriminator.parameters()], lr=1e-6, weight_decay=0.01
+            )
+        optimizer = critic_opt if phase == "dmd2_critic" else student_opt
+        optimizers = [opt for opt in (student_opt, critic_opt) if opt is not None]
+
+        def measure(latent):
+            inputs = make_inputs(config, latent, args.text_len, device)
+            return measure_phase(phase, nets, optimizer, inputs, device, args.precision, args.warmup, args.steps)
+
+        fitted = largest_that_fits(phase, measure, args, channels, optimizers)
+        if fitted is None:
+            continue
+        frames, latent, result = fitted
+        flops = count_phase_flops(phase, meta_nets, make_inputs(config, latent, args.text_len, "meta"), checkpointing)
+        tflop = flops["model_flops"] / 1e12
+        achieved = tflop / result["s_per_step"]
+        rows.append({
+            "phase": phase, "frames": frames, "height": args.height, "width": args.width,
+            "latent": list(latent), "tokens_per_video": tokens_per_video(config, latent),
+            **result, **flops, "model_tflop_per_step": tflop, "achieved_tflops": achieved,
+            "mfu": achieved / peak if peak else None,
+        })
+        print(f"{phase}: {result['s_per_step']:.3f} s/step at {frames} frames", flush=True)
+
+    forward_latent = latent_shape(1, channels, args.frames, args.height, args.width)
+    forward_inputs = make_inputs(config, forward_latent, args.text_len, "meta")
+    with torch.no_grad():
+        counted = count_flops(lambda: meta_nets.student(forward_inputs.eps, forward_inputs.sigma, forward_inputs.cond))
+    report = {
+        "device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": "tiny (2 blocks)" if args.tiny else "Wan2.1-T2V-1.3B architecture, random weights",
+        "params_per_network": sum(p.numel() for p in nets.student.parameters()),
+        "precision": args.precision, "gradient_checkpointing": checkpointing,
+        "batch_size": args.batch_size, "text_len": args.text_len,
+        "requested": {"frames": args.frames, "height": args.height, "width": args.width},
+        "peak_tflops": peak, "peak_source": peak_source,
+        "forward_flops": {"counted": counted, "closed_form": wan_forward_flops(config, forward_latent, args.text_len)},
+        "warmup": args.warmup, "steps": args.steps, "phases": rows,
+    }
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def print_table(r: dict) -> None:
+    fwd = r["forward_flops"]
+    peak = f"{r['peak_tflops']:g} TFLOP/s ({r['peak_source']})" if r["peak_tflops"] else r["peak_source"]
+    print(f"\ndevice {r['device']} | torch {r['torch']} | diffusers {r['diffusers']} | {r['date']}")
+    print(f"model {r['model']}, {r['params_per_network'] / 1e6:,.1f} M parameters per network | {r['precision']} | "
+          f"gradient checkpointing {'on' if r['gradient_checkpointing'] else 'off'} | batch {r['batch_size']} | "
+          f"text {r['text_len']} tokens | median of {r['steps']} steps after {r['warmup']}")
+    print(f"bf16 peak {peak}")
+    print(f"one forward at the requested size: {fwd['counted'] / 1e12:.4g} TFLOP counted, "
+          f"{fwd['closed_form'] / 1e12:.4g} closed form")
+    head = ("phase", "video FxHxW", "latent CxTxHxW", "tokens", "s/step", "peak GiB",
+            "TFLOP/step", "recompute", "TFLOP/s", "MFU")
+    lines = [head]
+    for p in r["phases"]:
+        lines.append((
+            p["phase"], f"{p['frames']}x{p['height']}x{p['width']}", "x".join(map(str, p["latent"][1:])),
+            f"{p['tokens_per_video']:,}", f"{p['s_per_step']:.3f}",
+            "n/a" if p["peak_gib"] is None else f"{p['peak_gib']:.1f}",
+            f"{p['model_tflop_per_step']:.4g}", f"{p['recompute_flops'] / 1e12:.4g}",
+            f"{p['achieved_tflops']:.4g}", "n/a" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    print("TFLOP/step: model FLOPs (forward + backward, no recomputation); recompute: what checkpointing adds; "
+          "MFU = TFLOP/step / s/step / peak. Discriminator head included; no gradient clipping.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
