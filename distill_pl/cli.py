@@ -21,6 +21,7 @@ OTHER_COMMANDS = {
     "sample": "distill_pl.sample:main",
     "evaluate": "distill_pl.eval.evaluate:main",
     "estimate-memory": "distill_pl.memory_estimate:main",
+    "export": "distill_pl.export:main",
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -41,10 +42,18 @@ class FrameGridLogger(L.Callback):
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
         # every rank reads log_dir: it is a broadcast, which rank 0 alone would wait on forever
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "grids"
+        # sharded networks (FSDP2): every forward is a collective, so every rank renders
+        # its own fixed batch; only rank 0 writes
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            rows = self._rows(trainer, pl_module)
+            return (self._write(trainer, rows, out_dir) if trainer.is_global_zero else None) or []
         return self._render(trainer, pl_module, out_dir) or []
 
     @rank_zero_only
     def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> list[Path]:
+        return self._write(trainer, self._rows(trainer, pl_module), out_dir)
+
+    def _rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
         batch = {
             k: v.to(pl_module.device) if isinstance(v, Tensor) else v
             for k, v in self._fixed_batch(trainer).items()
@@ -54,6 +63,10 @@ class FrameGridLogger(L.Callback):
         with torch.no_grad():
             rows = pl_module.grid_rows(batch, self.seed)
         pl_module.train(was_training)
+        return rows
+
+    def _write(self, trainer: L.Trainer, rows: dict[str, Tensor], out_dir: Path) -> list[Path]:
+        batch = self._fixed_batch(trainer)
         labels = list(rows)
         step = trainer.global_step
         written = []

@@ -56,6 +56,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from distill_pl.data.resumable import data_parallel_layout
@@ -76,6 +77,16 @@ from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
+from distill_pl.models.sharding import (
+    data_parallel_mesh,
+    full_tensor,
+    gather_denoiser,
+    gradient_sync,
+    is_sharded,
+    mixed_precision_policy,
+    shard_denoiser,
+    shard_module,
+)
 from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import batch_conditioning
@@ -221,6 +232,27 @@ class DMD2Module(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.step_metrics: dict[str, float] = {}
+
+    # --- sharding (FSDP2) -------------------------------------------------------------------
+    #: left out of checkpoints (also of distributed ones, see distill_pl.strategies)
+    frozen_prefixes = FROZEN_PREFIXES
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (:class:`distill_pl.strategies.FSDP2Strategy`): shard student, its EMA
+        (same layout: the EMA update is shard by shard), fake score and the frozen teacher per
+        transformer block, the discriminator head whole; ``reshard_after_forward=True`` keeps
+        the critic/student optimizer toggling correct. bf16 compute (fp32 master shards and
+        gradient reduction) when the trainer's precision is ``bf16-mixed``. Gradient
+        accumulation skips the reduce-scatter of all but the last micro-batch."""
+        mesh = data_parallel_mesh(self)
+        if mesh is None or is_sharded(self.student):
+            return
+        policy = mixed_precision_policy(self.trainer.precision)
+        ema = self.student_ema.module if self.student_ema is not None else None
+        for denoiser in (self.teacher, self.fake_score, self.student, ema):
+            if denoiser is not None:
+                shard_denoiser(denoiser, mesh, policy)
+        shard_module(self.discriminator, mesh, policy)
 
     # --- modes and conditioning ---------------------------------------------------------
     def train(self, mode: bool = True) -> "DMD2Module":
@@ -427,8 +459,11 @@ class DMD2Module(L.LightningModule):
         return self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
 
     def _gradient_sync(self, last: bool):
-        """Context of a micro-batch: DDP all-reduces gradients only in the last one's backward."""
+        """Context of a micro-batch: DDP all-reduces (FSDP2 reduce-scatters) gradients only
+        in the last one's backward."""
         strategy = self.trainer.strategy
+        if is_sharded(self.student):
+            return gradient_sync((self.student, self.fake_score, self.discriminator), enabled=last)
         if last or not isinstance(strategy, ParallelStrategy):
             return contextlib.nullcontext()
         return strategy.block_backward_sync()
@@ -477,12 +512,14 @@ class DMD2Module(L.LightningModule):
                 name: [p.grad for p in module.parameters() if p.grad is not None]
                 for name, module in groups.items()
             }
-            norms = {name: get_total_norm(gs).float() for name, gs in grads.items()}
+            # sharded (DTensor) gradients: the norm of the full gradient, the same on every rank
+            norms = {name: full_tensor(get_total_norm(gs)).float() for name, gs in grads.items()}
             total = torch.stack(list(norms.values())).square().sum().sqrt()
             finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
             if finite and max_norm is not None:
                 params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
-                clip_grads_with_norm_(params, max_norm, total)
+                with implicit_replication():  # a plain total norm may scale DTensor gradients
+                    clip_grads_with_norm_(params, max_norm, total)
         if not finite:
             norms = {}
             optimizer.zero_grad(set_to_none=True)
@@ -582,7 +619,10 @@ class DMD2Module(L.LightningModule):
 
     # --- export ------------------------------------------------------------------------------
     def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if self.hparams.export_dir:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            settings = getattr(self.trainer.datamodule, "hparams", None)
-            save_student_folder(self.hparams.export_dir, student, self.shift, settings)
+            # sharded: every rank joins the gather, rank 0 gets the full weights
+            student = gather_denoiser(student, self.trainer.global_rank)
+            if self.trainer.is_global_zero:
+                settings = getattr(self.trainer.datamodule, "hparams", None)
+                save_student_folder(self.hparams.export_dir, student, self.shift, settings)

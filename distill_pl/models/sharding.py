@@ -1,0 +1,132 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for denoisers, and gathering them back.
+
+Used by the stages' ``configure_model`` under :class:`distill_pl.strategies.FSDP2Strategy`
+(Lightning's ``ModelParallelStrategy``): every transformer block is its own FSDP unit, then
+the denoiser's root (patch embedding, condition embedders, output head) is one more. Parameters
+become ``DTensor`` shards on the data-parallel mesh; ``reshard_after_forward=True`` frees the
+gathered weights after each forward, which also keeps optimizer toggling (``requires_grad``
+flipped between the critic and the student phases of DMD2) correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
+    """bf16 compute for Lightning's ``bf16-mixed`` (all-gathered weights in bf16, gradients
+    reduced in fp32, the sharded master weights stay fp32); None for any other precision."""
+    if str(precision) in ("bf16-mixed", "bf16"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def shard_denoiser(denoiser: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """``fully_shard`` each block of ``denoiser.transformer.blocks``, then the denoiser itself."""
+    kwargs = dict(mesh=mesh, reshard_after_forward=True)
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in denoiser.transformer.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(denoiser, **kwargs)
+    return denoiser
+
+
+def shard_module(module: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """``fully_shard`` a small module (e.g. the discriminator head) as one unit."""
+    kwargs = dict(mesh=mesh, reshard_after_forward=True)
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    fully_shard(module, **kwargs)
+    return module
+
+
+def data_parallel_mesh(module) -> "object | None":
+    """The data-parallel mesh of a LightningModule under ``ModelParallelStrategy`` (None under
+    any other strategy). Tensor parallelism is not implemented: its size must be 1."""
+    mesh = getattr(module, "device_mesh", None)
+    if mesh is None:
+        return None
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            "distill_pl shards with FSDP2 only: use tensor_parallel_size=1 (distill_pl.strategies.FSDP2Strategy)"
+        )
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]:
+    """FSDP2's ``no_sync``: with ``enabled=False`` the backward inside accumulates unsharded
+    gradients locally instead of reduce-scattering them; the next backward with sync enabled
+    reduces the sum. Sharded modules only; others are left alone."""
+    sharded = [m for m in modules if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's full value (a collective: every rank must call); other tensors unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_denoiser(denoiser: nn.Module, rank: int) -> nn.Module | None:
+    """An unsharded CPU float copy of a sharded denoiser, on rank 0 (None on other ranks).
+
+    A collective (every rank must call it). The copy is built on the meta device from the
+    transformer's config and takes the gathered full weights
+    (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``); non-persistent
+    buffers (the RoPE tables) are recomputed by building the copy's rotary module on CPU.
+    An unsharded ``denoiser`` is returned as it is.
+    """
+    if not is_sharded(denoiser):
+        return denoiser if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    return denoiser_from_state_dict(denoiser.transformer.config, full)
+
+
+def denoiser_from_state_dict(config, state: dict[str, Tensor]) -> nn.Module:
+    """A ``WanDenoiser`` of ``config`` (a transformer config) holding ``state`` (keys
+    ``transformer.*``), built without initialising random weights."""
+    from distill_pl.models.wan import WanDenoiser
+
+    kwargs = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    copy = WanDenoiser.build_on_meta(kwargs)
+    copy.load_state_dict(state, strict=True, assign=True)
+    # non-persistent buffers (in no state dict) are still on meta: rebuild their modules on CPU
+    for name, module in copy.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            kwargs = _init_kwargs(module)
+            if kwargs is None:
+                raise RuntimeError(f"cannot rebuild the non-persistent buffers of {name!r}")
+            fresh = type(module)(**kwargs)
+            for buffer_name, _ in list(module.named_buffers(recurse=False)):
+                module._buffers[buffer_name] = getattr(fresh, buffer_name)
+    return copy
+
+
+def _init_kwargs(module: nn.Module) -> dict | None:
+    """Constructor arguments of diffusers' ``WanRotaryPosEmbed`` (the only module with
+    non-persistent buffers in a Wan transformer)."""
+    if type(module).__name__ == "WanRotaryPosEmbed":
+        return dict(attention_head_dim=module.attention_head_dim, patch_size=module.patch_size,
+                    max_seq_len=module.max_seq_len)
+    return None
