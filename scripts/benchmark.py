@@ -17,7 +17,8 @@ resident set size of that process (Python, torch and data included), on a GPU th
 memory torch allocated there.
 
     .venv/bin/python scripts/benchmark.py                   # CPU, the tiny configs
-    .venv/bin/python scripts/benchmark.py --device cuda     # on a GPU
+    .venv/bin/python scripts/benchmark.py --device cuda     # on a GPU, then the full-size
+                                                            # Wan2.1-1.3B steps (benchmark_wan.py)
 
 The student defaults to ``runs/tiny/dmd2/export`` and KD reads ``runs/tiny/kd_pairs``
 (written by ``scripts/demo.sh``); without them the student is the teacher's weights (same
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--loader_batches", type=int, default=20)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no_wan", action="store_true",
+                        help="with --device cuda: skip the full-size Wan2.1-1.3B part (scripts/benchmark_wan.py)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -188,6 +191,9 @@ def main() -> None:
             print(f"benchmarking {part} ...", flush=True)
             results[part] = run_part(part, args)
         report(results, args)
+        if args.device == "cuda" and not args.no_wan:
+            print("\nfull-size Wan2.1-T2V-1.3B architecture (scripts/benchmark_wan.py):", flush=True)
+            subprocess.run([sys.executable, str(REPO / "scripts/benchmark_wan.py"), "--device", "cuda"], check=True)
         return
     sys.argv = sys.argv[:1]  # LightningCLI inside must not see these arguments
     result = {"sampling": lambda: bench_sampling(args), "kd": lambda: bench_training(args, args.kd_config),
