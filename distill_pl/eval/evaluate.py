@@ -205,8 +205,11 @@ def score_methods(
     features = FrameFeatureNet()
     real_stats = metrics.gaussian_statistics(video_frame_features(features, clips["video"]))
 
-    def distance(v: Tensor) -> float:
-        return metrics.frechet_distance(*metrics.gaussian_statistics(video_frame_features(features, v)), *real_stats)
+    def distance(v: Tensor) -> dict[str, float]:
+        """The Fréchet distance of videos ``v`` to the real clips, and its bootstrap spread."""
+        per_video = video_frame_features(features, v).reshape(v.shape[0], v.shape[2], -1)
+        return dict(frechet_distance=metrics.frechet_distance_to(per_video.flatten(0, 1), real_stats),
+                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real_stats))
 
     rows = []
     for method in tqdm(methods, desc="metrics"):
@@ -224,11 +227,11 @@ def score_methods(
             psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
             ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
             edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
-            frechet_distance=distance(v),
+            **distance(v),
             diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
         ))
         rows[-1]["speedup_fraction_of_ceiling"] = rows[-1]["speedup"] / rows[-1]["nfe_ratio"]
-    floor = dict(name="real clips, training part of the same videos", frechet_distance=distance(real_train),
+    floor = dict(name="real clips, training part of the same videos", **distance(real_train),
                  num_videos=int(real_train.shape[0]))
     return dict(methods=rows, real_floor=floor)
 

@@ -121,6 +121,30 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
     return float(value.clamp(min=0))
 
 
+def frechet_distance_to(features: Tensor, reference: tuple[Tensor, Tensor]) -> float:
+    """Fréchet distance between a Gaussian fitted to ``features`` [N, D] and ``reference``
+    (mean, covariance)."""
+    return frechet_distance(*gaussian_statistics(features), *reference)
+
+
+def bootstrap_frechet_std(
+    video_features: Tensor, reference: tuple[Tensor, Tensor], resamples: int = 10, seed: int = 0
+) -> float:
+    """Spread of :func:`frechet_distance_to` over the videos drawn: the standard deviation
+    over ``resamples`` draws, with replacement, of as many videos as there are (all frames
+    of a drawn video go in together). ``video_features``: [videos, frames, D]. The
+    reference is held fixed. 0 when every video is the same."""
+    if resamples < 2:
+        raise ValueError(f"need at least 2 resamples, got {resamples}")
+    g = torch.Generator().manual_seed(seed)
+    n = video_features.shape[0]
+    values = [
+        frechet_distance_to(video_features[torch.randint(n, (n,), generator=g)].flatten(0, 1), reference)
+        for _ in range(resamples)
+    ]
+    return float(torch.tensor(values, dtype=torch.float64).std())
+
+
 def mean_pairwise_rms(samples: Tensor) -> float:
     """Mean over all pairs i < j of the RMS difference between ``samples[i]`` and
     ``samples[j]`` (any shape after the first dim): how different samples of one condition

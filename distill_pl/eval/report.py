@@ -50,10 +50,11 @@ def markdown_table(report: dict) -> str:
             f"| {row['name']} | {row['nfe']} | {row['seconds_per_video']:.4f} | {row['speedup']:.1f}x "
             f"| {row['nfe_ratio']:.0f}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
             f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {row['edge_f1']:.3f} "
-            f"| {row['frechet_distance']:.1f} | {row['diversity']:.3f} |"
+            f"| {row['frechet_distance']:.1f} ± {row['frechet_distance_std']:.1f} | {row['diversity']:.3f} |"
         )
     floor = report["real_floor"]
-    lines.append(f"| {floor['name']} (floor) | - | - | - | - | - | - | - | - | {floor['frechet_distance']:.1f} | - |")
+    lines.append(f"| {floor['name']} (floor) | - | - | - | - | - | - | - | - "
+                 f"| {floor['frechet_distance']:.1f} ± {floor['frechet_distance_std']:.1f} | - |")
     return "\n".join(lines)
 
 
@@ -76,8 +77,10 @@ def markdown_report(report: dict) -> str:
   the control edges, a pixel counting as matched within {s['edge_tolerance_px']} px.
 - Fréchet distance: between Gaussians fitted to {FEATURE_NETWORK} of every frame of the
   method's videos and of the real held-out clips. Floor: the same distance for real clips
-  from the training part of the same videos (same count as a method's videos). Not FID or
-  FVD: other network, frame-level, few samples (biased upwards; compare rows, not papers).
+  from the training part of the same videos (same count as a method's videos). "±": the
+  standard deviation over 10 bootstrap draws of the method's videos (real side fixed). Not
+  FID or FVD: other network, frame-level, few samples (biased upwards; compare rows, not
+  papers).
 - Diversity: mean pairwise RMS pixel distance (on [-1, 1]) between the
   {s['samples_per_clip']} samples of one window, averaged over windows.
 - Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']}

@@ -68,6 +68,7 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     assert rows["student_random"]["psnr"] != pytest.approx(same["psnr"], rel=1e-3)
     for row in rows.values():
         assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["diversity"] > 0
+        assert 0 < row["frechet_distance_std"] < row["frechet_distance"]
         assert row["speedup_fraction_of_ceiling"] == pytest.approx(row["speedup"] / row["nfe_ratio"])
     assert report["real_floor"]["num_videos"] == 8  # 2 videos x 2 windows x 2 seeds
     assert report["settings"]["held_out_windows"] == 4 and report["machine"]["cpu_count"]

@@ -91,3 +91,14 @@ def test_mean_pairwise_rms():
     assert metrics.mean_pairwise_rms(torch.zeros(4, 3, 2, 4, 4)) == 0.0
     with pytest.raises(ValueError, match="at least 2"):
         metrics.mean_pairwise_rms(torch.zeros(1, 3))
+
+
+def test_bootstrap_spread_of_the_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    reference = metrics.gaussian_statistics(torch.randn(500, 3, generator=g))
+    same = torch.randn(1, 4, 3, generator=g).expand(20, 4, 3)  # 20 identical videos of 4 frames
+    assert metrics.bootstrap_frechet_std(same, reference) == 0.0
+    # the spread shrinks like 1/sqrt(videos): 16x the videos, about 1/4 the spread
+    few = metrics.bootstrap_frechet_std(torch.randn(25, 4, 3, generator=g) + 1, reference, resamples=200)
+    many = metrics.bootstrap_frechet_std(torch.randn(400, 4, 3, generator=g) + 1, reference, resamples=200)
+    assert few > 0 and 2.5 < few / many < 6.5
