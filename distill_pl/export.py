@@ -22,8 +22,7 @@ import torch
 
 from distill_pl.models.loading import find_diffusers_model_folder
 from distill_pl.models.sharding import denoiser_from_state_dict
-
-EMA_PREFIX, STUDENT_PREFIX = "student_ema.module.", "student."
+from distill_pl.stages.student_init import EMA_PREFIX, STUDENT_PREFIX
 
 
 def main(argv: list[str] | None = None) -> Path:
