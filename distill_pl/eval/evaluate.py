@@ -103,6 +103,7 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     edge_tolerance: int = 1,
+    bootstrap_resamples: int = 10,
     sheet_clips: int = 4,
     fps: int = 8,
     scale: int = 4,
@@ -122,6 +123,7 @@ def evaluate(
         seed: noise of example i (seed s of window k is i = s * windows + k):
             ``torch.Generator().manual_seed(seed * 1000003 + i)``.
         edge_tolerance: pixel tolerance of the edge F1.
+        bootstrap_resamples: draws of the videos for the spread of the Fréchet distance.
         sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
     """
     if samples_per_clip < 2:
@@ -172,12 +174,14 @@ def evaluate(
     results = score_methods(
         methods, videos, timing, clips, real_training_clips(data, num_examples),
         samples_per_clip, edge_tolerance, data.hparams.canny_low, data.hparams.canny_high,
+        bootstrap_resamples,
     )
     report = dict(
         settings=dict(
             teacher=teacher, students=students, teacher_steps=teacher_steps, guidance=guidance,
             few_steps=few_steps, samples_per_clip=samples_per_clip, held_out_windows=windows,
             batch_size=batch_size, seed=seed, edge_tolerance_px=edge_tolerance,
+            bootstrap_resamples=bootstrap_resamples,
             canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
             frames=list(clips["video"].shape[2:]),
         ),
@@ -197,6 +201,7 @@ def score_methods(
     edge_tolerance: int,
     canny_low: float,
     canny_high: float,
+    bootstrap_resamples: int = 10,
 ) -> dict:
     """The metrics of every method (the first is the reference) and of the real floor."""
     windows = clips["video"].shape[0]
@@ -209,7 +214,7 @@ def score_methods(
         """The Fréchet distance of videos ``v`` to the real clips, and its bootstrap spread."""
         per_video = video_frame_features(features, v).reshape(v.shape[0], v.shape[2], -1)
         return dict(frechet_distance=metrics.frechet_distance_to(per_video.flatten(0, 1), real_stats),
-                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real_stats))
+                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real_stats, bootstrap_resamples))
 
     rows = []
     for method in tqdm(methods, desc="metrics"):

@@ -34,7 +34,7 @@ def _args(tmp_path: Path, teacher: Path, students: dict) -> list[str]:
     return [
         "evaluate", "--teacher", str(teacher), "--students", json.dumps(students),
         "--out", str(tmp_path / "eval"), "--teacher_steps", "3", "--guidance", "1.0",
-        "--few_steps", "[1]", "--samples_per_clip", "2", "--batch_size", "4", "--sheet_clips", "3",
+        "--few_steps", "[1]", "--samples_per_clip", "2", "--bootstrap_resamples", "3", "--batch_size", "4", "--sheet_clips", "3",
         "--data.manifest", str(tmp_path / "manifest.jsonl"), "--data.num_frames", "4",
         "--data.frame_stride", "2", "--data.height", "16", "--data.width", "16",
         "--data.val_clips_per_video", "2", "--data.max_text_length", "8",
