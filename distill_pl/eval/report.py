@@ -79,8 +79,8 @@ def markdown_report(report: dict) -> str:
   method's videos and of the real held-out clips. Floor: the same distance for real clips
   from the training part of the same videos (same count as a method's videos). "±": the
   standard deviation over {s['bootstrap_resamples']} bootstrap draws of the method's videos
-  (real side fixed). Not FID or FVD: other network, frame-level, few samples (biased upwards; compare rows, not
-  papers).
+  (real side fixed). Not FID or FVD: other network, frame-level, few samples (biased
+  upwards; compare rows, not papers).
 - Diversity: mean pairwise RMS pixel distance (on [-1, 1]) between the
   {s['samples_per_clip']} samples of one window, averaged over windows.
 - Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']}
