@@ -27,24 +27,36 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
     return None
 
 
-def shard_denoiser(denoiser: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` each block of ``denoiser.transformer.blocks``, then the denoiser itself."""
-    kwargs = dict(mesh=mesh, reshard_after_forward=True)
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    for block in denoiser.transformer.blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(denoiser, **kwargs)
-    return denoiser
-
-
 def shard_module(module: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` a small module (e.g. the discriminator head) as one unit."""
+    """``fully_shard`` a module as one unit (e.g. the discriminator head, or one block)."""
     kwargs = dict(mesh=mesh, reshard_after_forward=True)
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     fully_shard(module, **kwargs)
     return module
+
+
+def shard_denoiser(denoiser: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """``fully_shard`` each block of ``denoiser.transformer.blocks``, then the denoiser itself."""
+    for block in denoiser.transformer.blocks:
+        shard_module(block, mesh, mp_policy)
+    return shard_module(denoiser, mesh, mp_policy)
+
+
+def shard_stage_networks(stage, denoisers: Iterable[nn.Module | None], others: Iterable[nn.Module] = ()) -> None:
+    """A stage's ``configure_model`` under FSDP2: shard each denoiser per block and each of
+    ``others`` whole, with bf16 compute when the trainer's precision is ``bf16-mixed``.
+    Nothing under any other strategy, or when already sharded (``configure_model`` may run
+    again). None entries (e.g. no EMA) are skipped."""
+    mesh = data_parallel_mesh(stage)
+    denoisers = [d for d in denoisers if d is not None]
+    if mesh is None or any(is_sharded(d) for d in denoisers):
+        return
+    policy = mixed_precision_policy(stage.trainer.precision)
+    for denoiser in denoisers:
+        shard_denoiser(denoiser, mesh, policy)
+    for module in others:
+        shard_module(module, mesh, policy)
 
 
 def data_parallel_mesh(module) -> "object | None":
@@ -82,6 +94,16 @@ def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]
 def full_tensor(t: Tensor) -> Tensor:
     """A DTensor's full value (a collective: every rank must call); other tensors unchanged."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def export_student_of_run(trainer, student: nn.Module, folder: str, shift: float) -> None:
+    """A stage's export at the end of fit: every rank joins the gather of a sharded student,
+    rank 0 writes the folder (with the run's data settings in ``student.json``)."""
+    from distill_pl.models.teacher_folder import save_student_folder
+
+    full = gather_denoiser(student, trainer.global_rank)
+    if trainer.is_global_zero:
+        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None))
 
 
 def gather_denoiser(denoiser: nn.Module, rank: int) -> nn.Module | None:

@@ -78,16 +78,13 @@ from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import (
-    data_parallel_mesh,
+    export_student_of_run,
     full_tensor,
-    gather_denoiser,
     gradient_sync,
     is_sharded,
-    mixed_precision_policy,
-    shard_denoiser,
-    shard_module,
+    shard_stage_networks,
 )
-from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
+from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.randomness import randn, step_generator
@@ -244,15 +241,8 @@ class DMD2Module(L.LightningModule):
         the critic/student optimizer toggling correct. bf16 compute (fp32 master shards and
         gradient reduction) when the trainer's precision is ``bf16-mixed``. Gradient
         accumulation skips the reduce-scatter of all but the last micro-batch."""
-        mesh = data_parallel_mesh(self)
-        if mesh is None or is_sharded(self.student):
-            return
-        policy = mixed_precision_policy(self.trainer.precision)
         ema = self.student_ema.module if self.student_ema is not None else None
-        for denoiser in (self.teacher, self.fake_score, self.student, ema):
-            if denoiser is not None:
-                shard_denoiser(denoiser, mesh, policy)
-        shard_module(self.discriminator, mesh, policy)
+        shard_stage_networks(self, (self.teacher, self.fake_score, self.student, ema), (self.discriminator,))
 
     # --- modes and conditioning ---------------------------------------------------------
     def train(self, mode: bool = True) -> "DMD2Module":
@@ -621,8 +611,5 @@ class DMD2Module(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            # sharded: every rank joins the gather, rank 0 gets the full weights
-            student = gather_denoiser(student, self.trainer.global_rank)
-            if self.trainer.is_global_zero:
-                settings = getattr(self.trainer.datamodule, "hparams", None)
-                save_student_folder(self.hparams.export_dir, student, self.shift, settings)
+            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift)
+

@@ -25,14 +25,8 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
-from distill_pl.models.sharding import (
-    data_parallel_mesh,
-    gather_denoiser,
-    is_sharded,
-    mixed_precision_policy,
-    shard_denoiser,
-)
-from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
+from distill_pl.models.sharding import export_student_of_run, shard_stage_networks
+from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
@@ -127,13 +121,8 @@ class KDModule(L.LightningModule):
         """Under FSDP2 (:class:`distill_pl.strategies.FSDP2Strategy`): shard the student, its
         EMA (same layout, so the EMA update is shard by shard) and the frozen teacher per
         transformer block; bf16 compute when the trainer's precision is ``bf16-mixed``."""
-        mesh = data_parallel_mesh(self)
-        if mesh is None or is_sharded(self.student):
-            return
-        policy = mixed_precision_policy(self.trainer.precision)
-        for denoiser in (self.teacher, self.student, self.student_ema.module if self.student_ema else None):
-            if denoiser is not None:
-                shard_denoiser(denoiser, mesh, policy)
+        ema = self.student_ema.module if self.student_ema else None
+        shard_stage_networks(self, (self.teacher, self.student, ema))
 
     # --- data contract ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -321,11 +310,7 @@ class KDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
-            # sharded: every rank joins the gather, rank 0 gets the full weights
-            student = gather_denoiser(self.eval_student, self.trainer.global_rank)
-            if self.trainer.is_global_zero:
-                settings = getattr(self.trainer.datamodule, "hparams", None)
-                save_student_folder(self.hparams.export_dir, student, self.shift, settings)
+            export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift)
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
