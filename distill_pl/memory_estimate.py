@@ -51,19 +51,16 @@ before the forward) and the decoding for validation and grids, buffers (RoPE tab
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from jsonargparse import ActionYesNo, ArgumentParser
-from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -75,7 +72,7 @@ from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
-from distill_pl.stages.dmd2 import DMD2Module
+from distill_pl.stages.dmd2 import dmd2_losses
 from distill_pl.stages.kd import kd_loss
 
 GIB = 2**30
@@ -426,14 +423,12 @@ def _phase_forwards(stage: str, args: dict, nets: dict[str, nn.Module], b: int, 
         return {"KD step": (["student"], kd_step)}
     # DMD2's own phase losses, called on a stand-in for the module that holds the meta networks
     feature_block = nets["teacher"].num_blocks // 2 if args["feature_block"] is None else args["feature_block"]
-    module = SimpleNamespace(**nets, hparams=AttributeDict(args), feature_block=feature_block)
-    module._features_for_discriminator = functools.partial(DMD2Module._features_for_discriminator, module)
+    losses = dmd2_losses(nets, args, feature_block)
     return {
         "critic": (["fake_score", "discriminator"],
-                   lambda: DMD2Module.critic_loss(module, x, meta(b, *latent), sigma, noise, meta(b, *latent), cond)),
+                   lambda: losses.critic_loss(x, meta(b, *latent), sigma, noise, meta(b, *latent), cond)),
         "generator": (["student"],
-                      lambda: DMD2Module.generator_loss(module, DMD2Module.generate(module, noise, cond), sigma,
-                                                        meta(b, *latent), cond, cond)),
+                      lambda: losses.generator_loss(losses.generate(noise, cond), sigma, meta(b, *latent), cond, cond)),
     }
 
 

@@ -55,14 +55,6 @@ import torch
 from torch import Tensor
 
 from distill_pl.benchmarking import synchronize
-from distill_pl.diffusion.dmd import (
-    dmd_gradient,
-    dmd_loss,
-    dmd_normaliser,
-    gan_discriminator_loss,
-    gan_generator_loss,
-)
-from distill_pl.diffusion.flow import add_noise, velocity, x0_from_velocity
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
@@ -70,6 +62,8 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.wan import WanDenoiser
+from distill_pl.stages.dmd2 import dmd2_losses
+from distill_pl.stages.kd import kd_loss
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
 WAN_1_3B_CONFIG = {
@@ -121,41 +115,31 @@ class Inputs:
     uncond: Conditioning
 
 
-# --- the three steps' losses ------------------------------------------------------------
-def kd_loss(nets: Nets, d: Inputs) -> Tensor:
-    x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
-    return torch.mean((x_g.float() - d.target.float()) ** 2)
+# --- the three steps' losses: the stages' own ------------------------------------------
+def kd_step_loss(nets: Nets, d: Inputs) -> Tensor:
+    return kd_loss(one_step_sample(velocity_fn(nets.student, d.cond), d.eps), d.target)
+
+
+def _dmd2(nets: Nets):
+    networks = dict(student=nets.student, teacher=nets.teacher, fake_score=nets.fake_score,
+                    discriminator=nets.discriminator)
+    hparams = dict(discriminator_on="fake_score", critic_gan_weight=1.0, guidance=GUIDANCE, gan_weight=GAN_WEIGHT)
+    return dmd2_losses(networks, hparams, nets.feature_block)
 
 
 def critic_loss(nets: Nets, d: Inputs) -> Tensor:
+    losses = _dmd2(nets)
     with torch.no_grad():
-        x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
-    b = x_g.shape[0]
-    x_t = add_noise(x_g, d.noise, d.sigma)
-    x_t_real = add_noise(d.x_real, d.noise_real, d.sigma)
-    both = Conditioning.cat([d.cond, d.cond])
-    v, features = nets.fake_score(
-        torch.cat([x_t, x_t_real]), d.sigma.repeat(2), both, feature_block=nets.feature_block
-    )
-    fake_score_loss = torch.mean((v[:b].float() - velocity(x_g, d.noise).float()) ** 2)
-    logits = nets.discriminator(features)
-    return fake_score_loss + gan_discriminator_loss(logits[b:], logits[:b])
+        x_g = losses.generate(d.eps, d.cond)
+    return losses.critic_loss(x_g, d.x_real, d.sigma, d.noise, d.noise_real, d.cond)[0]
 
 
 def generator_loss(nets: Nets, d: Inputs) -> Tensor:
-    x_g = one_step_sample(velocity_fn(nets.student, d.cond), d.eps)
-    x_t = add_noise(x_g, d.noise, d.sigma)
-    x_t_const = x_t.detach()
-    with torch.no_grad():
-        teacher = velocity_fn(nets.teacher, d.cond, d.uncond, GUIDANCE)
-        x0_real = x0_from_velocity(x_t_const, d.sigma, teacher(x_t_const, d.sigma))
-    v_fake, features = nets.fake_score(x_t, d.sigma, d.cond, feature_block=nets.feature_block)
-    x0_fake = x0_from_velocity(x_t_const, d.sigma, v_fake.detach())
-    loss = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, dmd_normaliser(x_g, x0_real)))
-    return loss + GAN_WEIGHT * gan_generator_loss(nets.discriminator(features))
+    losses = _dmd2(nets)
+    return losses.generator_loss(losses.generate(d.eps, d.cond), d.sigma, d.noise, d.cond, d.uncond)[0]
 
 
-LOSSES = {"kd": kd_loss, "dmd2_critic": critic_loss, "dmd2_generator": generator_loss}
+LOSSES = {"kd": kd_step_loss, "dmd2_critic": critic_loss, "dmd2_generator": generator_loss}
 
 
 def set_trainable(nets: Nets, phase: str) -> None:

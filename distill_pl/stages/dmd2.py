@@ -49,9 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
+from lightning.fabric.utilities.data import AttributeDict
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -613,3 +616,14 @@ class DMD2Module(L.LightningModule):
             student = self.student_ema.module if self.student_ema is not None else self.student
             export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift)
 
+
+def dmd2_losses(networks: dict[str, torch.nn.Module], hparams: dict, feature_block: int) -> SimpleNamespace:
+    """An object on which :class:`DMD2Module`'s own ``generate``, ``critic_loss`` and
+    ``generator_loss`` run with bare networks (``student``, ``teacher``, ``fake_score``,
+    ``discriminator``) and the loss hyperparameters (``discriminator_on``,
+    ``critic_gan_weight``, ``guidance``, ``gan_weight``): for tools that measure a DMD2 step
+    without a Trainer (the memory estimate, the GPU benchmark)."""
+    losses = SimpleNamespace(**networks, hparams=AttributeDict(hparams), feature_block=feature_block)
+    for name in ("generate", "_features_for_discriminator", "critic_loss", "generator_loss"):
+        setattr(losses, name, functools.partial(getattr(DMD2Module, name), losses))
+    return losses
