@@ -6,8 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from distill_pl.media import frame_grid, label_rows, upscale, write_png
@@ -40,18 +38,11 @@ class FrameGridLogger(L.Callback):
         return self._batch
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
-        # every rank reads log_dir: it is a broadcast, which rank 0 alone would wait on forever
+        """Every rank computes the rows (under FSDP2 every forward is a collective, and
+        ``trainer.log_dir`` is a broadcast), rank 0 writes them."""
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "grids"
-        # sharded networks (FSDP2): every forward is a collective, so every rank renders
-        # its own fixed batch; only rank 0 writes
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            rows = self._rows(trainer, pl_module)
-            return (self._write(trainer, rows, out_dir) if trainer.is_global_zero else None) or []
-        return self._render(trainer, pl_module, out_dir) or []
-
-    @rank_zero_only
-    def _render(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> list[Path]:
-        return self._write(trainer, self._rows(trainer, pl_module), out_dir)
+        rows = self._rows(trainer, pl_module)
+        return self._write(trainer, rows, out_dir) if trainer.is_global_zero else []
 
     def _rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
         batch = {
