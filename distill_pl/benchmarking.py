@@ -6,6 +6,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -38,14 +39,34 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def step_kind(module, step: int) -> str:
+    """DMD2's ``"critic"`` or ``"student"`` step; ``"step"`` for any other stage."""
+    if hasattr(module, "is_generator_phase"):
+        return "student" if module.is_generator_phase(step) else "critic"
+    return "step"
+
+
+def missing_init_from_override(config: str) -> tuple[tuple[str, ...], str]:
+    """(extra CLI args, note): a config whose ``model.init_args.init_from`` does not exist
+    yet is benchmarked from the teacher's weights instead (same networks, same cost)."""
+    import yaml
+
+    from distill_pl.paths import resolve_path
+
+    init_from = yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("init_from")
+    if init_from and not resolve_path(init_from).exists():
+        return ("--model.init_args.init_from=null",), f" (init_from {init_from} not found: student = teacher copy)"
+    return (), ""
+
+
 class StepTimer(L.Callback):
     """Seconds of each training step after ``warmup`` steps (``training_step`` with its
     backward and optimizer step), and of the gaps between steps (data loading, loop).
 
-    ``phase(module, step)`` names the kind of a step (e.g. DMD2's critic / student);
+    ``phase(module, step)`` names the kind of a step (default :func:`step_kind`);
     ``steps[kind]`` lists the seconds of each."""
 
-    def __init__(self, warmup: int, phase=lambda module, step: "step"):
+    def __init__(self, warmup: int, phase=step_kind):
         self.warmup = warmup
         self.phase = phase
         self.steps: dict[str, list[float]] = {}

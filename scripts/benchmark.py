@@ -85,17 +85,13 @@ def bench_sampling(args) -> dict:
 
 
 def bench_training(args, config: str) -> dict:
-    from distill_pl.benchmarking import StepTimer, peak_memory_mb
+    from distill_pl.benchmarking import StepTimer, missing_init_from_override, peak_memory_mb
     from distill_pl.cli import benchmark_cli
 
     device = _device(args.device)
-    extra = []
-    if "dmd2" in config and not Path(REPO / "runs/tiny/kd/checkpoints/last.ckpt").exists():
-        extra.append("--model.init_args.init_from=null")  # student = teacher copy: same cost
-    cli = benchmark_cli(config, args.warmup + args.train_steps, args.device, tuple(extra))
-    phase = (lambda m, s: "student" if m.is_generator_phase(s) else "critic") if "dmd2" in config else (
-        lambda m, s: "step")
-    timer = StepTimer(args.warmup, phase)
+    extra, _ = missing_init_from_override(config)
+    cli = benchmark_cli(config, args.warmup + args.train_steps, args.device, extra)
+    timer = StepTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result = {kind: statistics.median(times) for kind, times in timer.steps.items()}

@@ -32,15 +32,13 @@ import os
 import platform
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-from distill_pl.benchmarking import StepTimer, median_time
+from distill_pl.benchmarking import StepTimer, median_time, missing_init_from_override
 from distill_pl.cli import benchmark_cli
 from distill_pl.diffusion.flow import add_noise
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.paths import resolve_path
 from distill_pl.stages.dmd2 import DMD2Module
 
 
@@ -111,16 +109,6 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     return t
 
 
-def dmd2_phase(module: DMD2Module, step: int) -> str:
-    return "student" if module.is_generator_phase(step) else "critic"
-
-
-def config_init_from(config: str) -> str | None:
-    import yaml
-
-    return yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("init_from")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny/dmd2.yaml")
@@ -134,16 +122,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sys.argv = sys.argv[:1]  # the CLI below parses its own argument list
 
-    init_from = config_init_from(args.config)
-    note = ""
-    if init_from and not resolve_path(init_from).exists():
-        note = f" (init_from {init_from} not found: student = teacher copy)"
-        init_from = "null"
-    else:
-        init_from = None
-    extra = () if init_from is None else (f"--model.init_args.init_from={init_from}",)
+    extra, note = missing_init_from_override(args.config)
     cli = benchmark_cli(args.config, args.warmup + args.steps, args.device, extra)
-    timer = StepTimer(args.warmup, dmd2_phase)
+    timer = StepTimer(args.warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
