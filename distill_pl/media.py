@@ -6,10 +6,11 @@ atomically (temp file in the same folder, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,59 +69,52 @@ def upscale(image_or_video: Tensor, factor: int) -> Tensor:
     return image_or_video.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
 
 
-def _atomic_target(path: Path):
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file in ``path``'s folder to write; on success it replaces
+    ``path`` (rename), on error it is removed, so ``path`` is never half written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a UTF-8 text file (atomically)."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_png(path: str | Path, image: Tensor) -> Path:
     """Write a uint8 [3, H, W] image as PNG (atomically)."""
     from PIL import Image
 
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_mp4(path: str | Path, video: Tensor, fps: int = 8, scale: int = 1) -> Path:
     """Write a [3, T, H, W] video in [-1, 1] as H.264 mp4 with PyAV (atomically)."""
     import av
 
-    path = Path(path)
     frames = upscale(to_uint8(video), scale).permute(1, 2, 3, 0).numpy()  # [T, H, W, 3]
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:  # yuv420p needs even sizes
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    tmp = _atomic_target(path)
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "18"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_write(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return Path(path)

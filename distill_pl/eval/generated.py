@@ -9,27 +9,22 @@ settings differ from the current run's is regenerated.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from distill_pl.media import atomic_write
+
 KEY = "distill_pl_eval"
 
 
 def save_videos(path: Path, videos: Tensor, settings: dict, batch_seconds: list[float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.tmp"
     meta = {"settings": settings, "batch_seconds": batch_seconds}
-    try:
+    with atomic_write(path) as temp:
         save_file({"videos": videos.detach().cpu().half().contiguous()}, str(temp),
                   metadata={KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def load_videos(path: Path, settings: dict) -> tuple[Tensor, list[float]] | None:
