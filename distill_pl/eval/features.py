@@ -45,15 +45,18 @@ class FrameFeatureNet(nn.Module):
             raise ValueError(f"expected frames [N, 3, H, W], got {list(frames.shape)}")
         out = []
         for part in frames.split(chunk):
-            x = F.interpolate(part.float().clamp(-1, 1), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-            out.append(self.network.extract_features(x).mean(dim=(2, 3)))
+            out.append(self.network.extract_features(_network_input(part)).mean(dim=(2, 3)))
         return torch.cat(out) if out else frames.new_zeros(0, FEATURE_DIM)
 
     def classify(self, frames: Tensor) -> Tensor:
         """ImageNet logits [N, 1000] (to check the weights, not used by the metrics)."""
-        x = F.interpolate(frames.float().clamp(-1, 1), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         with torch.no_grad():
-            return self.network(x)
+            return self.network(_network_input(frames))
+
+
+def _network_input(frames: Tensor) -> Tensor:
+    """Frames in [-1, 1] (the range the weights expect) at 224x224, bilinear."""
+    return F.interpolate(frames.float().clamp(-1, 1), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
 
 
 def video_frame_features(net: FrameFeatureNet, videos: Tensor) -> Tensor:
