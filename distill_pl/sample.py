@@ -18,9 +18,9 @@ from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.function_cli import run_with_data
 from distill_pl.media import frame_grid, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import encode_clip_batch
 
 
@@ -37,7 +37,7 @@ def sample_teacher(
     scale: int = 4,
 ) -> list[Path]:
     """Sample ``num_videos`` validation clips' controls and captions with the teacher."""
-    denoiser = WanDenoiser(path=teacher).eval()
+    denoiser = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
     autoencoder = build_autoencoder(vae_path)
     data.setup("validate")
@@ -52,12 +52,13 @@ def sample_teacher(
             batch = next(batches)
         except StopIteration:
             break
-        x0, cond = encode_clip_batch(batch, autoencoder)
+        x0, cond = encode_clip_batch(batch, autoencoder, denoiser)
         g = torch.Generator().manual_seed(seed + index)
         noise = torch.randn(x0.shape, generator=g)
         fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
         with torch.no_grad():
-            video = autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps, progress=True))
+            video = autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
+                                                                 step_sigma=denoiser.sampler_sigma))
         for b in range(video.shape[0]):
             if index >= num_videos:
                 break

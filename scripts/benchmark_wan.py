@@ -15,8 +15,8 @@ per video after the 1x2x2 patches), batch 1, per-block gradient checkpointing on
   loss + 1e-3 x GAN loss; backward; AdamW step on the student.
 
 The math is the project's (``distill_pl.diffusion``, ``models.guidance.velocity_fn``) on
-``WanDenoiser``s, as in ``distill_pl/stages/dmd2.py`` without Lightning, micro-batching,
-gradient clipping or logging. Each step runs on fixed random inputs.
+Wan denoisers (built through the family registry), as in ``distill_pl/stages/dmd2.py``
+without Lightning, micro-batching, gradient clipping or logging. Each step runs on fixed random inputs.
 
 Precision: ``bf16-mixed`` (default, as the configs train): the trainable networks (student,
 fake score, head) hold float32 master weights and AdamW state, the step runs under bf16
@@ -59,9 +59,10 @@ from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.families.registry import build_denoiser
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.dmd2 import dmd2_losses
 from distill_pl.stages.kd import kd_loss
 
@@ -91,9 +92,9 @@ SHIFT = 3.0  # Wan's 480p timestep shift
 class Nets:
     """The networks of a DMD2 step; KD uses only the student."""
 
-    student: WanDenoiser
-    fake_score: WanDenoiser | None = None
-    teacher: WanDenoiser | None = None
+    student: Denoiser
+    fake_score: Denoiser | None = None
+    teacher: Denoiser | None = None
     discriminator: DiscriminatorHead | None = None
 
     @property
@@ -153,9 +154,13 @@ def set_trainable(nets: Nets, phase: str) -> None:
 
 
 # --- building -----------------------------------------------------------------------------
-def build_student(config: dict, device, dtype: str, checkpointing: bool) -> WanDenoiser:
+#: the diffusers class of the benchmarked transformer (the family registry's key)
+WAN_CLASS = "WanTransformer3DModel"
+
+
+def build_student(config: dict, device, dtype: str, checkpointing: bool) -> Denoiser:
     with torch.device(device):
-        return WanDenoiser(config=config, dtype=dtype, gradient_checkpointing=checkpointing)
+        return build_denoiser(WAN_CLASS, config, dtype=dtype, gradient_checkpointing=checkpointing)
 
 
 def add_dmd2_nets(nets: Nets, config: dict, device, dtype: str, checkpointing: bool) -> None:
@@ -163,7 +168,7 @@ def add_dmd2_nets(nets: Nets, config: dict, device, dtype: str, checkpointing: b
     nets.fake_score = build_student(config, device, dtype, checkpointing)
     with torch.device(device):
         nets.discriminator = DiscriminatorHead(nets.fake_score.feature_dim).to(getattr(torch, dtype))
-        nets.teacher = WanDenoiser(config=config, dtype="bfloat16", gradient_checkpointing=checkpointing)
+        nets.teacher = build_denoiser(WAN_CLASS, config, dtype="bfloat16", gradient_checkpointing=checkpointing)
     nets.teacher.eval().requires_grad_(False)
 
 

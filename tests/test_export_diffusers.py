@@ -14,7 +14,8 @@ from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.teacher_folder import save_student_folder
 from distill_pl.models.text_encoder import TextEncoder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.families.registry import build_denoiser
 from distill_pl.paths import resolve_path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "one_step_diffusers.py"
@@ -37,9 +38,9 @@ TINY = dict(
 )
 
 
-def export_student(folder: Path, shift: float, data_hparams: dict | None = None) -> WanDenoiser:
+def export_student(folder: Path, shift: float, data_hparams: dict | None = None) -> Denoiser:
     torch.manual_seed(0)
-    student = WanDenoiser(config=TINY).eval()
+    student = build_denoiser("WanTransformer3DModel", TINY).eval()
     save_student_folder(folder, student, shift, data_hparams)
     return student
 

@@ -113,10 +113,10 @@ def example_seed(seed: int, split: str, index: int) -> int:
 def teacher_fingerprint(teacher: str | Path) -> str:
     """sha256 of a teacher folder's content: the transformer's ``*.json`` and ``*.safetensors``
     files and the scheduler config (names and bytes). Equal content, equal fingerprint."""
-    from distill_pl.models.loading import find_diffusers_model_folder
+    from distill_pl.models.families.registry import transformer_folder
 
     root = resolve_path(teacher)
-    transformer = find_diffusers_model_folder(str(root), "WanTransformer3DModel", "transformer")
+    transformer = transformer_folder(root)
     files = sorted(p for p in transformer.iterdir() if p.suffix in (".json", ".safetensors"))
     files += [p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
               if p.is_file()][:1]

@@ -7,24 +7,24 @@ from torch import Tensor
 
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
 
 
 @torch.no_grad()
-def batch_conditioning(batch: dict, autoencoder: VideoAutoencoder, takes_control: bool = True) -> Conditioning:
-    """Text (+ mask) of a batch and its control video, encoded with the same autoencoder as
-    the clips (identity in pixel space) so latent models see the control in latent space.
-    ``takes_control=False`` (a denoiser without control channels, e.g. Wan2.1 T2V) leaves
-    the control out."""
-    control = autoencoder.encode(batch["control"].float()) if takes_control else None
+def batch_conditioning(batch: dict, autoencoder: VideoAutoencoder, denoiser: Denoiser) -> Conditioning:
+    """Text (+ mask) of a batch and its control video [B, 3, T, H, W] (pixels in [-1, 1])
+    turned into what ``denoiser`` takes as control (``denoiser.encode_control``: by default
+    encoded with the same autoencoder as the clips; None for a model without control)."""
+    control = denoiser.encode_control(batch["control"].float(), autoencoder)
     return Conditioning(batch["text_embeds"].float(), batch["text_mask"], control)
 
 
 @torch.no_grad()
 def encode_clip_batch(
-    batch: dict, autoencoder: VideoAutoencoder, takes_control: bool = True
+    batch: dict, autoencoder: VideoAutoencoder, denoiser: Denoiser
 ) -> tuple[Tensor, Conditioning]:
     """``batch`` from VideoDataModule (clips mode) -> (x0 latents [B, C, T', H', W'], cond)."""
-    return autoencoder.encode(batch["video"]), batch_conditioning(batch, autoencoder, takes_control)
+    return autoencoder.encode(batch["video"]), batch_conditioning(batch, autoencoder, denoiser)
 
 
 def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) -> Conditioning:

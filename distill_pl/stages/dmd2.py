@@ -78,7 +78,8 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
+from distill_pl.models.families.registry import load_denoiser
+from distill_pl.models.lora import add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import (
     export_student_of_run,
@@ -88,7 +89,6 @@ from distill_pl.models.sharding import (
     shard_stage_networks,
 )
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.randomness import randn, step_generator
 from distill_pl.stages.student_init import load_student_weights
@@ -199,12 +199,12 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
 
         self.shift = scheduler_shift(load_scheduler(teacher))
-        self.fake_score = WanDenoiser(path=teacher, gradient_checkpointing=gradient_checkpointing)
+        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing)
         self.student = copy.deepcopy(self.fake_score)
         if teacher_dtype == "float32":
             self.teacher = copy.deepcopy(self.fake_score)
         else:
-            self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype)
+            self.teacher = load_denoiser(teacher, dtype=teacher_dtype)
         self.teacher.set_gradient_checkpointing(False)
         self.teacher.eval().requires_grad_(False)
         if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
@@ -212,7 +212,7 @@ class DMD2Module(L.LightningModule):
                 self.fake_score = copy.deepcopy(self.teacher).train()
                 self.fake_score.set_gradient_checkpointing(gradient_checkpointing)
             add_lora(self.fake_score, fake_score_lora_rank, fake_score_lora_alpha,
-                     fake_score_lora_targets or WAN_BLOCK_LINEARS, seed=seed)
+                     fake_score_lora_targets, seed=seed)
         if init_from is not None:
             source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
             rank_zero_info(f"DMD2 student initialised from {source}")
@@ -281,7 +281,7 @@ class DMD2Module(L.LightningModule):
     def conditioning(self, batch: dict) -> Conditioning:
         """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
         without control channels (e.g. Wan2.1 T2V) gets no control."""
-        return batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
+        return batch_conditioning(batch, self.autoencoder, self.teacher)
 
     def latent_shape(self, video: Tensor) -> tuple[int, ...]:
         """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""

@@ -23,11 +23,11 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import export_student_of_run, shard_stage_networks
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.student_init import load_student_weights
@@ -91,11 +91,11 @@ class KDModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        self.teacher = load_denoiser(teacher, dtype=teacher_dtype).eval().requires_grad_(False)
         if teacher_dtype == "float32":
             self.student = copy.deepcopy(self.teacher).requires_grad_(True)
         else:  # keep the student's master weights in float32
-            self.student = WanDenoiser(path=teacher)
+            self.student = load_denoiser(teacher)
         if student_init is not None:
             load_student_weights(self.student, student_init)
         self.student.set_gradient_checkpointing(gradient_checkpointing)
@@ -203,7 +203,7 @@ class KDModule(L.LightningModule):
     def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
         """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
         clip (identity in pixel space) and left out for a model without control input."""
-        cond = batch_conditioning(batch, self.autoencoder, self.student.control_channels > 0)
+        cond = batch_conditioning(batch, self.autoencoder, self.student)
         return batch["noise"].float(), batch["teacher_output"].float(), cond
 
     # --- the networks as samplers -------------------------------------------------------

@@ -21,10 +21,10 @@ from torch import Tensor
 from distill_pl.data.pairs import example_seed, teacher_fingerprint
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
 
@@ -73,7 +73,7 @@ class KDPairGenerationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = WanDenoiser(path=teacher, dtype=dtype).requires_grad_(False).eval()
+        self.teacher = load_denoiser(teacher, dtype=dtype).requires_grad_(False).eval()
         self.autoencoder = build_autoencoder(vae_path, dtype)
         if self.autoencoder.latent_channels != self.teacher.latent_channels:
             raise ValueError(
@@ -133,12 +133,13 @@ class KDPairGenerationModule(L.LightningModule):
         video = batch["video"]
         indices = batch["index"].tolist()
         splits = list(batch["split"])
-        cond = batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
+        cond = batch_conditioning(batch, self.autoencoder, self.teacher)
         uncond = self.negative_prompt.conditioning(cond)
         noise = self.example_noise(splits, indices, latent_shape(self.autoencoder, tuple(video.shape[1:])))
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         fn = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)
-        output = sample_with_scheduler(fn, noise, scheduler, self.hparams.num_steps)
+        output = sample_with_scheduler(fn, noise, scheduler, self.hparams.num_steps,
+                                       step_sigma=self.teacher.sampler_sigma)
         return {
             "noise": noise,
             "teacher_output": output.float(),

@@ -24,7 +24,8 @@ class TeacherTrainingModule(L.LightningModule):
     """Trains ``denoiser`` with the flow-matching loss ``mean((v(x_sigma) - (eps - x0))^2)``.
 
     Args:
-        denoiser: the network to train (e.g. ``WanDenoiser(config=...)`` for the tiny teacher).
+        denoiser: the network to train (e.g. ``distill_pl.models.families.wan.WanDenoiser``
+            with a ``config`` for the tiny teacher).
         vae_path: local diffusers folder of a video VAE; None trains in pixel space.
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
         text_dropout: probability of replacing the prompt by the negative prompt ("" by
@@ -72,7 +73,7 @@ class TeacherTrainingModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = step_generator(self.hparams.seed, self.global_step)
         cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout, generator=g)
         sigma = sample_training_sigma(x0.shape[0], self.hparams.shift, generator=g).to(x0)
@@ -83,7 +84,7 @@ class TeacherTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Flow-matching loss at fixed sigmas and fixed noise, comparable across runs."""
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         losses = []
         for s in (0.25, 0.5, 0.75):
@@ -98,14 +99,15 @@ class TeacherTrainingModule(L.LightningModule):
     def sample(self, batch: dict, seed: int = 0, num_steps: int | None = None,
                guidance: float | None = None) -> Tensor:
         """N-step CFG samples for a batch, decoded to pixels [B, 3, T, H, W] in [-1, 1]."""
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(x0.shape, generator=g).to(x0)
         w = self.hparams.guidance if guidance is None else guidance
         fn = velocity_fn(self.denoiser, cond, self.null_conditioning(cond), w)
         scheduler = build_flow_scheduler(self.hparams.scheduler, self.hparams.shift)
         steps = num_steps or self.hparams.sample_steps
-        return self.autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps))
+        return self.autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps,
+                                                              step_sigma=self.denoiser.sampler_sigma))
 
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger)."""

@@ -23,7 +23,8 @@ from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser, load_denoiser
+from distill_pl.models.families.wan import WanDenoiser
 from distill_pl.paths import resolve_path
 from distill_pl.stages.kd_pairs import KDPairGenerationModule
 
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/stages/conftest.
 def teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("teacher")
-    return save_teacher_folder(folder, WanDenoiser(config=TEACHER), "unipc", 1.0)
+    return save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", TEACHER), "unipc", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_
     clips = ClipDataset(cache_dir / "manifest.jsonl", 4, 2, 16, 16, split="train", val_fraction=0.25)
     train = PairShardDataset(generated / "train")
     assert meta["captions"] == [train[2]["caption"], train[3]["caption"]]
-    model = WanDenoiser(path=str(teacher)).eval()
+    model = load_denoiser(str(teacher)).eval()
     for i in range(6):
         item = train[i]
         assert item["index"] == i and item["seed"] == i
