@@ -24,8 +24,8 @@ class TeacherTrainingModule(L.LightningModule):
     """Trains ``denoiser`` with the flow-matching loss ``mean((v(x_sigma) - (eps - x0))^2)``.
 
     Args:
-        denoiser: the network to train (e.g. ``distill_pl.models.families.wan.WanDenoiser``
-            with a ``config`` for the tiny teacher).
+        denoiser: the network to train (a :class:`Denoiser` adapter from
+            :mod:`distill_pl.models.families` with a ``config``, as configs/tiny/teacher.yaml).
         vae_path: local diffusers folder of a video VAE; None trains in pixel space.
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
         text_dropout: probability of replacing the prompt by the negative prompt ("" by
