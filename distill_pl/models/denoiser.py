@@ -98,6 +98,11 @@ class Denoiser(nn.Module):
             return None
         return autoencoder.encode(control)
 
+    def encoded_control_channels(self, autoencoder: "VideoAutoencoder") -> int:
+        """Channels of :meth:`encode_control`'s output with ``autoencoder`` (0 without
+        control); a model fits the autoencoder when this equals :attr:`control_channels`."""
+        return autoencoder.latent_channels if self.control_channels else 0
+
     def sampler_sigma(self, timestep: Tensor, sigma: Tensor) -> Tensor:
         """The ``sigma`` (0-d tensor) a scheduler sampler passes to :meth:`forward` at the step
         with the scheduler's ``timesteps[i]`` and ``sigmas[i]``, as the model's official

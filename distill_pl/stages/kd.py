@@ -173,9 +173,10 @@ class KDModule(L.LightningModule):
             if any(s % p for s, p in zip(sizes, self.student.patch_size)):
                 problems.append(f"pairs latents {list(sizes)} are not multiples of the student's "
                                 f"patch size {list(self.student.patch_size)}")
-        if self.student.control_channels and self.student.control_channels != self.autoencoder.latent_channels:
+        encoded = self.student.encoded_control_channels(self.autoencoder)
+        if self.student.control_channels != encoded:
             problems.append(f"the student takes {self.student.control_channels} control channels, "
-                            f"the encoded control has {self.autoencoder.latent_channels}")
+                            f"the encoded control has {encoded}")
         if problems:
             raise ValueError("KD pairs do not match the model:\n  - " + "\n  - ".join(problems))
         self.pairs_guidance = metadata.get("guidance")

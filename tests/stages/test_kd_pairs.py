@@ -110,7 +110,8 @@ def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_
     negative = train.negative_prompt_embedding()
     cond = Conditioning(item["text_embeds"][None], item["text_mask"][None], item["control"][None])
     fn = velocity_fn(model, cond, negative_conditioning(cond, *negative), 8.0)
-    expected = sample_with_scheduler(fn, item["noise"][None], load_scheduler(teacher), STEPS)[0]
+    expected = sample_with_scheduler(fn, item["noise"][None], load_scheduler(teacher), STEPS,
+                                     step_sigma=model.sampler_sigma)[0]
     torch.testing.assert_close(item["teacher_output"], expected)
     assert not torch.allclose(item["teacher_output"], item["noise"])
     val = PairShardDataset(generated / "val")

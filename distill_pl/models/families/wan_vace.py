@@ -105,9 +105,13 @@ class WanVACEDenoiser(WanDenoiser):
         latent_frames = (frames + autoencoder.temporal_compression - 1) // autoencoder.temporal_compression
         return F.interpolate(cells, size=(latent_frames, height // s, width // s), mode="nearest-exact")
 
+    def encoded_control_channels(self, autoencoder: VideoAutoencoder) -> int:
+        """``2 * z_dim + s * s``: inactive and reactive latents and the mask cells."""
+        return 2 * autoencoder.latent_channels + autoencoder.spatial_compression ** 2
+
     def _check_context_inputs(self, video: Tensor, mask: Tensor, autoencoder: VideoAutoencoder) -> None:
         s, k = autoencoder.spatial_compression, autoencoder.temporal_compression
-        expected = 2 * autoencoder.latent_channels + s * s
+        expected = self.encoded_control_channels(autoencoder)
         if expected != self.control_channels:
             raise ValueError(
                 f"{self._name()}: vace_in_channels = {self.control_channels}, but the VAE gives "
