@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", teacher: str | None = None) -> Path:
-    from distill_pl.models.families.registry import build_denoiser, transformer_config
+    from distill_pl.models.families.registry import build_denoiser, denoiser_config
     from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 
     ckpt = Path(ckpt)
@@ -49,7 +49,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     keys = _checkpoint_keys(ckpt) if sharded else set(meta["state_dict"])
     prefix = _prefix(keys, weights, ckpt)
 
-    template = build_denoiser(*transformer_config(teacher), on_meta=True)
+    template = build_denoiser(*denoiser_config(teacher), on_meta=True)
     if sharded:
         from torch.distributed.checkpoint import load as dcp_load
 

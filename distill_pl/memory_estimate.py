@@ -70,7 +70,7 @@ from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.families.registry import build_denoiser, folder_class_name
+from distill_pl.models.families.registry import build_denoiser, denoiser_config
 from distill_pl.models.lora import add_lora
 from distill_pl.paths import resolve_path
 from distill_pl.stages.dmd2 import dmd2_losses
@@ -340,10 +340,9 @@ def _folder_config(path: str, subfolder: str) -> dict | None:
 
 
 def _transformer_config(teacher: str) -> tuple[str, dict, str]:
-    """(class name, config, where they came from) of the teacher's transformer."""
-    config = _folder_config(teacher, "transformer")
-    if config is not None:
-        return folder_class_name(teacher), config, f"{teacher} (its config.json)"
+    """(class name, config, where they came from) of the teacher's denoiser."""
+    if _folder_config(teacher, "transformer") is not None:
+        return (*denoiser_config(teacher), f"{teacher} (its config.json)")
     name = resolve_path(teacher).name
     if name in PUBLISHED_TRANSFORMER_CONFIGS:
         class_name, config = PUBLISHED_TRANSFORMER_CONFIGS[name]

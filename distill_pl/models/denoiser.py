@@ -63,6 +63,15 @@ class Denoiser(nn.Module):
         """Random weights from the backbone ``config`` (``on_meta``: every tensor on meta)."""
         raise NotImplementedError
 
+    @classmethod
+    def folder_config(cls, path: str) -> dict:
+        """What :meth:`from_config` takes, read from a local folder of this class without its
+        weights (default: the ``transformer/`` (or the folder's own) ``config.json`` without
+        ``_`` keys; an adapter of several models returns them all)."""
+        from distill_pl.models.families.registry import read_config, transformer_config_file
+
+        return read_config(transformer_config_file(path))
+
     @property
     def backbone_config(self) -> dict:
         """The backbone's diffusers config without ``_`` keys (what :meth:`from_config` takes)."""

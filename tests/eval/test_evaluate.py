@@ -48,7 +48,9 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     write_manifest(tmp_path / "manifest.jsonl",
                    [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
     teacher_net = build_denoiser("WanTransformer3DModel", TEACHER)
-    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
+    # flow-match Euler: its one step evaluates the network at timestep 1000 (sigma = 1), as a
+    # one-step student does (UniPC's first timestep is 999, which Wan's pipeline passes as it is)
+    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "euler", 1.0)
     # a "student" with the teacher's weights: its one step is the teacher's one step without CFG
     students = {"Same": str(save_student_folder(tmp_path / "same", teacher_net, 1.0)),
                 "Random": str(save_student_folder(tmp_path / "random", build_denoiser("WanTransformer3DModel", TEACHER), 1.0))}

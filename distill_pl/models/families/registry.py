@@ -85,11 +85,27 @@ def transformer_folder(path: str | Path) -> Path:
     return find_diffusers_model_folder(str(path), class_name, TRANSFORMER_COMPONENT)
 
 
-def transformer_config(path: str | Path) -> tuple[str, dict]:
-    """(class name, config without ``_`` keys) of a folder's transformer, from its config.json."""
-    folder = transformer_folder(path)
-    config = _read_json(folder / "config.json")
-    return config["_class_name"], {k: v for k, v in config.items() if not k.startswith("_")}
+def transformer_config_file(path: str | Path) -> Path:
+    """The transformer's ``config.json`` of a folder (``transformer/config.json`` or its own),
+    found without looking at weights (ModelFolderError naming the folder if there is none)."""
+    root = resolve_path(path)
+    for file in (root / TRANSFORMER_COMPONENT / "config.json", root / "config.json"):
+        if file.is_file():
+            return file
+    raise ModelFolderError(f"{root}: no {TRANSFORMER_COMPONENT}/config.json or config.json")
+
+
+def denoiser_config(path: str | Path) -> tuple[str, dict]:
+    """(class name, what the adapter's ``from_config`` takes) of a folder, read without its
+    weights (the adapter's ``folder_config``): with :func:`build_denoiser`, the folder's
+    architecture on the meta device (export, memory estimates)."""
+    class_name = folder_class_name(path)
+    return class_name, adapter_class(class_name, resolve_path(path)).folder_config(str(path))
+
+
+def read_config(file: Path) -> dict:
+    """A diffusers ``config.json`` without its ``_`` keys (ModelFolderError naming it if unreadable)."""
+    return {k: v for k, v in _read_json(file).items() if not k.startswith("_")}
 
 
 def load_denoiser(

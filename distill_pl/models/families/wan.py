@@ -41,6 +41,7 @@ class WanDenoiser(Denoiser):
     ``dtype`` is the parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); like
     diffusers' ``from_pretrained``, modules in ``_keep_in_fp32_modules`` stay float32.
     Gradient checkpointing is per block and non-reentrant (diffusers' default).
+    ``folder`` is the transformer folder it was loaded from (None when built from a config).
     """
 
     class_name = "WanTransformer3DModel"
@@ -57,7 +58,7 @@ class WanDenoiser(Denoiser):
     ) -> None:
         super().__init__()
         if (path is None) == (config is None):
-            raise ValueError("WanDenoiser needs exactly one of `path` (a local folder) or `config`")
+            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
         torch_dtype = parse_dtype(dtype)
         if path is not None:
             self.folder = find_diffusers_model_folder(path, self.class_name, "transformer")
