@@ -15,6 +15,7 @@ from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.lora import add_lora, lora_parameters
 from distill_pl.models.teacher_folder import load_scheduler
 from tests.models.test_wan_pipeline_parity import tiny_vae
 
@@ -108,6 +109,8 @@ def test_adapter_attributes_and_copy(vace_folder):
     copy = denoiser.empty_copy()
     copy.load_state_dict(denoiser.state_dict(), assign=True)
     assert copy.conditioning_scale == SCALE and type(copy) is type(denoiser)
+    adapted = set(lora_parameters(add_lora(copy, rank=2)))  # the default targets: both block lists
+    assert any(".vace_blocks." in name for name in adapted) and any(".blocks.0." in name for name in adapted)
 
 
 def test_context_width_that_the_vae_does_not_give_is_one_line_naming_the_folder(vace_folder, tmp_path):
