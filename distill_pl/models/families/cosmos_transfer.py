@@ -272,8 +272,7 @@ class CosmosTransferDenoiser(Denoiser):
     def text_dim(self) -> int:
         """D of ``Conditioning.text_embeds``: the cross-attention projection's input width when
         the model has one (Cosmos 2.5: Qwen2.5-VL layers concatenated), else ``text_embed_dim``."""
-        cfg = self.transformer.config
-        return cfg.crossattn_proj_in_channels if cfg.use_crossattn_projection else cfg.text_embed_dim
+        return _text_input_dim(dict(self.transformer.config))
 
     def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
         if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
@@ -376,7 +375,8 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
     ``in_channels = out_channels + 1`` (condition mask), ``controlnet_block_every_n`` set, one
     ControlNet block per injection point, the ControlNet's base input ``latent_channels =
     out_channels + 2`` (condition and padding masks), room for the control latents in its
-    ``in_channels - 2``, and equal widths, text and image-context sizes."""
+    ``in_channels - 2``, equal widths and patch sizes, and the same text embedding width D.
+    (The image context may differ: the ControlNet ignores it without ``img_context_dim_in``.)"""
     latent = transformer["out_channels"]
     every = transformer.get("controlnet_block_every_n")
     hidden = transformer["num_attention_heads"] * transformer["attention_head_dim"]
@@ -407,11 +407,23 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
         )
     if controlnet["model_channels"] != hidden:
         problems.append(f"controlnet model_channels {controlnet['model_channels']} != transformer width {hidden}")
-    for key in ("text_embed_dim", "img_context_dim_in", "patch_size"):
+    if _text_input_dim(controlnet) != _text_input_dim(transformer):
+        problems.append(
+            f"text embeddings: the controlnet takes D = {_text_input_dim(controlnet)}, "
+            f"the transformer D = {_text_input_dim(transformer)}"
+        )
+    for key in ("text_embed_dim", "patch_size"):
         if _as_tuple(controlnet.get(key)) != _as_tuple(transformer.get(key)):
             problems.append(f"{key}: controlnet {controlnet.get(key)} != transformer {transformer.get(key)}")
     if problems:
         raise ValueError(f"{where}: not a Cosmos-Transfer2.5 base + ControlNet pair: {'; '.join(problems)}")
+
+
+def _text_input_dim(config: dict) -> int:
+    """D of the text embeddings a Cosmos model takes (before its cross-attention projection)."""
+    if config.get("use_crossattn_projection"):
+        return config["crossattn_proj_in_channels"]
+    return config["text_embed_dim"]
 
 
 def _as_tuple(value):
