@@ -31,6 +31,12 @@ SYSTEM_PROMPT = "You are a helpful assistant who will provide prompts to an imag
 MODEL_TYPE = "qwen2_5_vl"
 
 
+def cosmos_text_encoder_dim(path: str) -> int:
+    """D = hidden_size x num_hidden_layers of the Qwen2.5-VL in ``path``, from its config only."""
+    text = _load_config(_model_folder(path)).text_config
+    return int(text.hidden_size * text.num_hidden_layers)
+
+
 def chat(prompt: str) -> list[dict]:
     """The pipeline's conversation for one prompt: system message, then the prompt."""
     return [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill_pl.models.cosmos_text_encoder import CosmosTextEncoder
+from distill_pl.models.cosmos_text_encoder import CosmosTextEncoder, cosmos_text_encoder_dim
 from tests.models.families import cosmos_tiny
 
 PROMPTS = ["a robot arm lifts a blue cloth", "dance monkey"]
@@ -28,7 +28,7 @@ def test_encode_equals_pipeline(pipeline_and_folder):
     expected, _ = pipe.encode_prompt(
         PROMPTS, do_classifier_free_guidance=False, max_sequence_length=160, device=torch.device("cpu")
     )
-    assert encoder.dim == cosmos_tiny.TEXT_DIM == expected.shape[-1]
+    assert encoder.dim == cosmos_text_encoder_dim(str(folder)) == cosmos_tiny.TEXT_DIM == expected.shape[-1]
     assert embeds.shape == expected.shape == (2, 160, cosmos_tiny.TEXT_DIM)
     assert embeds.dtype == torch.float32
     torch.testing.assert_close(embeds, expected, rtol=0, atol=1e-6)
