@@ -12,13 +12,9 @@ PROMPTS = ["a robot arm lifts a blue cloth", "dance monkey"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_and_folder(tmp_path_factory, one_thread):
-    """The tiny pipeline, and its text encoder and tokenizer saved in the diffusers layout."""
-    pipe = cosmos_tiny.tiny_pipeline()
-    root = tmp_path_factory.mktemp("cosmos_text")
-    pipe.text_encoder.save_pretrained(root / "text_encoder")
-    pipe.tokenizer.save_pretrained(root / "tokenizer")
-    return pipe, root / "text_encoder"
+def pipeline_and_folder(cosmos_pipeline_folder, one_thread):
+    """The tiny pipeline, and its text encoder folder (the tokenizer is the sibling tokenizer/)."""
+    return cosmos_tiny.load_pipeline(cosmos_pipeline_folder), cosmos_pipeline_folder / "text_encoder"
 
 
 def test_encode_equals_pipeline(pipeline_and_folder):

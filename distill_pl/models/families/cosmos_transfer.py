@@ -108,7 +108,7 @@ class CosmosTransferDenoiser(Denoiser):
         torch_dtype = parse_dtype(dtype)
         if path is not None:
             transformer_folder, controlnet_folder = transfer_model_folders(path, controlnet_path)
-            where = f"{resolve_path(path)}"
+            where = str(resolve_path(path))
             load = dict(local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype)
             self.transformer = CosmosTransformer3DModel.from_pretrained(transformer_folder, **load)
             self.controlnet = CosmosControlNetModel.from_pretrained(controlnet_folder, **load)

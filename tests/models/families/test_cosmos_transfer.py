@@ -28,10 +28,8 @@ PARITY_ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory, one_thread):
-    folder = tmp_path_factory.mktemp("cosmos") / "teacher"
-    cosmos_tiny.save_tiny_pipeline(folder)
-    return folder
+def teacher_folder(cosmos_pipeline_folder, one_thread):
+    return cosmos_pipeline_folder
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,8 @@ from tests.models.families.test_cosmos_transfer import make_inputs, run_pipeline
 
 
 @pytest.fixture(scope="module")
-def teacher_folder(tmp_path_factory, one_thread):
-    folder = tmp_path_factory.mktemp("cosmos_export") / "teacher"
-    cosmos_tiny.save_tiny_pipeline(folder)
-    return folder
+def teacher_folder(cosmos_pipeline_folder, one_thread):
+    return cosmos_pipeline_folder
 
 
 def test_student_pipeline_reproduces_one_step_output(teacher_folder, tmp_path):
