@@ -46,7 +46,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.families import cosmos_padding_resize
 from distill_pl.models.loading import ModelFolderError, find_diffusers_model_folder, parse_dtype
-from distill_pl.models.wan import _cast_parameters
+from distill_pl.models.families.wan import _cast_parameters
 from distill_pl.paths import resolve_path
 
 cosmos_padding_resize.install()

@@ -24,6 +24,7 @@ from distill_pl.paths import resolve_path
 FAMILIES: dict[str, str] = {
     "WanTransformer3DModel": "distill_pl.models.families.wan:WanDenoiser",
     "WanVACETransformer3DModel": "distill_pl.models.families.wan_vace:WanVACEDenoiser",
+    "CosmosTransformer3DModel": "distill_pl.models.families.cosmos_transfer:CosmosTransferDenoiser",
 }
 
 #: the pipeline component (and teacher subfolder) that holds the denoising transformer
