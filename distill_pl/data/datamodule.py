@@ -316,6 +316,7 @@ class VideoDataModule(lightning.LightningDataModule):
             "num_examples": layout.num_examples,
             "shard_size": layout.shard_size,
             "manifest": h.manifest,
+            "video_shape": [3, h.num_frames, h.height, h.width],
             "num_frames": h.num_frames,
             "frame_stride": h.frame_stride,
             "height": h.height,

@@ -49,21 +49,44 @@ def sample_with_scheduler(
     scheduler,
     num_steps: int,
     progress: bool = False,
+    on_step: Callable[[int, float, Tensor], None] | None = None,
 ) -> Tensor:
     """Integrate from pure noise (sigma = 1) to a clean sample with ``scheduler``.
 
     The network is evaluated at the scheduler's exact ``sigmas[i]`` (Wan's pipeline passes
     the integer timestep ``int(1000 * sigma)``, a difference below 1e-3 in sigma).
+    ``on_step(i, sigma_i, x_i)``, if given, sees the state before step ``i`` is evaluated.
     noise: [B, ...]. Returns x0 [B, ...].
     """
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise
     steps = list(zip(scheduler.timesteps, scheduler.sigmas))
-    for t, s in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+    for i, (t, s) in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
+        if on_step is not None:
+            on_step(i, float(s), x)
         sigma = torch.full((noise.shape[0],), float(s), device=noise.device, dtype=noise.dtype)
         v = velocity_fn(x, sigma)
         x = scheduler.step(v, t, x, return_dict=False)[0]
     return x
+
+
+def scheduler_step_sigmas(scheduler, num_steps: int) -> list[float]:
+    """The sigmas at which :func:`sample_with_scheduler` evaluates the network (one per step)."""
+    scheduler.set_timesteps(num_steps)
+    return [float(s) for s in scheduler.sigmas[:num_steps]]
+
+
+def trajectory_steps(step_sigmas: Sequence[float], levels: Sequence[float]) -> list[int]:
+    """For each level, the first step ``i`` with ``step_sigmas[i] <= level`` (``step_sigmas``
+    decreasing). ValueError when no step reaches a level."""
+    steps = []
+    for level in levels:
+        i = next((i for i, s in enumerate(step_sigmas) if s <= level), None)
+        if i is None:
+            raise ValueError(f"no sampling step reaches sigma <= {level} (the last step is at "
+                             f"sigma {step_sigmas[-1]:.4g}); use higher levels or more steps")
+        steps.append(i)
+    return steps
 
 
 def one_step_sample(velocity_fn: VelocityFn, noise: Tensor) -> Tensor:
