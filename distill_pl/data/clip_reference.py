@@ -59,19 +59,23 @@ class ReferencedClips:
 
     A checked file is re-hashed only when its size or modification time changes. At most
     ``max_open`` decord readers are kept open (least recently used closed first), so open
-    files stay bounded whatever the number of videos. Picklable (DataLoader workers start
-    with no reader and the checks already done).
+    files stay bounded whatever the number of videos. With ``cache_frames`` every frame of a
+    video is decoded once per process, resized and kept with its control, and clips are
+    slices of that (small videos only: the cache grows with the number of videos). Picklable
+    (DataLoader workers start with no reader, no cache and the checks already done).
     """
 
-    def __init__(self, settings: ClipSettings, max_open: int = 4):
+    def __init__(self, settings: ClipSettings, max_open: int = 4, cache_frames: bool = False):
         self.settings = settings
         self.max_open = max_open
+        self.cache_frames = cache_frames
         self._checked: dict[tuple[str, str], tuple[int, int]] = {}
         self._readers: OrderedDict[str, decord.VideoReader] = OrderedDict()
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_readers": OrderedDict()}
+        return {**self.__dict__, "_readers": OrderedDict(), "_cache": {}}
 
     def check(self, path: str, sha256: str, where: str) -> None:
         """ChangedVideoError naming ``path`` (and ``where``, the referencing shard) unless the
@@ -93,7 +97,7 @@ class ReferencedClips:
 
     def _reader(self, path: str) -> decord.VideoReader:
         if self._pid != os.getpid():
-            self._readers, self._pid = OrderedDict(), os.getpid()
+            self._readers, self._cache, self._pid = OrderedDict(), {}, os.getpid()
         if path in self._readers:
             self._readers.move_to_end(path)
         else:
@@ -102,13 +106,28 @@ class ReferencedClips:
                 self._readers.popitem(last=False)
         return self._readers[path]
 
+    def _frames(self, path: str, indices: list[int]) -> Tensor:
+        """Frames ``indices`` of ``path`` resized: [3, len(indices), H, W] in [-1, 1]."""
+        try:
+            frames = torch.from_numpy(self._reader(path).get_batch(indices).asnumpy())
+        except Exception as err:  # decord raises its own error types
+            raise ChangedVideoError(f"{path}: cannot read frames {indices[:3]}... ({err})") from None
+        return resize_center_crop(frames, self.settings.height, self.settings.width)
+
+    def _cached(self, path: str) -> tuple[Tensor, Tensor]:
+        if path not in self._cache:
+            total = len(self._reader(path))
+            frames = torch.cat([self._frames(path, list(range(i, min(i + 32, total)))) for i in range(0, total, 32)], 1)
+            self._cache[path] = (frames, canny_control(frames, self.settings.canny_low, self.settings.canny_high))
+            self._readers.pop(path, None)
+        return self._cache[path]
+
     def read(self, path: str, start: int) -> tuple[Tensor, Tensor]:
         """(video, control) [3, T, H, W] float32 in [-1, 1] of the clip at ``start`` of ``path``."""
         s = self.settings
         indices = list(range(start, start + (s.num_frames - 1) * s.frame_stride + 1, s.frame_stride))
-        try:
-            frames = torch.from_numpy(self._reader(path).get_batch(indices).asnumpy())
-        except Exception as err:  # decord raises its own error types
-            raise ChangedVideoError(f"{path}: cannot read frames {indices} ({err})") from None
-        video = resize_center_crop(frames, s.height, s.width)
+        if self.cache_frames:
+            frames, control = self._cached(path)
+            return frames[:, indices].contiguous(), control[:, indices].contiguous()
+        video = self._frames(path, indices)
         return video, canny_control(video, s.canny_low, s.canny_high)

@@ -75,12 +75,12 @@ from torch.utils.data import Dataset
 from distill_pl.data import shards
 from distill_pl.data.clip_reference import ClipSettings, ReferencedClips, file_sha256
 from distill_pl.data.shards import (
-    SHARD_PATTERN,
     ShardError,
     ShardLayout,
     check_rows,
     check_tensors,
     metadata_differences,
+    open_split,
     remove_temp_files,
     storage_dtype,
 )
@@ -202,6 +202,19 @@ class _VideoDigests:
 video_digests = _VideoDigests()
 
 
+def prompt_table(rows: list[dict[str, Any]], dtype: torch.dtype) -> tuple[list[str], dict[str, Tensor]]:
+    """(the distinct prompts in order of first use, {``text_index`` [S] int64,
+    ``text_table_embeds`` [P, L, D] ``dtype``, ``text_table_mask`` [P, L] bool}) of rows with
+    ``caption``, ``text_embeds`` [L, D] and ``text_mask`` [L]."""
+    prompts = list(dict.fromkeys(row["caption"] for row in rows))
+    first_row = {p: next(row for row in rows if row["caption"] == p) for p in prompts}
+    return prompts, {
+        "text_index": torch.tensor([prompts.index(row["caption"]) for row in rows], dtype=torch.int64),
+        "text_table_embeds": torch.stack([first_row[p]["text_embeds"] for p in prompts]).to(dtype),
+        "text_table_mask": torch.stack([first_row[p]["text_mask"] for p in prompts]).bool(),
+    }
+
+
 def build_pair_shard(
     rows: list[dict[str, Any]], common: dict, negative: tuple[Tensor, Tensor]
 ) -> tuple[dict[str, Tensor], dict]:
@@ -216,13 +229,10 @@ def build_pair_shard(
     negative-prompt embeds [1, L, D] and mask [1, L].
     """
     dtype = storage_dtype(common["storage_dtype"])
-    prompts = list(dict.fromkeys(row["caption"] for row in rows))
-    first_row = {p: next(row for row in rows if row["caption"] == p) for p in prompts}
+    prompts, table = prompt_table(rows, dtype)
     tensors = {
         "teacher_output": torch.stack([row["teacher_output"] for row in rows]).to(dtype),
-        "text_index": torch.tensor([prompts.index(row["caption"]) for row in rows], dtype=torch.int64),
-        "text_table_embeds": torch.stack([first_row[p]["text_embeds"] for p in prompts]).to(dtype),
-        "text_table_mask": torch.stack([first_row[p]["text_mask"] for p in prompts]).bool(),
+        **table,
         **{key: torch.stack([torch.as_tensor(row[key]) for row in rows]).long() for key in ("seed", "index", "start")},
         "negative_text_embeds": negative[0].float(),
         "negative_text_mask": negative[1].bool(),
@@ -296,12 +306,6 @@ def _check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int],
     check_tensors(path, tensors, expected)
 
 
-def common_metadata(metadata: dict) -> dict:
-    """The keys of a shard's metadata shared by all shards of its split."""
-    per_shard = PER_SHARD_KEYS[metadata["format_version"]]
-    return {key: value for key, value in metadata.items() if key not in per_shard}
-
-
 class PairShardDataset(Dataset):
     """The KD pairs of one split folder (``<pairs_dir>/<split>``), read lazily.
 
@@ -319,41 +323,25 @@ class PairShardDataset(Dataset):
     control from the referenced video: a noise that does not match its stored hash, or a video
     whose content changed, raises a ShardError naming the shard or the video.
 
+    ``cache_frames``: keep each referenced video decoded at the clip size in memory (see
+    :class:`~distill_pl.data.clip_reference.ReferencedClips`; small videos only).
+
     Attributes: ``metadata`` (the common metadata, see the module docstring), ``files``
     (shard paths in order), ``shard_size``.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, cache_frames: bool = False):
         self.folder = Path(folder)
-        files = sorted(p for p in self.folder.glob("shard_*.safetensors") if SHARD_PATTERN.fullmatch(p.name))
-        if not files:
-            raise ShardError(f"{self.folder}: no KD pair shards (shard_*.safetensors); run distill-pl predict first")
-        self.metadata: dict = {}
-        first = files[0]
-        for path in files:
-            common = common_metadata(read_checked_header(path))
-            if not self.metadata:
-                self.metadata = common
-                continue
-            differences = metadata_differences(common, self.metadata) + [
-                f"{key}: {value!r} != (absent)" for key, value in common.items() if key not in self.metadata
-            ]
-            if differences:
-                raise ShardError(f"{path}: metadata differs from {first.name} ({'; '.join(differences)})")
-        layout = ShardLayout(self.folder, self.metadata["num_examples"], self.metadata["shard_size"])
-        present = set(files)
-        missing = [layout.path(k).name for k in range(layout.num_shards) if layout.path(k) not in present]
-        if missing:
-            raise ShardError(
-                f"{self.folder}: incomplete KD pairs, missing {', '.join(missing[:5])}"
-                f"{' ...' if len(missing) > 5 else ''} of {layout.num_shards} shards; "
-                "rerun distill-pl predict to finish them"
-            )
+        self.metadata, layout = open_split(
+            self.folder, read_checked_header, lambda m: PER_SHARD_KEYS[m["format_version"]], "KD pair"
+        )
         self.files = [str(layout.path(k)) for k in range(layout.num_shards)]
         self.shard_size = layout.shard_size
         self.version = self.metadata["format_version"]
         self._len = layout.num_examples
-        self._clips = ReferencedClips(ClipSettings.from_metadata(self.metadata)) if self.version == 2 else None
+        self._clips = None
+        if self.version == 2:
+            self._clips = ReferencedClips(ClipSettings.from_metadata(self.metadata), cache_frames=cache_frames)
 
     def __len__(self) -> int:
         return self._len

@@ -196,3 +196,36 @@ def remove_temp_files(layout: ShardLayout, shards: list[int]) -> None:
         layout.temp_path(k).unlink(missing_ok=True)
 
 
+
+
+def open_split(folder: Path, read_checked_header: Callable[[Path], dict], per_shard_keys: Callable[[dict], tuple],
+               what: str) -> tuple[dict, ShardLayout]:
+    """(the common metadata, the layout) of a complete split folder of shards of kind
+    ``what``: every header checked (``read_checked_header``), the metadata other than
+    ``per_shard_keys(metadata)`` equal across shards, every shard present. ShardError naming
+    the file or folder otherwise."""
+    files = sorted(p for p in folder.glob("shard_*.safetensors") if SHARD_PATTERN.fullmatch(p.name))
+    if not files:
+        raise ShardError(f"{folder}: no {what} shards (shard_*.safetensors); run distill-pl predict first")
+    common: dict = {}
+    for path in files:
+        metadata = read_checked_header(path)
+        shared = {key: value for key, value in metadata.items() if key not in per_shard_keys(metadata)}
+        if not common:
+            common = shared
+            continue
+        differences = metadata_differences(shared, common) + [
+            f"{key}: {value!r} != (absent)" for key, value in shared.items() if key not in common
+        ]
+        if differences:
+            raise ShardError(f"{path}: metadata differs from {files[0].name} ({'; '.join(differences)})")
+    layout = ShardLayout(folder, common["num_examples"], common["shard_size"])
+    present = set(files)
+    missing = [layout.path(k).name for k in range(layout.num_shards) if layout.path(k) not in present]
+    if missing:
+        raise ShardError(
+            f"{folder}: incomplete {what}, missing {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} of {layout.num_shards} shards; "
+            "rerun distill-pl predict to finish them"
+        )
+    return common, layout

@@ -103,6 +103,9 @@ def test_v2_round_trip(tmp_path, clips):
         assert torch.equal(item["noise"], example_noise(100 + i, LATENT))
         clip = clips[i]  # the clip and its control, re-derived from the reference
         assert torch.equal(item["video"], clip["video"]) and torch.equal(item["control"], clip["control"])
+    cached = PairShardDataset(layout.folder, cache_frames=True)  # whole video decoded once
+    for i in (5, 0):
+        assert torch.equal(cached[i]["video"], ds[i]["video"]) and torch.equal(cached[i]["control"], ds[i]["control"])
     # the same inputs give the same bytes
     again, _ = write_split(tmp_path / "again", clips)
     assert all(layout.path(k).read_bytes() == again.path(k).read_bytes() for k in range(layout.num_shards))
