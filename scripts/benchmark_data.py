@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]))
         return {}
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # stable figures on a shared CPU (two threads oversubscribe 2 cores)
     report: dict = {"format_version": 2, "storage_dtype": "bfloat16", "target_bytes_per_example": TARGET_BYTES}
     with tempfile.TemporaryDirectory(prefix="benchmark_data_") as tmp:
         root = Path(tmp)

@@ -43,12 +43,13 @@ def clip_latents(batch: dict, autoencoder: VideoAutoencoder) -> Tensor:
     return autoencoder.encode(batch["video"])
 
 
-def clip_latent_shape(batch: dict, autoencoder: VideoAutoencoder) -> tuple[int, ...]:
-    """[B, C, T', H', W'] of the batch's clip latents, without encoding anything."""
+def clip_latent_shape(batch: dict, autoencoder: VideoAutoencoder, channels: int) -> tuple[int, ...]:
+    """[B, channels, T', H', W'] of the batch's clip latents (``channels``: the denoiser's),
+    without encoding anything."""
     if "video_latents" in batch:
         return tuple(batch["video_latents"].shape)
     b, _, t, h, w = batch["video"].shape
-    return (b, autoencoder.latent_channels, 1 + (t - 1) // autoencoder.temporal_compression,
+    return (b, channels, 1 + (t - 1) // autoencoder.temporal_compression,
             h // autoencoder.spatial_compression, w // autoencoder.spatial_compression)
 
 

@@ -428,7 +428,7 @@ class DMD2Module(L.LightningModule):
         [B, C, T', H', W'] and sigma [B], each sample's from its own step generator (see the
         module docstring)."""
         like = batch["text_embeds"]
-        b, *shape = clip_latent_shape(batch, self.autoencoder)
+        b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
         h = self.hparams
         draws = []
@@ -601,7 +601,7 @@ class DMD2Module(L.LightningModule):
         cond = self.conditioning(batch)
         like = batch["text_embeds"]
         g = torch.Generator(device="cpu").manual_seed(seed)
-        eps = torch.randn(clip_latent_shape(batch, self.autoencoder), generator=g).to(like)
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
         teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
         return {
