@@ -11,7 +11,9 @@ JSON object:
   the per-shard embedding table), against the 12 MB target;
 - ``write_examples_per_s`` / ``read_examples_per_s``: examples written (noise drawn and
   hashed, shard built and written atomically) and read (one row, the noise regenerated and
-  checked, the clip and its canny control re-derived from the video) per second, one process;
+  checked, the clip and its canny control re-derived from the video: decoded per item, or
+  sliced from the whole video decoded once, ``cache_frames``) per second, one process, one
+  torch thread;
 - ``peak_rss_mb``: peak resident memory of a fresh process that opens a split of N tiny
   examples and reads ``--rss-reads`` of them, for N in ``--rss-sizes`` (flat in N: reading
   is lazy).
@@ -87,10 +89,10 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("shard_*.safetensors"))
 
 
-def read_rate(folder: Path, reads: int) -> float:
+def read_rate(folder: Path, reads: int, cache_frames: bool = False) -> float:
     from distill_pl.data.pairs import PairShardDataset
 
-    dataset = PairShardDataset(folder)
+    dataset = PairShardDataset(folder, cache_frames=cache_frames)
     dataset[0]  # the video's sha256 check, once per process
     step = max(1, len(dataset) // reads)
     start = time.perf_counter()
@@ -101,8 +103,10 @@ def read_rate(folder: Path, reads: int) -> float:
 
 def rss_child(folder: str, reads: int) -> None:
     """(In a fresh process) open the split, read ``reads`` items, print the peak RSS in MB."""
+    from distill_pl.data.pairs import PairShardDataset
+
     read_rate(Path(folder), reads)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(len(PairShardDataset(folder)), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bytes_per_example": folder_bytes(root / "tiny") / args.tiny_examples,
             "write_examples_per_s": args.tiny_examples / tiny_s,
             "read_examples_per_s": read_rate(root / "tiny", min(100, args.tiny_examples)),
+            "read_cached_examples_per_s": read_rate(root / "tiny", min(100, args.tiny_examples), cache_frames=True),
         }
         full_s = write_split(root / "wan", WAN, args.full_examples, 8, distinct_prompts=args.full_examples)
         full_bytes = folder_bytes(root / "wan") / args.full_examples
@@ -147,7 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
                 [sys.executable, __file__, "--rss-child", str(folder), str(min(args.rss_reads, n))],
                 check=True, capture_output=True, text=True,
             )
-            rss[str(n)] = float(child.stdout.strip().splitlines()[-1])
+            examples, mb = child.stdout.split()[-2:]
+            assert int(examples) == n, child.stdout
+            rss[str(n)] = float(mb)
             shutil.rmtree(folder)
         report["peak_rss_mb"] = {"reads": args.rss_reads, "by_examples": rss}
         report["streaming"] = None  # no streaming engine yet: only the local shard path

@@ -11,7 +11,7 @@ OUT=${1:-runs/gpu_report}
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 if [[ "${GPU_REPORT_TINY:-0}" == 1 ]]; then
-  bench=(--device cpu --tiny --warmup 0 --steps 1 --peak_tflops 1 --sample_steps 2)
+  bench=(--device cpu --tiny --frames 5 --height 64 --width 64 --warmup 0 --steps 1 --peak_tflops 1 --sample_steps 2)
   configs=(--kd_config configs/tiny/kd.yaml --dmd2_config configs/tiny/dmd2.yaml)
 else
   bench=(--device cuda --warmup 2 --steps 5 --sample_steps 36)

@@ -19,7 +19,7 @@ def test_tiny_run_reports_sizes_rates_and_memory(one_thread):
     tiny = report["tiny"]
     # a bf16 teacher output of 3x8x32x32 is 48 KiB; prompts, seeds and the header add a little
     assert 3 * 8 * 32 * 32 * 2 < tiny["bytes_per_example"] < 3 * 8 * 32 * 32 * 2 + 20_000
-    assert tiny["write_examples_per_s"] > 0 and tiny["read_examples_per_s"] > 0
+    assert tiny["write_examples_per_s"] > 0 and tiny["read_examples_per_s"] > 0 and tiny["read_cached_examples_per_s"] > 0
     wan = report["wan2.1_81x480x832"]
     # one example per shard: bf16 latents (4.2 MB), its own bf16 umT5 embedding (4.2 MB) and
     # the float32 negative prompt (8.4 MB)

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # half a minute: two processes building, timing and FLOP-counting the tiny model
 def test_tiny_gpu_report_writes_json_and_table(tmp_path):
     env = {**os.environ, "GPU_REPORT_TINY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
