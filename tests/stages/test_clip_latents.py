@@ -41,7 +41,7 @@ def vae_folder(tmp_path_factory) -> Path:
 def cli_args(vae: Path, out: Path, cache_dir: Path, **overrides) -> list[str]:
     data = {**DATA, **overrides}
     return [
-        "predict", "--config", str(CONFIG), f"--model.init_args.vae_path={vae}",
+        "predict", "--config", str(CONFIG), f"--model.init_args.vae_path={vae}",  # "null": pixel space
         f"--data.latents_dir={out}", f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={out}",
         f"--data.manifest={cache_dir / 'manifest.jsonl'}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -130,3 +130,27 @@ def test_latents_with_other_clip_settings_are_refused_naming_the_key(precomputed
         latents_datamodule(precomputed, cache_dir, frame_stride=3)
     with pytest.raises(ValueError, match="needs latents_dir"):
         VideoDataModule(mode="latents")
+
+
+def test_teacher_training_on_precomputed_latents_equals_training_on_clips(cache_dir, tmp_path):
+    """In pixel space with float32 storage the latents are the clips themselves, and the
+    precomputed train items are the clip items of epoch 0: two steps give the same weights."""
+    out = tmp_path / "latents"
+    lightning_main([*cli_args("null", out, cache_dir), "--model.init_args.storage_dtype=float32"])
+    data = {k: v for k, v in DATA.items() if k not in ("shard_size", "num_examples")}
+    common = [
+        "fit", "--config", str(REPO / "configs" / "tiny" / "teacher.yaml"), "--trainer.max_steps=2",
+        "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--model.init_args.export_dir=null",
+        f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={cache_dir}",
+        f"--data.manifest={cache_dir / 'manifest.jsonl'}", "--data.batch_size=2", "--data.samples_per_epoch=6",
+        *[f"--data.{k}={v}" for k, v in data.items()],
+    ]
+    weights = []
+    for mode in (["--data.mode=clips"], ["--data.mode=latents", f"--data.latents_dir={out}"]):
+        cli = lightning_main([*common, *mode])
+        assert cli.trainer.global_step == 2
+        assert isinstance(cli.datamodule.train_set, ClipLatentDataset) == (mode[0] == "--data.mode=latents")
+        weights.append({k: v.clone() for k, v in cli.model.denoiser.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
