@@ -150,7 +150,7 @@ def test_noise_from_seed_and_teacher_trajectory_are_the_generations(teacher, cac
     with torch.no_grad():
         for t, s in zip(scheduler.timesteps, scheduler.sigmas):
             states.append((float(s), x))
-            x = scheduler.step(fn(x, torch.full((1,), float(s))), t, x, return_dict=False)[0]
+            x = scheduler.step(fn(x, model.sampler_sigma(t, s).expand(1)), t, x, return_dict=False)[0]
     steps = [next(i for i, (s, _) in enumerate(states) if s <= level) for level in levels]
     assert steps == sorted(set(steps)) and steps[0] > 0
     assert item["teacher_trajectory"].shape == (3, 3, 4, 16, 16)
