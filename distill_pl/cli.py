@@ -9,7 +9,6 @@ lines (see :mod:`distill_pl.cli_errors`; ``--debug`` for the full traceback).
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,14 +16,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from distill_pl.cli_errors import ShortErrors, debug_requested, run_with_short_errors, without_debug_flag
 from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.harmless_messages import silence_harmless_messages
 from distill_pl.run_folder import check_export_free, derive_run_paths
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
-# DMD2 uses manual optimization with one optimizer step per training step, so a checkpoint
-# taken after a step holds exactly the state the next step starts from (exact resume is
-# tested); Lightning's generic warning about pre-optimization states does not apply.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+silence_harmless_messages()
 OTHER_COMMANDS = {
     "sample": "distill_pl.sample:main",
     "evaluate": "distill_pl.eval.evaluate:main",
@@ -66,11 +63,33 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--overwrite_export", type=bool, default=False,
                             help="fit: replace an exported model already in the export folder")
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with :mod:`distill_pl.callbacks.console`'s progress bar and summary in
+        place of Lightning's defaults (unless turned off or configured)."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+        from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+        from distill_pl.callbacks.console import ParameterSummary, StepProgressBar
+
+        config = self._get(self.config_init, "trainer", default={})
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        defaults = []
+        if (_RICH_AVAILABLE and config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in configured)):
+            defaults.append(StepProgressBar())
+        summary = {}
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in configured):
+            defaults.append(ParameterSummary())
+            summary = {"enable_model_summary": False}  # Lightning's default summary stays out
+        return self._instantiate_trainer({**config, **kwargs, **summary, "callbacks": [*configured, *defaults]},
+                                         [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys])
+
     def before_instantiate_classes(self) -> None:
-        if self.subcommand is None:
-            return
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         derive_run_paths(config, self.subcommand)
+        if self.subcommand is None:  # parsed for a benchmark or a test: nothing runs
+            return
         if self.subcommand == "fit":
             check_export_free(config, config.get("overwrite_export", False))
         data = VideoDataModule(**config.data.as_dict())

@@ -69,10 +69,18 @@ def upscale(image_or_video: Tensor, factor: int) -> Tensor:
     return image_or_video.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file in ``path``'s folder to write; on success it replaces
-    ``path`` (rename), on error it is removed, so ``path`` is never half written."""
+    ``path`` (rename) with the usual permissions (umask, not the temp file's 0600), on
+    error it is removed, so ``path`` is never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -80,6 +88,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ when unset), unless the config names it explicitly:
 - ``<run>/export/``: ``model.init_args.export_dir`` of a fit when it is null (the student or
   teacher as a diffusers folder, written at the end of fit);
 - ``<run>/{train,val}/``: ``data.pairs_dir`` of a KD pair generation (``predict``, pairs mode)
-  when it is null.
+  when it is null (also when a config is only parsed, without a subcommand).
 
 A fit refuses to start when its export folder already holds an export (another run's, or
 this run's from an earlier launch) unless ``--overwrite_export true`` is given.
@@ -40,8 +40,9 @@ def _class_path(spec) -> str | None:
     return spec.get("class_path") if isinstance(spec, (dict, Namespace)) else None
 
 
-def derive_run_paths(config: Namespace, subcommand: str) -> None:
-    """Fill the unset output paths of a parsed subcommand config from its run folder, in place."""
+def derive_run_paths(config: Namespace, subcommand: str | None) -> None:
+    """Fill the unset output paths of a parsed subcommand config from its run folder, in place
+    (``subcommand`` None: a config parsed without running it; no export folder then)."""
     trainer = config.trainer
     root = run_folder(trainer)
     for callback in trainer.get("callbacks") or []:
@@ -57,7 +58,7 @@ def derive_run_paths(config: Namespace, subcommand: str) -> None:
     if subcommand == "fit" and model_args is not None and "export_dir" in model_args and model_args.export_dir is None:
         model_args.export_dir = str(Path(root) / "export")
     data = config.get("data")
-    if subcommand == "predict" and data is not None and data.get("mode") == "pairs" and data.get("pairs_dir") is None:
+    if subcommand in ("predict", None) and data is not None and data.get("mode") == "pairs" and data.get("pairs_dir") is None:
         data.pairs_dir = root
 
 

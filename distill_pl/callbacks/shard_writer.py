@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from distill_pl.data.pairs import EXAMPLE_TENSORS, FORMAT_VERSION, remove_temp_files, write_shard
+from distill_pl.progress import ProgressLines
 
 
 class PairShardWriter(BasePredictionWriter):
@@ -19,12 +20,14 @@ class PairShardWriter(BasePredictionWriter):
     layout (folder, sizes) and the data part of the metadata come from the datamodule
     (``pair_layout``, ``pair_generation_metadata``), the teacher part from the module's
     ``pair_generation_metadata()``. Each rank writes only the shards it generates. At setup the
-    stale temp files of this rank's shards (left by a killed run) are removed.
+    stale temp files of this rank's shards (left by a killed run) are removed. When stdout
+    is not a terminal, each written shard prints a line with the examples/s and the ETA.
     """
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
         self._buffers: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        self._progress: ProgressLines | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -34,6 +37,11 @@ class PairShardWriter(BasePredictionWriter):
         for split in ("train", "val"):
             layout = datamodule.pair_layout(split)
             remove_temp_files(layout, layout.shards_of_rank(trainer.global_rank, trainer.world_size))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(len(loader.dataset) for loader in trainer.predict_dataloaders)
+        rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        self._progress = ProgressLines(f"KD pairs{rank}", total, "examples")
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict, batch_indices,
@@ -73,7 +81,9 @@ class PairShardWriter(BasePredictionWriter):
             "captions": [row["caption"] for row in rows],
             "paths": [row["path"] for row in rows],
         }
-        write_shard(layout.path(k), tensors, metadata)
+        path = write_shard(layout.path(k), tensors, metadata)
+        if self._progress is not None:
+            self._progress.advance(len(rows), f"wrote {path.parent.name}/{path.name}")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:
