@@ -50,6 +50,15 @@ def frame_grid(rows: Sequence[Tensor], pad: int = 2, pad_value: int = 255) -> Te
     return out
 
 
+def side_by_side(videos: Sequence[Tensor], pad: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Videos [3, T, H, W] in [-1, 1] of equal T and H -> one [3, T, H, sum W + gaps] video,
+    left to right, ``pad`` columns of ``pad_value`` (white) between them."""
+    c, t, h, _ = videos[0].shape
+    gap = torch.full((c, t, h, pad), pad_value, dtype=videos[0].dtype)
+    parts = [part for video in videos for part in (video.detach().cpu(), gap)][:-1]
+    return torch.cat(parts, dim=-1)
+
+
 def label_rows(image: Tensor, labels: Sequence[str], row_height: float, width: int = 150) -> Tensor:
     """Prepend a white margin to a uint8 [3, H, W] image with ``labels[r]`` written at the
     height of row ``r`` (rows ``row_height`` pixels apart)."""
