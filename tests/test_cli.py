@@ -118,3 +118,14 @@ def test_a_too_short_manifest_is_refused_before_any_model_loads(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert "each video needs at least 115 frames" in err[-2] and "clip0.mp4: 40 frames" in err[-2], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_malformed_manifest_line_is_one_line(tmp_path, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"path": "a.mp4", "caption": "ok"}\n{"path": "b.mp4", caption: no quotes}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs/tiny/teacher.yaml"), "--data.manifest", str(manifest),
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert lines[0].startswith(f"distill-pl fit: error: manifest {manifest}, line 2: invalid JSON"), lines
