@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from distill_pl.checkpoint_io import TRAINER_DEFAULTS
 from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.resume import resolve_ckpt_path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -33,6 +35,8 @@ class DistillCLI(LightningCLI):
         """Refuse ``--ckpt_path`` from another stage before LightningCLI silently swaps the
         model class to the checkpoint's (a KD checkpoint starts DMD2 through ``init_from``)."""
         sub = self.config.get("subcommand")
+        if sub:
+            resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.resume)
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
@@ -66,6 +70,7 @@ def lightning_main(args: list[str] | None = None) -> DistillCLI:
         datamodule_class=VideoDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
         args=args,
     )
 

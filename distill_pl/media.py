@@ -70,9 +70,14 @@ def upscale(image_or_video: Tensor, factor: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary file in ``path``'s folder to write; on success it replaces
-    ``path`` (rename), on error it is removed, so ``path`` is never half written."""
+    ``path`` (rename), on error it is removed, so ``path`` is never half written.
+
+    The temp file is ``.<name>.<random><suffix>`` in the same folder (so the rename never
+    crosses filesystems). ``durable``: the file is fsynced before the rename and the folder
+    after it, so a crash or power loss leaves the old or the new file, never a torn one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -80,9 +85,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:
