@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
+from distill_pl.data.folder_lock import FolderLock
 from distill_pl.data.pairs import EXAMPLE_TENSORS, FORMAT_VERSION, remove_temp_files, write_shard
 
 
@@ -18,13 +19,15 @@ class PairShardWriter(BasePredictionWriter):
     Shard ``k`` of a split holds examples ``[k * shard_size, (k + 1) * shard_size)``; the
     layout (folder, sizes) and the data part of the metadata come from the datamodule
     (``pair_layout``, ``pair_generation_metadata``), the teacher part from the module's
-    ``pair_generation_metadata()``. Each rank writes only the shards it generates. At setup the
-    stale temp files of this rank's shards (left by a killed run) are removed.
+    ``pair_generation_metadata()``. Each rank writes only the shards it generates. At setup
+    each rank locks the split folders (:mod:`distill_pl.data.folder_lock`: a second run on
+    them fails at once) and removes the stale temp files of its shards (left by a killed run).
     """
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
         self._buffers: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        self._locks: list[FolderLock] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -33,6 +36,7 @@ class PairShardWriter(BasePredictionWriter):
         datamodule = trainer.datamodule  # set up before callbacks (Lightning's order)
         for split in ("train", "val"):
             layout = datamodule.pair_layout(split)
+            self._locks.append(FolderLock(layout.folder, trainer.global_rank).acquire())
             remove_temp_files(layout, layout.shards_of_rank(trainer.global_rank, trainer.world_size))
 
     def write_on_batch_end(
@@ -74,6 +78,11 @@ class PairShardWriter(BasePredictionWriter):
             "paths": [row["path"] for row in rows],
         }
         write_shard(layout.path(k), tensors, metadata)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:
