@@ -166,3 +166,12 @@ def test_bundled_manifest_is_idempotent(tmp_path):
     manifest.write_text('{"path": "x.mp4", "caption": "stale"}\n')
     write_bundled_manifest(tmp_path)
     assert read_manifest(manifest) == entries
+
+
+def test_resize_in_chunks_equals_one_pass(monkeypatch):
+    from distill_pl.data import clips
+
+    frames = torch.randint(0, 256, (5, 40, 60, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = resize_center_crop(frames, 16, 16)
+    monkeypatch.setattr(clips, "RESIZE_CHUNK_BYTES", 40 * 60 * 3 * 4 * 2)  # 2 frames per chunk
+    assert torch.equal(resize_center_crop(frames, 16, 16), whole)
