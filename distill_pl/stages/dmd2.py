@@ -583,6 +583,15 @@ class DMD2Module(L.LightningModule):
 
     # --- monitoring --------------------------------------------------------------------------
     @torch.no_grad()
+    def student_samples(self, batch: dict, seed: int) -> Tensor:
+        """The student's one-step samples of ``batch`` from noise seeded by ``seed``, decoded:
+        pixels [B, 3, T, H, W] (for :class:`~distill_pl.callbacks.collapse.CollapseMonitor`)."""
+        like = batch["text_embeds"]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
+        return self.autoencoder.decode(self.generate(eps, self.conditioning(batch)))
+
+    @torch.no_grad()
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:
         the student's 1-step sample; the teacher's 1-step sample ``eps - v(eps, 1)`` with the
