@@ -130,3 +130,51 @@ def test_open_video_files_stay_bounded(eleven_videos):
     assert open_files() - before <= 1  # probing closes what it opens
     read_all(ds, 22)  # all 11 videos, twice
     assert len(ds._readers) == 2 and open_files() - before <= 2 * 2
+
+
+@pytest.mark.slow  # three runs of the teacher config (about 3 min on a loaded 2-core machine)
+def test_kill_and_resume_over_a_truncated_video_stays_exact(tmp_path, truncated):
+    """The teacher config on the bundled clips plus the truncated remux (probed lazily, so its
+    items fail at read time and are replaced): training continues, and a run killed after a
+    checkpoint and resumed logs the uninterrupted run's losses."""
+    import signal
+    import time
+
+    import yaml
+
+    from distill_pl.data.bundled import write_bundled_manifest
+    from distill_pl.data.manifest import read_manifest
+    from tests.cli_helpers import run_cli, scalar_events, start_cli
+    from tests.stages.test_teacher_cli import fast_teacher_config, last_saved_step
+
+    entries = [*read_manifest(write_bundled_manifest(tmp_path / "bundled")), ManifestEntry(truncated, "bikes")]
+    manifest = write_manifest(tmp_path / "manifest.jsonl", entries)
+
+    def config(folder: Path, max_steps: int) -> Path:
+        path = fast_teacher_config(folder / "c.yaml", max_steps)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["trainer"]["limit_val_batches"] = 0
+        cfg["data"].update(manifest=str(manifest), probe="lazy", val_fraction=0.005, max_bad_read_fraction=0.5)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    full_dir.mkdir(), killed_dir.mkdir()
+    proc = run_cli(["fit", "--config", str(config(full_dir, 8))], cwd=full_dir)
+    assert f"video {truncated} failed at read time" in proc.stderr.replace("\n", " ")
+    proc = start_cli(["fit", "--config", str(config(killed_dir, 10_000))], cwd=killed_dir)
+    ckpt = killed_dir / "runs/tiny/teacher/checkpoints/last.ckpt"
+    deadline = time.time() + 300
+    while last_saved_step(ckpt) < 4:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = last_saved_step(ckpt)
+    run_cli(["fit", "--config", str(config(killed_dir, 8)), "--ckpt_path", "last"], cwd=killed_dir)
+    resumed = scalar_events(sorted((killed_dir / "runs/tiny/teacher").glob("version_*"))[-1], "train/loss")
+    full = scalar_events(full_dir / "runs/tiny/teacher", "train/loss")
+    assert sorted(resumed) == list(range(saved, 8))
+    for step, value in resumed.items():
+        assert value == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
