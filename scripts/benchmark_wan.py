@@ -62,7 +62,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.wan import WanDenoiser
-from distill_pl.stages.dmd2 import dmd2_losses
+from distill_pl.objectives.dmd2 import DMD2Objective
 from distill_pl.stages.kd import kd_loss
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
@@ -120,11 +120,10 @@ def kd_step_loss(nets: Nets, d: Inputs) -> Tensor:
     return kd_loss(one_step_sample(velocity_fn(nets.student, d.cond), d.eps), d.target)
 
 
-def _dmd2(nets: Nets):
-    networks = dict(student=nets.student, teacher=nets.teacher, fake_score=nets.fake_score,
-                    discriminator=nets.discriminator)
-    hparams = dict(discriminator_on="fake_score", critic_gan_weight=1.0, guidance=GUIDANCE, gan_weight=GAN_WEIGHT)
-    return dmd2_losses(networks, hparams, nets.feature_block)
+def _dmd2(nets: Nets) -> DMD2Objective:
+    return DMD2Objective(nets.student, nets.teacher, nets.fake_score, nets.discriminator, nets.feature_block,
+                         guidance=GUIDANCE, gan_weight=GAN_WEIGHT, critic_gan_weight=1.0,
+                         discriminator_on="fake_score")
 
 
 def critic_loss(nets: Nets, d: Inputs) -> Tensor:
