@@ -66,14 +66,13 @@ from torch.overrides import TorchFunctionMode
 
 from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.objectives.dmd2 import DMD2Objective
+from distill_pl.objectives.kd import KDObjective
 from distill_pl.paths import resolve_path
-from distill_pl.stages.kd import kd_loss
 
 GIB = 2**30
 
@@ -416,9 +415,10 @@ def _phase_forwards(stage: str, args: dict, nets: dict[str, nn.Module], b: int, 
                         meta(b, control, *latent[1:]) if control else None)
     sigma, noise, x = meta(b), meta(b, *latent), meta(b, *latent)
     if stage == "KDModule":
-        student = nets["student"]
+        objective = KDObjective(nets["student"])
+
         def kd_step() -> Tensor:
-            return kd_loss(one_step_sample(lambda x_t, s: student(x_t, s, cond), noise), x)
+            return objective.loss(noise, x, cond)
 
         return {"KD step": (["student"], kd_step)}
     # DMD2's own phase losses: the objective over the meta networks

@@ -14,9 +14,9 @@ per video after the 1x2x2 patches), batch 1, per-block gradient checkpointing on
   2B) without grad; fake score forward (B) with features, gradient to its input only; DMD
   loss + 1e-3 x GAN loss; backward; AdamW step on the student.
 
-The math is the project's (``distill_pl.diffusion``, ``models.guidance.velocity_fn``) on
-``WanDenoiser``s, as in ``distill_pl/stages/dmd2.py`` without Lightning, micro-batching,
-gradient clipping or logging. Each step runs on fixed random inputs.
+The losses are the project's objectives (``distill_pl.objectives``: ``KDObjective``,
+``DMD2Objective``) on ``WanDenoiser``s, what the stages run without Lightning,
+micro-batching, gradient clipping or logging. Each step runs on fixed random inputs.
 
 Precision: ``bf16-mixed`` (default, as the configs train): the trainable networks (student,
 fake score, head) hold float32 master weights and AdamW state, the step runs under bf16
@@ -56,14 +56,12 @@ from torch import Tensor
 
 from distill_pl.benchmarking import synchronize
 from distill_pl.diffusion.losses import sample_training_sigma
-from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.wan import WanDenoiser
 from distill_pl.objectives.dmd2 import DMD2Objective
-from distill_pl.stages.kd import kd_loss
+from distill_pl.objectives.kd import KDObjective
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
 WAN_1_3B_CONFIG = {
@@ -117,7 +115,7 @@ class Inputs:
 
 # --- the three steps' losses: the stages' own ------------------------------------------
 def kd_step_loss(nets: Nets, d: Inputs) -> Tensor:
-    return kd_loss(one_step_sample(velocity_fn(nets.student, d.cond), d.eps), d.target)
+    return KDObjective(nets.student).loss(d.eps, d.target, d.cond)
 
 
 def _dmd2(nets: Nets) -> DMD2Objective:
