@@ -18,6 +18,7 @@ from torch import nn
 
 from distill_pl.diffusion.flow import velocity_from_x0
 from distill_pl.diffusion.losses import flow_matching_loss, sample_training_sigma
+from distill_pl.diffusion.student_steps import subinterval_bounds
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.objectives.dmd2 import DMD2Draws, DMD2Objective
 from tests.gaussian_flow import energy_distance, mixture_x0
@@ -73,12 +74,13 @@ def flow_matching_init(steps: int = 400, batch: int = 256, seed: int = 0) -> Vel
 
 
 def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, batch: int = 256, seed: int = 0,
-          trained_step_input: str = "backward_simulation"):
+          trained_step_input: str = "backward_simulation", phased: bool = False):
     """Energy distances (before, after) of a student with ``levels`` trained by DMD2Objective."""
     student, fake_score = copy.deepcopy(init), copy.deepcopy(init)
     objective = DMD2Objective(
         student, MixtureTeacher(), fake_score, nn.Linear(student.head.in_features, 1), feature_block=0, guidance=1.0,
         gan_weight=0.0, critic_gan_weight=0.0, student_sigmas=levels, trained_step_input=trained_step_input,
+        phased=phased,
     )
     opt_g = torch.optim.Adam(student.parameters(), lr=1e-3)
     opt_f = torch.optim.Adam(fake_score.parameters(), lr=2e-3)
@@ -95,24 +97,32 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
         return energy_distance(x, reference)
 
     before = distance()
+    bounds = subinterval_bounds(levels)
     for step in range(5 * generator_updates):
+        # the objective's draws (DMD2Objective.draw), batched: Phased DMD trains one step per
+        # phase (an equal share of the generator updates each) within its subinterval
+        phase = min(step // 5 * k // generator_updates, k - 1)
+        t = sample_training_sigma(batch, 1.0, 0.02, 0.98, generator=g)
+        lo, hi = bounds[phase]
         draws = DMD2Draws(
             eps=torch.randn(batch, 2, generator=g),
-            sigma=sample_training_sigma(batch, 1.0, 0.02, 0.98, generator=g),
+            sigma=lo + (hi - lo) * t if phased else t,
             noise=torch.randn(batch, 2, generator=g),
             noise_real=torch.randn(batch, 2, generator=g),
-            step=torch.randint(k, (batch,), generator=g),
+            step=torch.full((batch,), phase) if phased else torch.randint(k, (batch,), generator=g),
             renoise=torch.randn(batch, k - 1, 2, generator=g),
         )
         x_real = data(batch, g)
         if step % 5 < 4:
             with torch.no_grad():
                 out = objective.trained_step(draws, cond, x_real)
-            loss, _ = objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond)
+            loss, _ = objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond,
+                                            level=out.level)
             opt = opt_f
         else:
             out = objective.trained_step(draws, cond, x_real)
-            loss, _ = objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, cond)
+            loss, _ = objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, cond, level=out.level,
+                                               x0=out.x0)
             opt = opt_g
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,9 +141,12 @@ def one_thread():
 
 def test_four_step_dmd_student_ends_closer_to_the_mixture_than_the_one_step_student(one_thread):
     init = flow_matching_init()
+    four = (1.0, 0.75, 0.5, 0.25)
     before_1, after_1 = train(init, (1.0,), GENERATOR_UPDATES, batch=128)
-    before_4, after_4 = train(init, (1.0, 0.75, 0.5, 0.25), GENERATOR_UPDATES, batch=128)
-    print(f"energy distance to the data: 1-step {before_1:.4f} -> {after_1:.4f}, "
-          f"4-step {before_4:.4f} -> {after_4:.4f}")
+    before_4, after_4 = train(init, four, GENERATOR_UPDATES, batch=128)
+    _, after_phased = train(init, four, GENERATOR_UPDATES, batch=128, phased=True)
+    print(f"energy distance to the data: 1-step {before_1:.4f} -> {after_1:.4f}, 4-step {before_4:.4f} -> "
+          f"{after_4:.4f} (backward simulation), {after_phased:.4f} (Phased DMD)")
     assert after_1 < 0.5 * before_1 and after_4 < 0.5 * before_4  # both move toward the data
     assert after_4 < 0.75 * after_1
+    assert after_phased < 0.5 * before_4 and after_phased < 0.75 * after_1
