@@ -36,8 +36,10 @@ check act on the accumulated gradient.
 
 Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of the global
 batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
-noise, ``t`` and fresh noises come from ``step_generator(seed, global_step, stream=that
-index)``, so they depend neither on the number of devices nor on the micro-batches.
+noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
+``step_generator(seed, global_step, stream=that index)``
+(:meth:`~distill_pl.objectives.dmd2.DMD2Objective.draw`), so they depend neither on the
+number of devices nor on the micro-batches.
 
 Non-finite losses or gradients: the update is skipped and counted. A skipped step still
 calls ``optimizer.step()`` (so Lightning's step counter, and with it the phase, the data
@@ -378,12 +380,12 @@ class DMD2Module(L.LightningModule):
         b, *shape = self.latent_shape(batch["video"])
         rank, replicas = data_parallel_layout(self.trainer)
         objective, phase = self.objective, self.dmd_phase(step)
-        return DMD2Draws.cat([
-            objective.draw(step_generator(self.hparams.seed, step, stream=rank + replicas * j), (1, *shape), like, phase)
-            for j in range(b)
-        ])
+        generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
+        return DMD2Draws.cat([objective.draw(g, (1, *shape), like, phase) for g in generators])
 
-    def micro_batch_loss(self, generator_phase: bool, batch: dict, draws: DMD2Draws) -> tuple[Tensor, dict[str, Tensor]]:
+    def micro_batch_loss(
+        self, generator_phase: bool, batch: dict, draws: DMD2Draws
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The phase's loss (and logs) on one micro-batch, given its draws."""
         cond = self.conditioning(batch)
         objective = self.objective
@@ -544,8 +546,9 @@ class DMD2Module(L.LightningModule):
     @torch.no_grad()
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:
-        the student's K-step sample (re-noising noise from ``seed``); the teacher's 1-step sample ``eps - v(eps, 1)`` with the
-        DMD guidance ``w`` (the clean estimate the DMD gradient pulls toward at sigma = 1);
+        the student's K-step sample (re-noising noise from ``seed``); the teacher's 1-step
+        sample ``eps - v(eps, 1)`` with the DMD guidance ``w`` (the clean estimate the DMD
+        gradient pulls toward at sigma = 1);
         the control input (labelled unused for a model without control); the real clip."""
         cond = self.conditioning(batch)
         like = batch["text_embeds"]

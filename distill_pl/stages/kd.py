@@ -77,7 +77,8 @@ class KDModule(L.LightningModule):
     ``teacher_trajectory`` [B, K-1, C, T, H, W] and ``trajectory_sigmas`` [B, K-1].
 
     Validation logs ``val/loss`` (KD loss of the evaluated student), PSNR / SSIM of the
-    student's K-step sample (re-noising noise seeded by the batch index) against the teacher output (``val/student_psnr``,
+    student's K-step sample (re-noising noise seeded by the batch index) against the teacher
+    output (``val/student_psnr``,
     ``val/student_ssim``) and the same for the teacher's own one-step sample
     (``val/teacher_1step_psnr``, ``val/teacher_1step_ssim``): decoded pixels clamped to
     [-1, 1], ``data_range = 2``, PSNR per video then averaged, SSIM over all frames.
@@ -259,7 +260,8 @@ class KDModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         noise, target, cond = self.pair_inputs(batch)
-        loss = self.objective().loss(noise, target, cond, batch.get("teacher_trajectory"), batch.get("trajectory_sigmas"))
+        trajectory, trajectory_sigmas = batch.get("teacher_trajectory"), batch.get("trajectory_sigmas")
+        loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
         self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
         return loss
 
@@ -307,7 +309,8 @@ class KDModule(L.LightningModule):
         steps = f"{self.pairs_steps}-step" if self.pairs_steps else "N-step"
         control = "control" if self.student.control_channels else "control (unused)"
         return {
-            f"student {len(self.student_levels)}-step": self.decode(self.student_sample(self.eval_student, noise, cond, seed)),
+            f"student {len(self.student_levels)}-step":
+                self.decode(self.student_sample(self.eval_student, noise, cond, seed)),
             f"teacher 1-step w={self.teacher_guidance:g}": self.decode(self.teacher_1step(noise, cond)),
             control: batch["control"].float(),
             f"teacher {steps} (GT)": self.decode(target),

@@ -84,8 +84,8 @@ def test_a_student_on_the_teachers_own_euler_path_has_zero_loss():
     sig = torch.tensor([[1.0, 0.7, 0.45, 0.2, 0.0]] * 2)
     states = [eps]
     for k in range(4):
-        r = sig[:, k].reshape(-1, 1, 1, 1, 1)
-        states.append(states[-1] + (sig[:, k + 1].reshape(-1, 1, 1, 1, 1) - r) * exact_velocity(states[-1], sig[:, k], MU, S))
+        r, r_next = sig[:, k].reshape(-1, 1, 1, 1, 1), sig[:, k + 1].reshape(-1, 1, 1, 1, 1)
+        states.append(states[-1] + (r_next - r) * exact_velocity(states[-1], sig[:, k], MU, S))
     trajectory = torch.stack(states[1:4], dim=1)
     objective = KDObjective(ExactStudent(), (1.0, 0.75, 0.5, 0.25))
     loss = objective.loss(eps, states[4], COND, trajectory, sig[:, 1:4])
