@@ -10,6 +10,7 @@ import math
 import pytest
 
 from distill_pl.diffusion.student_steps import student_noise_levels
+from distill_pl.models.teacher_folder import student_noise_levels_of
 from distill_pl.stages.dmd2 import DMD2Module
 from tests.stages.test_dmd2 import FAST, StepRecorder, dm, kd_checkpoint, teacher_dir, trainer  # noqa: F401 (fixtures)
 
@@ -60,5 +61,10 @@ def test_tiny_4step_config_fits_from_kd_checkpoint_and_exports_4_steps(teacher_d
     run_dir = tmp_path / "runs/tiny/dmd2_4step"
     assert sorted(scalar_events(run_dir, "train/generator_loss")) == [4]
     assert list(run_dir.rglob("grids/step000005_0.png"))
+    levels = student_noise_levels(SIGMAS, 2.0, shifted=False)
     steps = json.loads((run_dir / "export" / "student_steps.json").read_text())
-    assert steps["noise_levels"] == pytest.approx(student_noise_levels(SIGMAS, 2.0, shifted=False))
+    assert steps["noise_levels"] == pytest.approx(levels)
+    # distill-pl export of the checkpoint records the same levels (from its student_sigmas)
+    run_cli(["export", "--ckpt", str(run_dir / "checkpoints/last.ckpt"), "--out", str(tmp_path / "exported")],
+            cwd=tmp_path)
+    assert student_noise_levels_of(tmp_path / "exported") == pytest.approx(levels)
