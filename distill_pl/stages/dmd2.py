@@ -211,12 +211,11 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
-
         if phased_dmd and (phase_generator_steps is None or phase_generator_steps < 1):
             raise ValueError(f"phased_dmd needs phase_generator_steps >= 1, got {phase_generator_steps}")
-        self.shift = scheduler_shift(load_scheduler(teacher))
-        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         check_trained_step_input(trained_step_input, phased_dmd)
+
+        self.shift = scheduler_shift(load_scheduler(teacher))
         self.fake_score = WanDenoiser(path=teacher, gradient_checkpointing=gradient_checkpointing)
         self.student = copy.deepcopy(self.fake_score)
         if teacher_dtype == "float32":
@@ -250,6 +249,7 @@ class DMD2Module(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.step_metrics: dict[str, float] = {}
+        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
 
     # --- sharding (FSDP2) -------------------------------------------------------------------
     #: left out of checkpoints (also of distributed ones, see distill_pl.strategies)
