@@ -5,23 +5,22 @@
 The checkpoint is a distributed one (a folder of ``*.distcp`` shards + ``meta.pt``, written
 under :class:`distill_pl.strategies.FSDP2Strategy`) or a single ``.ckpt`` file. One process,
 no process group: the student is built on the meta device from the teacher's transformer
-config, given empty CPU tensors, and only the student's keys are read from the shards
-(``torch.distributed.checkpoint.load``), so neither the optimizer states nor the other networks
-are loaded. The folder is what the run's own ``export_dir`` holds: ``transformer/`` (full
-float weights), a flow-match Euler ``scheduler/`` with the teacher's shift,
-``student_steps.json`` (the student's noise levels, from the run's ``student_sigmas``) and
+config (by its family's adapter, which the registry picks), given empty CPU tensors, and only
+the student's keys are read from the shards (``torch.distributed.checkpoint.load``), so
+neither the optimizer states nor the other networks are loaded. The folder is what the run's
+own ``export_dir`` holds: ``transformer/`` (full float weights), a flow-match Euler
+``scheduler/`` with the teacher's shift, ``student_steps.json`` (the student's noise levels,
+from the run's ``student_sigmas``) and
 ``student.json`` (the data settings) when the checkpoint records them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from distill_pl.models.loading import find_diffusers_model_folder
 from distill_pl.models.sharding import denoiser_from_state_dict
 from distill_pl.stages.student_init import EMA_PREFIX, STUDENT_PREFIX
 
@@ -40,8 +39,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", teacher: str | None = None) -> Path:
     from distill_pl.diffusion.student_steps import student_noise_levels
+    from distill_pl.models.families.registry import build_denoiser, denoiser_config
     from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
-    from distill_pl.models.wan import WanDenoiser
 
     ckpt = Path(ckpt)
     sharded = ckpt.is_dir()
@@ -53,9 +52,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     keys = _checkpoint_keys(ckpt) if sharded else set(meta["state_dict"])
     prefix = _prefix(keys, weights, ckpt)
 
-    folder = find_diffusers_model_folder(teacher, WanDenoiser.transformer_class_name, "transformer")
-    config = json.loads((Path(folder) / "config.json").read_text())
-    template = WanDenoiser.build_on_meta({k: v for k, v in config.items() if not k.startswith("_")})
+    template = build_denoiser(*denoiser_config(teacher), on_meta=True)
     if sharded:
         from torch.distributed.checkpoint import load as dcp_load
 
@@ -65,7 +62,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
         state = {k[len(prefix):]: v for k, v in request["state_dict"].items()}
     else:
         state = {k[len(prefix):]: v for k, v in meta["state_dict"].items() if k.startswith(prefix)}
-    student = denoiser_from_state_dict(template.transformer.config, state)
+    student = denoiser_from_state_dict(template, state)
     settings = meta.get("datamodule_hyper_parameters")
     shift = scheduler_shift(load_scheduler(teacher))
     levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,

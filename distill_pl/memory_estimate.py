@@ -68,8 +68,9 @@ from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.families.registry import build_denoiser, denoiser_config
+from distill_pl.models.lora import add_lora
 from distill_pl.objectives.dmd2 import DMD2Objective
 from distill_pl.objectives.kd import KDObjective
 from distill_pl.paths import resolve_path
@@ -82,10 +83,13 @@ _WAN21_T2V = {
     "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
 }
 #: ``transformer/config.json`` of the published diffusers folders (diffusers'
-#: scripts/convert_wan_to_diffusers.py), used when the teacher folder is not on disk
+#: scripts/convert_wan_to_diffusers.py), used when the teacher folder is not on disk:
+#: folder name -> (transformer class name, config)
 PUBLISHED_TRANSFORMER_CONFIGS = {
-    "Wan2.1-T2V-1.3B-Diffusers": {**_WAN21_T2V, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960},
-    "Wan2.1-T2V-14B-Diffusers": {**_WAN21_T2V, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824},
+    "Wan2.1-T2V-1.3B-Diffusers": ("WanTransformer3DModel", {
+        **_WAN21_T2V, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960}),
+    "Wan2.1-T2V-14B-Diffusers": ("WanTransformer3DModel", {
+        **_WAN21_T2V, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}),
 }
 #: Lightning precision -> the dtype the networks compute in
 COMPUTE_DTYPES = {"32-true": "float32", "32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -249,13 +253,14 @@ def estimate_memory(
         micro_batch = math.ceil(data.batch_size / args.get("accumulate_micro_batches", 1))
     if gradient_checkpointing is None:
         gradient_checkpointing = args["gradient_checkpointing"]
-    transformer, source = _transformer_config(args["teacher"])
+    class_name, transformer, source = _transformer_config(args["teacher"])
     vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
-    networks = _networks(stage, args, transformer, vae, gradient_checkpointing)
+    networks = _networks(stage, args, class_name, transformer, vae, gradient_checkpointing)
     built = {name: net.build(net.dtype) for name, net in networks.items()}
     static, trainable = _state_bytes(networks, built, devices, sharding)
-    latent = (transformer["out_channels"], *_latent_sizes(data, vae))
-    text = (data.max_text_length, transformer["text_dim"])
+    student = built["student"]
+    latent = (student.latent_channels, *_latent_sizes(data, vae))
+    text = (data.max_text_length, student.text_dim)
     loaded = micro_batch if stage == "KDModule" else max(micro_batch, data.batch_size)  # DMD2 splits its batch
     static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(stage, loaded, data, latent, text)
 
@@ -276,7 +281,7 @@ def estimate_memory(
             activations, weight_copies = saved_tensor_bytes(forward, state, copied)
         phases[phase] = Phase(sum(trainable[n] for n in names), activations, weight_copies)
 
-    p_t, p_h, p_w = transformer["patch_size"]
+    p_t, p_h, p_w = student.patch_size
     tokens = latent[1] // p_t * (latent[2] // p_h) * (latent[3] // p_w)
     num_params = sum(p.numel() for p in built["student"].parameters())
     header = [
@@ -333,13 +338,14 @@ def _folder_config(path: str, subfolder: str) -> dict | None:
     return None
 
 
-def _transformer_config(teacher: str) -> tuple[dict, str]:
-    config = _folder_config(teacher, "transformer")
-    if config is not None:
-        return config, f"{teacher} (its config.json)"
+def _transformer_config(teacher: str) -> tuple[str, dict, str]:
+    """(class name, config, where they came from) of the teacher's denoiser."""
+    if _folder_config(teacher, "transformer") is not None:
+        return (*denoiser_config(teacher), f"{teacher} (its config.json)")
     name = resolve_path(teacher).name
     if name in PUBLISHED_TRANSFORMER_CONFIGS:
-        return PUBLISHED_TRANSFORMER_CONFIGS[name], f"published {name} config ({teacher} is not on disk)"
+        class_name, config = PUBLISHED_TRANSFORMER_CONFIGS[name]
+        return class_name, config, f"published {name} config ({teacher} is not on disk)"
     raise FileNotFoundError(
         f"{teacher}: no transformer/config.json there, and not one of the published configs "
         f"({', '.join(PUBLISHED_TRANSFORMER_CONFIGS)}); only the config file is needed, not the weights"
@@ -367,21 +373,22 @@ def _batch_bytes(stage: str, b: int, data, latent: tuple[int, ...], text: tuple[
     return b * (4 * (pixels + latents + math.prod(text)) + text[0])
 
 
-def _networks(stage: str, args: dict, transformer: dict, vae: dict | None, checkpointing: bool) -> dict[str, Network]:
+def _networks(stage: str, args: dict, class_name: str, transformer: dict, vae: dict | None,
+              checkpointing: bool) -> dict[str, Network]:
     """The stage's networks as its module builds them (student, teacher, ...; see stages/)."""
-    def wan(gradient_checkpointing: bool) -> Callable[[str], nn.Module]:
-        def build(dtype: str) -> WanDenoiser:
-            with torch.device("meta"):
-                return WanDenoiser(config=transformer, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+    def denoiser(gradient_checkpointing: bool) -> Callable[[str], nn.Module]:
+        def build(dtype: str) -> Denoiser:
+            return build_denoiser(class_name, transformer, dtype=dtype,
+                                  gradient_checkpointing=gradient_checkpointing, on_meta=True)
         return build
 
-    def lora_wan(dtype: str) -> WanDenoiser:
+    def lora_denoiser(dtype: str) -> Denoiser:
         with torch.device("meta"):
-            return add_lora(wan(checkpointing)(dtype), args["fake_score_lora_rank"], args["fake_score_lora_alpha"],
-                            args["fake_score_lora_targets"] or WAN_BLOCK_LINEARS)
+            return add_lora(denoiser(checkpointing)(dtype), args["fake_score_lora_rank"],
+                            args["fake_score_lora_alpha"], args["fake_score_lora_targets"])
 
     def head(dtype: str) -> DiscriminatorHead:
-        feature_dim = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+        feature_dim = denoiser(False)("float32").feature_dim
         with torch.device("meta"):
             return DiscriminatorHead(feature_dim, args["discriminator_hidden"]).to(getattr(torch, dtype))
 
@@ -390,16 +397,16 @@ def _networks(stage: str, args: dict, transformer: dict, vae: dict | None, check
             model = AutoencoderKLWan.from_config(vae)
         return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
-    nets = {"student": Network(wan(checkpointing), "float32", True),
-            "teacher": Network(wan(False), args["teacher_dtype"], False)}
+    nets = {"student": Network(denoiser(checkpointing), "float32", True),
+            "teacher": Network(denoiser(False), args["teacher_dtype"], False)}
     if stage == "DMD2Module":
         if args["fake_score_lora_rank"] is None:
-            nets["fake_score"] = Network(wan(checkpointing), "float32", True)
+            nets["fake_score"] = Network(denoiser(checkpointing), "float32", True)
         else:  # frozen base in the teacher's dtype, float32 adapters (as DMD2Module builds it)
-            nets["fake_score"] = Network(lora_wan, args["teacher_dtype"], True)
+            nets["fake_score"] = Network(lora_denoiser, args["teacher_dtype"], True)
         nets["discriminator"] = Network(head, "float32", True)
     if args["ema_decay"] is not None:
-        nets["student_ema"] = Network(wan(False), "float32", False)
+        nets["student_ema"] = Network(denoiser(False), "float32", False)
     if vae is not None:
         nets["vae"] = Network(autoencoder, args.get("vae_dtype", "float32"), False, sharded=False)
     return nets

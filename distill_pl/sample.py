@@ -22,10 +22,10 @@ from distill_pl.diffusion.sampling import few_step_sample, sample_with_scheduler
 from distill_pl.function_cli import run_with_data
 from distill_pl.media import frame_grid, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import STUDENT_STEPS_FILE, load_scheduler, student_noise_levels_of
 from distill_pl.paths import resolve_path
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.stages.batch import encode_clip_batch
 
 
@@ -43,7 +43,7 @@ def sample_teacher(
 ) -> list[Path]:
     """Sample ``num_videos`` validation clips' controls and captions with the teacher (or the
     student) folder ``teacher``."""
-    denoiser = WanDenoiser(path=teacher).eval()
+    denoiser = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
     is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
     levels = student_noise_levels_of(teacher) if is_student else None
@@ -62,7 +62,7 @@ def sample_teacher(
             batch = next(batches)
         except StopIteration:
             break
-        x0, cond = encode_clip_batch(batch, autoencoder)
+        x0, cond = encode_clip_batch(batch, autoencoder, denoiser)
         g = torch.Generator().manual_seed(seed + index)
         noise = torch.randn(x0.shape, generator=g)
         with torch.no_grad():
@@ -70,7 +70,8 @@ def sample_teacher(
                 x0 = few_step_sample(velocity_fn(denoiser, cond), noise, levels, g)
             else:
                 fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
-                x0 = sample_with_scheduler(fn, noise, scheduler, steps, progress=True)
+                x0 = sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
+                                           step_sigma=denoiser.sampler_sigma)
             video = autoencoder.decode(x0)
         for b in range(video.shape[0]):
             if index >= num_videos:

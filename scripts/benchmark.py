@@ -56,19 +56,20 @@ def bench_sampling(args) -> dict:
     from distill_pl.eval.methods import student_method, teacher_method
     from distill_pl.models.autoencoder import build_autoencoder
     from distill_pl.models.conditioning import Conditioning
+    from distill_pl.models.families.registry import load_denoiser
     from distill_pl.models.guidance import negative_conditioning
     from distill_pl.models.teacher_folder import load_scheduler
-    from distill_pl.models.wan import WanDenoiser
 
     device = _device(args.device)
     student_path = args.student if Path(args.student).exists() else args.teacher
-    teacher = WanDenoiser(path=args.teacher).eval().to(device)
-    student = WanDenoiser(path=student_path).eval().to(device)
+    teacher = load_denoiser(args.teacher).eval().to(device)
+    student = load_denoiser(student_path).eval().to(device)
     data = VideoDataModule(val_clips_per_video=max(1, args.batch // 4 + 1), batch_size=args.batch)
     clips = held_out_clips(data)
     index = torch.arange(args.batch) % clips["video"].shape[0]
     autoencoder = build_autoencoder(None)
-    cond = Conditioning(clips["text_embeds"], clips["text_mask"], clips["control"]).select(index).to(device)
+    control = teacher.encode_control(clips["control"].float(), autoencoder)
+    cond = Conditioning(clips["text_embeds"], clips["text_mask"], control).select(index).to(device)
     uncond = negative_conditioning(cond, *(t.to(device) for t in data.negative_prompt_embedding()))
     noise = torch.randn(clips["video"][index].shape, generator=torch.Generator().manual_seed(0)).to(device)
     methods = [teacher_method(teacher, load_scheduler(args.teacher), args.steps, args.guidance),

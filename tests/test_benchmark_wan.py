@@ -14,7 +14,8 @@ from torch import nn
 
 from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.families.registry import build_denoiser
 from tests.test_wan_configs import TRANSFORMER_CONFIG
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_wan.py"
@@ -64,7 +65,7 @@ def test_out_of_memory_retries_with_fewer_frames(monkeypatch, capsys, one_thread
     assert (kd["frames"], kd["latent"]) == (1, [1, 16, 1, 32, 32])
 
 
-def _forward_flops_from_layers(model: WanDenoiser, latent: tuple[int, ...], text_len: int) -> int:
+def _forward_flops_from_layers(model: Denoiser, latent: tuple[int, ...], text_len: int) -> int:
     """2 x weights x rows of every Linear/Conv3d, rows = the tokens it acts on (video tokens,
     text tokens, or one per sample for the time embedding), plus attention's two matmuls
     per block: ``4 N^2 D`` (self) and ``4 N L D`` (cross)."""
@@ -99,7 +100,7 @@ def test_forward_flops_match_closed_forms(config, latent, text_len):
     """FlopCounterMode on the meta device (no memory, so the real size is cheap) against
     :func:`wan_forward_flops` and against a sum over the model's own layer shapes."""
     with torch.device("meta"):
-        model = WanDenoiser(config=config, dtype="bfloat16")
+        model = build_denoiser("WanTransformer3DModel", config, dtype="bfloat16")
         x, sigma = torch.randn(latent), torch.rand(latent[0])
         cond = Conditioning(torch.randn(latent[0], text_len, config["text_dim"]))
     with torch.no_grad():

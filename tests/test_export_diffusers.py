@@ -15,7 +15,8 @@ from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.teacher_folder import save_student_folder, student_noise_levels_of
 from distill_pl.models.text_encoder import TextEncoder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.families.registry import build_denoiser
 from distill_pl.paths import resolve_path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "one_step_diffusers.py"
@@ -38,9 +39,9 @@ TINY = dict(
 )
 
 
-def export_student(folder: Path, shift: float, data_hparams: dict | None = None) -> WanDenoiser:
+def export_student(folder: Path, shift: float, data_hparams: dict | None = None) -> Denoiser:
     torch.manual_seed(0)
-    student = WanDenoiser(config=TINY).eval()
+    student = build_denoiser("WanTransformer3DModel", TINY).eval()
     save_student_folder(folder, student, shift, data_hparams)
     return student
 
@@ -120,7 +121,7 @@ def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_s
     same generator, re-noises with the project sampler's fresh noise."""
     levels = student_noise_levels([1.0, 0.75, 0.5, 0.25], shift, shifted=False)
     torch.manual_seed(0)
-    student = WanDenoiser(config=TINY).eval()
+    student = build_denoiser("WanTransformer3DModel", TINY).eval()
     save_student_folder(tmp_path, student, shift, None, levels)
     assert student_noise_levels_of(tmp_path) == levels
     transformer, scheduler = one_step_diffusers.load_student(tmp_path)

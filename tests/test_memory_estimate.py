@@ -24,7 +24,7 @@ from distill_pl.memory_estimate import (
     parameter_bytes,
     saved_tensor_bytes,
 )
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser
 from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B
@@ -82,16 +82,18 @@ def profiled_peaks(steps: list[tuple[str, Callable[[], None]]]) -> dict[str, int
 
 def test_published_configs_are_the_diffusers_folders_configs():
     strip = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"] == strip(TRANSFORMER_CONFIG)
-    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-14B-Diffusers"] == strip(TRANSFORMER_CONFIG_14B)
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"] == (
+        TRANSFORMER_CONFIG["_class_name"], strip(TRANSFORMER_CONFIG))
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-14B-Diffusers"] == (
+        TRANSFORMER_CONFIG_14B["_class_name"], strip(TRANSFORMER_CONFIG_14B))
 
 
 def test_parameter_and_optimizer_bytes_are_closed_forms():
     """Wan2.1-1.3B KD on 8 GPUs with FSDP: float32 student, bf16 teacher, 2 AdamW moments, /8."""
     estimate = estimate_memory("configs/wan2.1-t2v-1.3b/kd.yaml", devices=8, sharding="fsdp")
-    config = PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"]
-    with torch.device("meta"):
-        student, teacher = WanDenoiser(config=config), WanDenoiser(config=config, dtype="bfloat16")
+    class_name, config = PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"]
+    student = build_denoiser(class_name, config, on_meta=True)
+    teacher = build_denoiser(class_name, config, dtype="bfloat16", on_meta=True)
     n = sum(p.numel() for p in student.parameters())
     assert n == 1_418_996_800
     rows = estimate.static

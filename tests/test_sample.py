@@ -8,7 +8,7 @@ import torch
 import distill_pl.sample as sample_module
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.models.teacher_folder import save_student_folder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser
 
 TINY = dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=6, out_channels=3,
             text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1)
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_a_student_folder_is_sampled_at_its_levels_without_cfg(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
-    folder = save_student_folder(tmp_path / "student", WanDenoiser(config=TINY), 1.0, None, (1.0, 0.5))
+    student = build_denoiser("WanTransformer3DModel", TINY)
+    folder = save_student_folder(tmp_path / "student", student, 1.0, None, (1.0, 0.5))
     calls = []
     few_step = sample_module.few_step_sample
 

@@ -39,9 +39,9 @@ from distill_pl.eval.report import write_report
 from distill_pl.function_cli import run_with_data
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning
 from distill_pl.models.teacher_folder import load_scheduler, student_noise_levels_of
-from distill_pl.models.wan import WanDenoiser
 
 
 def held_out_clips(data: VideoDataModule) -> dict:
@@ -136,11 +136,11 @@ def evaluate(
     windows = clips["video"].shape[0]
     num_examples = windows * samples_per_clip
     autoencoder = build_autoencoder(vae_path)
-    teacher_net = WanDenoiser(path=teacher).eval()
+    teacher_net = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
 
     index = torch.arange(num_examples) % windows  # example i shows window i % windows
-    control = autoencoder.encode(clips["control"].float()) if teacher_net.control_channels else None
+    control = teacher_net.encode_control(clips["control"].float(), autoencoder)
     cond = Conditioning(clips["text_embeds"].float(), clips["text_mask"], control).select(index)
     uncond = negative_conditioning(cond, *data.negative_prompt_embedding())
     latent_shape = autoencoder.encode(clips["video"][:1].float()).shape[1:]
@@ -151,7 +151,7 @@ def evaluate(
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
         levels = student_noise_levels_of(folder)
-        methods.append(student_method(name, WanDenoiser(path=folder).eval(), levels, seed))
+        methods.append(student_method(name, load_denoiser(folder).eval(), levels, seed))
         fingerprints[methods[-1].key] = f"{teacher_fingerprint(folder)} noise levels {list(levels)}"
     settings = dict(
         data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},

@@ -37,7 +37,7 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) ->
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
         fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance)
-        return sample_with_scheduler(fn, noise, scheduler, steps)
+        return sample_with_scheduler(fn, noise, scheduler, steps, step_sigma=teacher.sampler_sigma)
 
     label = f"teacher {steps}-step" + (f" CFG w={guidance:g}" if cfg else "")
     return Method(f"teacher_{steps}step", label, steps * (2 if cfg else 1), sample)

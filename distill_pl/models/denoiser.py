@@ -1,10 +1,20 @@
-"""The Denoiser contract: the seam between training stages and any video backbone."""
+"""The Denoiser contract: the seam between training stages and any video backbone.
+
+Stages, evaluation, export, sharding, LoRA and the memory estimate use only what is declared
+here; an adapter in :mod:`distill_pl.models.families` hides the diffusers classes of one model
+family, and :mod:`distill_pl.models.families.registry` picks the adapter of a folder.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
 from distill_pl.models.conditioning import Conditioning
+
+if TYPE_CHECKING:
+    from distill_pl.models.autoencoder import VideoAutoencoder
 
 
 class Denoiser(nn.Module):
@@ -12,31 +22,122 @@ class Denoiser(nn.Module):
 
     ``forward(x_t, sigma, cond)`` takes latents ``x_t`` [B, C, T, H, W], noise levels
     ``sigma`` [B] in [0, 1] (``x_t = (1 - sigma) x0 + sigma eps``) and a
-    :class:`Conditioning`, and returns the velocity ``v = eps - x0`` with the shape of
-    ``x_t``. With ``feature_block=k`` it returns ``(velocity, features)`` where
-    ``features`` [B, D, t, h, w] are the hidden states after transformer block ``k``
-    arranged on the token grid (used by the discriminator head).
+    :class:`Conditioning`, and returns the velocity ``v = eps - x0`` with the shape (and
+    dtype) of ``x_t``. With ``feature_block=k`` it returns ``(velocity, features)`` where
+    ``features`` [B, feature_dim, T/pt, H/ph, W/pw] are the hidden states after
+    ``blocks[k]`` arranged on the token grid (used by the discriminator head).
 
-    Stages only use this interface; adapters hide the backbone class.
+    An adapter's constructor takes ``path`` (a local folder) or ``config`` (the backbone's
+    diffusers config, random weights), and ``dtype`` and ``gradient_checkpointing``, plus its
+    own options (:attr:`adapter_options`).
     """
 
-    #: channels of the latents it denoises (C)
+    #: the diffusers ``_class_name`` of the backbone (the registry's key for this adapter)
+    class_name: ClassVar[str]
+    #: default LoRA targets: suffixes of module paths of the Linear layers inside
+    #: :attr:`blocks` (peft ``target_modules``)
+    lora_targets: ClassVar[tuple[str, ...]]
+
+    #: channels C of the latents it denoises
     latent_channels: int
-    #: channels of the control video it expects (0 = no control)
+    #: channels of ``Conditioning.control`` (0 = the model takes no control)
     control_channels: int
+    #: width D of the text embeddings ``Conditioning.text_embeds`` [B, L, D]
+    text_dim: int
     #: number of transformer blocks (valid feature_block values are 0..num_blocks-1)
     num_blocks: int
     #: hidden size D of the block features
     feature_dim: int
+    #: (pt, ph, pw): latent frames, height and width must be multiples of it
+    patch_size: tuple[int, int, int]
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        on_meta: bool = False,
+        **adapter_options,
+    ) -> "Denoiser":
+        """Random weights from the backbone ``config`` (``on_meta``: every tensor on meta)."""
+        raise NotImplementedError
+
+    @classmethod
+    def folder_config(cls, path: str) -> dict:
+        """What :meth:`from_config` takes, read from a local folder of this class without its
+        weights (default: the ``transformer/`` (or the folder's own) ``config.json`` without
+        ``_`` keys; an adapter of several models returns them all)."""
+        from distill_pl.models.families.registry import read_config, transformer_config_file
+
+        return read_config(transformer_config_file(path))
+
+    @property
+    def backbone_config(self) -> dict:
+        """The backbone's diffusers config without ``_`` keys (what :meth:`from_config` takes)."""
+        raise NotImplementedError
+
+    @property
+    def adapter_options(self) -> dict:
+        """The adapter's own constructor options (none by default); copies keep them."""
+        return {}
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The ``num_blocks`` transformer blocks of the main stream, in order: the
+        discriminator's feature taps and the units of gradient checkpointing."""
+        raise NotImplementedError
+
+    @property
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules sharded as one FSDP unit each (then the denoiser as the root unit):
+        the blocks by default; an adapter adds its side branches' blocks."""
+        return list(self.blocks)
 
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def encode_control(self, control: Tensor, autoencoder: "VideoAutoencoder") -> Tensor | None:
+        """What ``Conditioning.control`` holds for this model, from the control video
+        [B, 3, T, H, W] in [-1, 1]: None for a model without control, else by default the
+        video encoded like the clips (``autoencoder.encode``; identity in pixel space)."""
+        if self.control_channels == 0:
+            return None
+        return autoencoder.encode(control)
+
+    def encoded_control_channels(self, autoencoder: "VideoAutoencoder") -> int:
+        """Channels of :meth:`encode_control`'s output with ``autoencoder`` (0 without
+        control); a model fits the autoencoder when this equals :attr:`control_channels`."""
+        return autoencoder.latent_channels if self.control_channels else 0
+
+    def sampler_sigma(self, timestep: Tensor, sigma: Tensor) -> Tensor:
+        """The ``sigma`` (0-d tensor) a scheduler sampler passes to :meth:`forward` at the step
+        with the scheduler's ``timesteps[i]`` and ``sigmas[i]``, as the model's official
+        pipeline feeds its transformer. Default: ``sigmas[i]`` itself."""
+        return sigma
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each of :attr:`blocks` in backward (non-reentrant)."""
         raise NotImplementedError
 
     def save_pretrained(self, folder: str) -> None:
         """Write the backbone as a diffusers model folder (config.json + safetensors)."""
         raise NotImplementedError
+
+    def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
+        """The weights of a folder of this model's class (a model or teacher folder, as
+        :meth:`save_pretrained` writes it), keyed as ``self.state_dict()``."""
+        raise NotImplementedError
+
+    def empty_copy(self) -> "Denoiser":
+        """An unsharded copy of this architecture (same config and adapter options) whose
+        parameters are on the meta device and whose buffers are computed on the CPU; fill it
+        with ``load_state_dict(state, assign=True)``. Works on an FSDP-sharded denoiser."""
+        from accelerate import init_empty_weights
+
+        from distill_pl.models.families.registry import adapter_class
+
+        with init_empty_weights(include_buffers=False):
+            return adapter_class(self.class_name).from_config(self.backbone_config, **self.adapter_options)

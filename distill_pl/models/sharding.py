@@ -1,8 +1,9 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for denoisers, and gathering them back.
 
 Used by the stages' ``configure_model`` under :class:`distill_pl.strategies.FSDP2Strategy`
-(Lightning's ``ModelParallelStrategy``): every transformer block is its own FSDP unit, then
-the denoiser's root (patch embedding, condition embedders, output head) is one more. Parameters
+(Lightning's ``ModelParallelStrategy``): every transformer block (the denoiser's
+``fsdp_units``) is its own FSDP unit, then the denoiser's root (patch embedding, condition
+embedders, output head) is one more. Parameters
 become ``DTensor`` shards on the data-parallel mesh; ``reshard_after_forward=True`` frees the
 gathered weights after each forward, which also keeps optimizer toggling (``requires_grad``
 flipped between the critic and the student phases of DMD2) correct.
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+from distill_pl.models.denoiser import Denoiser
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
@@ -36,9 +39,9 @@ def shard_module(module: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None
     return module
 
 
-def shard_denoiser(denoiser: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` each block of ``denoiser.transformer.blocks``, then the denoiser itself."""
-    for block in denoiser.transformer.blocks:
+def shard_denoiser(denoiser: Denoiser, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """``fully_shard`` each of ``denoiser.fsdp_units`` (its blocks), then the denoiser itself."""
+    for block in denoiser.fsdp_units:
         shard_module(block, mesh, mp_policy)
     return shard_module(denoiser, mesh, mp_policy)
 
@@ -109,13 +112,12 @@ def export_student_of_run(
         save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels)
 
 
-def gather_denoiser(denoiser: nn.Module, rank: int) -> nn.Module | None:
+def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:
     """An unsharded CPU float copy of a sharded denoiser, on rank 0 (None on other ranks).
 
-    A collective (every rank must call it). The copy is built on the meta device from the
-    transformer's config and takes the gathered full weights
-    (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``); non-persistent
-    buffers (the RoPE tables) are recomputed by building the copy's rotary module on CPU.
+    A collective (every rank must call it). The copy is the denoiser's ``empty_copy()``
+    (parameters on meta, buffers computed on CPU) given the gathered full weights
+    (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``).
     An unsharded ``denoiser`` is returned as it is.
     """
     if not is_sharded(denoiser):
@@ -125,33 +127,13 @@ def gather_denoiser(denoiser: nn.Module, rank: int) -> nn.Module | None:
     full = get_model_state_dict(denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    return denoiser_from_state_dict(denoiser.transformer.config, full)
+    return denoiser_from_state_dict(denoiser, full)
 
 
-def denoiser_from_state_dict(config, state: dict[str, Tensor]) -> nn.Module:
-    """A ``WanDenoiser`` of ``config`` (a transformer config) holding ``state`` (keys
-    ``transformer.*``), built without initialising random weights."""
-    from distill_pl.models.wan import WanDenoiser
-
-    kwargs = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    copy = WanDenoiser.build_on_meta(kwargs)
+def denoiser_from_state_dict(like: Denoiser, state: dict[str, Tensor]) -> Denoiser:
+    """A denoiser of ``like``'s architecture (``like.empty_copy()``: its class, config and
+    adapter options; ``like`` may be sharded or on meta) holding ``state``, built without
+    initialising random weights. ``strict`` loading: a missing or extra key is an error."""
+    copy = like.empty_copy()
     copy.load_state_dict(state, strict=True, assign=True)
-    # non-persistent buffers (in no state dict) are still on meta: rebuild their modules on CPU
-    for name, module in copy.named_modules():
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            kwargs = _init_kwargs(module)
-            if kwargs is None:
-                raise RuntimeError(f"cannot rebuild the non-persistent buffers of {name!r}")
-            fresh = type(module)(**kwargs)
-            for buffer_name, _ in list(module.named_buffers(recurse=False)):
-                module._buffers[buffer_name] = getattr(fresh, buffer_name)
     return copy
-
-
-def _init_kwargs(module: nn.Module) -> dict | None:
-    """Constructor arguments of diffusers' ``WanRotaryPosEmbed`` (the only module with
-    non-persistent buffers in a Wan transformer)."""
-    if type(module).__name__ == "WanRotaryPosEmbed":
-        return dict(attention_head_dim=module.attention_head_dim, patch_size=module.patch_size,
-                    max_seq_len=module.max_seq_len)
-    return None

@@ -73,7 +73,8 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora
+from distill_pl.models.families.registry import load_denoiser
+from distill_pl.models.lora import add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import (
     export_student_of_run,
@@ -83,9 +84,8 @@ from distill_pl.models.sharding import (
     shard_stage_networks,
 )
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.objectives.dmd2 import DMD2Draws, DMD2Objective, TrainedStepInput, check_trained_step_input
-from distill_pl.stages.batch import batch_conditioning
+from distill_pl.stages.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
 from distill_pl.stages.randomness import step_generator
 from distill_pl.stages.student_init import load_student_weights
 
@@ -216,12 +216,12 @@ class DMD2Module(L.LightningModule):
         check_trained_step_input(trained_step_input, phased_dmd)
 
         self.shift = scheduler_shift(load_scheduler(teacher))
-        self.fake_score = WanDenoiser(path=teacher, gradient_checkpointing=gradient_checkpointing)
+        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing)
         self.student = copy.deepcopy(self.fake_score)
         if teacher_dtype == "float32":
             self.teacher = copy.deepcopy(self.fake_score)
         else:
-            self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype)
+            self.teacher = load_denoiser(teacher, dtype=teacher_dtype)
         self.teacher.set_gradient_checkpointing(False)
         self.teacher.eval().requires_grad_(False)
         if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
@@ -229,7 +229,7 @@ class DMD2Module(L.LightningModule):
                 self.fake_score = copy.deepcopy(self.teacher).train()
                 self.fake_score.set_gradient_checkpointing(gradient_checkpointing)
             add_lora(self.fake_score, fake_score_lora_rank, fake_score_lora_alpha,
-                     fake_score_lora_targets or WAN_BLOCK_LINEARS, seed=seed)
+                     fake_score_lora_targets, seed=seed)
         if init_from is not None:
             source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
             rank_zero_info(f"DMD2 student initialised from {source}")
@@ -274,6 +274,7 @@ class DMD2Module(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
+        check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError(
@@ -299,7 +300,7 @@ class DMD2Module(L.LightningModule):
     def conditioning(self, batch: dict) -> Conditioning:
         """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
         without control channels (e.g. Wan2.1 T2V) gets no control."""
-        return batch_conditioning(batch, self.autoencoder, self.teacher.control_channels > 0)
+        return batch_conditioning(batch, self.autoencoder, self.teacher)
 
     def latent_shape(self, video: Tensor) -> tuple[int, ...]:
         """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""
@@ -346,7 +347,7 @@ class DMD2Module(L.LightningModule):
             groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
             optimizer, max_norm = critic_opt, self.hparams.critic_grad_clip
         draws = self.step_draws(batch, step)
-        size = len(batch["video"])
+        size = len(batch["text_embeds"])
         n = min(self.hparams.accumulate_micro_batches, size)
         bounds = [size * i // n for i in range(n + 1)]
         logs: dict[str, Tensor] = {}
@@ -377,7 +378,7 @@ class DMD2Module(L.LightningModule):
         """The draws (:class:`~distill_pl.objectives.dmd2.DMD2Draws`) of this rank's samples at
         ``step``, each sample's from its own step generator (see the module docstring)."""
         like = batch["text_embeds"]
-        b, *shape = self.latent_shape(batch["video"])
+        b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
         objective, phase = self.objective, self.dmd_phase(step)
         generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
@@ -393,7 +394,7 @@ class DMD2Module(L.LightningModule):
         x_real = None
         if needs_real:
             with torch.no_grad():
-                x_real = self.autoencoder.encode(batch["video"]).to(draws.eps)
+                x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
         if generator_phase:
             out = objective.trained_step(draws, cond, x_real)
             return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.null_conditioning(cond),
@@ -553,15 +554,15 @@ class DMD2Module(L.LightningModule):
         cond = self.conditioning(batch)
         like = batch["text_embeds"]
         g = torch.Generator(device="cpu").manual_seed(seed)
-        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
         teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
         steps = len(self.student_levels)
         return {
             f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),
             f"teacher 1-step w={w:g}": self.autoencoder.decode(one_step_sample(teacher, eps)),
-            "control" if self.teacher.control_channels else "control (unused)": batch["control"],
-            "ground truth": batch["video"],
+            "control" if self.teacher.control_channels else "control (unused)": batch_pixels(batch, "control", self.autoencoder),
+            "ground truth": batch_pixels(batch, "video", self.autoencoder),
         }
 
     # --- export ------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
+from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import export_student_of_run, shard_stage_networks
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
 from distill_pl.objectives.kd import KDObjective, kd_loss
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
@@ -62,8 +62,9 @@ class KDModule(L.LightningModule):
             guidance the pairs were generated with (``pairs_metadata``), i.e. the teacher as
             it is used, only with one step instead of N.
         student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step).
-            More than one needs pairs with the teacher's trajectory at these levels
-            (``teacher_trajectory``, ``trajectory_sigmas``; see :mod:`distill_pl.objectives.kd`).
+            More than one needs pairs with the teacher's trajectory at these levels after the
+            first (generated with the kd_pairs stage's ``trajectory_sigmas`` holding them, and
+            possibly others; see :mod:`distill_pl.objectives.kd`).
         student_sigmas_shifted: False: the teacher's timestep shift is applied to
             ``student_sigmas``; True: they are the noise levels already.
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
@@ -74,7 +75,9 @@ class KDModule(L.LightningModule):
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
     ``text_embeds`` [B, L, D], ``text_mask`` [B, L]; for a K-step student also
-    ``teacher_trajectory`` [B, K-1, C, T, H, W] and ``trajectory_sigmas`` [B, K-1].
+    ``teacher_trajectory`` [B, M, C, T, H, W] and ``trajectory_sigmas`` [B, M], the M >= K-1
+    levels the pairs store: :meth:`check_pairs_metadata` finds the student's K-1 levels among
+    the pairs' requested ``trajectory_sigmas`` and training uses those states only.
 
     Validation logs ``val/loss`` (KD loss of the evaluated student), PSNR / SSIM of the
     student's K-step sample (re-noising noise seeded by the batch index) against the teacher
@@ -106,11 +109,11 @@ class KDModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = WanDenoiser(path=teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        self.teacher = load_denoiser(teacher, dtype=teacher_dtype).eval().requires_grad_(False)
         if teacher_dtype == "float32":
             self.student = copy.deepcopy(self.teacher).requires_grad_(True)
         else:  # keep the student's master weights in float32
-            self.student = WanDenoiser(path=teacher)
+            self.student = load_denoiser(teacher)
         if student_init is not None:
             load_student_weights(self.student, student_init)
         self.student.set_gradient_checkpointing(gradient_checkpointing)
@@ -121,6 +124,8 @@ class KDModule(L.LightningModule):
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         self.pairs_guidance: float | None = None
         self.pairs_steps: int | None = None
+        #: which stored trajectory levels are the student's (None: the batch holds exactly those)
+        self.trajectory_columns: list[int] | None = None
         self.negative_prompt = NegativePrompt()
         self.student_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
         self.teacher_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
@@ -189,13 +194,35 @@ class KDModule(L.LightningModule):
             if any(s % p for s, p in zip(sizes, self.student.patch_size)):
                 problems.append(f"pairs latents {list(sizes)} are not multiples of the student's "
                                 f"patch size {list(self.student.patch_size)}")
-        if self.student.control_channels and self.student.control_channels != self.autoencoder.latent_channels:
+        columns = self._trajectory_columns(metadata, problems)
+        encoded = self.student.encoded_control_channels(self.autoencoder)
+        if self.student.control_channels != encoded:
             problems.append(f"the student takes {self.student.control_channels} control channels, "
-                            f"the encoded control has {self.autoencoder.latent_channels}")
+                            f"the encoded control has {encoded}")
         if problems:
             raise ValueError("KD pairs do not match the model:\n  - " + "\n  - ".join(problems))
         self.pairs_guidance = metadata.get("guidance")
         self.pairs_steps = metadata.get("num_steps")
+        self.trajectory_columns = columns
+
+    def _trajectory_columns(self, metadata: dict, problems: list[str]) -> list[int] | None:
+        """Indices of the student's levels after the first among the pairs' requested
+        ``trajectory_sigmas`` (None for a one-step student); appends to ``problems`` when the
+        pairs lack one of them."""
+        needed = self.student_levels[1:]
+        if not needed:
+            return None
+        stored = [float(level) for level in metadata.get("trajectory_sigmas") or []]
+        columns = [next((j for j, level in enumerate(stored) if abs(level - s) <= 1e-6), None) for s in needed]
+        if None in columns:
+            problems.append(
+                f"a {len(self.student_levels)}-step student needs the teacher's trajectory at its levels "
+                f"{[round(s, 6) for s in needed]} (after 1.0), the pairs store it at {stored} "
+                f"(trajectory_sigmas); regenerate them with the kd_pairs stage's trajectory_sigmas "
+                f"holding these levels"
+            )
+            return None
+        return columns
 
     @functools.cached_property
     def teacher_sha256(self) -> str:
@@ -219,7 +246,7 @@ class KDModule(L.LightningModule):
     def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
         """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
         clip (identity in pixel space) and left out for a model without control input."""
-        cond = batch_conditioning(batch, self.autoencoder, self.student.control_channels > 0)
+        cond = batch_conditioning(batch, self.autoencoder, self.student)
         return batch["noise"].float(), batch["teacher_output"].float(), cond
 
     # --- the networks as samplers -------------------------------------------------------
@@ -261,6 +288,9 @@ class KDModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         noise, target, cond = self.pair_inputs(batch)
         trajectory, trajectory_sigmas = batch.get("teacher_trajectory"), batch.get("trajectory_sigmas")
+        if self.trajectory_columns is not None and trajectory is not None and trajectory_sigmas is not None:
+            trajectory = trajectory[:, self.trajectory_columns]
+            trajectory_sigmas = trajectory_sigmas[:, self.trajectory_columns]
         loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
         self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
         return loss

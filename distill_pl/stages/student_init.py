@@ -49,16 +49,8 @@ def load_student_weights(student: Denoiser, path: str, use_ema: bool = True) -> 
         state = student_state_from_checkpoint(resolved, use_ema)
         source = f"checkpoint {resolved}"
     elif resolved.is_dir():
-        from safetensors.torch import load_file
-
-        from distill_pl.models.loading import find_diffusers_model_folder
-
-        folder = find_diffusers_model_folder(str(resolved), student.transformer_class_name, "transformer")
-        state = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(file))
-        state = {f"transformer.{k}": v for k, v in state.items()}
-        source = f"diffusers folder {folder}"
+        state = student.pretrained_state_dict(str(resolved))
+        source = f"diffusers folder {resolved}"
     else:
         raise ModelFolderError(f"{path}: no such checkpoint file or model folder")
     missing, unexpected = student.load_state_dict(state, strict=False)

@@ -16,7 +16,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import save_teacher_folder
-from distill_pl.stages.batch import drop_text, encode_clip_batch
+from distill_pl.stages.batch import batch_pixels, check_precomputed_latents, drop_text, encode_clip_batch
 from distill_pl.stages.randomness import randn, step_generator
 
 
@@ -24,7 +24,8 @@ class TeacherTrainingModule(L.LightningModule):
     """Trains ``denoiser`` with the flow-matching loss ``mean((v(x_sigma) - (eps - x0))^2)``.
 
     Args:
-        denoiser: the network to train (e.g. ``WanDenoiser(config=...)`` for the tiny teacher).
+        denoiser: the network to train (a :class:`Denoiser` adapter from
+            :mod:`distill_pl.models.families` with a ``config``, as configs/tiny/teacher.yaml).
         vae_path: local diffusers folder of a video VAE; None trains in pixel space.
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
         text_dropout: probability of replacing the prompt by the negative prompt ("" by
@@ -62,6 +63,7 @@ class TeacherTrainingModule(L.LightningModule):
     # --- conditioning -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
+        check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) used for text dropout and CFG."""
@@ -72,7 +74,7 @@ class TeacherTrainingModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = step_generator(self.hparams.seed, self.global_step)
         cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout, generator=g)
         sigma = sample_training_sigma(x0.shape[0], self.hparams.shift, generator=g).to(x0)
@@ -83,7 +85,7 @@ class TeacherTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Flow-matching loss at fixed sigmas and fixed noise, comparable across runs."""
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         losses = []
         for s in (0.25, 0.5, 0.75):
@@ -98,21 +100,22 @@ class TeacherTrainingModule(L.LightningModule):
     def sample(self, batch: dict, seed: int = 0, num_steps: int | None = None,
                guidance: float | None = None) -> Tensor:
         """N-step CFG samples for a batch, decoded to pixels [B, 3, T, H, W] in [-1, 1]."""
-        x0, cond = encode_clip_batch(batch, self.autoencoder)
+        x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(x0.shape, generator=g).to(x0)
         w = self.hparams.guidance if guidance is None else guidance
         fn = velocity_fn(self.denoiser, cond, self.null_conditioning(cond), w)
         scheduler = build_flow_scheduler(self.hparams.scheduler, self.hparams.shift)
         steps = num_steps or self.hparams.sample_steps
-        return self.autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps))
+        return self.autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps,
+                                                              step_sigma=self.denoiser.sampler_sigma))
 
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger)."""
         return {
             f"teacher {self.hparams.sample_steps}-step w={self.hparams.guidance}": self.sample(batch, seed),
-            "control": batch["control"],
-            "ground truth": batch["video"],
+            "control": batch_pixels(batch, "control", self.autoencoder),
+            "ground truth": batch_pixels(batch, "video", self.autoencoder),
         }
 
     # --- optimisation and export ----------------------------------------------------------

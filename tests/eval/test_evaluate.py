@@ -14,7 +14,7 @@ from distill_pl.data.manifest import ManifestEntry, write_manifest
 from distill_pl.eval import evaluate as evaluate_module
 from distill_pl.eval.evaluate import seconds_per_video
 from distill_pl.models.teacher_folder import save_student_folder, save_teacher_folder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser
 from distill_pl.paths import resolve_path
 
 TEACHER = dict(patch_size=[1, 4, 4], num_attention_heads=2, attention_head_dim=12, in_channels=6,
@@ -47,11 +47,13 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     videos = resolve_path(BUNDLED_CLIPS)
     write_manifest(tmp_path / "manifest.jsonl",
                    [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
-    teacher_net = WanDenoiser(config=TEACHER)
-    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
+    teacher_net = build_denoiser("WanTransformer3DModel", TEACHER)
+    # flow-match Euler: its one step evaluates the network at timestep 1000 (sigma = 1), as a
+    # one-step student does (UniPC's first timestep is 999, which Wan's pipeline passes as it is)
+    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "euler", 1.0)
     # a "student" with the teacher's weights: its one step is the teacher's one step without CFG
     students = {"Same": str(save_student_folder(tmp_path / "same", teacher_net, 1.0)),
-                "Random": str(save_student_folder(tmp_path / "random", WanDenoiser(config=TEACHER), 1.0))}
+                "Random": str(save_student_folder(tmp_path / "random", build_denoiser("WanTransformer3DModel", TEACHER), 1.0))}
     main(_args(tmp_path, teacher, students))
 
     out = tmp_path / "eval"
@@ -97,7 +99,7 @@ def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
     videos = resolve_path(BUNDLED_CLIPS)
     write_manifest(tmp_path / "manifest.jsonl",
                    [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
-    teacher_net = WanDenoiser(config=TEACHER)
+    teacher_net = build_denoiser("WanTransformer3DModel", TEACHER)
     teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
     students = {"Two": str(save_student_folder(tmp_path / "two", teacher_net, 1.0, None, (1.0, 0.5))),
                 "Four": str(save_student_folder(tmp_path / "four", teacher_net, 1.0, None, (1.0, 0.75, 0.5, 0.25)))}

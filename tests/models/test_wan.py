@@ -9,7 +9,7 @@ import torch
 
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.loading import ModelFolderError
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.wan import WanDenoiser
 
 # 3 latent + 3 control channels, D = 2 heads x 8 = 16, patches (1, 2, 2)
 TINY = dict(
@@ -133,7 +133,7 @@ def test_bfloat16_keeps_fp32_modules():
 def test_features_are_the_output_of_block_k(denoiser):
     x_t, sigma, cond = make_inputs()
     captured = []
-    denoiser.transformer.blocks[1].register_forward_hook(lambda m, a, out: captured.append(out))
+    denoiser.blocks[1].register_forward_hook(lambda m, a, out: captured.append(out))
     velocity, features = denoiser(x_t, sigma, cond, feature_block=1)
     tokens = captured[-1]  # [B, N, D], N = t*h*w
     assert features.shape == (2, 16, 3, 2, 3)
@@ -148,10 +148,10 @@ def test_feature_grid_matches_patch_embedding(denoiser):
     identity = copy.deepcopy(denoiser)
     transformer = identity.transformer
     with torch.no_grad():  # zero gates, shifts and scales, and the (ungated) cross-attention output
-        for module in [transformer.condition_embedder.time_proj, transformer.blocks[0].attn2]:
+        for module in [transformer.condition_embedder.time_proj, identity.blocks[0].attn2]:
             for param in module.parameters():
                 param.zero_()
-        transformer.blocks[0].scale_shift_table.zero_()
+        identity.blocks[0].scale_shift_table.zero_()
     x_t, sigma, cond = make_inputs()
     _, features = identity(x_t, sigma, cond, feature_block=0)
     grid = transformer.patch_embedding(torch.cat([x_t, cond.control], dim=1))  # [B, D, t, h, w]
@@ -180,7 +180,7 @@ def test_gradient_checkpointing_same_outputs_and_gradients(denoiser):
     denoiser.set_gradient_checkpointing(True)
     assert denoiser.transformer.gradient_checkpointing
     checkpointed = loss_and_grads(denoiser, x_t, sigma, cond)
-    assert not denoiser.transformer.blocks[0]._forward_hooks
+    assert not denoiser.blocks[0]._forward_hooks
     torch.testing.assert_close(checkpointed[:3], plain[:3])
     torch.testing.assert_close(checkpointed[3], plain[3])
     assert plain[2].abs().sum() > 0
@@ -200,7 +200,7 @@ def rss_bytes() -> int:
 
 def test_real_size_config_on_meta():
     before = rss_bytes()
-    denoiser = WanDenoiser.build_on_meta(WAN_1_3B)
+    denoiser = WanDenoiser.from_config(WAN_1_3B, on_meta=True)
     assert rss_bytes() - before < 200e6  # 1.4e9 float32 parameters would be 5.7 GB
     assert all(t.is_meta for t in [*denoiser.parameters(), *denoiser.buffers()])
     count = sum(p.numel() for p in denoiser.parameters())

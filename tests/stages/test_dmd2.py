@@ -23,7 +23,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.ema import EMA
 from distill_pl.models.teacher_folder import save_teacher_folder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser, load_denoiser
 from distill_pl.stages.dmd2 import DMD2Module, NonFiniteTrainingError
 from tests.gaussian_flow import exact_velocity, marginal_var
 
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/stages/conftest.
 def teacher_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("teacher")
-    save_teacher_folder(folder, WanDenoiser(config=TINY_WAN), "unipc", shift=2.0)
+    save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", TINY_WAN), "unipc", shift=2.0)
     return folder
 
 
@@ -212,7 +212,7 @@ def kd_checkpoint(teacher_dir, tmp_path_factory) -> tuple[Path, dict, dict]:
             super().__init__()
             self.save_hyperparameters({"teacher": str(teacher_dir), "lr": 1e-5})
             torch.manual_seed(1)
-            self.student = WanDenoiser(config=TINY_WAN)
+            self.student = build_denoiser("WanTransformer3DModel", TINY_WAN)
             self.student_ema = EMA(self.student, 0.99)
             with torch.no_grad():
                 for p in self.student_ema.module.parameters():
@@ -475,7 +475,7 @@ def test_tiny_config_fits_from_kd_checkpoint(teacher_dir, kd_checkpoint, tmp_pat
     assert json.loads((export / "scheduler/scheduler_config.json").read_text())["_class_name"] == (
         "FlowMatchEulerDiscreteScheduler"
     )
-    exported = WanDenoiser(path=str(export)).state_dict()
+    exported = load_denoiser(str(export)).state_dict()
     ema = {k[len("student_ema.module."):]: v for k, v in ckpt["state_dict"].items()
            if k.startswith("student_ema.module.")}
     assert ema and ema.keys() == exported.keys()

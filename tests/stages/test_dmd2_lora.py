@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.lora import WAN_BLOCK_LINEARS, add_lora, lora_parameters
+from distill_pl.models.lora import add_lora, lora_parameters
 from distill_pl.stages.dmd2 import DMD2Module
 from tests.stages.test_dmd2 import FAST, Kill, Killed, dm, teacher_dir, tensors, trainer  # noqa: F401
 
@@ -20,12 +20,12 @@ RANK = 4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def closed_form_lora_size(transformer: nn.Module, rank: int) -> int:
+def closed_form_lora_size(blocks: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
     """sum of ``r * (in + out)`` over the Linear layers of the blocks that LoRA targets."""
     return sum(
         rank * (m.in_features + m.out_features)
-        for name, m in transformer.named_modules()
-        if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.endswith(WAN_BLOCK_LINEARS)
+        for name, m in blocks.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith(targets)
     )
 
 
@@ -55,7 +55,7 @@ def inputs(module: DMD2Module, batch: int = 2, seed: int = 0):
 def test_only_adapters_are_trainable_and_count_matches_closed_form(teacher_dir, teacher_dtype):
     module = DMD2Module(str(teacher_dir), fake_score_lora_rank=RANK, teacher_dtype=teacher_dtype)
     trainable = {n: p for n, p in module.fake_score.named_parameters() if p.requires_grad}
-    expected = closed_form_lora_size(module.teacher.transformer, RANK)
+    expected = closed_form_lora_size(module.teacher.blocks, RANK, module.teacher.lora_targets)
     assert expected == 2 * RANK * (8 * (16 + 16) + (16 + 32) + (32 + 16))  # 2 blocks: 8 attention, 2 FFN linears
     assert sum(p.numel() for p in trainable.values()) == expected
     assert trainable.keys() == lora_parameters(module.fake_score).keys()

@@ -14,7 +14,7 @@ from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.diffusion.sampling import one_step_sample, sample_with_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser, load_denoiser
 from distill_pl.stages.kd import KDModule, kd_loss
 
 TEXT_DIM, TEXT_LEN, FRAMES, SIZE = 16, 4, 4, 8
@@ -28,7 +28,7 @@ TINY = dict(
 def teacher_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("teacher")
-    save_teacher_folder(folder, WanDenoiser(config=TINY), "unipc", shift=3.0)
+    save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", TINY), "unipc", shift=3.0)
     return str(folder)
 
 
@@ -99,7 +99,7 @@ def test_bf16_teacher_keeps_a_float32_student(teacher_dir):
     kd = KDModule(teacher_dir, teacher_dtype="bfloat16")
     assert kd.teacher.transformer.proj_out.weight.dtype == torch.bfloat16
     assert kd.student.transformer.proj_out.weight.dtype == torch.float32
-    reference = WanDenoiser(path=teacher_dir)
+    reference = load_denoiser(teacher_dir)
     assert torch.equal(kd.student.transformer.proj_out.weight, reference.transformer.proj_out.weight)
 
 
@@ -176,7 +176,7 @@ def test_pairs_metadata_must_match(teacher_dir, tmp_path):
     kd.check_pairs_metadata(metadata(str(copy)))
     retrained = tmp_path / "retrained"  # other weights: stale pairs
     torch.manual_seed(1)
-    save_teacher_folder(retrained, WanDenoiser(config=TINY), "unipc", shift=3.0)
+    save_teacher_folder(retrained, build_denoiser("WanTransformer3DModel", TINY), "unipc", shift=3.0)
     for bad, message in (
         (metadata(str(retrained)), "fingerprints"),
         (dict(vae_path="vae"), "pairs are in the latents of VAE 'vae', this KD run works in pixel space"),
@@ -242,7 +242,7 @@ def test_fit_updates_ema_validates_and_exports(teacher_dir, tmp_path):
     assert not kd.teacher.training
 
     export = tmp_path / "export"
-    exported = WanDenoiser(path=str(export))
+    exported = load_denoiser(str(export))
     torch.testing.assert_close(exported.transformer.proj_out.weight, ema)
     scheduler = load_scheduler(export)
     assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and scheduler_shift(scheduler) == 3.0
@@ -319,7 +319,7 @@ def pairs_workdir(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("kd_e2e")
     torch.manual_seed(0)
-    save_teacher_folder(work / "teacher", WanDenoiser(config=E2E_TEACHER), "unipc", shift=1.0)
+    save_teacher_folder(work / "teacher", build_denoiser("WanTransformer3DModel", E2E_TEACHER), "unipc", shift=1.0)
 
     def edit(cfg):
         cfg["model"]["init_args"].update(teacher="teacher", num_steps=2)
@@ -366,7 +366,7 @@ def test_tiny_kd_config_fits_validates_and_exports(full_kd_run):
     for tag in ("val/student_psnr", "val/teacher_1step_psnr", "val/student_ssim", "val/teacher_1step_ssim"):
         assert sorted(scalar_events(run, tag)) == [2, 5], tag  # after batches 3 and 6
     assert list(run.rglob("grids/step000006_1.png"))
-    exported = WanDenoiser(path=str(run / "export"))
+    exported = load_denoiser(str(run / "export"))
     ema = {k[len("student_ema.module."):]: v for k, v in ckpt["state_dict"].items()
            if k.startswith("student_ema.module.")}
     for key, value in exported.state_dict().items():

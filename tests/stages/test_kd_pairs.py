@@ -23,8 +23,10 @@ from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.registry import build_denoiser, load_denoiser
+from distill_pl.models.families.wan import WanDenoiser
 from distill_pl.paths import resolve_path
+from distill_pl.stages import kd_pairs
 from distill_pl.stages.kd_pairs import KDPairGenerationModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/stages/conftest.
 def teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("teacher")
-    return save_teacher_folder(folder, WanDenoiser(config=TEACHER), "unipc", 1.0)
+    return save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", TEACHER), "unipc", 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_
     clips = ClipDataset(cache_dir / "manifest.jsonl", 4, 2, 16, 16, split="train", val_fraction=0.25)
     train = PairShardDataset(generated / "train")
     assert meta["captions"] == [train[2]["caption"], train[3]["caption"]]
-    model = WanDenoiser(path=str(teacher)).eval()
+    model = load_denoiser(str(teacher)).eval()
     for i in range(6):
         item = train[i]
         assert item["index"] == i and item["seed"] == i
@@ -109,11 +111,88 @@ def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_
     negative = train.negative_prompt_embedding()
     cond = Conditioning(item["text_embeds"][None], item["text_mask"][None], item["control"][None])
     fn = velocity_fn(model, cond, negative_conditioning(cond, *negative), 8.0)
-    expected = sample_with_scheduler(fn, item["noise"][None], load_scheduler(teacher), STEPS)[0]
+    expected = sample_with_scheduler(fn, item["noise"][None], load_scheduler(teacher), STEPS,
+                                     step_sigma=model.sampler_sigma)[0]
     torch.testing.assert_close(item["teacher_output"], expected)
     assert not torch.allclose(item["teacher_output"], item["noise"])
     val = PairShardDataset(generated / "val")
     assert len(val) == 4 and val[3]["seed"] == 1_000_000_003
+
+
+def test_noise_from_seed_and_teacher_trajectory_are_the_generations(teacher, cache_dir, tmp_path, monkeypatch):
+    """The noise a v2 pair regenerates from its seed is bit for bit the noise the teacher
+    sampled from; each stored trajectory state is the sampler's state at the first step with
+    sigma <= the level."""
+    drawn = []
+    sample = kd_pairs.sample_with_scheduler
+
+    def recording(fn, noise, *args, **kwargs):
+        drawn.append(noise.clone())
+        return sample(fn, noise, *args, **kwargs)
+
+    monkeypatch.setattr(kd_pairs, "sample_with_scheduler", recording)
+    out = tmp_path / "pairs"
+    levels = [0.75, 0.5, 0.25]
+    lightning_main([*cli_args(teacher, out, cache_dir, num_examples=2, num_val_examples=1),
+                    f"--model.init_args.trajectory_sigmas={levels}", "--model.init_args.num_steps=8"])
+    train = PairShardDataset(out / "train")
+    assert train.metadata["trajectory_sigmas"] == levels
+    assert [train[i]["noise"].tolist() for i in range(2)] == [d[0].tolist() for d in drawn[:2]]
+    assert all(torch.equal(train[i]["noise"], drawn[i][0]) for i in range(2))
+
+    item = train[1]
+    model = WanDenoiser(path=str(teacher)).eval()
+    cond = Conditioning(item["text_embeds"][None], item["text_mask"][None], item["control"][None])
+    fn = velocity_fn(model, cond, negative_conditioning(cond, *train.negative_prompt_embedding()), 8.0)
+    scheduler = load_scheduler(teacher)
+    scheduler.set_timesteps(8)
+    x, states = item["noise"][None], []
+    with torch.no_grad():
+        for t, s in zip(scheduler.timesteps, scheduler.sigmas):
+            states.append((float(s), x))
+            x = scheduler.step(fn(x, model.sampler_sigma(t, s).expand(1)), t, x, return_dict=False)[0]
+    steps = [next(i for i, (s, _) in enumerate(states) if s <= level) for level in levels]
+    assert steps == sorted(set(steps)) and steps[0] > 0
+    assert item["teacher_trajectory"].shape == (3, 3, 4, 16, 16)
+    for j, i in enumerate(steps):
+        assert float(item["trajectory_sigmas"][j]) == pytest.approx(states[i][0], abs=1e-6)
+        torch.testing.assert_close(item["teacher_trajectory"][j], states[i][1][0])
+    torch.testing.assert_close(item["teacher_output"], x[0])
+
+
+def test_few_step_kd_trains_on_the_trajectory_of_generated_pairs(teacher, cache_dir, tmp_path):
+    """Pairs generated with trajectory levels feed a K-step KDModule through the datamodule:
+    the batch holds one state per stored level, the module picks the student's own levels
+    among them (a 2-step student uses the middle one, a 4-step one all three) and its loss is
+    the objective's on exactly those states; a student level the pairs lack is a clear error."""
+    from distill_pl.objectives.kd import KDObjective
+    from distill_pl.stages.kd import KDModule
+
+    out = tmp_path / "pairs"
+    levels = [0.75, 0.5, 0.25]  # the teacher's shift is 1: the student's levels are its sigmas
+    lightning_main([*cli_args(teacher, out, cache_dir, num_examples=2, num_val_examples=1, batch_size=2),
+                    f"--model.init_args.trajectory_sigmas={levels}", "--model.init_args.num_steps=8"])
+    dm = VideoDataModule(mode="pairs", pairs_dir=str(out), cache_dir=str(cache_dir),
+                         manifest=str(cache_dir / "manifest.jsonl"), **{**DATA, "num_examples": 2, "batch_size": 2})
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["teacher_trajectory"].shape == (2, 3, 3, 4, 16, 16)
+    assert batch["trajectory_sigmas"].shape == (2, 3)
+    assert (batch["trajectory_sigmas"] <= torch.tensor(levels)).all()
+
+    for sigmas, columns in (([1.0, 0.5], [1]), ([1.0, *levels], [0, 1, 2])):
+        kd = KDModule(str(teacher), student_sigmas=sigmas)
+        kd.check_pairs_metadata(dm.pairs_metadata)
+        assert kd.trajectory_columns == columns
+        noise, target, cond = kd.pair_inputs(batch)
+        with torch.no_grad():
+            loss = kd.training_step(batch, 0)
+            expected = KDObjective(kd.student, kd.student_levels).loss(
+                noise, target, cond, batch["teacher_trajectory"][:, columns], batch["trajectory_sigmas"][:, columns])
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    with pytest.raises(ValueError, match=r"needs the teacher's trajectory at its levels \[0.6\].*trajectory_sigmas"):
+        KDModule(str(teacher), student_sigmas=[1.0, 0.6]).check_pairs_metadata(dm.pairs_metadata)
 
 
 def test_rerun_of_a_finished_generation_does_no_teacher_work(generated, teacher, cache_dir, tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ Conventions (checked against diffusers' ``WanPipeline`` with UniPC
 ``prediction_type="flow_prediction"``, where ``x0 = x_t - sigma * model_output``):
 
 - the transformer predicts the flow velocity ``v = eps - x0``;
-- it takes ``timestep = 1000 * sigma`` (a float, not rounded);
+- it takes ``timestep = 1000 * sigma`` (a float, not rounded; computed in float64 and then
+  cast to float32, so a sampler step's ``sigma = timesteps[i] / 1000`` in float64 gives the
+  pipeline's integer ``timesteps[i]`` back exactly, see :meth:`WanDenoiser.sampler_sigma`);
 - text: ``encoder_hidden_states`` [B, L, text_dim] with padding positions zeroed, as the
   pipeline pads the T5 output with zeros (the transformer has no text attention mask);
 - control by channel concatenation: the transformer input is ``cat([x_t, control], dim=1)``,
@@ -24,6 +26,11 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
 
+#: Linear layers of every Wan transformer block (diffusers' ``WanTransformerBlock``):
+#: self-attention ``attn1`` and text cross-attention ``attn2`` (q, k, v, out) and the FFN
+#: (``net.0.proj`` in, ``net.2`` out). peft matches a name when a module path ends with it.
+WAN_BLOCK_LINEARS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
 
 class WanDenoiser(Denoiser):
     """Wan transformer as a velocity predictor ``(x_t, sigma, cond) -> v``.
@@ -34,9 +41,13 @@ class WanDenoiser(Denoiser):
     ``dtype`` is the parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); like
     diffusers' ``from_pretrained``, modules in ``_keep_in_fp32_modules`` stay float32.
     Gradient checkpointing is per block and non-reentrant (diffusers' default).
+    ``folder`` is the transformer folder it was loaded from (None when built from a config).
     """
 
-    transformer_class_name = "WanTransformer3DModel"
+    class_name = "WanTransformer3DModel"
+    lora_targets = WAN_BLOCK_LINEARS
+    #: the diffusers model class of the backbone
+    transformer_class = WanTransformer3DModel
 
     def __init__(
         self,
@@ -47,32 +58,58 @@ class WanDenoiser(Denoiser):
     ) -> None:
         super().__init__()
         if (path is None) == (config is None):
-            raise ValueError("WanDenoiser needs exactly one of `path` (a local folder) or `config`")
+            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
         torch_dtype = parse_dtype(dtype)
         if path is not None:
-            folder = find_diffusers_model_folder(path, self.transformer_class_name, "transformer")
-            self.transformer = WanTransformer3DModel.from_pretrained(
-                folder, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+            self.folder = find_diffusers_model_folder(path, self.class_name, "transformer")
+            self.transformer = self.transformer_class.from_pretrained(
+                self.folder, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
             )
         else:
-            self.transformer = WanTransformer3DModel(**config)
+            self.folder = None
+            self.transformer = self.transformer_class(**config)
             _cast_parameters(self.transformer, torch_dtype)
         cfg = self.transformer.config
         self.latent_channels = cfg.out_channels
-        self.control_channels = cfg.in_channels - cfg.out_channels
+        self.control_channels = self._control_channels()
+        self.text_dim = cfg.text_dim
         self.num_blocks = len(self.transformer.blocks)
         self.feature_dim = cfg.num_attention_heads * cfg.attention_head_dim
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @classmethod
-    def build_on_meta(cls, config: dict) -> "WanDenoiser":
-        """Build from ``config`` with every tensor on the meta device (no memory, no values).
+    def from_config(
+        cls,
+        config: dict,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        on_meta: bool = False,
+        **adapter_options,
+    ) -> "WanDenoiser":
+        """Random weights from a transformer config; ``on_meta``: every tensor on the meta
+        device (shapes and parameter counts of real-size configs without allocating them)."""
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        if on_meta:
+            with torch.device("meta"):
+                return cls(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                           **adapter_options)
+        return cls(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                   **adapter_options)
 
-        For inspecting real-size configs (shapes, parameter counts) without allocating them.
-        """
-        with torch.device("meta"):
-            return cls(config=config)
+    @property
+    def backbone_config(self) -> dict:
+        return {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return self.transformer.blocks
+
+    def sampler_sigma(self, timestep: Tensor, sigma: Tensor) -> Tensor:
+        """``timesteps[i] / 1000`` in float64: ``WanPipeline`` passes the scheduler's timestep
+        (an integer for UniPC) to the transformer, and :meth:`forward` turns this sigma back
+        into exactly that timestep."""
+        return timestep.double() / 1000.0
 
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
@@ -81,15 +118,16 @@ class WanDenoiser(Denoiser):
         after block ``feature_block`` if it is given (gradients flow through both)."""
         self._check_inputs(x_t, sigma, cond)
         model_dtype = self.transformer.dtype
-        hidden = x_t if cond.control is None else torch.cat([x_t, cond.control], dim=1)
+        hidden = self._hidden_states(x_t, cond)
         text = cond.text_embeds
         if cond.text_mask is not None:
             text = text.masked_fill(~cond.text_mask.bool()[..., None], 0.0)
         kwargs = dict(
             hidden_states=hidden.to(model_dtype),
-            timestep=1000.0 * sigma.float(),
+            timestep=(1000.0 * sigma.double()).float(),
             encoder_hidden_states=text.to(model_dtype),
             return_dict=False,
+            **self._transformer_inputs(cond),
         )
         if feature_block is None:
             return self.transformer(**kwargs)[0].to(x_t.dtype)
@@ -108,6 +146,18 @@ class WanDenoiser(Denoiser):
         finally:
             hook.remove()
         return velocity.to(x_t.dtype), self._tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+
+    def _control_channels(self) -> int:
+        """Control by channel concatenation: ``in_channels - out_channels``."""
+        return self.transformer.config.in_channels - self.transformer.config.out_channels
+
+    def _hidden_states(self, x_t: Tensor, cond: Conditioning) -> Tensor:
+        """The transformer's ``hidden_states``: ``cat([x_t, control], dim=1)`` (or ``x_t``)."""
+        return x_t if cond.control is None else torch.cat([x_t, cond.control], dim=1)
+
+    def _transformer_inputs(self, cond: Conditioning) -> dict:
+        """Extra keyword arguments of the transformer call (none for Wan T2V)."""
+        return {}
 
     def _tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
         """[B, N, D] tokens -> [B, D, t, h, w], the inverse of ``flatten(2).transpose(1, 2)``."""
@@ -129,7 +179,7 @@ class WanDenoiser(Denoiser):
             )
         if sigma.shape != (batch,):
             raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
-        text_dim = self.transformer.config.text_dim
+        text_dim = self.text_dim
         text = cond.text_embeds
         if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != text_dim:
             raise ValueError(
@@ -166,11 +216,22 @@ class WanDenoiser(Denoiser):
             self.transformer.disable_gradient_checkpointing()
 
     def save_pretrained(self, folder: str) -> None:
-        """Write a diffusers ``WanTransformer3DModel`` folder (config.json + safetensors)."""
+        """Write a diffusers transformer folder (config.json + safetensors)."""
         self.transformer.save_pretrained(folder, safe_serialization=True)
 
+    def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
+        """The safetensors of ``path`` (a transformer folder or a folder with ``transformer/``)
+        as ``transformer.*`` keys."""
+        from safetensors.torch import load_file
 
-def _cast_parameters(model: WanTransformer3DModel, dtype: torch.dtype) -> None:
+        folder = find_diffusers_model_folder(path, self.class_name, "transformer")
+        state = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(file))
+        return {f"transformer.{k}": v for k, v in state.items()}
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast parameters to ``dtype`` except ``_keep_in_fp32_modules``, as ``from_pretrained`` does.
 
     Buffers (the float32 RoPE tables) are left alone, as ``from_pretrained`` leaves them.

@@ -1,0 +1,88 @@
+"""A one-step Cosmos-Transfer2.5 student written as a full ``Cosmos2_5_TransferPipeline`` folder.
+
+The folder is the teacher's pipeline folder with the student's ``transformer/`` and
+``controlnet/`` and a one-step scheduler: ``FlowMatchEulerDiscreteScheduler``, whose single
+step from ``sigma = 1`` is ``x - (1 - 0) v = eps - v(eps, 1)``, exactly the student's
+generation ``x_g``. The pipeline then gives the student's output when called as
+
+    pipe = Cosmos2_5_TransferPipeline.from_pretrained(folder)
+    pipe(controls=..., prompt=..., num_inference_steps=1, guidance_scale=1.0, ...)
+
+(``guidance_scale <= 1`` turns the pipeline's CFG off; ``controls_conditioning_scale`` is the
+student's ``control_scale``). Every other component (VAE, text encoder, tokenizer, the safety
+checker's entry) is copied from the teacher folder unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from distill_pl.media import write_text
+from distill_pl.models.families.cosmos_transfer import PIPELINE_CLASS, CosmosTransferDenoiser
+from distill_pl.models.loading import ModelFolderError
+from distill_pl.paths import resolve_path
+
+#: the pipeline components the student replaces
+STUDENT_COMPONENTS = ("transformer", "controlnet", "scheduler")
+
+
+def save_cosmos_student_pipeline(
+    folder: str | Path, student: CosmosTransferDenoiser, teacher_pipeline_folder: str | Path
+) -> Path:
+    """Write ``folder`` (which must not exist yet): ``model_index.json`` and every component of
+    the teacher pipeline folder, with the student's ``transformer/`` and ``controlnet/`` and a
+    one-step flow-match Euler ``scheduler/``. Built in a temporary sibling folder and renamed
+    at the end, so ``folder`` is never half written. Returns ``folder``."""
+    folder = Path(folder)
+    teacher = resolve_path(teacher_pipeline_folder)
+    index = _model_index(teacher)
+    if folder.exists():
+        raise FileExistsError(f"{folder}: already exists; remove it or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, entry in index.items():
+            if name.startswith("_") or name in STUDENT_COMPONENTS or not _is_component(entry):
+                continue
+            if not (teacher / name).is_dir():
+                raise ModelFolderError(f"{teacher}: model_index.json lists {name!r} but there is no {name}/")
+            shutil.copytree(teacher / name, staging / name)
+        student.save_pretrained(str(staging))
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(
+            str(staging / "scheduler")
+        )
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        write_text(staging / "model_index.json", json.dumps(index, indent=2) + "\n")
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _model_index(teacher: Path) -> dict:
+    file = teacher / "model_index.json"
+    if not file.is_file():
+        raise ModelFolderError(
+            f"{teacher}: no model_index.json; the student pipeline is built from the teacher's "
+            f"{PIPELINE_CLASS} folder (VAE, text encoder, tokenizer)"
+        )
+    try:
+        index = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{file}: not valid JSON ({error})") from error
+    if index.get("_class_name") != PIPELINE_CLASS:
+        raise ModelFolderError(
+            f"{file}: a {index.get('_class_name')!r} pipeline, expected {PIPELINE_CLASS!r}"
+        )
+    return index
+
+
+def _is_component(entry) -> bool:
+    """A saved component: ``[library, class]`` with both set (``[null, null]`` is an absent one)."""
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
