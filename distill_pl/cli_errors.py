@@ -149,7 +149,7 @@ def run_with_short_errors(function: Callable[[], object], name: str, debug: bool
         if found is None:
             raise
         text = str(found).strip() or type(found).__name__
-        if type(found).__module__.startswith("distill_pl."):  # the project's own error class names the failure
+        if not isinstance(found, (ValueError, OSError)):  # the project's own error class names the failure
             text = f"{type(found).__name__}: {text}"
         sys.stderr.write(f"{name}: error: {' '.join(text.split())}\n({HINT})\n")
         sys.exit(1)
