@@ -51,3 +51,20 @@ def test_optimize_is_deterministic(tmp_path, clips):  # noqa: F811
     for p in files:
         if p.name != "index.json":
             assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes(), p
+
+
+def test_without_litdata_the_import_error_says_how_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "litdata", None)  # `import litdata` raises ImportError
+    monkeypatch.delitem(sys.modules, "distill_pl.data.streaming")
+    with pytest.raises(ImportError, match="needs litdata: run scripts/setup.sh"):
+        importlib.import_module("distill_pl.data.streaming")
+
+
+def test_streaming_needs_pairs_or_latents_mode():
+    from distill_pl.data.datamodule import VideoDataModule
+
+    with pytest.raises(ValueError, match="streaming_dir streams KD pairs or clip latents"):
+        VideoDataModule(mode="clips", streaming_dir="somewhere")
