@@ -159,12 +159,32 @@ class StreamingShardDataset(litdata.StreamingDataset):
         return self.decoder(stored, where=self.files[0])
 
 
-def streaming_loader(dataset: StreamingShardDataset, batch_size: int, num_workers: int):
-    """A ``litdata.StreamingDataLoader`` of ``dataset`` (collated as the local loaders are).
-    Lightning saves its ``state_dict`` (epoch, samples yielded per worker) in checkpoints and
-    restores it on resume, so a resumed run continues at the next batch."""
-    return litdata.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       collate_fn=default_collate)
+class StreamingLoader(litdata.StreamingDataLoader):
+    """``litdata.StreamingDataLoader`` that resumes one epoch only.
+
+    Lightning saves the loader's ``state_dict`` (epoch, samples yielded) in checkpoints and
+    calls ``load_state_dict`` on resume, so the resumed epoch continues at the next batch. It
+    ends an epoch after ``len(loader)`` batches without exhausting the iterator, and LitData
+    then keeps its restore flag and would replay the restored position in the next epoch
+    too: the flag is cleared here at every epoch but the first one after ``load_state_dict``.
+    """
+
+    _resuming = False
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._resuming = True
+
+    def __iter__(self):
+        if not self._resuming:
+            self.restore = False
+        self._resuming = False
+        yield from super().__iter__()
+
+
+def streaming_loader(dataset: StreamingShardDataset, batch_size: int, num_workers: int) -> StreamingLoader:
+    """A :class:`StreamingLoader` of ``dataset``, collated as the local loaders are."""
+    return StreamingLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=default_collate)
 
 
 def main(argv: list[str] | None = None) -> None:
