@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from distill_pl.data.shards import remove_temp_files
+from distill_pl.progress import ProgressLines
 
 
 class PairShardWriter(BasePredictionWriter):
@@ -24,11 +25,14 @@ class PairShardWriter(BasePredictionWriter):
     writes them. A prediction is a dict of per-example tensors (first dimension B) and lists
     (``split``, ``caption``, ``path``). Each rank writes only the shards it generates. At setup the
     stale temp files of this rank's shards (left by a killed run) are removed.
+    When stdout is not a terminal, each written shard prints a line with the examples/s and
+    the ETA.
     """
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
         self._buffers: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        self._progress: ProgressLines | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -38,6 +42,11 @@ class PairShardWriter(BasePredictionWriter):
         for split in ("train", "val"):
             layout = datamodule.pair_layout(split)
             remove_temp_files(layout, layout.shards_of_rank(trainer.global_rank, trainer.world_size))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(len(loader.dataset) for loader in trainer.predict_dataloaders)
+        rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        self._progress = ProgressLines(f"KD pairs{rank}", total, "examples")
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict, batch_indices,
@@ -63,7 +72,10 @@ class PairShardWriter(BasePredictionWriter):
         common = {**pl_module.pair_generation_metadata(), **datamodule.pair_generation_metadata(split)}
         tensors, metadata = pl_module.build_shard(rows, common)
         metadata.update(shard_index=k, count=len(rows), first_index=layout.examples(k).start)
-        pl_module.write_shard(layout.path(k), tensors, metadata)
+        path = layout.path(k)
+        pl_module.write_shard(path, tensors, metadata)
+        if self._progress is not None:
+            self._progress.advance(len(rows), f"wrote {path.parent.name}/{path.name}")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:

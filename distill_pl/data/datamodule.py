@@ -74,6 +74,7 @@ two stages over precomputed VAE latents of the clips.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -86,7 +87,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from distill_pl.data import clip_latents, pairs
 from distill_pl.data.bundled import write_bundled_manifest
 from distill_pl.data.clip_latents import ClipLatentDataset
-from distill_pl.data.clips import ClipDataset
+from distill_pl.data.clips import ClipDataset, count_frames, minimum_video_frames
+from distill_pl.data.manifest import read_manifest
 from distill_pl.data.pairs import (
     SPLITS,
     PairShardDataset,
@@ -97,6 +99,8 @@ from distill_pl.data.pairs import (
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
 from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, data_parallel_layout
 from distill_pl.models.text_encoder import text_encoder_dim
+
+log = logging.getLogger("distill_pl.data")
 
 
 class CaptionEmbeddingCollate:
@@ -218,6 +222,41 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def prepare_data(self) -> None:
         self._manifest()
+
+    def reads_clips(self, stage: str) -> bool:
+        """Whether ``stage`` reads the videos of the manifest (not when KD reads its pairs)."""
+        return self.hparams.mode == "clips" or stage == "predict"
+
+    def check_video_lengths(self) -> int:
+        """Check, before any model loads, that the manifest's videos are long enough for a
+        window in both the train part and the held-out part; returns the minimum frame count.
+
+        Raises ValueError naming the manifest, the minimum for these settings and every
+        video's frame count when no video reaches it; videos below it are logged (and later
+        skipped, see :class:`ClipDataset`).
+        """
+        h = self.hparams
+        if not 0 < h.val_fraction < 1 or h.num_frames < 1 or h.frame_stride < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) and num_frames, frame_stride >= 1 "
+                             f"(got {h.val_fraction}, {h.num_frames}, {h.frame_stride})")
+        needed = minimum_video_frames(h.num_frames, h.frame_stride, h.val_fraction)
+        manifest = self._manifest()
+        entries = read_manifest(manifest)
+        problems = []
+        for entry in entries:
+            total, reason = count_frames(entry.path)
+            if total is None:
+                problems.append(f"{entry.path.name}: {reason}")
+            elif total < needed:
+                problems.append(f"{entry.path.name}: {total} frames")
+        rule = (f"each video needs at least {needed} frames for num_frames={h.num_frames}, "
+                f"frame_stride={h.frame_stride}, val_fraction={h.val_fraction} (a window of "
+                f"{(h.num_frames - 1) * h.frame_stride + 1} frames in the first part and in the held-out last part)")
+        if len(problems) == len(entries):
+            raise ValueError(f"manifest {manifest}: no usable video: {rule}; {', '.join(problems)}")
+        if problems:
+            log.warning("manifest %s: %s; skipping %s", manifest, rule, ", ".join(problems))
+        return needed
 
     def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
         """A :class:`ClipDataset` of ``split`` with this module's data settings."""

@@ -16,6 +16,7 @@ from distill_pl.data.clips import ClipDataset
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.shards import ShardError
 from distill_pl.models.autoencoder import WanVAE
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.stages.batch import check_precomputed_latents, encode_clip_batch
 from tests.stages.test_kd_pairs import REPO, cache_dir, cli_command, shard_files  # noqa: F401 (fixture)
 
@@ -117,7 +118,10 @@ def test_latents_mode_serves_latents_and_the_stages_skip_the_encode(precomputed,
         def encode(self, video):
             raise AssertionError("precomputed latents must not be encoded again")
 
-    x0, cond = encode_clip_batch(batch, NoEncode())
+    class LatentControlDenoiser(Denoiser):  # takes the VAE latents of the control as they are
+        control_channels = 4
+
+    x0, cond = encode_clip_batch(batch, NoEncode(), LatentControlDenoiser())
     assert torch.equal(x0, batch["video_latents"]) and torch.equal(cond.control, batch["control_latents"])
     check_precomputed_latents(dm, str(vae_folder))
     with pytest.raises(ValueError, match=r"do not match this model's VAE None .*vae_sha256"):
@@ -143,13 +147,14 @@ def test_teacher_training_on_precomputed_latents_equals_training_on_clips(cache_
         "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--model.init_args.export_dir=null",
-        f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={cache_dir}",
+        f"--data.cache_dir={cache_dir}",
         f"--data.manifest={cache_dir / 'manifest.jsonl'}", "--data.batch_size=2", "--data.samples_per_epoch=6",
         *[f"--data.{k}={v}" for k, v in data.items()],
     ]
     weights = []
     for mode in (["--data.mode=clips"], ["--data.mode=latents", f"--data.latents_dir={out}"]):
-        cli = lightning_main([*common, *mode])
+        run_dir = tmp_path / mode[0].removeprefix("--data.mode=")  # one run folder per run
+        cli = lightning_main([*common, *mode, f"--trainer.default_root_dir={run_dir}"])
         assert cli.trainer.global_step == 2
         assert isinstance(cli.datamodule.train_set, ClipLatentDataset) == (mode[0] == "--data.mode=latents")
         weights.append({k: v.clone() for k, v in cli.model.denoiser.state_dict().items()})

@@ -1,5 +1,7 @@
 """KD pair generation through the real CLI: contents, reruns, kill + rerun, rank split."""
 
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -77,8 +79,21 @@ def cli_args(teacher: Path, out: Path, cache_dir: Path, **overrides) -> list[str
 def generated(teacher, cache_dir, tmp_path_factory) -> Path:
     """An uninterrupted generation, run in this process."""
     out = tmp_path_factory.mktemp("pairs")
-    lightning_main(cli_args(teacher, out, cache_dir))
+    log = io.StringIO()  # not a terminal: the writer prints a line per shard
+    with contextlib.redirect_stdout(log):
+        lightning_main(cli_args(teacher, out, cache_dir))
+    (out.parent / f"{out.name}.log").write_text(log.getvalue())
     return out
+
+
+def test_a_line_per_written_shard_with_rate_and_eta(generated):
+    lines = [line for line in (generated.parent / f"{generated.name}.log").read_text().splitlines()
+             if line.startswith("KD pairs: wrote")]
+    assert [line.split()[3] for line in lines] == [
+        "train/shard_00000.safetensors", "train/shard_00001.safetensors", "train/shard_00002.safetensors",
+        "val/shard_00000.safetensors", "val/shard_00001.safetensors"]
+    assert "(2/10 examples)" in lines[0] and "examples/s" in lines[0] and "ETA" in lines[0]
+    assert "(10/10 examples)" in lines[-1] and lines[-1].endswith("ETA 0s")
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
