@@ -25,8 +25,12 @@ from distill_pl.paths import resolve_path
 def save_teacher_folder(
     folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
 ) -> Path:
-    """Write ``folder/transformer`` and ``folder/scheduler``."""
+    """Write ``folder/transformer`` and ``folder/scheduler``; refuse non-finite weights
+    (:class:`~distill_pl.stages.nonfinite.NonFiniteWeightsError`, nothing written)."""
+    from distill_pl.stages.nonfinite import check_finite
+
     folder = Path(folder)
+    check_finite(denoiser.state_dict(), f"the model folder {folder}")
     denoiser.save_pretrained(str(folder / "transformer"))
     build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
     return folder
