@@ -127,14 +127,16 @@ def _raised_by_project(tb: TracebackType | None) -> bool:
 
 
 def project_error(err: BaseException) -> BaseException | None:
-    """The first error of ``err``'s chain (itself, its causes and contexts) that ``distill_pl``
-    code raised as a ValueError or OSError: a message meant for the user."""
+    """The first error of ``err``'s chain (itself, its causes and the contexts it does not
+    suppress) that ``distill_pl`` code raised as a ValueError, an OSError or one of its own
+    error classes: a message meant for the user."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ValueError, OSError)) and _raised_by_project(err.__traceback__):
+        own_class = type(err).__module__.startswith("distill_pl.")
+        if (own_class or isinstance(err, (ValueError, OSError))) and _raised_by_project(err.__traceback__):
             return err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None
 
 
