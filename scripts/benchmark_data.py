@@ -16,7 +16,10 @@ JSON object:
   torch thread;
 - ``peak_rss_mb``: peak resident memory of a fresh process that opens a split of N tiny
   examples and reads ``--rss-reads`` of them, for N in ``--rss-sizes`` (flat in N: reading
-  is lazy).
+  is lazy);
+- ``streaming``: the tiny split converted to a LitData folder (``litdata.optimize``,
+  examples/s) and read through ``litdata.StreamingDataLoader`` against the local DataLoader
+  over the shards (examples/s, batch 8, no workers, video decoded once); null without litdata.
 
     .venv/bin/python scripts/benchmark_data.py                      # a few minutes on 2 cores
     .venv/bin/python scripts/benchmark_data.py --tiny-examples 64 --full-examples 2 \\
@@ -101,6 +104,43 @@ def read_rate(folder: Path, reads: int, cache_frames: bool = False) -> float:
     return reads / (time.perf_counter() - start)
 
 
+def loader_rate(dataset, batch_size: int = 8) -> float:
+    """Examples per second of one pass of a loader (``batch_size``, no workers) over ``dataset``."""
+    from distill_pl.data.streaming import streaming_loader
+    from torch.utils.data import DataLoader, default_collate
+
+    is_streaming = hasattr(dataset, "bfloat16_keys")
+    loader = (streaming_loader(dataset, batch_size, 0) if is_streaming
+              else DataLoader(dataset, batch_size=batch_size, collate_fn=default_collate))
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["index"])
+    return count / (time.perf_counter() - start)
+
+
+def streaming_rates(folder: Path, streaming: Path) -> dict | None:
+    """The tiny split converted with ``litdata.optimize`` and read by LitData's loader vs the
+    local loader over the shards (both batch 8, no workers, the video decoded once,
+    ``cache_frames``); None without litdata."""
+    try:
+        from distill_pl.data.streaming import StreamingShardDataset, optimize_split
+    except ImportError:
+        return None
+    from distill_pl.data.pairs import PairShardDataset
+
+    start = time.perf_counter()
+    optimize_split(folder, streaming / "train", chunk_size=32)
+    optimize_s = time.perf_counter() - start
+    local = PairShardDataset(folder, cache_frames=True)
+    streamed = StreamingShardDataset(str(streaming / "train"), cache_frames=True)
+    local[0], streamed[0]  # decode the video once in each
+    return {
+        "engine": "litdata", "examples": len(local), "optimize_examples_per_s": len(local) / optimize_s,
+        "local_loader_examples_per_s": loader_rate(local),
+        "streaming_loader_examples_per_s": loader_rate(streamed),
+    }
+
+
 def rss_child(folder: str, reads: int) -> None:
     """(In a fresh process) open the split, read ``reads`` items, print the peak RSS in MB."""
     from distill_pl.data.pairs import PairShardDataset
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             rss[str(n)] = float(mb)
             shutil.rmtree(folder)
         report["peak_rss_mb"] = {"reads": args.rss_reads, "by_examples": rss}
-        report["streaming"] = None  # no streaming engine yet: only the local shard path
+        report["streaming"] = streaming_rates(root / "tiny", root / "tiny_streaming")
     print(json.dumps(report, indent=2))
     return report
 

@@ -14,4 +14,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[test]"
+# LitData, the optional streaming engine (distill_pl/data/streaming.py). --no-deps: litdata
+# lists torchvision as a requirement but imports it only for image/video serialisers, which
+# distill_pl never uses, and a PyPI torchvision does not import beside this CPU torch; the
+# second line installs the requirements litdata really imports.
+if ! "$PY" -c "import litdata" >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-deps "litdata==0.2.76"
+    "$PY" -m pip install -q boto3 tifffile obstore filelock
+fi
 echo "distill_pl installed in $VENV"

@@ -28,3 +28,7 @@ def test_tiny_run_reports_sizes_rates_and_memory(one_thread):
     assert wan["within_target"] is False and wan["read_examples_per_s"] is None
     assert set(report["peak_rss_mb"]["by_examples"]) == {"4", "8"}
     assert all(mb > 50 for mb in report["peak_rss_mb"]["by_examples"].values())
+    streaming = report["streaming"]
+    if streaming is not None:  # litdata installed (scripts/setup.sh)
+        assert streaming["examples"] == 8 and streaming["optimize_examples_per_s"] > 0
+        assert streaming["local_loader_examples_per_s"] > 0 and streaming["streaming_loader_examples_per_s"] > 0

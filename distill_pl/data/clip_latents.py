@@ -183,24 +183,40 @@ class ClipLatentDataset(Dataset):
             return f.get_tensor("negative_text_embeds"), f.get_tensor("negative_text_mask")
 
     def __getitem__(self, index: int) -> dict:
+        return decode_latent_row(self.stored_row(index))
+
+    def stored_row(self, index: int) -> dict:
+        """Example ``index`` as its shard stores it (latents and embeddings in the storage
+        dtype, ``index`` / ``start`` 0-dim int64, ``caption``, ``path``), the input of
+        :func:`decode_latent_row`."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} clips")
         path, row = self.files[index // self.shard_size], index % self.shard_size
         try:
             with safe_open(path, framework="pt") as f:
                 table_row = int(f.get_slice("text_index")[row])
-                item = {
-                    "video_latents": f.get_slice("video_latents")[row].float(),
-                    "control_latents": f.get_slice("control_latents")[row].float(),
-                    "text_embeds": f.get_slice("text_table_embeds")[table_row].float(),
+                stored = {
+                    "video_latents": f.get_slice("video_latents")[row],
+                    "control_latents": f.get_slice("control_latents")[row],
+                    "text_embeds": f.get_slice("text_table_embeds")[table_row],
                     "text_mask": f.get_slice("text_table_mask")[table_row],
-                    "index": int(f.get_slice("index")[row]),
-                    "start": int(f.get_slice("start")[row]),
+                    "index": f.get_slice("index")[row],
+                    "start": f.get_slice("start")[row],
                 }
                 metadata = json.loads(f.metadata()[METADATA_KEY])
         except Exception as err:
             raise ShardError(f"{path}: cannot read row {row} ({err})") from None
-        if item["index"] != index:
-            raise ShardError(f"{path}: row {row} holds example {item['index']}, expected {index}")
-        item.update(caption=metadata["captions"][row], path=metadata["paths"][row])
-        return item
+        if int(stored["index"]) != index:
+            raise ShardError(f"{path}: row {row} holds example {int(stored['index'])}, expected {index}")
+        stored.update(caption=metadata["captions"][row], path=metadata["paths"][row])
+        return stored
+
+
+def decode_latent_row(stored: dict) -> dict:
+    """The item of a stored row (:meth:`ClipLatentDataset.stored_row`): latents and embeddings
+    to float32, ``index`` and ``start`` to int (shared with :mod:`distill_pl.data.streaming`)."""
+    item = dict(stored)
+    for key in ("video_latents", "control_latents", "text_embeds"):
+        item[key] = item[key].float()
+    item.update(index=int(item["index"]), start=int(item["start"]))
+    return item

@@ -51,6 +51,12 @@ Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
   ``trainer.use_distributed_sampler: false``. Items add ``split`` and ``index`` to the clip
   items.
 
+Streaming (``streaming_dir``, pairs and latents mode, fit/validate): the same batches read
+from LitData copies of the shards (:mod:`distill_pl.data.streaming`, local or object storage)
+through ``litdata.StreamingDataLoader``: LitData splits the rows over ranks and workers
+(contiguous ranges without shuffling, its own seeded chunk permutation with), and the
+loader's state in the checkpoint resumes mid-epoch at the next batch.
+
 Mode ``"latents"`` (``latents_dir``; format: :mod:`distill_pl.data.clip_latents`): the same
 two stages over precomputed VAE latents of the clips.
 
@@ -137,6 +143,12 @@ class VideoDataModule(lightning.LightningDataModule):
             ``"latents"``: precomputed clip latents read from ``latents_dir`` or written there.
         pairs_dir: folder of the KD pair shards (``train/`` and ``val/``); pairs mode only.
         latents_dir: folder of the clip latent shards (``train/`` and ``val/``); latents mode only.
+        streaming_dir: pairs and latents mode, fit/validate: read ``<streaming_dir>/train`` and
+            ``/val``, LitData copies of the shards (:mod:`distill_pl.data.streaming`; a local
+            folder or an object-storage URL) through ``litdata.StreamingDataLoader`` instead of
+            the shard folder; None = the local shards.
+        shuffle: shuffle the train items each epoch (seeded from ``seed`` and the epoch);
+            False = index order.
         num_examples: train pairs to generate (train clip items ``0..num_examples-1``).
         num_val_examples: val pairs to generate; None = every val window
             (``val_clips_per_video`` per video).
@@ -162,6 +174,7 @@ class VideoDataModule(lightning.LightningDataModule):
         manifest: str | None = None,
         pairs_dir: str | None = None,
         latents_dir: str | None = None,
+        streaming_dir: str | None = None,
         num_examples: int = 320,
         num_val_examples: int | None = None,
         shard_size: int = 32,
@@ -186,6 +199,7 @@ class VideoDataModule(lightning.LightningDataModule):
         negative_prompt: str = "",
         cache_dir: str = "runs/cache",
         seed: int = 0,
+        shuffle: bool = True,
     ):
         super().__init__()
         if mode not in ("clips", "pairs", "latents"):
@@ -194,6 +208,8 @@ class VideoDataModule(lightning.LightningDataModule):
             raise ValueError("data mode 'pairs' needs pairs_dir (the folder of the KD pair shards)")
         if mode == "latents" and not latents_dir:
             raise ValueError("data mode 'latents' needs latents_dir (the folder of the precomputed clip latents)")
+        if streaming_dir and mode == "clips":
+            raise ValueError("data.streaming_dir streams KD pairs or clip latents: set data.mode: pairs or latents")
         self.save_hyperparameters()
         self.train_set: ClipDataset | PairShardDataset | ClipLatentDataset | None = None
         self.val_set: ClipDataset | PairShardDataset | ClipLatentDataset | None = None
@@ -309,12 +325,17 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def _reading_pairs(self) -> bool:
         """Whether the sets are shards (KD pairs or clip latents), which carry their embeddings."""
-        return isinstance(self.train_set, (PairShardDataset, ClipLatentDataset))
+        return isinstance(self.train_set, (PairShardDataset, ClipLatentDataset)) or self.hparams.streaming_dir is not None
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
+        if self.hparams.streaming_dir is not None:
+            from distill_pl.data.streaming import streaming_loader
+
+            return streaming_loader(self.train_set, self.hparams.batch_size, self.hparams.num_workers)
         rank, replicas = data_parallel_layout(self.trainer)
-        sampler = EpochShuffleSampler(self.train_set, self.hparams.seed, num_replicas=replicas, rank=rank)
+        sampler = EpochShuffleSampler(self.train_set, self.hparams.seed, shuffle=self.hparams.shuffle,
+                                      num_replicas=replicas, rank=rank)
         kwargs = self._loader_kwargs(self.hparams.batch_size)
         if self._reading_pairs():
             kwargs["collate_fn"] = default_collate
@@ -325,6 +346,10 @@ class VideoDataModule(lightning.LightningDataModule):
         kwargs = self._loader_kwargs(self.hparams.val_batch_size or self.hparams.batch_size)
         if self._reading_pairs():
             kwargs["collate_fn"] = default_collate
+        if self.hparams.streaming_dir is not None:
+            from distill_pl.data.streaming import streaming_loader
+
+            return streaming_loader(self.val_set, kwargs["batch_size"], self.hparams.num_workers)
         return DataLoader(self.val_set, **kwargs)
 
     def negative_prompt_embedding(self) -> tuple[Tensor, Tensor]:
@@ -342,11 +367,21 @@ class VideoDataModule(lightning.LightningDataModule):
         h = self.hparams
         return Path(h.latents_dir if h.mode == "latents" else h.pairs_dir) / split
 
+    def _open_split(self, split: str):
+        """The reader of a split: the local shards, or their streaming copy (``streaming_dir``)."""
+        h = self.hparams
+        if h.streaming_dir is not None:
+            from distill_pl.data.streaming import StreamingShardDataset
+
+            return StreamingShardDataset(f"{str(h.streaming_dir).rstrip('/')}/{split}", shuffle=h.shuffle and split == "train",
+                                         seed=h.seed, drop_last=split == "train", cache_frames=h.cache_frames)
+        if h.mode == "latents":
+            return ClipLatentDataset(self._pairs_split_dir(split))
+        return PairShardDataset(self._pairs_split_dir(split), cache_frames=h.cache_frames)
+
     def _setup_pairs(self) -> None:
         """Open the train and val shards, check them against each other and this config."""
-        cache = self.hparams.cache_frames
-        train = PairShardDataset(self._pairs_split_dir("train"), cache_frames=cache)
-        val = PairShardDataset(self._pairs_split_dir("val"), cache_frames=cache)
+        train, val = self._open_split("train"), self._open_split("val")
         per_split = ("split", "num_examples")
         shared = {k: v for k, v in train.metadata.items() if k not in per_split}
         differences = metadata_differences(val.metadata, shared)
@@ -368,8 +403,7 @@ class VideoDataModule(lightning.LightningDataModule):
     # --- clip latents: reading ------------------------------------------------------------
     def _setup_latents(self) -> None:
         """Open the train and val latent shards, check their clip settings against this config."""
-        train = ClipLatentDataset(self._pairs_split_dir("train"))
-        val = ClipLatentDataset(self._pairs_split_dir("val"))
+        train, val = self._open_split("train"), self._open_split("val")
         settings = self.clip_settings()
         for dataset in (train, val):
             differences = metadata_differences(dataset.metadata, settings)

@@ -87,7 +87,7 @@ from distill_pl.data.shards import (
 from distill_pl.paths import resolve_path
 
 __all__ = [
-    "FORMAT_VERSION", "METADATA_KEY", "SPLITS", "PairShardDataset", "ShardError", "ShardLayout",
+    "FORMAT_VERSION", "METADATA_KEY", "SPLITS", "PairRowDecoder", "PairShardDataset", "ShardError", "ShardLayout",
     "build_pair_shard", "check_shard", "example_noise", "example_seed", "finished_shards",
     "metadata_differences", "noise_fingerprint", "read_shard_header", "remove_temp_files",
     "teacher_fingerprint", "write_shard",
@@ -339,9 +339,7 @@ class PairShardDataset(Dataset):
         self.shard_size = layout.shard_size
         self.version = self.metadata["format_version"]
         self._len = layout.num_examples
-        self._clips = None
-        if self.version == 2:
-            self._clips = ReferencedClips(ClipSettings.from_metadata(self.metadata), cache_frames=cache_frames)
+        self.decoder = PairRowDecoder(self.metadata, cache_frames=cache_frames)
 
     def __len__(self) -> int:
         return self._len
@@ -356,21 +354,32 @@ class PairShardDataset(Dataset):
             raise ShardError(f"{path}: cannot read the negative prompt embedding ({err})") from None
 
     def __getitem__(self, index: int) -> dict:
+        return self.decoder(self.stored_row(index), where=self.files[index // self.shard_size])
+
+    def stored_row(self, index: int) -> dict:
+        """Example ``index`` as its shard stores it, the input of :class:`PairRowDecoder`:
+        the row's tensors in their stored dtypes (version 2: ``teacher_output``,
+        ``text_embeds`` / ``text_mask`` (its table row), ``seed``, ``index``, ``start``, the
+        trajectory if any; version 1: the tensors of :data:`V1_EXAMPLE_TENSORS` but
+        ``start``), ``caption`` and, for version 2, ``path``, ``noise_sha256`` and
+        ``video_sha256`` (the digest of that video)."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} KD pairs")
         path, row = self.files[index // self.shard_size], index % self.shard_size
         read = self._read_v1 if self.version == 1 else self._read_v2
         try:
             with safe_open(path, framework="pt") as f:
-                item, metadata = read(f, row), json.loads(f.metadata()[METADATA_KEY])
+                stored, metadata = read(f, row), json.loads(f.metadata()[METADATA_KEY])
         except Exception as err:
             raise ShardError(f"{path}: cannot read row {row} ({err})") from None
-        if int(item["index"]) != index:
-            raise ShardError(f"{path}: row {row} holds example {int(item['index'])}, expected {index}")
-        item.update(caption=metadata["captions"][row], seed=int(item["seed"]), index=int(item["index"]))
+        if int(stored["index"]) != index:
+            raise ShardError(f"{path}: row {row} holds example {int(stored['index'])}, expected {index}")
+        stored["caption"] = metadata["captions"][row]
         if self.version == 2:
-            self._complete_v2(item, metadata, path, row)
-        return item
+            video_path = metadata["paths"][row]
+            stored.update(path=video_path, noise_sha256=metadata["noise_sha256"][row],
+                          video_sha256=metadata["video_sha256"][video_path])
+        return stored
 
     @staticmethod
     def _read_v1(f, row: int) -> dict:
@@ -382,25 +391,53 @@ class PairShardDataset(Dataset):
     def _read_v2(f, row: int) -> dict:
         table_row = int(f.get_slice("text_index")[row])
         item = {
-            "teacher_output": f.get_slice("teacher_output")[row].float(),
-            "text_embeds": f.get_slice("text_table_embeds")[table_row].float(),
+            "teacher_output": f.get_slice("teacher_output")[row],
+            "text_embeds": f.get_slice("text_table_embeds")[table_row],
             "text_mask": f.get_slice("text_table_mask")[table_row],
             **{key: f.get_slice(key)[row] for key in ("seed", "index", "start")},
         }
         if "teacher_trajectory" in f.keys():
-            item["teacher_trajectory"] = f.get_slice("teacher_trajectory")[row].float()
+            item["teacher_trajectory"] = f.get_slice("teacher_trajectory")[row]
             item["trajectory_sigmas"] = f.get_slice("trajectory_sigmas")[row]
         return item
 
-    def _complete_v2(self, item: dict, metadata: dict, path: str, row: int) -> None:
-        """The noise from the seed (checked against its hash) and the clip from its reference."""
+
+class PairRowDecoder:
+    """Turns a stored row (:meth:`PairShardDataset.stored_row`) into a data set item, given
+    the split's common ``metadata``: floats to float32, ``seed`` / ``index`` to int and, for
+    version 2, the noise regenerated from the seed (checked against ``noise_sha256``) and the
+    clip and its control re-derived from the referenced video (checked against
+    ``video_sha256``). Shared by the shard reader and the streaming reader
+    (:mod:`distill_pl.data.streaming`). ``cache_frames``: see
+    :class:`~distill_pl.data.clip_reference.ReferencedClips`."""
+
+    FLOAT_KEYS = ("teacher_output", "text_embeds", "teacher_trajectory")
+
+    def __init__(self, metadata: dict, cache_frames: bool = False):
+        self.metadata = metadata
+        self.version = metadata["format_version"]
+        self._clips = None
+        if self.version == 2:
+            self._clips = ReferencedClips(ClipSettings.from_metadata(metadata), cache_frames=cache_frames)
+
+    def __call__(self, stored: dict, where: str) -> dict:
+        """The item of ``stored``; ``where`` (the shard or folder it came from) names it in errors."""
+        item = dict(stored)
+        item.update(seed=int(item["seed"]), index=int(item["index"]))
+        if self.version == 1:
+            return item
+        for key in self.FLOAT_KEYS:
+            if key in item:
+                item[key] = item[key].float()
         noise = example_noise(item["seed"], self.metadata["latent_shape"])
-        if noise_fingerprint(noise) != metadata["noise_sha256"][row]:
+        if noise_fingerprint(noise) != item.pop("noise_sha256"):
             raise ShardError(
-                f"{path}: row {row}: the noise regenerated from seed {item['seed']} does not match "
-                "the stored noise_sha256 (another torch random generator?); the pair cannot be used"
+                f"{where}: row {item['index'] % self.metadata['shard_size']}: the noise regenerated from seed "
+                f"{item['seed']} does not match the stored noise_sha256 (another torch random generator?); "
+                "the pair cannot be used"
             )
-        video_path, start = metadata["paths"][row], int(item.pop("start"))
-        self._clips.check(video_path, metadata["video_sha256"][video_path], where=path)
+        video_path, start = item.pop("path"), int(item.pop("start"))
+        self._clips.check(video_path, item.pop("video_sha256"), where=where)
         item["video"], item["control"] = self._clips.read(video_path, start)
         item["noise"] = noise
+        return item
