@@ -49,7 +49,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     keys = _checkpoint_keys(ckpt) if sharded else set(meta["state_dict"])
     prefix = _prefix(keys, weights, ckpt)
 
-    template = build_denoiser(*denoiser_config(teacher), on_meta=True)
+    template = build_denoiser(*denoiser_config(teacher), on_meta=True, **(hparams.get("denoiser_options") or {}))
     if sharded:
         from torch.distributed.checkpoint import load as dcp_load
 
@@ -61,7 +61,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
         state = {k[len(prefix):]: v for k, v in meta["state_dict"].items() if k.startswith(prefix)}
     student = denoiser_from_state_dict(template, state)
     settings = meta.get("datamodule_hyper_parameters")
-    return save_student_folder(out, student, scheduler_shift(load_scheduler(teacher)), settings)
+    return save_student_folder(out, student, scheduler_shift(load_scheduler(teacher)), settings, teacher)
 
 
 def _checkpoint_keys(folder: Path) -> set[str]:

@@ -7,6 +7,7 @@ family, and :mod:`distill_pl.models.families.registry` picks the adapter of a fo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
@@ -125,6 +126,21 @@ class Denoiser(nn.Module):
     def save_pretrained(self, folder: str) -> None:
         """Write the backbone as a diffusers model folder (config.json + safetensors)."""
         raise NotImplementedError
+
+    def save_components(self, folder: str) -> None:
+        """Write the model's component folders into a teacher or pipeline folder ``folder``
+        (default: :meth:`save_pretrained` into ``folder/transformer``)."""
+        self.save_pretrained(str(Path(folder) / "transformer"))
+
+    def save_student_pipeline(self, folder: str, teacher: str | None, shift: float) -> Path:
+        """Write this model as a one-step student folder that plain diffusers classes load:
+        by default the components (:meth:`save_components`) and a flow-match Euler
+        ``scheduler/`` with ``shift`` (one Euler step from sigma = 1 is ``eps - v(eps, 1)``);
+        an adapter whose family has a diffusers pipeline writes that pipeline's full folder,
+        its other components taken from the ``teacher`` folder. Returns the folder."""
+        from distill_pl.models.teacher_folder import save_teacher_folder
+
+        return save_teacher_folder(folder, self, "euler", shift)
 
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The weights of a folder of this model's class (a model or teacher folder, as

@@ -99,14 +99,15 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def export_student_of_run(trainer, student: nn.Module, folder: str, shift: float) -> None:
+def export_student_of_run(trainer, student: nn.Module, folder: str, shift: float, teacher: str | None = None) -> None:
     """A stage's export at the end of fit: every rank joins the gather of a sharded student,
-    rank 0 writes the folder (with the run's data settings in ``student.json``)."""
+    rank 0 writes the folder (``save_student_folder``: the family's student pipeline, its
+    other components from the ``teacher`` folder; the run's data settings in ``student.json``)."""
     from distill_pl.models.teacher_folder import save_student_folder
 
     full = gather_denoiser(student, trainer.global_rank)
     if trainer.is_global_zero:
-        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None))
+        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), teacher)
 
 
 def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:

@@ -25,9 +25,10 @@ from distill_pl.paths import resolve_path
 def save_teacher_folder(
     folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
 ) -> Path:
-    """Write ``folder/transformer`` and ``folder/scheduler``."""
+    """Write the denoiser's components (``folder/transformer``, and any other model folder
+    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``."""
     folder = Path(folder)
-    denoiser.save_pretrained(str(folder / "transformer"))
+    denoiser.save_components(str(folder))
     build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
     return folder
 
@@ -41,20 +42,29 @@ STUDENT_SETTINGS = (
 
 
 def save_student_folder(
-    folder: str | Path, student: Denoiser, shift: float, data_hparams: Mapping | None = None
+    folder: str | Path,
+    student: Denoiser,
+    shift: float,
+    data_hparams: Mapping | None = None,
+    teacher: str | Path | None = None,
 ) -> Path:
-    """A one-step student as a folder: ``transformer/`` and a flow-match Euler
-    ``scheduler/`` with the teacher's shift, so one Euler step from sigma = 1 is exactly
-    ``x_g = eps - v(eps, 1)``. Prints where it went.
+    """A one-step student as a folder (``student.save_student_pipeline``): by default
+    ``transformer/`` and a flow-match Euler ``scheduler/`` with the teacher's shift, so one
+    Euler step from sigma = 1 is exactly ``x_g = eps - v(eps, 1)``; a family with its own
+    diffusers pipeline writes that pipeline's folder, the other components copied from the
+    ``teacher`` folder. Prints where it went.
 
     With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
     :data:`STUDENT_SETTINGS`, also ``student.json``: those settings plus ``control``,
-    ``"canny"`` or None for a student without control.
+    ``"canny"`` or None for a student without control, and, if it has any, ``adapter_options``
+    (the student's own options, e.g. the control scale its pipeline is called with).
     """
-    folder = save_teacher_folder(folder, student, "euler", shift)
+    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift))
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
         settings["control"] = "canny" if student.control_channels else None
+        if student.adapter_options:
+            settings["adapter_options"] = student.adapter_options
         write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
     print(f"one-step student exported to {Path(folder).resolve()}")
     return folder

@@ -144,6 +144,8 @@ class DMD2Module(L.LightningModule):
         fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
         fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
             paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
+        denoiser_options: the adapter's own options for every network loaded from the teacher
+            folder (e.g. a ControlNet's ``control_scale``, ``freeze_control_branch``).
         export_dir: if set, the student (its EMA when enabled) is written there at the end of
             fit as a one-step folder: ``transformer/`` + flow-match Euler ``scheduler/``.
         seed: seeds the discriminator head's initialisation and the step-keyed draws
@@ -183,6 +185,7 @@ class DMD2Module(L.LightningModule):
         fake_score_lora_targets: list[str] | None = None,
         export_dir: str | None = None,
         seed: int = 0,
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -199,12 +202,13 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
 
         self.shift = scheduler_shift(load_scheduler(teacher))
-        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing)
+        options = denoiser_options or {}
+        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing, **options)
         self.student = copy.deepcopy(self.fake_score)
         if teacher_dtype == "float32":
             self.teacher = copy.deepcopy(self.fake_score)
         else:
-            self.teacher = load_denoiser(teacher, dtype=teacher_dtype)
+            self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options)
         self.teacher.set_gradient_checkpointing(False)
         self.teacher.eval().requires_grad_(False)
         if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
@@ -552,7 +556,8 @@ class DMD2Module(L.LightningModule):
             weight_decay=h.weight_decay,
         )
         student = torch.optim.AdamW(
-            [{"params": list(self.student.parameters()), "lr": h.student_lr, "name": "student"}],
+            [{"params": [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
+              "lr": h.student_lr, "name": "student"}],
             betas=tuple(h.betas),
             weight_decay=h.weight_decay,
         )
@@ -614,7 +619,7 @@ class DMD2Module(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift)
+            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.hparams.teacher)
 
 
 def dmd2_losses(networks: dict[str, torch.nn.Module], hparams: dict, feature_block: int) -> SimpleNamespace:

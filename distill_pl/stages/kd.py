@@ -56,6 +56,8 @@ class KDModule(L.LightningModule):
             teacher's one-step baseline (grid row and ``val/teacher_1step_*``). None: the
             guidance the pairs were generated with (``pairs_metadata``), i.e. the teacher as
             it is used, only with one step instead of N.
+        denoiser_options: the adapter's own options for teacher and student (e.g. a
+            ControlNet's ``control_scale``, ``freeze_control_branch``), as ``load_denoiser`` takes them.
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
             a teacher-style folder: ``transformer/`` and a one-step ``scheduler/``
             (flow-match Euler with the teacher's shift; one Euler step is ``eps - v(eps, 1)``).
@@ -88,14 +90,16 @@ class KDModule(L.LightningModule):
         teacher_dtype: str = "float32",
         teacher_1step_guidance: float | None = None,
         export_dir: str | None = None,
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = load_denoiser(teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        options = denoiser_options or {}
+        self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
         if teacher_dtype == "float32":
             self.student = copy.deepcopy(self.teacher).requires_grad_(True)
         else:  # keep the student's master weights in float32
-            self.student = load_denoiser(teacher)
+            self.student = load_denoiser(teacher, **options)
         if student_init is not None:
             load_student_weights(self.student, student_init)
         self.student.set_gradient_checkpointing(gradient_checkpointing)
@@ -253,7 +257,7 @@ class KDModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
-            self.student.parameters(),
+            [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
@@ -311,7 +315,8 @@ class KDModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
-            export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift)
+            export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
+                                  self.hparams.teacher)
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:

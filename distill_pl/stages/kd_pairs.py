@@ -55,6 +55,8 @@ class KDPairGenerationModule(L.LightningModule):
             ``torch.Generator().manual_seed(example_seed(seed, split, i))`` (``seed + i`` for
             train), drawn on the CPU, whatever the batch it falls in.
         dtype: parameter dtype of the teacher and VAE (``"float32"``, ``"bfloat16"``, ...).
+        denoiser_options: the teacher adapter's own options (e.g. a ControlNet's
+            ``control_scale``), recorded in the pairs' metadata.
 
     ``predict_step`` returns, per batch of B examples: ``noise`` and ``teacher_output``
     [B, C, T', H', W'] float32, ``control`` and ``video`` [B, 3, T, H, W] (pixels, from the
@@ -70,10 +72,11 @@ class KDPairGenerationModule(L.LightningModule):
         guidance: float = 8.0,
         seed: int = 0,
         dtype: str = "float32",
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = load_denoiser(teacher, dtype=dtype).requires_grad_(False).eval()
+        self.teacher = load_denoiser(teacher, dtype=dtype, **(denoiser_options or {})).requires_grad_(False).eval()
         self.autoencoder = build_autoencoder(vae_path, dtype)
         if self.autoencoder.latent_channels != self.teacher.latent_channels:
             raise ValueError(
@@ -118,6 +121,7 @@ class KDPairGenerationModule(L.LightningModule):
             "guidance": float(h.guidance),
             "guidance_form": "u + w (c - u)",
             "seed": h.seed,
+            "denoiser_options": dict(h.denoiser_options or {}),
         }
 
     def example_noise(self, splits: list[str], indices: list[int], shape: tuple[int, ...]) -> Tensor:
