@@ -1,6 +1,6 @@
 """configs/tiny-cosmos-transfer2.5 through the real CLI, in latent space with the tiny VAE and
-the tiny Qwen2.5-VL text encoder: KD pairs -> KD -> DMD2 for a few steps each, on the tiny
-random teacher of scripts/make_tiny_cosmos_transfer.py; the exported students are full
+the tiny Qwen2.5-VL text encoder: KD pairs -> KD -> DMD2 (a few steps each) -> evaluate, on the
+tiny random teacher of scripts/make_tiny_cosmos_transfer.py; the exported students are full
 Cosmos2_5_TransferPipeline folders that reproduce the project's one-step output."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def pipeline_one_step(folder, noise, text_embeds, control, scale):
     ).frames
 
 
-def test_pairs_kd_dmd2_through_the_cli(work):
+def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 2
         small_data(cfg, num_examples=4, num_val_examples=2, shard_size=2)
@@ -117,3 +117,17 @@ def test_pairs_kd_dmd2_through_the_cli(work):
     expected = pipeline_one_step(dmd2_export, noise, text, control, scale=0.5)
     assert expected.shape == x_g.shape == (1, 16, 3, 4, 4)
     torch.testing.assert_close(expected, x_g, rtol=0, atol=2e-5)
+
+    def evaluation(cfg):
+        cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=3, batch_size=4,
+                   sheet_clips=2, denoiser_options={"control_scale": 0.5})
+        cfg["data"].update(val_clips_per_video=1)
+
+    run_cli(["evaluate", "--config", str(edited_config(f"{CONFIGS}/eval.yaml", work / "e.yaml", evaluation))],
+            cwd=work)
+    report = json.loads((work / RUNS / "eval/report.json").read_text())
+    rows = {row["key"]: row for row in report["methods"]}
+    assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
+    assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
+    for row in list(rows.values())[1:]:
+        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None

@@ -107,6 +107,7 @@ def evaluate(
     sheet_clips: int = 4,
     fps: int = 8,
     scale: int = 4,
+    denoiser_options: dict | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.
 
@@ -125,6 +126,8 @@ def evaluate(
         edge_tolerance: pixel tolerance of the edge F1.
         bootstrap_resamples: draws of the videos for the spread of the Fréchet distance.
         sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
+        denoiser_options: the adapter's own options for the teacher and every student, as the
+            stages took them (e.g. a ControlNet's ``control_scale``).
     """
     if samples_per_clip < 2:
         raise ValueError("samples_per_clip must be >= 2 (diversity compares samples of one clip)")
@@ -135,7 +138,8 @@ def evaluate(
     windows = clips["video"].shape[0]
     num_examples = windows * samples_per_clip
     autoencoder = build_autoencoder(vae_path)
-    teacher_net = load_denoiser(teacher).eval()
+    options = denoiser_options or {}
+    teacher_net = load_denoiser(teacher, **options).eval()
     scheduler = load_scheduler(teacher)
 
     index = torch.arange(num_examples) % windows  # example i shows window i % windows
@@ -149,7 +153,7 @@ def evaluate(
     methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
-        methods.append(student_method(name, load_denoiser(folder).eval()))
+        methods.append(student_method(name, load_denoiser(folder, **options).eval()))
         fingerprints[methods[-1].key] = teacher_fingerprint(folder)
     settings = dict(
         data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},
