@@ -56,6 +56,7 @@ def pipeline_one_step(folder, noise, text_embeds, control, scale):
 def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 2
+        cfg["model"]["init_args"]["denoiser_options"]["control_scale"] = 0.5  # every stage: 0.5
         small_data(cfg, num_examples=4, num_val_examples=2, shard_size=2)
 
     run_cli(["predict", "--config", str(edited_config(f"{CONFIGS}/kd_pairs.yaml", work / "p.yaml", pairs))],
@@ -64,7 +65,7 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     meta, _ = read_shard_header(shard)
     assert meta["latent_shape"] == [16, 3, 4, 4] and meta["vae_path"] == f"{RUNS}/teacher"
     assert meta["text_shape"] == [160, cosmos_tiny.TEXT_DIM]  # Cosmos 2.5 embeddings, D = 2 x 16
-    assert meta["denoiser_options"] == {"control_scale": 1.0}
+    assert meta["denoiser_options"] == {"control_scale": 0.5}
 
     def kd(cfg):
         t = cfg["trainer"]

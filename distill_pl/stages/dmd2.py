@@ -11,7 +11,7 @@ Four networks (see DESIGN.md, "DMD2"):
   the frozen teacher weights: ``fake_score_lora_rank``).
 - ``discriminator``: a small head on the hidden states of block ``feature_block``, taken
   from the fake score network (default: shared backbone, as in the DMD2 paper) or from the
-  frozen teacher (``discriminator_on="teacher"``, as in the Cosmos code).
+  frozen teacher (``discriminator_on="teacher"``, as in the reference recipe's code).
 
 Alternation: exactly one optimizer step per ``training_step``. With
 ``phase = global_step % student_update_freq``, phases ``0 .. freq-2`` step the critic
@@ -116,7 +116,7 @@ class DMD2Module(L.LightningModule):
         vae_path, vae_dtype: local video VAE folder (None: pixel space) and its dtype.
         teacher_dtype: parameter dtype of the frozen teacher (e.g. "bfloat16" to save memory).
         guidance: teacher CFG weight ``w`` in the common form ``u + w (c - u)``
-            (the recipe's Cosmos guidance 5 is ``w = 6``).
+            (the recipe's guidance 5 in the form ``c + g (c - u)`` is ``w = 6``).
         student_update_freq: steps per cycle: ``freq - 1`` critic steps, then 1 student step.
         t_min, t_max: ``t ~ U[t_min, t_max]``, then the teacher's shift, gives ``sigma``.
         gan_weight: weight of the generator's GAN loss (``L_G = L_DMD + gan_weight * L_GAN``).

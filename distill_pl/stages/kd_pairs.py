@@ -49,7 +49,7 @@ class KDPairGenerationModule(L.LightningModule):
         vae_path: local diffusers VAE folder of a latent teacher; None = pixel space.
         num_steps: teacher sampling steps (the reference recipe: 36).
         guidance: CFG weight ``w`` in the common form ``u + w (c - u)``, the unconditional
-            branch from the datamodule's negative prompt. Cosmos writes ``c + g (c - u)``:
+            branch from the datamodule's negative prompt. The reference recipe writes ``c + g (c - u)``:
             its guidance 7 is ``w = 8`` here (:func:`~distill_pl.diffusion.flow.cosmos_guidance_to_w`).
         seed: base seed; example ``i`` of a split gets noise from
             ``torch.Generator().manual_seed(example_seed(seed, split, i))`` (``seed + i`` for
