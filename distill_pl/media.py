@@ -50,6 +50,15 @@ def frame_grid(rows: Sequence[Tensor], pad: int = 2, pad_value: int = 255) -> Te
     return out
 
 
+def side_by_side(videos: Sequence[Tensor], pad: int = 2, pad_value: float = 1.0) -> Tensor:
+    """Videos [3, T, H, W] in [-1, 1] of equal T and H -> one [3, T, H, sum W + gaps] video,
+    left to right, ``pad`` columns of ``pad_value`` (white) between them."""
+    c, t, h, _ = videos[0].shape
+    gap = torch.full((c, t, h, pad), pad_value, dtype=videos[0].dtype)
+    parts = [part for video in videos for part in (video.detach().cpu(), gap)][:-1]
+    return torch.cat(parts, dim=-1)
+
+
 def label_rows(image: Tensor, labels: Sequence[str], row_height: float, width: int = 150) -> Tensor:
     """Prepend a white margin to a uint8 [3, H, W] image with ``labels[r]`` written at the
     height of row ``r`` (rows ``row_height`` pixels apart)."""
@@ -69,10 +78,18 @@ def upscale(image_or_video: Tensor, factor: int) -> Tensor:
     return image_or_video.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file in ``path``'s folder to write; on success it replaces
-    ``path`` (rename), on error it is removed, so ``path`` is never half written."""
+    ``path`` (rename) with the usual permissions (umask, not the temp file's 0600), on
+    error it is removed, so ``path`` is never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -80,6 +97,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

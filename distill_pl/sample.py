@@ -1,8 +1,9 @@
 """``distill-pl sample``: N-step CFG samples of a teacher folder on validation clips.
 
-Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``
-and ``grid_<i>.png`` (rows: control / sample / ground truth; columns: first, middle, last
-frame), plus ``grid.png`` stacking all grids.
+Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``,
+``side_by_side_<i>.mp4`` (control | sample | ground truth, left to right) and ``grid_<i>.png``
+(rows: control / sample / ground truth; columns: first, middle, last frame), plus
+``grid.png`` stacking all grids.
 
     distill-pl sample --teacher teachers/tiny --out runs/tiny/teacher_samples
 """
@@ -16,7 +17,7 @@ import torch
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.function_cli import run_with_data
-from distill_pl.media import frame_grid, upscale, write_mp4, write_png
+from distill_pl.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
@@ -65,6 +66,8 @@ def sample_teacher(
             rows = {"control": batch["control"][b], "sample": video[b], "ground_truth": batch["video"][b]}
             for name, v in rows.items():
                 written.append(write_mp4(out_dir / f"{name}_{index}.mp4", v, fps=fps, scale=scale))
+            written.append(write_mp4(out_dir / f"side_by_side_{index}.mp4", side_by_side(list(rows.values())),
+                                     fps=fps, scale=scale))
             grid = upscale(frame_grid(list(rows.values())), scale)
             grids.append(grid)
             written.append(write_png(out_dir / f"grid_{index}.png", grid))

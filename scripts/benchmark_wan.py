@@ -33,6 +33,11 @@ the difference with it on. MFU = model FLOPs / s per step / the dense bf16 peak 
 If a phase runs out of GPU memory, it says so and retries with 4 latent frames fewer, down
 to 1; the table states the size each phase ran at.
 
+``--sampling`` also times generation of one video at the requested size, without gradients,
+bf16 weights: the teacher's ``--sample_steps``-step UniPC sampler with CFG (2 network calls
+per step, the sampler of the pair generation) against the student's one step ``eps - v(eps, 1)``
+(one timed teacher video after a warm-up student call; the student: median of ``--steps``).
+
     .venv/bin/python scripts/benchmark_wan.py --device cuda --json wan_benchmark.json
     .venv/bin/python scripts/benchmark_wan.py --device cpu --tiny     # tiny model, for tests
 """
@@ -56,7 +61,7 @@ from torch import Tensor
 
 from distill_pl.benchmarking import synchronize
 from distill_pl.diffusion.losses import sample_training_sigma
-from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.sampling import build_flow_scheduler, one_step_sample, sample_with_scheduler
 from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -287,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak_tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--sampling", action="store_true", help="also time teacher N-step CFG vs student 1-step sampling")
+    p.add_argument("--sample_steps", type=int, default=36, help="teacher sampling steps (with CFG: 2 calls each)")
     args = p.parse_args(argv)
     tiny = dict(frames=17, height=256, width=256, text_len=8)
     full = dict(frames=81, height=480, width=832, text_len=WAN_TEXT_LEN)
@@ -350,6 +357,15 @@ def main(argv=None) -> dict:
         })
         print(f"{phase}: {result['s_per_step']:.3f} s/step at {frames} frames", flush=True)
 
+    sampling = None
+    if args.sampling:
+        del nets, student_opt, critic_opt
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        sampling = measure_sampling(config, args, device, channels)
+        print(f"sampling: teacher {sampling['teacher_s_per_video']:.2f} s/video, student "
+              f"{sampling['student_s_per_video']:.3f} s/video ({sampling['speedup']:.1f}x)", flush=True)
     forward_latent = latent_shape(1, channels, args.frames, args.height, args.width)
     forward_inputs = make_inputs(config, forward_latent, args.text_len, "meta")
     with torch.no_grad():
@@ -358,19 +374,47 @@ def main(argv=None) -> dict:
         "device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": "tiny (2 blocks)" if args.tiny else "Wan2.1-T2V-1.3B architecture, random weights",
-        "params_per_network": sum(p.numel() for p in nets.student.parameters()),
+        "params_per_network": sum(p.numel() for p in meta_nets.student.parameters()),
         "precision": args.precision, "gradient_checkpointing": checkpointing,
         "batch_size": args.batch_size, "text_len": args.text_len,
         "requested": {"frames": args.frames, "height": args.height, "width": args.width},
         "peak_tflops": peak, "peak_source": peak_source,
         "forward_flops": {"counted": counted, "closed_form": wan_forward_flops(config, forward_latent, args.text_len)},
-        "warmup": args.warmup, "steps": args.steps, "phases": rows,
+        "warmup": args.warmup, "steps": args.steps, "phases": rows, "sampling": sampling,
     }
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+@torch.no_grad()
+def measure_sampling(config: dict, args, device: torch.device, channels: int) -> dict:
+    """Seconds per video of the teacher's CFG sampler and of the one-step student (bf16)."""
+    with torch.device(device):
+        teacher = WanDenoiser(config=config, dtype="bfloat16").eval().requires_grad_(False)
+        student = WanDenoiser(config=config, dtype="bfloat16").eval().requires_grad_(False)
+    latent = latent_shape(1, channels, args.frames, args.height, args.width)
+    d = make_inputs(config, latent, args.text_len, device)
+    eps = d.eps.bfloat16()
+    cond, uncond = d.cond.to(dtype=torch.bfloat16), d.uncond.to(dtype=torch.bfloat16)
+    student_call = lambda: one_step_sample(velocity_fn(student, cond), eps)  # noqa: E731
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    student_times = time_steps(student_call, max(1, args.warmup), args.steps, device)
+    scheduler = build_flow_scheduler("unipc", SHIFT)
+    teacher_call = lambda: sample_with_scheduler(velocity_fn(teacher, cond, uncond, GUIDANCE), eps, scheduler,  # noqa: E731
+                                                 args.sample_steps)
+    teacher_times = time_steps(teacher_call, 0, 1, device)
+    teacher_s, student_s = teacher_times[0], statistics.median(student_times)
+    return {
+        "frames": args.frames, "height": args.height, "width": args.width, "latent": list(latent),
+        "teacher_steps": args.sample_steps, "teacher_nfe": 2 * args.sample_steps, "guidance": GUIDANCE,
+        "teacher_s_per_video": teacher_s, "student_s_per_video": student_s, "student_times": student_times,
+        "speedup": teacher_s / student_s,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def print_table(r: dict) -> None:
@@ -399,6 +443,11 @@ def print_table(r: dict) -> None:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
     print("TFLOP/step: model FLOPs (forward + backward, no recomputation); recompute: what checkpointing adds; "
           "MFU = TFLOP/step / s/step / peak. Discriminator head included; no gradient clipping.")
+    if r.get("sampling"):
+        smp = r["sampling"]
+        print(f"sampling {smp['frames']}x{smp['height']}x{smp['width']}: teacher {smp['teacher_steps']} steps CFG "
+              f"({smp['teacher_nfe']} calls) {smp['teacher_s_per_video']:.2f} s/video, student 1 step "
+              f"{smp['student_s_per_video']:.3f} s/video: {smp['speedup']:.1f}x")
 
 
 if __name__ == "__main__":

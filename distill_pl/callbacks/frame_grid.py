@@ -57,13 +57,12 @@ class FrameGridLogger(L.Callback):
         return rows
 
     def _write(self, trainer: L.Trainer, rows: dict[str, Tensor], out_dir: Path) -> list[Path]:
-        batch = self._fixed_batch(trainer)
         labels = list(rows)
         step = trainer.global_step
         written = []
         for i in range(len(next(iter(rows.values())))):
             grid = upscale(frame_grid([rows[k][i].cpu() for k in labels]), self.scale)
-            h = batch["video"].shape[-2] * self.scale
+            h = rows[labels[0]].shape[-2] * self.scale
             image = label_rows(grid, labels, row_height=h + 2 * self.scale)
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)

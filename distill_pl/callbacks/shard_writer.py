@@ -1,15 +1,17 @@
-"""Write KD pair generation outputs as shards (format: :mod:`distill_pl.data.pairs`)."""
+"""Write prediction outputs as shards: KD pairs (:mod:`distill_pl.data.pairs`) or precomputed
+clip latents (:mod:`distill_pl.data.clip_latents`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
-from distill_pl.data.pairs import EXAMPLE_TENSORS, FORMAT_VERSION, remove_temp_files, write_shard
+from distill_pl.data.shards import remove_temp_files
+from distill_pl.progress import ProgressLines
 
 
 class PairShardWriter(BasePredictionWriter):
@@ -17,14 +19,20 @@ class PairShardWriter(BasePredictionWriter):
 
     Shard ``k`` of a split holds examples ``[k * shard_size, (k + 1) * shard_size)``; the
     layout (folder, sizes) and the data part of the metadata come from the datamodule
-    (``pair_layout``, ``pair_generation_metadata``), the teacher part from the module's
-    ``pair_generation_metadata()``. Each rank writes only the shards it generates. At setup the
+    (``pair_layout``, ``pair_generation_metadata``), the model part from the module's
+    ``pair_generation_metadata()``; the module's ``build_shard(rows, common)`` makes the
+    tensors and metadata of the format it writes and ``write_shard(path, tensors, metadata)``
+    writes them. A prediction is a dict of per-example tensors (first dimension B) and lists
+    (``split``, ``caption``, ``path``). Each rank writes only the shards it generates. At setup the
     stale temp files of this rank's shards (left by a killed run) are removed.
+    When stdout is not a terminal, each written shard prints a line with the examples/s and
+    the ETA.
     """
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
         self._buffers: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        self._progress: ProgressLines | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -34,6 +42,11 @@ class PairShardWriter(BasePredictionWriter):
         for split in ("train", "val"):
             layout = datamodule.pair_layout(split)
             remove_temp_files(layout, layout.shards_of_rank(trainer.global_rank, trainer.world_size))
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(len(loader.dataset) for loader in trainer.predict_dataloaders)
+        rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        self._progress = ProgressLines(f"KD pairs{rank}", total, "examples")
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict, batch_indices,
@@ -45,9 +58,8 @@ class PairShardWriter(BasePredictionWriter):
             k = layout.shard_of(index)
             buffer = self._buffers.setdefault((split, k), {})
             buffer[index] = {
-                **{name: prediction[name][j].detach().cpu() for name in EXAMPLE_TENSORS},
-                "caption": prediction["caption"][j],
-                "path": prediction["path"][j],
+                name: value[j].detach().cpu() if isinstance(value, Tensor) else value[j]
+                for name, value in prediction.items()
             }
             if len(buffer) == len(layout.examples(k)):
                 self._write(trainer, pl_module, split, k)
@@ -57,23 +69,13 @@ class PairShardWriter(BasePredictionWriter):
         layout = datamodule.pair_layout(split)
         buffer = self._buffers.pop((split, k))
         rows = [buffer[i] for i in layout.examples(k)]
-        tensors = {name: torch.stack([row[name] for row in rows]) for name in EXAMPLE_TENSORS}
-        embeds, mask = datamodule.negative_prompt_embedding()
-        tensors["negative_text_embeds"], tensors["negative_text_mask"] = embeds, mask
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            **pl_module.pair_generation_metadata(),
-            **datamodule.pair_generation_metadata(split),
-            "latent_shape": list(tensors["noise"].shape[1:]),
-            "video_shape": list(tensors["video"].shape[1:]),
-            "text_shape": list(tensors["text_embeds"].shape[1:]),
-            "shard_index": k,
-            "count": len(rows),
-            "first_index": layout.examples(k).start,
-            "captions": [row["caption"] for row in rows],
-            "paths": [row["path"] for row in rows],
-        }
-        write_shard(layout.path(k), tensors, metadata)
+        common = {**pl_module.pair_generation_metadata(), **datamodule.pair_generation_metadata(split)}
+        tensors, metadata = pl_module.build_shard(rows, common)
+        metadata.update(shard_index=k, count=len(rows), first_index=layout.examples(k).start)
+        path = layout.path(k)
+        pl_module.write_shard(path, tensors, metadata)
+        if self._progress is not None:
+            self._progress.advance(len(rows), f"wrote {path.parent.name}/{path.name}")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:

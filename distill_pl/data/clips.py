@@ -53,6 +53,31 @@ def open_video(path: str | Path) -> decord.VideoReader:
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
 
 
+def count_frames(path: Path) -> tuple[int | None, str]:
+    """The number of frames of the video at ``path``, or None and the reason it is unusable."""
+    if not path.is_file():
+        return None, "file not found"
+    try:
+        reader = open_video(path)
+        total = len(reader)
+        reader[0]  # opening reads only the header: decode one frame too
+        del reader
+    except Exception as err:  # decord raises its own error types
+        return None, f"unreadable video: {_first_line(err)}"
+    return total, ""
+
+
+def minimum_video_frames(num_frames: int, frame_stride: int, val_fraction: float) -> int:
+    """The fewest frames a video needs for one window in its train part and one in its
+    held-out part: a window spans ``(num_frames - 1) * frame_stride + 1`` frames, the
+    held-out part is the last ``round(F * val_fraction)`` of F frames (8, 4, 0.25: 115)."""
+    span = (num_frames - 1) * frame_stride + 1
+    total = span
+    while min(round(total * val_fraction), total - round(total * val_fraction)) < span:
+        total += 1
+    return total
+
+
 def resize_center_crop(frames: Tensor, height: int, width: int) -> Tensor:
     """uint8 frames [T, H0, W0, 3] -> float32 [3, T, height, width] in [-1, 1].
 
@@ -150,15 +175,9 @@ class ClipDataset(Dataset):
 
     def _probe(self, path: Path, caption: str) -> tuple[VideoPart | None, str]:
         """The video's usable part for this split, or None and the reason it is unusable."""
-        if not path.is_file():
-            return None, "file not found"
-        try:
-            reader = open_video(path)
-            total = len(reader)
-            reader[0]  # opening reads only the header: decode one frame too
-            del reader
-        except Exception as err:  # decord raises its own error types
-            return None, f"unreadable video: {_first_line(err)}"
+        total, reason = count_frames(path)
+        if total is None:
+            return None, reason
         boundary = total - round(total * self.val_fraction)
         first, end = (0, boundary) if self.split == "train" else (boundary, total)
         if end - first < self.span:

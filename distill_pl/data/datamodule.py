@@ -27,7 +27,10 @@ Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
   through :class:`PairShardDataset` (train through the same resumable loader). Batches:
   ``noise``, ``teacher_output`` [B, C, T', H', W'] float32 (the denoiser's space),
   ``control``, ``video`` [B, 3, T, H, W] float32 pixels, ``text_embeds`` [B, L, D],
-  ``text_mask`` [B, L] bool, ``caption`` list[str], ``seed`` [B] long, ``index`` [B] long.
+  ``text_mask`` [B, L] bool, ``caption`` list[str], ``seed`` [B] long, ``index`` [B] long;
+  pairs generated with ``trajectory_sigmas`` add ``teacher_trajectory`` [B, K, C, T', H', W']
+  and ``trajectory_sigmas`` [B, K]. Version 2 pairs re-derive ``video`` and ``control`` from
+  the referenced videos (``cache_frames``: each video decoded once per process).
   ``pairs_metadata`` is the shards' common metadata, for a KD module to check that the pairs
   fit its student and teacher: ``teacher`` (absolute folder), ``teacher_sha256``,
   ``num_steps``, ``guidance`` (common form), ``scheduler``, ``latent_shape`` [C, T', H', W'],
@@ -47,10 +50,25 @@ Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
   With several devices shard ``k`` belongs to rank ``k % world_size``; set
   ``trainer.use_distributed_sampler: false``. Items add ``split`` and ``index`` to the clip
   items.
+
+Mode ``"latents"`` (``latents_dir``; format: :mod:`distill_pl.data.clip_latents`): the same
+two stages over precomputed VAE latents of the clips.
+
+- ``predict`` (:class:`~distill_pl.stages.clip_latents.ClipLatentModule` with the shard
+  writer): encodes the examples of unfinished shards, chosen, batched and split over ranks
+  exactly as KD pair generation does (train: items ``0..num_examples-1`` of epoch 0).
+- ``fit``/``validate``: batches ``video_latents``, ``control_latents`` [B, C, T', H', W']
+  float32, ``text_embeds``, ``text_mask``, ``caption``, ``path``, ``start``, ``index``; no
+  pixels (the stages use the latents instead of encoding, see :mod:`distill_pl.stages.batch`).
+  The train windows are the precomputed ones, the same every epoch. Every clip setting of the
+  shards (``num_frames``, ``frame_stride``, ``height``, ``width``, canny thresholds, text
+  encoder, ...) must equal this module's (ShardError naming the key otherwise);
+  ``latents_metadata`` (the shards' common metadata) lets a stage check the VAE.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -60,19 +78,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from distill_pl.data import clip_latents, pairs
 from distill_pl.data.bundled import write_bundled_manifest
-from distill_pl.data.clips import ClipDataset
+from distill_pl.data.clip_latents import ClipLatentDataset
+from distill_pl.data.clips import ClipDataset, count_frames, minimum_video_frames
+from distill_pl.data.manifest import read_manifest
 from distill_pl.data.pairs import (
     SPLITS,
     PairShardDataset,
     ShardError,
     ShardLayout,
-    finished_shards,
     metadata_differences,
 )
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
 from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, data_parallel_layout
 from distill_pl.models.text_encoders import embedding_dim
+
+log = logging.getLogger("distill_pl.data")
 
 
 class CaptionEmbeddingCollate:
@@ -111,8 +133,10 @@ class VideoDataModule(lightning.LightningDataModule):
 
     Args:
         mode: what the batches hold; ``"clips"``: real clips from ``manifest``; ``"pairs"``:
-            KD pairs read from ``pairs_dir`` (fit/validate) or generated into it (predict).
+            KD pairs read from ``pairs_dir`` (fit/validate) or generated into it (predict);
+            ``"latents"``: precomputed clip latents read from ``latents_dir`` or written there.
         pairs_dir: folder of the KD pair shards (``train/`` and ``val/``); pairs mode only.
+        latents_dir: folder of the clip latent shards (``train/`` and ``val/``); latents mode only.
         num_examples: train pairs to generate (train clip items ``0..num_examples-1``).
         num_val_examples: val pairs to generate; None = every val window
             (``val_clips_per_video`` per video).
@@ -133,9 +157,10 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def __init__(
         self,
-        mode: Literal["clips", "pairs"] = "clips",
+        mode: Literal["clips", "pairs", "latents"] = "clips",
         manifest: str | None = None,
         pairs_dir: str | None = None,
+        latents_dir: str | None = None,
         num_examples: int = 320,
         num_val_examples: int | None = None,
         shard_size: int = 32,
@@ -159,14 +184,17 @@ class VideoDataModule(lightning.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        if mode not in ("clips", "pairs"):
-            raise ValueError(f"unknown data mode {mode!r} (expected 'clips' or 'pairs')")
+        if mode not in ("clips", "pairs", "latents"):
+            raise ValueError(f"unknown data mode {mode!r} (expected 'clips', 'pairs' or 'latents')")
         if mode == "pairs" and not pairs_dir:
             raise ValueError("data mode 'pairs' needs pairs_dir (the folder of the KD pair shards)")
+        if mode == "latents" and not latents_dir:
+            raise ValueError("data mode 'latents' needs latents_dir (the folder of the precomputed clip latents)")
         self.save_hyperparameters()
-        self.train_set: ClipDataset | PairShardDataset | None = None
-        self.val_set: ClipDataset | PairShardDataset | None = None
+        self.train_set: ClipDataset | PairShardDataset | ClipLatentDataset | None = None
+        self.val_set: ClipDataset | PairShardDataset | ClipLatentDataset | None = None
         self.pairs_metadata: dict | None = None
+        self.latents_metadata: dict | None = None
         self._embeddings: dict[str, tuple[Tensor, Tensor]] = {}
         self._negative: tuple[Tensor, Tensor] | None = None
 
@@ -178,6 +206,41 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def prepare_data(self) -> None:
         self._manifest()
+
+    def reads_clips(self, stage: str) -> bool:
+        """Whether ``stage`` reads the videos of the manifest (not when KD reads its pairs)."""
+        return self.hparams.mode == "clips" or stage == "predict"
+
+    def check_video_lengths(self) -> int:
+        """Check, before any model loads, that the manifest's videos are long enough for a
+        window in both the train part and the held-out part; returns the minimum frame count.
+
+        Raises ValueError naming the manifest, the minimum for these settings and every
+        video's frame count when no video reaches it; videos below it are logged (and later
+        skipped, see :class:`ClipDataset`).
+        """
+        h = self.hparams
+        if not 0 < h.val_fraction < 1 or h.num_frames < 1 or h.frame_stride < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) and num_frames, frame_stride >= 1 "
+                             f"(got {h.val_fraction}, {h.num_frames}, {h.frame_stride})")
+        needed = minimum_video_frames(h.num_frames, h.frame_stride, h.val_fraction)
+        manifest = self._manifest()
+        entries = read_manifest(manifest)
+        problems = []
+        for entry in entries:
+            total, reason = count_frames(entry.path)
+            if total is None:
+                problems.append(f"{entry.path.name}: {reason}")
+            elif total < needed:
+                problems.append(f"{entry.path.name}: {total} frames")
+        rule = (f"each video needs at least {needed} frames for num_frames={h.num_frames}, "
+                f"frame_stride={h.frame_stride}, val_fraction={h.val_fraction} (a window of "
+                f"{(h.num_frames - 1) * h.frame_stride + 1} frames in the first part and in the held-out last part)")
+        if len(problems) == len(entries):
+            raise ValueError(f"manifest {manifest}: no usable video: {rule}; {', '.join(problems)}")
+        if problems:
+            log.warning("manifest %s: %s; skipping %s", manifest, rule, ", ".join(problems))
+        return needed
 
     def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
         """A :class:`ClipDataset` of ``split`` with this module's data settings."""
@@ -216,7 +279,10 @@ class VideoDataModule(lightning.LightningDataModule):
         if self.hparams.mode == "pairs" and stage != "predict":
             self._setup_pairs()
             return
-        generating = self.hparams.mode == "pairs"
+        if self.hparams.mode == "latents" and stage != "predict":
+            self._setup_latents()
+            return
+        generating = self.hparams.mode in ("pairs", "latents")
         self.train_set = self.clip_dataset("train", self.hparams.num_examples if generating else None)
         self.val_set = self.clip_dataset("val")
         captions = [v.caption for v in (*self.train_set.videos, *self.val_set.videos)]
@@ -235,7 +301,8 @@ class VideoDataModule(lightning.LightningDataModule):
             raise RuntimeError("VideoDataModule.setup() has not been called")
 
     def _reading_pairs(self) -> bool:
-        return isinstance(self.train_set, PairShardDataset)
+        """Whether the sets are shards (KD pairs or clip latents), which carry their embeddings."""
+        return isinstance(self.train_set, (PairShardDataset, ClipLatentDataset))
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -255,7 +322,7 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def negative_prompt_embedding(self) -> tuple[Tensor, Tensor]:
         """Embedding of ``negative_prompt``: embeds [1, L, D] float32, mask [1, L] bool
-        (in pairs mode: the one stored in the shards, which the teacher used)."""
+        (in pairs and latents mode: the one stored in the shards, which the teacher used)."""
         self._require_setup()
         if self._reading_pairs():
             return self.train_set.negative_prompt_embedding()
@@ -264,12 +331,15 @@ class VideoDataModule(lightning.LightningDataModule):
 
     # --- KD pairs: reading --------------------------------------------------------------
     def _pairs_split_dir(self, split: str) -> Path:
-        return Path(self.hparams.pairs_dir) / split
+        """``<pairs_dir>/<split>`` (``latents_dir`` in latents mode)."""
+        h = self.hparams
+        return Path(h.latents_dir if h.mode == "latents" else h.pairs_dir) / split
 
     def _setup_pairs(self) -> None:
         """Open the train and val shards, check them against each other and this config."""
-        train = PairShardDataset(self._pairs_split_dir("train"))
-        val = PairShardDataset(self._pairs_split_dir("val"))
+        cache = self.hparams.cache_frames
+        train = PairShardDataset(self._pairs_split_dir("train"), cache_frames=cache)
+        val = PairShardDataset(self._pairs_split_dir("val"), cache_frames=cache)
         per_split = ("split", "num_examples")
         shared = {k: v for k, v in train.metadata.items() if k not in per_split}
         differences = metadata_differences(val.metadata, shared)
@@ -288,7 +358,23 @@ class VideoDataModule(lightning.LightningDataModule):
         self.train_set, self.val_set = train, val
         self.pairs_metadata = {**shared, "num_examples": {"train": len(train), "val": len(val)}}
 
-    # --- KD pairs: generation -----------------------------------------------------------
+    # --- clip latents: reading ------------------------------------------------------------
+    def _setup_latents(self) -> None:
+        """Open the train and val latent shards, check their clip settings against this config."""
+        train = ClipLatentDataset(self._pairs_split_dir("train"))
+        val = ClipLatentDataset(self._pairs_split_dir("val"))
+        settings = self.clip_settings()
+        for dataset in (train, val):
+            differences = metadata_differences(dataset.metadata, settings)
+            if differences:
+                raise ShardError(
+                    f"{dataset.files[0]}: the precomputed latents do not match the data config "
+                    f"(shards != config: {'; '.join(differences)}); precompute again or change data:"
+                )
+        self.train_set, self.val_set = train, val
+        self.latents_metadata = {key: v for key, v in train.metadata.items() if key not in ("split", "num_examples")}
+
+    # --- KD pairs and clip latents: generation ---------------------------------------------
     def pair_layout(self, split: str) -> ShardLayout:
         """Where the examples of ``split`` go (``pairs_dir/<split>``, num examples, shard size)."""
         h = self.hparams
@@ -315,6 +401,14 @@ class VideoDataModule(lightning.LightningDataModule):
             "split": split,
             "num_examples": layout.num_examples,
             "shard_size": layout.shard_size,
+            "video_shape": [3, h.num_frames, h.height, h.width],
+            **self.clip_settings(),
+        }
+
+    def clip_settings(self) -> dict:
+        """The settings that make the clips, their control and embeddings (shard metadata)."""
+        h = self.hparams
+        return {
             "manifest": h.manifest,
             "num_frames": h.num_frames,
             "frame_stride": h.frame_stride,
@@ -337,8 +431,9 @@ class VideoDataModule(lightning.LightningDataModule):
         (this datamodule's and the model's ``pair_generation_metadata()``): a shard made with
         other settings raises a ShardError naming it instead of being skipped.
         """
-        if self.hparams.mode != "pairs":
-            raise ValueError("predict generates KD pairs: set data.mode: pairs and data.pairs_dir")
+        if self.hparams.mode not in ("pairs", "latents"):
+            raise ValueError("predict writes shards: set data.mode: pairs and data.pairs_dir (KD pairs) "
+                             "or data.mode: latents and data.latents_dir (clip latents)")
         self._require_setup()
         h = self.hparams
         if h.shard_size % h.batch_size:
@@ -361,10 +456,11 @@ class VideoDataModule(lightning.LightningDataModule):
         loaders = []
         for split, clips in (("train", self.train_set), ("val", self.val_set)):
             layout = self.pair_layout(split)
-            done = finished_shards(layout, {**model_metadata, **self.pair_generation_metadata(split)})
+            shard_format = clip_latents if h.mode == "latents" else pairs
+            done = shard_format.finished_shards(layout, {**model_metadata, **self.pair_generation_metadata(split)})
             todo = [k for k in range(layout.num_shards) if k not in done]
             rank_zero_info(
-                f"KD pairs {split}: {layout.num_shards} shards of {layout.shard_size} in {layout.folder}, "
+                f"{'clip latents' if h.mode == 'latents' else 'KD pairs'} {split}: {layout.num_shards} shards of {layout.shard_size} in {layout.folder}, "
                 f"{len(done)} finished, {len(todo)} to generate"
                 + (f" on {world} ranks" if world > 1 and todo else "")
             )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from distill_pl.media import atomic_write
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
 
 
 def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> Path:
-    """Write ``entries`` to ``path`` atomically (temp file + os.replace); return the path."""
+    """Write ``entries`` to ``path`` atomically (temp file + rename); return the path."""
     manifest = Path(os.path.abspath(Path(path).expanduser()))
-    manifest.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         json.dumps(
             {"path": os.path.relpath(e.path, manifest.parent), "caption": e.caption},
@@ -63,12 +63,6 @@ def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> Path:
         + "\n"
         for e in entries
     ]
-    fd, tmp = tempfile.mkstemp(dir=manifest.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(manifest) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
     return manifest

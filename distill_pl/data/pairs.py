@@ -1,49 +1,60 @@
-"""KD pairs on disk: the shard format, atomic shard writing, and lazy reading with validation.
+"""KD pairs on disk: the shard format, its writing and lazy reading with validation.
 
 A KD pair is the teacher's N-step CFG output for one noise and one conditioning. Pairs live in
-``<pairs_dir>/<split>/shard_{k:05d}.safetensors`` (split ``train`` or ``val``). Shard ``k`` of a
-split holds examples ``[k * shard_size, min((k + 1) * shard_size, num_examples))`` in order,
-so a shard's content depends only on its index, never on how generation was scheduled.
+``<pairs_dir>/<split>/shard_{k:05d}.safetensors`` (split ``train`` or ``val``), laid out,
+written and read as :mod:`distill_pl.data.shards` describes (atomic, deterministic: shard ``k``
+holds examples ``[k * shard_size, (k + 1) * shard_size)``, equal inputs give equal bytes).
 
-Format version 1 (S = rows of the shard, C/T'/H'/W' = the denoiser's space: VAE latents, or the
-pixels themselves for a pixel-space teacher):
+Format version 2 (written; S = rows of the shard, P = distinct prompts of the shard, K = levels
+of ``trajectory_sigmas``, C/T'/H'/W' = the denoiser's space: VAE latents, or the pixels
+themselves for a pixel-space teacher; ``<storage>`` = ``storage_dtype``, bfloat16 by default):
 
-=================  ===========================  =========================================
-tensor             shape, dtype                 meaning
-=================  ===========================  =========================================
-``noise``          [S, C, T', H', W'] float32   unit Gaussian noise, the student's input
-``teacher_output`` [S, C, T', H', W'] float32   teacher's N-step CFG sample from ``noise``
-``control``        [S, 3, T, H, W] float32      control video, pixels (canny: -1 / +1)
-``video``          [S, 3, T, H, W] float32      the real clip the caption/control came from
-``text_embeds``    [S, L, D] float32            prompt embedding, zero at padding
-``text_mask``      [S, L] bool                  True at real tokens
-``seed``           [S] int64                    seed of the example's noise
-``index``          [S] int64                    example index within the split
-``start``          [S] int64                    first frame of the clip in its video
-``negative_...``   [1, L, D] f32, [1, L] bool   ``negative_text_embeds`` / ``_mask``: the
-                                                negative prompt of the teacher's CFG
-=================  ===========================  =========================================
+======================  ==============================  =====================================
+tensor                  shape, dtype                    meaning
+======================  ==============================  =====================================
+``teacher_output``      [S, C, T', H', W'] <storage>    teacher's N-step CFG sample
+``teacher_trajectory``  [S, K, C, T', H', W'] <storage> teacher's noisy state x at its first
+                                                        step with sigma <= each level (only
+                                                        when ``trajectory_sigmas`` is set)
+``trajectory_sigmas``   [S, K] float32                  the sigma of each stored state
+``text_index``          [S] int64                       row of the example's prompt in the table
+``text_table_embeds``   [P, L, D] <storage>             prompt embeddings, zero at padding
+``text_table_mask``     [P, L] bool                     True at real tokens
+``seed``                [S] int64                       seed of the example's noise
+``index``               [S] int64                       example index within the split
+``start``               [S] int64                       first frame of the clip in its video
+``negative_...``        [1, L, D] f32, [1, L] bool      ``negative_text_embeds`` / ``_mask``:
+                                                        the negative prompt of the CFG
+======================  ==============================  =====================================
 
-Metadata: a single safetensors metadata entry :data:`METADATA_KEY` holding a JSON object
-(one entry, serialised with sorted keys, so equal shards are equal bytes):
+Not stored: the noise, regenerated from ``seed`` (:func:`example_noise`) and checked against the
+row's ``noise_sha256`` (:func:`noise_fingerprint`); the clip and its control, stored by
+reference (video path, ``start`` and the clip settings below) and re-derived at read time
+(:mod:`distill_pl.data.clip_reference`), after checking the video's ``video_sha256``.
+
+Metadata (JSON under :data:`METADATA_KEY`):
 
 - per shard: ``shard_index``, ``count`` (= S), ``first_index``, ``captions`` and ``paths``
-  (lists of S strings: the prompt and the source video of every row);
+  (lists of S strings: the prompt and the source video of every row), ``noise_sha256`` (S hex
+  digests), ``text_prompts`` (the P prompts of the table rows), ``video_sha256`` ({path: sha256}
+  of every referenced video);
 - common to every shard of a split: ``format_version``, ``split``, ``num_examples``,
-  ``shard_size``; the teacher: ``teacher`` (absolute folder path), ``teacher_sha256`` (see
+  ``shard_size``, ``storage_dtype``, ``trajectory_sigmas`` (the requested levels, [] = none);
+  the teacher: ``teacher`` (absolute folder path), ``teacher_sha256`` (see
   :func:`teacher_fingerprint`), ``teacher_dtype``, ``vae_path`` (None = pixel space),
   ``scheduler`` (diffusers class name), ``scheduler_shift``, ``num_steps``, ``guidance`` (common
   form ``u + w (c - u)``; Cosmos' ``g`` is ``w - 1``), ``guidance_form``, ``negative_prompt``,
   ``seed`` (base noise seed, see :func:`example_seed`), ``denoiser_options`` (the teacher
-  adapter's own options, e.g. a ControlNet's ``control_scale``); shapes without the batch dimension:
-  ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
+  adapter's own options, e.g. a ControlNet's ``control_scale``); shapes without the batch
+  dimension: ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
   clip settings ``manifest`` (None = bundled clips), ``num_frames``, ``frame_stride``,
   ``height``, ``width``, ``val_fraction``, ``val_clips_per_video``, ``canny_low``,
   ``canny_high``, ``text_encoder``, ``max_text_length``, ``data_seed`` (train windows).
 
-Writing is atomic: a shard is written to ``.shard_{k:05d}.safetensors.tmp`` in the same folder,
-flushed to disk and renamed over the final name, so a killed run leaves finished shards and at
-most a stale temp file (removed by the next run), never a partial shard.
+Format version 1 (still read): float32 ``noise``, ``teacher_output`` [S, C, T', H', W'],
+``control`` and ``video`` [S, 3, T, H, W] pixels, ``text_embeds`` [S, L, D], ``text_mask``
+[S, L], plus ``seed``, ``index``, ``start`` and the negative prompt as above; no
+``noise_sha256``, ``text_prompts``, ``video_sha256``, ``storage_dtype`` or trajectory.
 
 Reading (:class:`PairShardDataset`) validates every shard header at construction, keeps only
 file names and the common metadata, and reads one row per item with ``safe_open`` slices
@@ -54,61 +65,84 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from distill_pl.data import shards
+from distill_pl.data.clip_reference import ClipSettings, ReferencedClips, file_sha256
+from distill_pl.data.shards import (
+    ShardError,
+    ShardLayout,
+    check_rows,
+    check_tensors,
+    metadata_differences,
+    open_split,
+    remove_temp_files,
+    storage_dtype,
+)
 from distill_pl.paths import resolve_path
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION", "METADATA_KEY", "SPLITS", "PairShardDataset", "ShardError", "ShardLayout",
+    "build_pair_shard", "check_shard", "example_noise", "example_seed", "finished_shards",
+    "metadata_differences", "noise_fingerprint", "read_shard_header", "remove_temp_files",
+    "teacher_fingerprint", "write_shard",
+]
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: the safetensors metadata entry that holds the JSON metadata
 METADATA_KEY = "distill_pl.kd_pairs"
 SPLITS = ("train", "val")
-SHARD_PATTERN = re.compile(r"shard_(\d{5,})\.safetensors")
 
-#: tensors of a shard and their dtypes
-TENSOR_DTYPES: dict[str, torch.dtype] = {
-    "noise": torch.float32,
-    "teacher_output": torch.float32,
-    "control": torch.float32,
-    "video": torch.float32,
-    "text_embeds": torch.float32,
-    "text_mask": torch.bool,
-    "seed": torch.int64,
-    "index": torch.int64,
-    "start": torch.int64,
-    "negative_text_embeds": torch.float32,
-    "negative_text_mask": torch.bool,
+#: version 1: tensors and their dtypes
+V1_TENSOR_DTYPES: dict[str, torch.dtype] = {
+    "noise": torch.float32, "teacher_output": torch.float32, "control": torch.float32,
+    "video": torch.float32, "text_embeds": torch.float32, "text_mask": torch.bool,
+    "seed": torch.int64, "index": torch.int64, "start": torch.int64,
+    "negative_text_embeds": torch.float32, "negative_text_mask": torch.bool,
 }
-#: tensors with one row per example (the others have a single row)
-EXAMPLE_TENSORS = ("noise", "teacher_output", "control", "video", "text_embeds", "text_mask", "seed", "index", "start")
-#: metadata that differs from shard to shard; every other key is common to a split
-PER_SHARD_KEYS = ("shard_index", "count", "first_index", "captions", "paths")
+#: version 1: tensors with one row per example (the others have a single row)
+V1_EXAMPLE_TENSORS = ("noise", "teacher_output", "control", "video", "text_embeds", "text_mask", "seed", "index", "start")
+#: metadata that differs from shard to shard, per version; every other key is common to a split
+PER_SHARD_KEYS = {
+    1: ("shard_index", "count", "first_index", "captions", "paths"),
+    2: ("shard_index", "count", "first_index", "captions", "paths", "noise_sha256", "text_prompts", "video_sha256"),
+}
 #: metadata every shard must have
 REQUIRED_KEYS = (
     "format_version", "split", "num_examples", "shard_size", "teacher", "teacher_sha256",
     "num_steps", "guidance", "scheduler", "seed", "latent_shape", "video_shape", "text_shape",
-    *PER_SHARD_KEYS,
 )
+V2_REQUIRED_KEYS = ("storage_dtype", "trajectory_sigmas", "num_frames", "frame_stride", "height", "width",
+                    "canny_low", "canny_high")
 #: seeds of val examples start here, so they never repeat a train example's noise
 VAL_SEED_OFFSET = 1_000_000_000
 
 
 def example_seed(seed: int, split: str, index: int) -> int:
     """Seed of the noise of example ``index``: ``seed + index`` (train), shifted by
-    :data:`VAL_SEED_OFFSET` for val. The noise is ``torch.randn(shape,
-    generator=torch.Generator().manual_seed(example_seed(...)))`` on the CPU."""
+    :data:`VAL_SEED_OFFSET` for val (see :func:`example_noise`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     return seed + index + (VAL_SEED_OFFSET if split == "val" else 0)
+
+
+def example_noise(seed: int, shape: tuple[int, ...] | list[int]) -> Tensor:
+    """The unit Gaussian noise [*shape] float32 of the example with seed ``seed``
+    (:func:`example_seed`): ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))``
+    on the CPU, whatever the device the teacher runs on."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def noise_fingerprint(noise: Tensor) -> str:
+    """sha256 hex digest of a float32 noise tensor's bytes (C order)."""
+    return hashlib.sha256(noise.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def teacher_fingerprint(teacher: str | Path) -> str:
@@ -130,100 +164,96 @@ def teacher_fingerprint(teacher: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class ShardLayout:
-    """Which examples of a split go in which shard file."""
-
-    folder: Path
-    num_examples: int
-    shard_size: int
-
-    def __post_init__(self) -> None:
-        if self.num_examples < 1 or self.shard_size < 1:
-            raise ValueError(
-                f"{self.folder}: num_examples ({self.num_examples}) and shard_size "
-                f"({self.shard_size}) must be >= 1"
-            )
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_examples // self.shard_size)
-
-    def path(self, k: int) -> Path:
-        return self.folder / f"shard_{k:05d}.safetensors"
-
-    def temp_path(self, k: int) -> Path:
-        return self.folder / f".shard_{k:05d}.safetensors.tmp"
-
-    def examples(self, k: int) -> range:
-        """Indices of the examples of shard ``k``."""
-        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_examples))
-
-    def shard_of(self, index: int) -> int:
-        return index // self.shard_size
-
-    def shards_of_rank(self, rank: int, world_size: int) -> list[int]:
-        """Shards written by ``rank``: ``k % world_size == rank``."""
-        return list(range(rank, self.num_shards, world_size))
-
-
-class ShardError(ValueError):
-    """A shard file is unreadable, incomplete or does not match (the message names the file)."""
-
-
 def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
-    """Write one shard atomically: ``.<name>.tmp`` in the same folder, fsync, rename.
-
-    ``tensors`` must be exactly :data:`TENSOR_DTYPES` (cast to those dtypes, made
-    contiguous); ``metadata`` is any JSON-serialisable dict, stored under :data:`METADATA_KEY`.
-    """
-    path = Path(path)
-    if set(tensors) != set(TENSOR_DTYPES):
-        raise ValueError(f"{path}: shard tensors must be {sorted(TENSOR_DTYPES)}, got {sorted(tensors)}")
-    data = {name: t.detach().to("cpu", TENSOR_DTYPES[name]).contiguous() for name, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.tmp"
-    try:
-        save_file(data, str(temp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # safetensors creates files 0600; shards are shared data
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write one KD pair shard atomically (see :func:`distill_pl.data.shards.write_shard`)."""
+    return shards.write_shard(path, tensors, metadata, METADATA_KEY)
 
 
 def read_shard_header(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[list[int], str]]]:
-    """(metadata, {tensor: (shape, safetensors dtype)}) of a shard, reading only its header.
+    """(metadata, {tensor: (shape, safetensors dtype)}) of a KD pair shard (header only)."""
+    return shards.read_shard_header(path, METADATA_KEY)
 
-    Raises :class:`ShardError` naming the file if it cannot be read as a shard.
+
+def read_checked_header(path: Path) -> dict:
+    """The metadata of a shard whose header passed :func:`check_shard`."""
+    metadata, tensors = read_shard_header(path)
+    check_shard(path, metadata, tensors)
+    return metadata
+
+
+def finished_shards(layout: ShardLayout, expected: dict) -> set[int]:
+    """Finished KD pair shards of ``layout`` (see :func:`distill_pl.data.shards.finished_shards`)."""
+    return shards.finished_shards(layout, expected, read_checked_header)
+
+
+class _VideoDigests:
+    """sha256 of each video file, computed once per (path, size, modification time)."""
+
+    def __init__(self) -> None:
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: str) -> str:
+        stat = Path(path).stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = file_sha256(path)
+        return self._digests[key]
+
+
+video_digests = _VideoDigests()
+
+
+def prompt_table(rows: list[dict[str, Any]], dtype: torch.dtype) -> tuple[list[str], dict[str, Tensor]]:
+    """(the distinct prompts in order of first use, {``text_index`` [S] int64,
+    ``text_table_embeds`` [P, L, D] ``dtype``, ``text_table_mask`` [P, L] bool}) of rows with
+    ``caption``, ``text_embeds`` [L, D] and ``text_mask`` [L]."""
+    prompts = list(dict.fromkeys(row["caption"] for row in rows))
+    first_row = {p: next(row for row in rows if row["caption"] == p) for p in prompts}
+    return prompts, {
+        "text_index": torch.tensor([prompts.index(row["caption"]) for row in rows], dtype=torch.int64),
+        "text_table_embeds": torch.stack([first_row[p]["text_embeds"] for p in prompts]).to(dtype),
+        "text_table_mask": torch.stack([first_row[p]["text_mask"] for p in prompts]).bool(),
+    }
+
+
+def build_pair_shard(
+    rows: list[dict[str, Any]], common: dict, negative: tuple[Tensor, Tensor]
+) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata of a version 2 shard (without the per-shard ``shard_index``,
+    ``count`` and ``first_index``, which the writer adds).
+
+    ``rows``: one dict per example, in index order, with ``teacher_output`` [C, T', H', W'],
+    ``text_embeds`` [L, D], ``text_mask`` [L], ``seed``, ``index``, ``start`` (0-dim), the
+    noise's ``noise_sha256``, ``caption`` and ``path``; with trajectory levels also
+    ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]. ``common``: the
+    common metadata (``storage_dtype``, ``trajectory_sigmas``, ...). ``negative``: the
+    negative-prompt embeds [1, L, D] and mask [1, L].
     """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            tensors = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise ShardError(f"{path}: not a readable safetensors file, corrupt or truncated ({err})") from None
-    if raw is None:
-        raise ShardError(f"{path}: no '{METADATA_KEY}' metadata; not a KD pair shard")
-    try:
-        metadata = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{path}: metadata is not valid JSON ({err.msg})") from None
-    if not isinstance(metadata, dict):
-        raise ShardError(f"{path}: metadata is not a JSON object")
-    return metadata, tensors
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bool: "BOOL", torch.int64: "I64"}
+    dtype = storage_dtype(common["storage_dtype"])
+    prompts, table = prompt_table(rows, dtype)
+    tensors = {
+        "teacher_output": torch.stack([row["teacher_output"] for row in rows]).to(dtype),
+        **table,
+        **{key: torch.stack([torch.as_tensor(row[key]) for row in rows]).long() for key in ("seed", "index", "start")},
+        "negative_text_embeds": negative[0].float(),
+        "negative_text_mask": negative[1].bool(),
+    }
+    if common["trajectory_sigmas"]:
+        tensors["teacher_trajectory"] = torch.stack([row["teacher_trajectory"] for row in rows]).to(dtype)
+        tensors["trajectory_sigmas"] = torch.stack([row["trajectory_sigmas"] for row in rows]).float()
+    paths = [row["path"] for row in rows]
+    metadata = {
+        **common,
+        "format_version": FORMAT_VERSION,
+        "latent_shape": list(tensors["teacher_output"].shape[1:]),
+        "text_shape": list(tensors["text_table_embeds"].shape[1:]),
+        "captions": [row["caption"] for row in rows],
+        "paths": paths,
+        "noise_sha256": [row["noise_sha256"] for row in rows],
+        "text_prompts": prompts,
+        "video_sha256": {path: video_digests(path) for path in dict.fromkeys(paths)},
+    }
+    return tensors, metadata
 
 
 def check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int], str]]) -> None:
@@ -238,80 +268,43 @@ def check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int], 
 
 def _check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int], str]]) -> None:
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {version!r}, this code reads version {FORMAT_VERSION}")
-    missing = [key for key in REQUIRED_KEYS if key not in metadata]
+    if version not in READABLE_VERSIONS:
+        raise ShardError(f"{path}: format version {version!r}, this code reads versions {list(READABLE_VERSIONS)}")
+    required = (*REQUIRED_KEYS, *PER_SHARD_KEYS[version], *(V2_REQUIRED_KEYS if version == 2 else ()))
+    missing = [key for key in required if key not in metadata]
     if missing:
         raise ShardError(f"{path}: metadata lacks {missing}")
-    k = metadata["shard_index"]
-    if path.name != f"shard_{k:05d}.safetensors":
-        raise ShardError(f"{path}: metadata says shard_index {k}, which does not match the file name")
-    layout = ShardLayout(path.parent, metadata["num_examples"], metadata["shard_size"])
-    count, expected = metadata["count"], len(layout.examples(k))
-    if count != expected or metadata["first_index"] != k * layout.shard_size:
-        raise ShardError(
-            f"{path}: incomplete shard: {count} examples from {metadata['first_index']}, expected "
-            f"{expected} from {k * layout.shard_size} (num_examples {layout.num_examples}, "
-            f"shard_size {layout.shard_size})"
-        )
-    if len(metadata["captions"]) != count or len(metadata["paths"]) != count:
-        raise ShardError(f"{path}: captions/paths do not have {count} entries")
-    if set(tensors) != set(TENSOR_DTYPES):
-        raise ShardError(f"{path}: tensors {sorted(tensors)}, expected {sorted(TENSOR_DTYPES)}")
-    length = metadata["text_shape"][0]
-    shapes = {
-        "noise": metadata["latent_shape"], "teacher_output": metadata["latent_shape"],
-        "control": metadata["video_shape"], "video": metadata["video_shape"],
-        "text_embeds": metadata["text_shape"], "text_mask": [length],
-        "seed": [], "index": [], "start": [],
-        "negative_text_embeds": metadata["text_shape"], "negative_text_mask": [length],
-    }
-    for name, (shape, dtype) in tensors.items():
-        rows = count if name in EXAMPLE_TENSORS else 1
-        want_shape, want_dtype = [rows, *shapes[name]], _SAFETENSORS_DTYPES[TENSOR_DTYPES[name]]
-        if list(shape) != want_shape or dtype != want_dtype:
-            raise ShardError(f"{path}: tensor {name} is {dtype} {list(shape)}, expected {want_dtype} {want_shape}")
-
-
-def common_metadata(metadata: dict) -> dict:
-    """The keys of a shard's metadata shared by all shards of its split."""
-    return {key: value for key, value in metadata.items() if key not in PER_SHARD_KEYS}
-
-
-def metadata_differences(found: dict, expected: dict) -> list[str]:
-    """``"key: found != expected"`` for each key of ``expected`` whose value differs."""
-    return [
-        f"{key}: {found.get(key)!r} != {value!r}"
-        for key, value in expected.items()
-        if found.get(key) != value
-    ]
-
-
-def finished_shards(layout: ShardLayout, expected: dict) -> set[int]:
-    """Shards of ``layout`` already written, after checking each one: ShardError naming the
-    file when a shard is unreadable, incomplete, or was made with other settings (a key of
-    ``expected`` differs)."""
-    done = set()
-    for k in range(layout.num_shards):
-        path = layout.path(k)
-        if not path.is_file():
-            continue
-        metadata, tensors = read_shard_header(path)
-        check_shard(path, metadata, tensors)
-        differences = metadata_differences(metadata, expected)
-        if differences:
-            raise ShardError(
-                f"{path}: this finished shard was generated with other settings "
-                f"({'; '.join(differences)}); use another pairs_dir or delete the old shards"
-            )
-        done.add(k)
-    return done
-
-
-def remove_temp_files(layout: ShardLayout, shards: list[int]) -> None:
-    """Remove stale temp files of ``shards`` (left by a killed run)."""
-    for k in shards:
-        layout.temp_path(k).unlink(missing_ok=True)
+    check_rows(path, metadata)
+    count = metadata["count"]
+    lists = ("captions", "paths") + (("noise_sha256",) if version == 2 else ())
+    if any(len(metadata[key]) != count for key in lists):
+        raise ShardError(f"{path}: {'/'.join(lists)} do not have {count} entries")
+    latent, video, (length, dim) = metadata["latent_shape"], metadata["video_shape"], metadata["text_shape"]
+    negative = {"negative_text_embeds": ([1, length, dim], torch.float32),
+                "negative_text_mask": ([1, length], torch.bool)}
+    rows = {key: ([count], torch.int64) for key in ("seed", "index", "start")}
+    if version == 1:
+        expected = {
+            "noise": ([count, *latent], torch.float32), "teacher_output": ([count, *latent], torch.float32),
+            "control": ([count, *video], torch.float32), "video": ([count, *video], torch.float32),
+            "text_embeds": ([count, length, dim], torch.float32), "text_mask": ([count, length], torch.bool),
+            **rows, **negative,
+        }
+    else:
+        missing = sorted(set(metadata["paths"]) - set(metadata["video_sha256"]))
+        if missing:
+            raise ShardError(f"{path}: video_sha256 lacks the referenced videos {missing[:3]}")
+        dtype, prompts = storage_dtype(metadata["storage_dtype"]), len(metadata["text_prompts"])
+        expected = {
+            "teacher_output": ([count, *latent], dtype), "text_index": ([count], torch.int64),
+            "text_table_embeds": ([prompts, length, dim], dtype), "text_table_mask": ([prompts, length], torch.bool),
+            **rows, **negative,
+        }
+        levels = len(metadata["trajectory_sigmas"])
+        if levels:
+            expected["teacher_trajectory"] = ([count, levels, *latent], dtype)
+            expected["trajectory_sigmas"] = ([count, levels], torch.float32)
+    check_tensors(path, tensors, expected)
 
 
 class PairShardDataset(Dataset):
@@ -323,45 +316,33 @@ class PairShardDataset(Dataset):
     :class:`ShardError` (a ValueError) naming the file. Only file names and the common
     metadata are kept; items are read row by row with ``safe_open``.
 
-    Items: ``noise`` and ``teacher_output`` [C, T', H', W'] float32, ``control`` and ``video``
-    [3, T, H, W] float32 (pixels in [-1, 1]), ``text_embeds`` [L, D] float32, ``text_mask`` [L]
-    bool, ``caption`` str, ``seed`` int, ``index`` int.
+    Items (both versions): ``noise`` and ``teacher_output`` [C, T', H', W'] float32,
+    ``control`` and ``video`` [3, T, H, W] float32 (pixels in [-1, 1]), ``text_embeds`` [L, D]
+    float32, ``text_mask`` [L] bool, ``caption`` str, ``seed`` int, ``index`` int; with a
+    trajectory also ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]
+    float32. Version 2 regenerates the noise from the seed and re-derives the clip and its
+    control from the referenced video: a noise that does not match its stored hash, or a video
+    whose content changed, raises a ShardError naming the shard or the video.
+
+    ``cache_frames``: keep each referenced video decoded at the clip size in memory (see
+    :class:`~distill_pl.data.clip_reference.ReferencedClips`; small videos only).
 
     Attributes: ``metadata`` (the common metadata, see the module docstring), ``files``
     (shard paths in order), ``shard_size``.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, cache_frames: bool = False):
         self.folder = Path(folder)
-        files = sorted(p for p in self.folder.glob("shard_*.safetensors") if SHARD_PATTERN.fullmatch(p.name))
-        if not files:
-            raise ShardError(f"{self.folder}: no KD pair shards (shard_*.safetensors); run distill-pl predict first")
-        self.metadata: dict = {}
-        first = files[0]
-        for path in files:
-            metadata, tensors = read_shard_header(path)
-            check_shard(path, metadata, tensors)
-            common = common_metadata(metadata)
-            if not self.metadata:
-                self.metadata = common
-                continue
-            differences = metadata_differences(common, self.metadata) + [
-                f"{key}: {value!r} != (absent)" for key, value in common.items() if key not in self.metadata
-            ]
-            if differences:
-                raise ShardError(f"{path}: metadata differs from {first.name} ({'; '.join(differences)})")
-        layout = ShardLayout(self.folder, self.metadata["num_examples"], self.metadata["shard_size"])
-        present = set(files)
-        missing = [layout.path(k).name for k in range(layout.num_shards) if layout.path(k) not in present]
-        if missing:
-            raise ShardError(
-                f"{self.folder}: incomplete KD pairs, missing {', '.join(missing[:5])}"
-                f"{' ...' if len(missing) > 5 else ''} of {layout.num_shards} shards; "
-                "rerun distill-pl predict to finish them"
-            )
+        self.metadata, layout = open_split(
+            self.folder, read_checked_header, lambda m: PER_SHARD_KEYS[m["format_version"]], "KD pair"
+        )
         self.files = [str(layout.path(k)) for k in range(layout.num_shards)]
         self.shard_size = layout.shard_size
+        self.version = self.metadata["format_version"]
         self._len = layout.num_examples
+        self._clips = None
+        if self.version == 2:
+            self._clips = ReferencedClips(ClipSettings.from_metadata(self.metadata), cache_frames=cache_frames)
 
     def __len__(self) -> int:
         return self._len
@@ -379,22 +360,48 @@ class PairShardDataset(Dataset):
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} KD pairs")
         path, row = self.files[index // self.shard_size], index % self.shard_size
+        read = self._read_v1 if self.version == 1 else self._read_v2
         try:
             with safe_open(path, framework="pt") as f:
-                item = {name: f.get_slice(name)[row] for name in EXAMPLE_TENSORS}
-                caption = json.loads(f.metadata()[METADATA_KEY])["captions"][row]
+                item, metadata = read(f, row), json.loads(f.metadata()[METADATA_KEY])
         except Exception as err:
             raise ShardError(f"{path}: cannot read row {row} ({err})") from None
         if int(item["index"]) != index:
             raise ShardError(f"{path}: row {row} holds example {int(item['index'])}, expected {index}")
-        return {
-            "noise": item["noise"],
-            "teacher_output": item["teacher_output"],
-            "control": item["control"],
-            "video": item["video"],
-            "text_embeds": item["text_embeds"],
-            "text_mask": item["text_mask"],
-            "caption": caption,
-            "seed": int(item["seed"]),
-            "index": int(item["index"]),
+        item.update(caption=metadata["captions"][row], seed=int(item["seed"]), index=int(item["index"]))
+        if self.version == 2:
+            self._complete_v2(item, metadata, path, row)
+        return item
+
+    @staticmethod
+    def _read_v1(f, row: int) -> dict:
+        item = {name: f.get_slice(name)[row] for name in V1_EXAMPLE_TENSORS}
+        del item["start"]
+        return item
+
+    @staticmethod
+    def _read_v2(f, row: int) -> dict:
+        table_row = int(f.get_slice("text_index")[row])
+        item = {
+            "teacher_output": f.get_slice("teacher_output")[row].float(),
+            "text_embeds": f.get_slice("text_table_embeds")[table_row].float(),
+            "text_mask": f.get_slice("text_table_mask")[table_row],
+            **{key: f.get_slice(key)[row] for key in ("seed", "index", "start")},
         }
+        if "teacher_trajectory" in f.keys():
+            item["teacher_trajectory"] = f.get_slice("teacher_trajectory")[row].float()
+            item["trajectory_sigmas"] = f.get_slice("trajectory_sigmas")[row]
+        return item
+
+    def _complete_v2(self, item: dict, metadata: dict, path: str, row: int) -> None:
+        """The noise from the seed (checked against its hash) and the clip from its reference."""
+        noise = example_noise(item["seed"], self.metadata["latent_shape"])
+        if noise_fingerprint(noise) != metadata["noise_sha256"][row]:
+            raise ShardError(
+                f"{path}: row {row}: the noise regenerated from seed {item['seed']} does not match "
+                "the stored noise_sha256 (another torch random generator?); the pair cannot be used"
+            )
+        video_path, start = metadata["paths"][row], int(item.pop("start"))
+        self._clips.check(video_path, metadata["video_sha256"][video_path], where=path)
+        item["video"], item["control"] = self._clips.read(video_path, start)
+        item["noise"] = noise

@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
+from distill_pl.media import atomic_write
 from distill_pl.models.text_encoders import load_text_encoder
 
 log = logging.getLogger("distill_pl.data")
@@ -80,16 +79,9 @@ class PromptEmbeddingCache:
         self._prompts, self._tensors = prompts, tensors
 
     def _write(self) -> None:
-        """Write the whole cache atomically (temp file in the same folder, then os.replace)."""
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(self._tensors, tmp, metadata=self._metadata())
-            os.replace(tmp, self.cache_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the whole cache atomically (temp file in the same folder, then rename)."""
+        with atomic_write(self.cache_file) as tmp:
+            save_file(self._tensors, str(tmp), metadata=self._metadata())
 
     def _load_encoder(self):
         return load_text_encoder(self.encoder_path, self.max_length)

@@ -55,6 +55,7 @@ def sample_with_scheduler(
     num_steps: int,
     progress: bool = False,
     step_sigma: StepSigma | None = None,
+    on_step: Callable[[int, float, Tensor], None] | None = None,
 ) -> Tensor:
     """Integrate from pure noise (sigma = 1) to a clean sample with ``scheduler``.
 
@@ -63,13 +64,17 @@ def sample_with_scheduler(
     the scheduler's exact ``sigmas[i]`` in the dtype of ``noise``. A denoiser's
     ``sampler_sigma`` is the ``step_sigma`` of its family's pipeline (Wan's passes the
     integer timestep). The update itself is ``scheduler.step(v, timesteps[i], x)``.
+    ``on_step(i, sigma_i, x_i)``, if given, sees the state before step ``i`` is evaluated
+    (``sigma_i = scheduler.sigmas[i]``).
     noise: [B, ...]. Returns x0 [B, ...].
     """
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise
     batch = (noise.shape[0],)
     steps = list(zip(scheduler.timesteps, scheduler.sigmas))
-    for t, s in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+    for i, (t, s) in enumerate(tqdm(steps, desc="sampling", disable=not progress, leave=False)):
+        if on_step is not None:
+            on_step(i, float(s), x)
         if step_sigma is None:
             sigma = torch.full(batch, float(s), device=noise.device, dtype=noise.dtype)
         else:
@@ -77,6 +82,25 @@ def sample_with_scheduler(
         v = velocity_fn(x, sigma)
         x = scheduler.step(v, t, x, return_dict=False)[0]
     return x
+
+
+def scheduler_step_sigmas(scheduler, num_steps: int) -> list[float]:
+    """The sigmas at which :func:`sample_with_scheduler` evaluates the network (one per step)."""
+    scheduler.set_timesteps(num_steps)
+    return [float(s) for s in scheduler.sigmas[:num_steps]]
+
+
+def trajectory_steps(step_sigmas: Sequence[float], levels: Sequence[float]) -> list[int]:
+    """For each level, the first step ``i`` with ``step_sigmas[i] <= level`` (``step_sigmas``
+    decreasing). ValueError when no step reaches a level."""
+    steps = []
+    for level in levels:
+        i = next((i for i, s in enumerate(step_sigmas) if s <= level), None)
+        if i is None:
+            raise ValueError(f"no sampling step reaches sigma <= {level} (the last step is at "
+                             f"sigma {step_sigmas[-1]:.4g}); use higher levels or more steps")
+        steps.append(i)
+    return steps
 
 
 def one_step_sample(velocity_fn: VelocityFn, noise: Tensor) -> Tensor:

@@ -13,27 +13,33 @@ part of the same videos as the floor) and the diversity across seeds.
     distill-pl evaluate --config configs/tiny/eval.yaml
 
 Generated videos are kept in ``out/videos/`` so a rerun after an interruption only
-generates what is missing; the report files are rewritten each run.
+generates what is missing, and metrics in ``out/metrics.json`` with the settings they depend
+on, so an unchanged rerun recomputes none; the report files are rewritten each run. The
+methods' batches are generated and timed in turn (:mod:`distill_pl.eval.timing`), and the
+report warns when a speed-up exceeds its NFE ceiling or the timings vary too much.
 """
 
 from __future__ import annotations
 
+import datetime
 import statistics
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
-from tqdm.auto import tqdm
 
 from distill_pl.data.control import canny_control
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.eval import metrics
+from distill_pl.eval.features import NAME as FEATURE_NETWORK
 from distill_pl.eval.features import FrameFeatureNet, video_frame_features
 from distill_pl.eval.generated import load_videos, save_videos
 from distill_pl.eval.methods import Method, student_method, teacher_method
+from distill_pl.eval.metric_cache import MetricCache
+from distill_pl.eval.timing import generate_interleaved, timing_warnings
 from distill_pl.eval.report import write_report
 from distill_pl.function_cli import run_with_data
 from distill_pl.models.autoencoder import build_autoencoder
@@ -41,6 +47,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning
 from distill_pl.models.teacher_folder import load_scheduler
+from distill_pl.progress import ProgressLines
 
 
 def held_out_clips(data: VideoDataModule) -> dict:
@@ -64,23 +71,6 @@ def real_training_clips(data: VideoDataModule, count: int) -> Tensor:
 
 def _example_noise(shape: torch.Size, seed: int, index: int) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
-
-
-def generate(
-    method: Method, noise: Tensor, cond: Conditioning, uncond: Conditioning, batch_size: int, autoencoder
-) -> tuple[Tensor, list[float]]:
-    """Videos [E, 3, T, H, W] in [-1, 1] for every example, and the seconds of each batch
-    (sampling + decoding, wall clock)."""
-    videos, seconds = [], []
-    for start in tqdm(range(0, noise.shape[0], batch_size), desc=method.name, leave=False):
-        rows = slice(start, start + batch_size)
-        began = time.perf_counter()
-        with torch.no_grad():
-            x0 = method.sample(noise[rows], cond.select(rows), uncond.select(rows))
-            video = autoencoder.decode(x0).float().clamp(-1, 1)
-        seconds.append(time.perf_counter() - began)
-        videos.append(video)
-    return torch.cat(videos), seconds
 
 
 def seconds_per_video(batch_seconds: list[float], batch_size: int, num_examples: int) -> float:
@@ -107,6 +97,7 @@ def evaluate(
     sheet_clips: int = 4,
     fps: int = 8,
     scale: int = 4,
+    timing_spread_limit: float = 0.5,
     denoiser_options: dict | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.
@@ -126,6 +117,8 @@ def evaluate(
         edge_tolerance: pixel tolerance of the edge F1.
         bootstrap_resamples: draws of the videos for the spread of the Fréchet distance.
         sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
+        timing_spread_limit: the report warns when a method's timed batches deviate from their
+            median by more than this fraction.
         denoiser_options: the adapter's own options for the teacher and every student, as the
             stages took them (e.g. a ControlNet's ``control_scale``).
     """
@@ -162,30 +155,43 @@ def evaluate(
     )
 
     videos: dict[str, Tensor] = {}
-    timing: dict[str, float] = {}
-    for method in tqdm(methods, desc="methods"):
-        path = out_dir / "videos" / f"{method.key}.safetensors"
-        method_settings = dict(settings, method=method.name, model=fingerprints.get(method.key, settings["teacher"]))
-        cached = load_videos(path, method_settings)
+    batch_seconds: dict[str, list[float]] = {}
+    timing_runs: dict[str, str] = {}
+    video_settings = {m.key: dict(settings, method=m.name, model=fingerprints.get(m.key, settings["teacher"]))
+                      for m in methods}
+    pending = []
+    for method in methods:
+        cached = load_videos(out_dir / "videos" / f"{method.key}.safetensors", video_settings[method.key])
         if cached is None:
-            made, seconds = generate(method, noise, cond, uncond, batch_size, autoencoder)
-            save_videos(path, made, method_settings, seconds)
-            cached = load_videos(path, method_settings)  # metrics always see the stored float16
-        videos[method.key], batch_seconds = cached
-        timing[method.key] = seconds_per_video(batch_seconds, batch_size, num_examples)
+            pending.append(method)
+        else:
+            videos[method.key], batch_seconds[method.key], timing_runs[method.key] = cached
+    timing_run = datetime.datetime.now().isoformat(timespec="seconds")
+    for key, (made, seconds) in generate_interleaved(pending, noise, cond, uncond, batch_size, autoencoder).items():
+        path = out_dir / "videos" / f"{key}.safetensors"
+        save_videos(path, made, video_settings[key], seconds, timing_run)
+        videos[key], batch_seconds[key], timing_runs[key] = load_videos(path, video_settings[key])  # the stored float16
+    timing = {m.key: seconds_per_video(batch_seconds[m.key], batch_size, num_examples) for m in methods}
+    for method in methods:
         print(f"{method.name}: {timing[method.key]:.4f} s/video ({method.nfe} network calls)")
 
+    metric_settings = dict(edge_tolerance=edge_tolerance, canny=[data.hparams.canny_low, data.hparams.canny_high],
+                           bootstrap_resamples=bootstrap_resamples, features=FEATURE_NETWORK)
     results = score_methods(
-        methods, videos, timing, clips, real_training_clips(data, num_examples),
+        methods, videos, timing, clips, lambda: real_training_clips(data, num_examples),
         samples_per_clip, edge_tolerance, data.hparams.canny_low, data.hparams.canny_high,
-        bootstrap_resamples,
+        bootstrap_resamples, MetricCache(out_dir / "metrics.json"),
+        {m.key: dict(metric_settings, videos=video_settings[m.key], reference=video_settings[methods[0].key])
+         for m in methods},
+        dict(metric_settings, real=settings["data"], count=num_examples),
     )
+    results["warnings"] = timing_warnings(results["methods"], batch_seconds, timing_runs, timing_spread_limit)
     report = dict(
         settings=dict(
             teacher=teacher, students=students, teacher_steps=teacher_steps, guidance=guidance,
             few_steps=few_steps, samples_per_clip=samples_per_clip, held_out_windows=windows,
             batch_size=batch_size, seed=seed, edge_tolerance_px=edge_tolerance,
-            bootstrap_resamples=bootstrap_resamples,
+            bootstrap_resamples=bootstrap_resamples, timing_spread_limit=timing_spread_limit,
             canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
             frames=list(clips["video"].shape[2:]),
         ),
@@ -200,32 +206,64 @@ def score_methods(
     videos: dict[str, Tensor],
     timing: dict[str, float],
     clips: dict,
-    real_train: Tensor,
+    real_train: Callable[[], Tensor],
     samples_per_clip: int,
     edge_tolerance: int,
     canny_low: float,
     canny_high: float,
-    bootstrap_resamples: int = 10,
+    bootstrap_resamples: int,
+    cache: MetricCache,
+    method_settings: dict[str, dict],
+    floor_settings: dict,
 ) -> dict:
-    """The metrics of every method (the first is the reference) and of the real floor."""
+    """The metrics of every method (the first is the reference) and of the real floor.
+
+    Quality metrics come from ``cache`` when it holds them for the same settings
+    (``method_settings[key]``: what the method's videos, the reference's videos and the metrics
+    depend on; ``floor_settings`` for the floor), else they are computed and stored. The
+    feature network and the real clips (``real_train()``) are only loaded when needed.
+    """
     windows = clips["video"].shape[0]
     reference = videos[methods[0].key]
-    control_edges = metrics.edges_from_control(clips["control"]).repeat(samples_per_clip, 1, 1, 1)
-    features = FrameFeatureNet()
-    real_stats = metrics.gaussian_statistics(video_frame_features(features, clips["video"]))
+    lazy: dict = {}
+
+    def real_stats():
+        if not lazy:
+            lazy["features"] = FrameFeatureNet()
+            lazy["real"] = metrics.gaussian_statistics(video_frame_features(lazy["features"], clips["video"]))
+        return lazy["features"], lazy["real"]
 
     def distance(v: Tensor) -> dict[str, float]:
         """The Fréchet distance of videos ``v`` to the real clips, and its bootstrap spread."""
+        features, real = real_stats()
         per_video = video_frame_features(features, v).reshape(v.shape[0], v.shape[2], -1)
-        return dict(frechet_distance=metrics.frechet_distance_to(per_video.flatten(0, 1), real_stats),
-                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real_stats, bootstrap_resamples))
+        return dict(frechet_distance=metrics.frechet_distance_to(per_video.flatten(0, 1), real),
+                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real, bootstrap_resamples))
 
-    rows = []
-    for method in tqdm(methods, desc="metrics"):
+    def quality(method: Method) -> dict:
         v = videos[method.key]
         paired = method is not methods[0]
+        control_edges = metrics.edges_from_control(clips["control"]).repeat(samples_per_clip, 1, 1, 1)
         per_clip = v.reshape(samples_per_clip, windows, *v.shape[1:]).transpose(0, 1)
         generated_edges = metrics.edges_from_control(canny_control(v, canny_low, canny_high))
+        return dict(
+            psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
+            ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
+            edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
+            **distance(v),
+            diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
+        )
+
+    progress = ProgressLines("evaluate: metrics", len(methods) + 1, "rows", force=True)
+    rows = []
+    for method in methods:
+        values = cache.get(method.key, method_settings[method.key])
+        if values is None:
+            values = quality(method)
+            cache.put(method.key, method_settings[method.key], values)
+            progress.advance(1, f"computed {method.name}")
+        else:
+            progress.advance(1, f"{method.name} from {cache.path.name}")
         rows.append(dict(
             key=method.key,
             name=method.name,
@@ -233,15 +271,15 @@ def score_methods(
             seconds_per_video=timing[method.key],
             speedup=timing[methods[0].key] / timing[method.key],
             nfe_ratio=methods[0].nfe / method.nfe,
-            psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
-            ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
-            edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
-            **distance(v),
-            diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
+            **values,
         ))
         rows[-1]["speedup_fraction_of_ceiling"] = rows[-1]["speedup"] / rows[-1]["nfe_ratio"]
-    floor = dict(name="real clips, training part of the same videos", **distance(real_train),
-                 num_videos=int(real_train.shape[0]))
+    floor = cache.get("real_floor", floor_settings)
+    if floor is None:
+        real = real_train()
+        floor = dict(name="real clips, training part of the same videos", **distance(real), num_videos=int(real.shape[0]))
+        cache.put("real_floor", floor_settings, floor)
+    progress.advance(1, "real-clip floor")
     return dict(methods=rows, real_floor=floor)
 
 

@@ -61,10 +61,12 @@ def markdown_table(report: dict) -> str:
 def markdown_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     ref = report["methods"][0]["name"]
+    warnings = "".join(f"- **warning**: {w}\n" for w in report.get("warnings", []))
     return f"""# Evaluation report
 
 {markdown_table(report)}
 
+{warnings}
 - Held-out data: {s['held_out_windows']} windows of the held-out (last) part of each video x
   {s['samples_per_clip']} noise seeds = {s['held_out_windows'] * s['samples_per_clip']} videos per
   method (frames x height x width {s['frames']}); every method starts from the same noise.
@@ -72,7 +74,10 @@ def markdown_report(report: dict) -> str:
   same noise (mean over videos).
 - NFE: network calls per video (a CFG step counts 2). Seconds per video: median of the
   timed generation batches of {s['batch_size']} videos after a warm-up batch, sampling +
-  decoding. Speed-up: reference seconds / method seconds; its ceiling is the NFE ratio.
+  decoding; the methods' batches are generated in turn (batch 0 of each, then batch 1, ...),
+  so load on the machine affects them alike. Speed-up: reference seconds / method seconds;
+  its ceiling is the NFE ratio. Warnings: a speed-up above its ceiling, batch times more than
+  {100 * s['timing_spread_limit']:.0f}% from their median, methods timed in different runs.
 - Edge F1: canny edges of the generated video (thresholds {s['canny_thresholds']}) against
   the control edges, a pixel counting as matched within {s['edge_tolerance_px']} px.
 - Fréchet distance: between Gaussians fitted to {FEATURE_NETWORK} of every frame of the
@@ -133,5 +138,7 @@ def write_report(
             write_mp4(out_dir / "samples" / f"{key}_window{k}.mp4", video, fps=fps, scale=scale)
     files["samples"] = out_dir / "samples"
     print(markdown_table(report))
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"report: {files['markdown'].resolve()}")
     return files

@@ -1,4 +1,9 @@
-"""From a data batch to what a Denoiser takes: latents and a Conditioning."""
+"""From a data batch to what a Denoiser takes: latents and a Conditioning.
+
+A batch holds pixels (``video``, ``control`` [B, 3, T, H, W] in [-1, 1]) that the autoencoder
+encodes here, or latents precomputed with it (``video_latents``, ``control_latents``
+[B, C, T', H', W'], ``data.mode: latents``), used as they are.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,20 @@ from distill_pl.models.denoiser import Denoiser
 def batch_conditioning(batch: dict, autoencoder: VideoAutoencoder, denoiser: Denoiser) -> Conditioning:
     """Text (+ mask) of a batch and its control video [B, 3, T, H, W] (pixels in [-1, 1])
     turned into what ``denoiser`` takes as control (``denoiser.encode_control``: by default
-    encoded with the same autoencoder as the clips; None for a model without control)."""
-    control = denoiser.encode_control(batch["control"].float(), autoencoder)
+    encoded with the same autoencoder as the clips; None for a model without control).
+    Precomputed ``control_latents`` (the VAE latents of the control video) are used without
+    encoding, for a denoiser whose control is exactly those latents (the default
+    ``encode_control``); a family that builds its own control from the pixels is refused."""
+    if "control_latents" in batch and denoiser.control_channels:
+        if type(denoiser).encode_control is not Denoiser.encode_control:
+            raise ValueError(
+                f"data.mode latents: {type(denoiser).__name__} builds its own control input from "
+                "the control video (encode_control), so precomputed control latents cannot feed "
+                "it; use data.mode clips"
+            )
+        control = batch["control_latents"].float()
+    else:
+        control = denoiser.encode_control(batch["control"].float(), autoencoder)
     return Conditioning(batch["text_embeds"].float(), batch["text_mask"], control)
 
 
@@ -23,8 +40,36 @@ def batch_conditioning(batch: dict, autoencoder: VideoAutoencoder, denoiser: Den
 def encode_clip_batch(
     batch: dict, autoencoder: VideoAutoencoder, denoiser: Denoiser
 ) -> tuple[Tensor, Conditioning]:
-    """``batch`` from VideoDataModule (clips mode) -> (x0 latents [B, C, T', H', W'], cond)."""
-    return autoencoder.encode(batch["video"]), batch_conditioning(batch, autoencoder, denoiser)
+    """``batch`` from VideoDataModule (clips or latents mode) -> (x0 latents [B, C, T', H', W'], cond)."""
+    return clip_latents(batch, autoencoder), batch_conditioning(batch, autoencoder, denoiser)
+
+
+@torch.no_grad()
+def clip_latents(batch: dict, autoencoder: VideoAutoencoder) -> Tensor:
+    """x0 latents [B, C, T', H', W'] of the batch's clips: the precomputed ``video_latents``,
+    else the encoded ``video``."""
+    if "video_latents" in batch:
+        return batch["video_latents"].float()
+    return autoencoder.encode(batch["video"])
+
+
+def clip_latent_shape(batch: dict, autoencoder: VideoAutoencoder, channels: int) -> tuple[int, ...]:
+    """[B, channels, T', H', W'] of the batch's clip latents (``channels``: the denoiser's),
+    without encoding anything."""
+    if "video_latents" in batch:
+        return tuple(batch["video_latents"].shape)
+    b, _, t, h, w = batch["video"].shape
+    return (b, channels, 1 + (t - 1) // autoencoder.temporal_compression,
+            h // autoencoder.spatial_compression, w // autoencoder.spatial_compression)
+
+
+@torch.no_grad()
+def batch_pixels(batch: dict, name: str, autoencoder: VideoAutoencoder) -> Tensor:
+    """``video`` or ``control`` pixels [B, 3, T, H, W] of a batch, decoded from the
+    precomputed ``<name>_latents`` when the batch has no pixels (monitoring grids)."""
+    if name in batch:
+        return batch[name]
+    return autoencoder.decode(batch[f"{name}_latents"].float())
 
 
 def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) -> Conditioning:
@@ -42,3 +87,13 @@ def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) 
     if cond.text_mask is not None and null.text_mask is not None:
         mask = torch.where(drop.view(b, 1), null.text_mask, cond.text_mask)
     return cond.with_text(embeds, mask)
+
+
+def check_precomputed_latents(datamodule, vae_path: str | None) -> None:
+    """ValueError naming the key unless the datamodule's precomputed latents (if it serves
+    any: ``latents_metadata``) were made with the VAE at ``vae_path``."""
+    metadata = getattr(datamodule, "latents_metadata", None)
+    if metadata is not None:
+        from distill_pl.data.clip_latents import check_latents_match
+
+        check_latents_match(metadata, vae_path)

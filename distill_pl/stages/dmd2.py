@@ -89,7 +89,7 @@ from distill_pl.models.sharding import (
     shard_stage_networks,
 )
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
-from distill_pl.stages.batch import batch_conditioning
+from distill_pl.stages.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
 from distill_pl.stages.randomness import randn, step_generator
 from distill_pl.stages.student_init import load_student_weights
 
@@ -260,6 +260,7 @@ class DMD2Module(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
+        check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
         precision = str(self.trainer.precision)
         if precision.startswith("16"):
             raise ValueError(
@@ -399,7 +400,7 @@ class DMD2Module(L.LightningModule):
             groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
             optimizer, max_norm = critic_opt, self.hparams.critic_grad_clip
         draws = self.step_draws(batch, step)
-        size = len(batch["video"])
+        size = len(batch["text_embeds"])
         n = min(self.hparams.accumulate_micro_batches, size)
         bounds = [size * i // n for i in range(n + 1)]
         logs: dict[str, Tensor] = {}
@@ -431,7 +432,7 @@ class DMD2Module(L.LightningModule):
         [B, C, T', H', W'] and sigma [B], each sample's from its own step generator (see the
         module docstring)."""
         like = batch["text_embeds"]
-        b, *shape = self.latent_shape(batch["video"])
+        b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
         h = self.hparams
         draws = []
@@ -452,7 +453,7 @@ class DMD2Module(L.LightningModule):
             return self.generator_loss(x_g, sigma, noise, cond, self.null_conditioning(cond))
         with torch.no_grad():
             x_g = self.generate(eps, cond)
-            x_real = self.autoencoder.encode(batch["video"]).to(eps)
+            x_real = clip_latents(batch, self.autoencoder).to(eps)
         return self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
 
     def _gradient_sync(self, last: bool):
@@ -605,14 +606,14 @@ class DMD2Module(L.LightningModule):
         cond = self.conditioning(batch)
         like = batch["text_embeds"]
         g = torch.Generator(device="cpu").manual_seed(seed)
-        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
         teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
         return {
             "student 1-step": self.autoencoder.decode(self.generate(eps, cond)),
             f"teacher 1-step w={w:g}": self.autoencoder.decode(one_step_sample(teacher, eps)),
-            "control" if self.teacher.control_channels else "control (unused)": batch["control"],
-            "ground truth": batch["video"],
+            "control" if self.teacher.control_channels else "control (unused)": batch_pixels(batch, "control", self.autoencoder),
+            "ground truth": batch_pixels(batch, "video", self.autoencoder),
         }
 
     # --- export ------------------------------------------------------------------------------

@@ -18,8 +18,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from distill_pl.data.pairs import example_seed, teacher_fingerprint
-from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.data.pairs import (
+    build_pair_shard,
+    example_noise,
+    example_seed,
+    noise_fingerprint,
+    teacher_fingerprint,
+    write_shard,
+)
+from distill_pl.data.shards import storage_dtype as storage_dtype_of
+from distill_pl.diffusion.sampling import sample_with_scheduler, scheduler_step_sigmas, trajectory_steps
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
@@ -51,17 +59,23 @@ class KDPairGenerationModule(L.LightningModule):
         guidance: CFG weight ``w`` in the common form ``u + w (c - u)``, the unconditional
             branch from the datamodule's negative prompt. The reference recipe writes ``c + g (c - u)``:
             its guidance 7 is ``w = 8`` here (:func:`~distill_pl.diffusion.flow.cosmos_guidance_to_w`).
-        seed: base seed; example ``i`` of a split gets noise from
-            ``torch.Generator().manual_seed(example_seed(seed, split, i))`` (``seed + i`` for
-            train), drawn on the CPU, whatever the batch it falls in.
+        seed: base seed; example ``i`` of a split gets noise
+            :func:`~distill_pl.data.pairs.example_noise` of ``example_seed(seed, split, i)``
+            (``seed + i`` for train), drawn on the CPU, whatever the batch it falls in.
         dtype: parameter dtype of the teacher and VAE (``"float32"``, ``"bfloat16"``, ...).
+        storage_dtype: dtype of the stored latents and prompt embeddings (``"bfloat16"``,
+            ``"float16"`` or ``"float32"``).
+        trajectory_sigmas: noise levels, e.g. ``[0.75, 0.5, 0.25]`` (decreasing, in (0, 1)):
+            for each, the teacher's noisy state x at its first sampling step whose sigma is
+            <= the level is stored too, with that step's sigma (few-step KD targets).
         denoiser_options: the teacher adapter's own options (e.g. a ControlNet's
             ``control_scale``), recorded in the pairs' metadata.
 
-    ``predict_step`` returns, per batch of B examples: ``noise`` and ``teacher_output``
-    [B, C, T', H', W'] float32, ``control`` and ``video`` [B, 3, T, H, W] (pixels, from the
-    batch), ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``, ``index`` and ``start``
-    [B] long, and the lists ``split``, ``caption``, ``path``.
+    ``predict_step`` returns, per batch of B examples: ``teacher_output`` [B, C, T', H', W']
+    float32, with levels ``teacher_trajectory`` [B, K, C, T', H', W'] and
+    ``trajectory_sigmas`` [B, K]; ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``,
+    ``index`` and ``start`` [B] long, and the lists ``noise_sha256``, ``split``, ``caption``,
+    ``path``.
     """
 
     def __init__(
@@ -72,6 +86,8 @@ class KDPairGenerationModule(L.LightningModule):
         guidance: float = 8.0,
         seed: int = 0,
         dtype: str = "float32",
+        storage_dtype: str = "bfloat16",
+        trajectory_sigmas: list[float] | None = None,
         denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
@@ -85,6 +101,14 @@ class KDPairGenerationModule(L.LightningModule):
             )
         self.scheduler = load_scheduler(teacher)
         self.teacher_sha256 = teacher_fingerprint(teacher)
+        storage_dtype_of(storage_dtype)  # ValueError naming the choices for an unknown name
+        self.trajectory_levels = [float(level) for level in trajectory_sigmas or []]
+        if any(not 0 < level < 1 for level in self.trajectory_levels) or self.trajectory_levels != sorted(
+            self.trajectory_levels, reverse=True
+        ):
+            raise ValueError(f"trajectory_sigmas must decrease within (0, 1), got {trajectory_sigmas}")
+        step_sigmas = scheduler_step_sigmas(type(self.scheduler).from_config(self.scheduler.config), num_steps)
+        self.trajectory_steps = trajectory_steps(step_sigmas, self.trajectory_levels)
         self.negative_prompt = NegativePrompt()
 
     def train(self, mode: bool = True) -> "KDPairGenerationModule":
@@ -121,16 +145,16 @@ class KDPairGenerationModule(L.LightningModule):
             "guidance": float(h.guidance),
             "guidance_form": "u + w (c - u)",
             "seed": h.seed,
+            "storage_dtype": h.storage_dtype,
+            "trajectory_sigmas": self.trajectory_levels,
             "denoiser_options": dict(h.denoiser_options or {}),
         }
 
-    def example_noise(self, splits: list[str], indices: list[int], shape: tuple[int, ...]) -> Tensor:
-        """[B, *shape] float32 unit noise, row j from the seed of example (splits[j], indices[j])."""
-        rows = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(example_seed(self.hparams.seed, s, i)))
-            for s, i in zip(splits, indices)
-        ]
-        return torch.stack(rows).to(self.device)
+    def build_shard(self, rows: list[dict], common: dict) -> tuple[dict[str, Tensor], dict]:
+        """Tensors and metadata of a pair shard (format version 2, :mod:`distill_pl.data.pairs`)."""
+        return build_pair_shard(rows, common, self.trainer.datamodule.negative_prompt_embedding())
+
+    write_shard = staticmethod(write_shard)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
@@ -139,22 +163,33 @@ class KDPairGenerationModule(L.LightningModule):
         splits = list(batch["split"])
         cond = batch_conditioning(batch, self.autoencoder, self.teacher)
         uncond = self.negative_prompt.conditioning(cond)
-        noise = self.example_noise(splits, indices, latent_shape(self.autoencoder, tuple(video.shape[1:])))
+        seeds = [example_seed(self.hparams.seed, s, i) for s, i in zip(splits, indices)]
+        shape = latent_shape(self.autoencoder, tuple(video.shape[1:]))
+        noise = torch.stack([example_noise(seed, shape) for seed in seeds])
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         fn = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)
-        output = sample_with_scheduler(fn, noise, scheduler, self.hparams.num_steps,
-                                       step_sigma=self.teacher.sampler_sigma)
-        return {
-            "noise": noise,
+        states: dict[int, tuple[float, Tensor]] = {}
+
+        def keep_state(i: int, sigma: float, x: Tensor) -> None:
+            if i in self.trajectory_steps:
+                states[i] = (sigma, x.float())
+
+        output = sample_with_scheduler(fn, noise.to(self.device), scheduler, self.hparams.num_steps,
+                                       step_sigma=self.teacher.sampler_sigma, on_step=keep_state)
+        prediction = {
             "teacher_output": output.float(),
-            "control": batch["control"],
-            "video": video,
             "text_embeds": batch["text_embeds"],
             "text_mask": batch["text_mask"],
-            "seed": torch.tensor([example_seed(self.hparams.seed, s, i) for s, i in zip(splits, indices)]),
+            "seed": torch.tensor(seeds),
             "index": batch["index"],
             "start": batch["start"],
+            "noise_sha256": [noise_fingerprint(row) for row in noise],
             "split": splits,
             "caption": list(batch["caption"]),
             "path": list(batch["path"]),
         }
+        if self.trajectory_steps:
+            picked = [states[i] for i in self.trajectory_steps]
+            prediction["teacher_trajectory"] = torch.stack([x for _, x in picked], dim=1)
+            prediction["trajectory_sigmas"] = torch.tensor([[s for s, _ in picked]] * len(seeds))
+        return prediction

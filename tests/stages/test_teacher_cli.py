@@ -48,7 +48,7 @@ def test_teacher_config_fits_exports_and_samples(tmp_path):
     out = tmp_path / "samples"
     run_cli(["sample", "--teacher", str(export), "--out", str(out), "--num_videos", "2",
              "--steps", "2", "--data.cache_dir", "runs/cache"], cwd=tmp_path)
-    for name in ("sample_0.mp4", "control_1.mp4", "ground_truth_0.mp4", "grid_0.png", "grid.png"):
+    for name in ("sample_0.mp4", "control_1.mp4", "ground_truth_0.mp4", "side_by_side_1.mp4", "grid_0.png", "grid.png"):
         assert (out / name).stat().st_size > 0, name
     import av
 

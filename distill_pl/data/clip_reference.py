@@ -1,0 +1,133 @@
+"""Clips stored by reference: (video path, start frame, clip settings) instead of pixels.
+
+A shard that references a clip keeps the video's sha256 (:func:`file_sha256`). Reading
+re-derives the clip exactly as :class:`~distill_pl.data.clips.ClipDataset` made it: frames
+``start + frame_stride * arange(num_frames)`` decoded with decord, resized and center
+cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the canny control computed at that
+size (:func:`~distill_pl.data.control.canny_control`). A referenced file whose content changed
+since the shard was written is refused (:class:`ChangedVideoError` naming it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import decord
+import torch
+from torch import Tensor
+
+from distill_pl.data.clips import open_video, resize_center_crop
+from distill_pl.data.control import canny_control
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ChangedVideoError(ValueError):
+    """A referenced video is missing or its content differs from when it was referenced."""
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How a clip is cut from its video (the data settings of the shard that references it)."""
+
+    num_frames: int
+    frame_stride: int
+    height: int
+    width: int
+    canny_low: float
+    canny_high: float
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "ClipSettings":
+        return cls(*(metadata[key] for key in ("num_frames", "frame_stride", "height", "width",
+                                               "canny_low", "canny_high")))
+
+
+class ReferencedClips:
+    """Reads referenced clips, checking each video's sha256 once per process.
+
+    A checked file is re-hashed only when its size or modification time changes. At most
+    ``max_open`` decord readers are kept open (least recently used closed first), so open
+    files stay bounded whatever the number of videos. With ``cache_frames`` every frame of a
+    video is decoded once per process, resized and kept with its control, and clips are
+    slices of that (small videos only: the cache grows with the number of videos). Picklable
+    (DataLoader workers start with no reader, no cache and the checks already done).
+    """
+
+    def __init__(self, settings: ClipSettings, max_open: int = 4, cache_frames: bool = False):
+        self.settings = settings
+        self.max_open = max_open
+        self.cache_frames = cache_frames
+        self._checked: dict[tuple[str, str], tuple[int, int]] = {}
+        self._readers: OrderedDict[str, decord.VideoReader] = OrderedDict()
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_readers": OrderedDict(), "_cache": {}}
+
+    def check(self, path: str, sha256: str, where: str) -> None:
+        """ChangedVideoError naming ``path`` (and ``where``, the referencing shard) unless the
+        file's content has digest ``sha256``."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise ChangedVideoError(f"{path}: referenced by {where}, but the video is missing") from None
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        if self._checked.get((path, sha256)) == stamp:
+            return
+        found = file_sha256(path)
+        if found != sha256:
+            raise ChangedVideoError(
+                f"{path}: this video changed since {where} referenced it (sha256 {found[:12]}..., "
+                f"expected {sha256[:12]}...); restore it or regenerate the shards"
+            )
+        self._checked[(path, sha256)] = stamp
+
+    def _reader(self, path: str) -> decord.VideoReader:
+        if self._pid != os.getpid():
+            self._readers, self._cache, self._pid = OrderedDict(), {}, os.getpid()
+        if path in self._readers:
+            self._readers.move_to_end(path)
+        else:
+            self._readers[path] = open_video(path)
+            while len(self._readers) > self.max_open:
+                self._readers.popitem(last=False)
+        return self._readers[path]
+
+    def _frames(self, path: str, indices: list[int]) -> Tensor:
+        """Frames ``indices`` of ``path`` resized: [3, len(indices), H, W] in [-1, 1]."""
+        try:
+            frames = torch.from_numpy(self._reader(path).get_batch(indices).asnumpy())
+        except Exception as err:  # decord raises its own error types
+            raise ChangedVideoError(f"{path}: cannot read frames {indices[:3]}... ({err})") from None
+        return resize_center_crop(frames, self.settings.height, self.settings.width)
+
+    def _cached(self, path: str) -> tuple[Tensor, Tensor]:
+        if path not in self._cache:
+            total = len(self._reader(path))
+            frames = torch.cat([self._frames(path, list(range(i, min(i + 32, total)))) for i in range(0, total, 32)], 1)
+            self._cache[path] = (frames, canny_control(frames, self.settings.canny_low, self.settings.canny_high))
+            self._readers.pop(path, None)
+        return self._cache[path]
+
+    def read(self, path: str, start: int) -> tuple[Tensor, Tensor]:
+        """(video, control) [3, T, H, W] float32 in [-1, 1] of the clip at ``start`` of ``path``."""
+        s = self.settings
+        indices = list(range(start, start + (s.num_frames - 1) * s.frame_stride + 1, s.frame_stride))
+        if self.cache_frames:
+            frames, control = self._cached(path)
+            return frames[:, indices].contiguous(), control[:, indices].contiguous()
+        video = self._frames(path, indices)
+        return video, canny_control(video, s.canny_low, s.canny_high)

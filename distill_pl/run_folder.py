@@ -1,0 +1,74 @@
+"""One folder per run: every path a ``distill-pl fit/validate/test/predict`` run writes derives
+from ``trainer.default_root_dir`` (the run folder, ``<run>`` below; the working directory
+when unset), unless the config names it explicitly:
+
+- ``<run>/checkpoints/``: the ``ModelCheckpoint`` callbacks without a ``dirpath``
+  (``last.ckpt`` and the step checkpoints; ``--ckpt_path last`` looks there);
+- ``<run>/version_<n>/``: a ``TensorBoardLogger`` (or ``trainer.logger: true``) without a
+  ``save_dir``: events, ``config.yaml`` and the frame grids (``grids/``) of launch ``n``;
+- ``<run>/export/``: ``model.init_args.export_dir`` of a fit when it is null (the student or
+  teacher as a diffusers folder, written at the end of fit);
+- ``<run>/{train,val}/``: ``data.pairs_dir`` of a KD pair generation (``predict``, pairs mode)
+  when it is null (also when a config is only parsed, without a subcommand).
+
+A fit refuses to start when its export folder already holds an export (another run's, or
+this run's from an earlier launch) unless ``--overwrite_export true`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jsonargparse import Namespace
+
+CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
+TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+LOGGER_CLASSES = (TENSORBOARD_LOGGER, "lightning.pytorch.loggers.CSVLogger")
+
+
+class ExportExistsError(FileExistsError):
+    """A fit would overwrite an exported model that is already there."""
+
+
+def run_folder(trainer: Namespace) -> str:
+    """The run folder of a parsed ``trainer`` config (Lightning's default: the working directory)."""
+    return trainer.get("default_root_dir") or os.getcwd()
+
+
+def _class_path(spec) -> str | None:
+    return spec.get("class_path") if isinstance(spec, (dict, Namespace)) else None
+
+
+def derive_run_paths(config: Namespace, subcommand: str | None) -> None:
+    """Fill the unset output paths of a parsed subcommand config from its run folder, in place
+    (``subcommand`` None: a config parsed without running it; no export folder then)."""
+    trainer = config.trainer
+    root = run_folder(trainer)
+    for callback in trainer.get("callbacks") or []:
+        if _class_path(callback) == CHECKPOINT_CALLBACK and callback.init_args.get("dirpath") is None:
+            callback.init_args.dirpath = str(Path(root) / "checkpoints")
+    logger = trainer.get("logger")
+    if logger is True or logger is None:
+        trainer.logger = Namespace(class_path=TENSORBOARD_LOGGER, init_args=Namespace(save_dir=root, name=""))
+    elif _class_path(logger) in LOGGER_CLASSES and logger.init_args.get("save_dir") is None:
+        logger.init_args.save_dir = root
+        logger.init_args.name = ""
+    model_args = (config.get("model") or Namespace()).get("init_args")
+    if subcommand == "fit" and model_args is not None and "export_dir" in model_args and model_args.export_dir is None:
+        model_args.export_dir = str(Path(root) / "export")
+    data = config.get("data")
+    if subcommand in ("predict", None) and data is not None and data.get("mode") == "pairs" and data.get("pairs_dir") is None:
+        data.pairs_dir = root
+
+
+def check_export_free(config: Namespace, overwrite: bool) -> None:
+    """Refuse a fit whose ``export_dir`` already holds files, unless ``overwrite``."""
+    model_args = (config.get("model") or Namespace()).get("init_args") or Namespace()
+    export_dir = model_args.get("export_dir")
+    if overwrite or not export_dir or not Path(export_dir).is_dir() or not any(Path(export_dir).iterdir()):
+        return
+    raise ExportExistsError(
+        f"{export_dir} already holds an exported model (from an earlier run); give this run its own "
+        f"folder (--trainer.default_root_dir) or pass --overwrite_export true to replace it"
+    )

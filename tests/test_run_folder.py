@@ -1,0 +1,88 @@
+"""One folder per run: every output of a run lies in its ``trainer.default_root_dir``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jsonargparse import Namespace
+
+from distill_pl.cli import main
+from distill_pl.run_folder import CHECKPOINT_CALLBACK, TENSORBOARD_LOGGER, check_export_free, derive_run_paths
+from tests.stages.test_teacher_cli import fast_teacher_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(**trainer) -> Namespace:
+    checkpoint = Namespace(class_path=CHECKPOINT_CALLBACK, init_args=Namespace(dirpath=None, save_last=True))
+    return Namespace(trainer=Namespace(**{"callbacks": [checkpoint], "logger": True, **trainer}),
+                     model=Namespace(class_path="x.KD", init_args=Namespace(export_dir=None)),
+                     data=Namespace(mode="pairs", pairs_dir=None))
+
+
+def test_unset_paths_derive_from_the_run_folder():
+    config = _config(default_root_dir="runs/mine")
+    derive_run_paths(config, "fit")
+    assert config.trainer.callbacks[0].init_args.dirpath == str(Path("runs/mine/checkpoints"))
+    assert config.trainer.logger == Namespace(class_path=TENSORBOARD_LOGGER,
+                                              init_args=Namespace(save_dir="runs/mine", name=""))
+    assert config.model.init_args.export_dir == str(Path("runs/mine/export"))
+    assert config.data.pairs_dir is None  # a fit reads its pairs from where the config says
+
+    predict = _config(default_root_dir="runs/pairs", logger=False)
+    derive_run_paths(predict, "predict")
+    assert predict.data.pairs_dir == "runs/pairs" and predict.trainer.logger is False
+    assert predict.model.init_args.export_dir is None
+
+    explicit = _config(default_root_dir="runs/mine")
+    explicit.trainer.callbacks[0].init_args.dirpath = "elsewhere"
+    explicit.model.init_args.export_dir = "students/s"
+    derive_run_paths(explicit, "fit")
+    assert explicit.trainer.callbacks[0].init_args.dirpath == "elsewhere"
+    assert explicit.model.init_args.export_dir == "students/s"
+
+
+def test_an_export_is_not_overwritten_unless_asked(tmp_path):
+    config = _config()
+    config.model.init_args.export_dir = str(tmp_path / "export")
+    check_export_free(config, overwrite=False)  # absent
+    (tmp_path / "export").mkdir()
+    check_export_free(config, overwrite=False)  # empty
+    (tmp_path / "export" / "student.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already holds an exported model.*--overwrite_export true"):
+        check_export_free(config, overwrite=False)
+    check_export_free(config, overwrite=True)
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_two_runs_with_different_run_folders_share_no_file(tmp_path, monkeypatch, capsys):
+    """Two teacher fits of the same config, one --trainer.default_root_dir each: every file
+    (checkpoints, TensorBoard events, config, grids, export) is under its own run folder;
+    a third fit into the first folder is refused before training (its export is there)."""
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    shared = ["--data.cache_dir", "cache"]  # the prompt-embedding cache is shared on purpose
+    before = _files(tmp_path)
+    main(["fit", "--config", config, "--trainer.default_root_dir", "a", *shared])
+    after_a = _files(tmp_path)
+    main(["fit", "--config", config, "--trainer.default_root_dir", "b", *shared])
+    after_b = _files(tmp_path)
+    run_a = {p for p in after_a - before if p.parts[0] != "cache"}
+    run_b = {p for p in after_b - after_a if p.parts[0] != "cache"}
+    assert run_a and all(p.parts[0] == "a" for p in run_a), run_a
+    assert run_b and all(p.parts[0] == "b" for p in run_b), run_b
+    for run in (run_a, run_b):
+        names = {p.relative_to(p.parts[0]).as_posix() for p in run}
+        assert {"checkpoints/last.ckpt", "export/transformer/diffusion_pytorch_model.safetensors",
+                "version_0/config.yaml", "version_0/grids/step000002_0.png"} <= names, names
+    assert not (tmp_path / "runs").exists()  # nothing in the config's own folder
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", config, "--trainer.default_root_dir", "a", *shared])
+    assert exit_.value.code == 1
+    assert "a/export already holds an exported model" in capsys.readouterr().err
+    assert _files(tmp_path) == after_b
