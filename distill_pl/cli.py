@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from distill_pl.checkpoint_io import TRAINER_DEFAULTS
 from distill_pl.cli_errors import ShortErrors, debug_requested, run_with_short_errors, without_debug_flag
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.harmless_messages import silence_harmless_messages
 from distill_pl.run_folder import check_export_free, derive_run_paths
+from distill_pl.resume import resolve_ckpt_path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -100,6 +102,9 @@ class DistillCLI(LightningCLI):
         """Refuse ``--ckpt_path`` from another stage before LightningCLI silently swaps the
         model class to the checkpoint's (a KD checkpoint starts DMD2 through ``init_from``)."""
         sub = self.config.get("subcommand")
+        if sub:
+            derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
+            resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.resume)
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
@@ -134,6 +139,7 @@ def lightning_main(args: list[str] | None = None) -> DistillCLI:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         parser_class=CLIParser,
+        trainer_defaults=TRAINER_DEFAULTS,
         args=args,
     )
 

@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--teacher", default=None,
                         help="teacher folder (architecture and shift); default: the run's model.teacher")
     args = parser.parse_args(argv)
-    return export_student(args.ckpt, args.out, args.weights, args.teacher)
+    from distill_pl.stages.nonfinite import NonFiniteWeightsError
+
+    try:
+        return export_student(args.ckpt, args.out, args.weights, args.teacher)
+    except NonFiniteWeightsError as err:
+        raise SystemExit(f"distill-pl export: {args.ckpt}: {err}") from None
 
 
 def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", teacher: str | None = None) -> Path:

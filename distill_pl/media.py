@@ -86,10 +86,15 @@ def default_file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary file in ``path``'s folder to write; on success it replaces
     ``path`` (rename) with the usual permissions (umask, not the temp file's 0600), on
-    error it is removed, so ``path`` is never half written."""
+    error it is removed, so ``path`` is never half written.
+
+    The temp file is ``.<name>.<random><suffix>`` in the same folder (so the rename never
+    crosses filesystems). ``durable``: the file is fsynced before the rename and the folder
+    after it, so a crash or power loss leaves the old or the new file, never a torn one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -98,9 +103,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, default_file_mode())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

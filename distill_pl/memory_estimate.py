@@ -66,6 +66,7 @@ from torch.overrides import TorchFunctionMode
 
 from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.data.memory import data_memory_line
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
@@ -291,6 +292,8 @@ def estimate_memory(
         f"{tokens:,} tokens per video; micro-batch {micro_batch}; {precision}; gradient checkpointing "
         f"{'on' if gradient_checkpointing else 'off'}; {devices} device(s), sharding {sharding}",
     ]
+    if data.mode == "clips":  # KD reads pair shards, DMD2 decodes clips
+        header.append(data_memory_line(data))
     return MemoryEstimate(header, static, phases, gpu_gb, margin)
 
 
@@ -444,4 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_function_arguments(estimate_memory, skip={"gradient_checkpointing"})
     parser.add_argument("--gradient_checkpointing", action=ActionYesNo, default=None,
                         help="--gradient_checkpointing / --no_gradient_checkpointing (default: the config's)")
-    print(estimate_memory(**parser.parse_args(argv).as_dict()).table())
+    args = parser.parse_args(argv).as_dict()
+    cfg = _parse(args["config"])
+    if cfg.model.class_path.endswith("KDPairGenerationModule"):  # no training step: the data side only
+        print(f"{args['config']}: KDPairGenerationModule\n{data_memory_line(cfg.data)}")
+        return
+    print(estimate_memory(**args).table())

@@ -4,10 +4,19 @@
 DMD2 stages per transformer block over all processes (their ``configure_model`` hooks apply
 ``fully_shard``, see :mod:`distill_pl.models.sharding`) and saves distributed checkpoints (a
 folder per checkpoint, one shard file per rank). It runs on GPUs (NCCL) and on CPUs (gloo).
+
+A distributed checkpoint is written into a staging folder beside the final one
+(``.<name>.partial``); when every rank has written its shard, rank 0 fsyncs the files and
+swaps the staging folder in (the old folder is first renamed to ``.<name>.old``, then
+removed). A run killed during the save leaves the previous checkpoint or the new one under
+the final name (or, between the two renames, none: resuming then falls back to the newest
+intact checkpoint, see :mod:`distill_pl.resume`), never a mixture of shards of two steps.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,22 @@ class FSDP2Strategy(ModelParallelStrategy):
             tp = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
             self._data_parallel_size = self.num_nodes * self.num_processes // tp
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Lightning's save, through a staging folder when the checkpoint is distributed (see
+        the module docstring); a single-file checkpoint goes through the ``CheckpointIO``."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        staging = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging)  # left by a killed save
+        self.barrier("distill_pl_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("distill_pl_checkpoint_written")
+        if self.global_rank == 0:
+            _replace_folder(staging, path)
+        self.barrier("distill_pl_checkpoint_swapped")
 
     def _frozen_prefixes(self) -> tuple[str, ...]:
         return tuple(getattr(self.lightning_module, "frozen_prefixes", ()))
@@ -72,3 +97,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         metadata["state_dict"] = weights
         return metadata
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Make ``new`` (a complete checkpoint folder) ``path``, fsyncing its files first."""
+    for file in new.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.is_dir():
+        os.replace(path, old)
+    elif path.exists():
+        path.unlink()
+    os.replace(new, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)

@@ -220,3 +220,15 @@ def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
     critic_plain = plain.phases["critic"].gradients - plain.static["fake_score: float32, trainable"]
     assert estimate.phases["critic"].gradients == critic_plain + rows["fake_score: LoRA adapters, trainable"]
     assert estimate.phases["generator"] == plain.phases["generator"]
+
+
+def test_the_data_side_of_a_wan_pair_generation_config(capsys):
+    from distill_pl.data.memory import clip_item_bytes
+    from distill_pl.memory_estimate import main
+
+    main(["--config", "configs/wan2.1-t2v-1.3b/kd_pairs.yaml"])
+    out = capsys.readouterr().out
+    assert "KDPairGenerationModule" in out and "one 81x480x832 item 1.97 GiB at its peak" in out
+    assert "cache_frames adds" not in out  # the Wan configs decode per item
+    # bounded by the chunks: a 4K source costs little more than its decoded uint8 window
+    assert clip_item_bytes(81, 480, 832, (2160, 3840)) - 81 * 2160 * 3840 * 3 < 2 * 2**30

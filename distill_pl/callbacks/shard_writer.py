@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from distill_pl.data.folder_lock import FolderLock
 from distill_pl.data.shards import remove_temp_files
 from distill_pl.progress import ProgressLines
 
@@ -23,8 +24,9 @@ class PairShardWriter(BasePredictionWriter):
     ``pair_generation_metadata()``; the module's ``build_shard(rows, common)`` makes the
     tensors and metadata of the format it writes and ``write_shard(path, tensors, metadata)``
     writes them. A prediction is a dict of per-example tensors (first dimension B) and lists
-    (``split``, ``caption``, ``path``). Each rank writes only the shards it generates. At setup the
-    stale temp files of this rank's shards (left by a killed run) are removed.
+    (``split``, ``caption``, ``path``). Each rank writes only the shards it generates. At setup
+    each rank locks the split folders (:mod:`distill_pl.data.folder_lock`: a second run on
+    them fails at once) and removes the stale temp files of its shards (left by a killed run).
     When stdout is not a terminal, each written shard prints a line with the examples/s and
     the ETA.
     """
@@ -33,6 +35,7 @@ class PairShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self._buffers: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
         self._progress: ProgressLines | None = None
+        self._locks: list[FolderLock] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -41,6 +44,7 @@ class PairShardWriter(BasePredictionWriter):
         datamodule = trainer.datamodule  # set up before callbacks (Lightning's order)
         for split in ("train", "val"):
             layout = datamodule.pair_layout(split)
+            self._locks.append(FolderLock(layout.folder, trainer.global_rank).acquire())
             remove_temp_files(layout, layout.shards_of_rank(trainer.global_rank, trainer.world_size))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,6 +80,11 @@ class PairShardWriter(BasePredictionWriter):
         pl_module.write_shard(path, tensors, metadata)
         if self._progress is not None:
             self._progress.advance(len(rows), f"wrote {path.parent.name}/{path.name}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:

@@ -4,12 +4,21 @@ Convention: a control video has the layout and value range of a video, [3, T, H,
 [B, 3, T, H, W]) in [-1, 1], so a latent model encodes it with its VAE like the video. Each
 frame's canny edge map (of the grey frame in [0, 1]) is replicated to the 3 channels, with
 -1 = no edge and +1 = edge; no other values occur.
+
+Frames are processed in chunks of at most :data:`CANNY_CHUNK_BYTES` of kornia's working
+memory (about 64 float32 planes per frame), so long high-resolution videos stay bounded in
+memory; frames are independent, so the result does not depend on the chunking.
 """
 
 from __future__ import annotations
 
 import kornia
+import torch
 from torch import Tensor
+
+#: working memory of one canny chunk (kornia's canny keeps about 64 float32 planes per frame)
+CANNY_CHUNK_BYTES = 512 * 2**20
+_PLANES_PER_FRAME = 64
 
 
 def canny_control(
@@ -29,11 +38,15 @@ def canny_control(
         raise ValueError(f"expected a video [B?, 3, T, H, W], got shape {tuple(video.shape)}")
     batched = video if video.ndim == 5 else video.unsqueeze(0)
     b, _, t, h, w = batched.shape
-    frames = batched.transpose(1, 2).reshape(b * t, 3, h, w).float()
-    grey = kornia.color.rgb_to_grayscale(((frames + 1) / 2).clamp(0, 1))
-    _, edges = kornia.filters.canny(
-        grey, low_threshold, high_threshold, (kernel_size, kernel_size), (sigma, sigma)
-    )
-    control = (edges > 0.5).to(video.dtype) * 2 - 1  # [B*T, 1, H, W]
+    frames = batched.transpose(1, 2).reshape(b * t, 3, h, w)
+    per_chunk = max(1, CANNY_CHUNK_BYTES // (h * w * 4 * _PLANES_PER_FRAME))
+    edges = torch.empty(b * t, 1, h, w, dtype=torch.bool, device=video.device)
+    for lo in range(0, b * t, per_chunk):
+        grey = kornia.color.rgb_to_grayscale(((frames[lo : lo + per_chunk].float() + 1) / 2).clamp(0, 1))
+        _, chunk = kornia.filters.canny(
+            grey, low_threshold, high_threshold, (kernel_size, kernel_size), (sigma, sigma)
+        )
+        edges[lo : lo + per_chunk] = chunk > 0.5
+    control = edges.to(video.dtype) * 2 - 1  # [B*T, 1, H, W]
     control = control.reshape(b, t, 1, h, w).transpose(1, 2).expand(b, 3, t, h, w).contiguous()
     return control if video.ndim == 5 else control[0]

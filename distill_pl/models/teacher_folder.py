@@ -26,8 +26,13 @@ def save_teacher_folder(
     folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
 ) -> Path:
     """Write the denoiser's components (``folder/transformer``, and any other model folder
-    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``."""
+    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``; refuse
+    non-finite weights (:class:`~distill_pl.stages.nonfinite.NonFiniteWeightsError`, nothing
+    written)."""
+    from distill_pl.stages.nonfinite import check_finite
+
     folder = Path(folder)
+    check_finite(denoiser.state_dict(), f"the model folder {folder}")
     denoiser.save_components(str(folder))
     build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
     return folder
@@ -59,6 +64,9 @@ def save_student_folder(
     ``"canny"`` or None for a student without control, and, if it has any, ``adapter_options``
     (the student's own options, e.g. the control scale its pipeline is called with).
     """
+    from distill_pl.stages.nonfinite import check_finite
+
+    check_finite(student.state_dict(), f"the student folder {folder}")  # also for a family's own pipeline
     folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift))
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}

@@ -35,14 +35,12 @@ batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); i
 noise, ``t`` and fresh noises come from ``step_generator(seed, global_step, stream=that
 index)``, so they depend neither on the number of devices nor on the micro-batches.
 
-Non-finite losses or gradients: the update is skipped and counted. A skipped step still
+Non-finite losses or gradients: the shared policy of every stage
+(:mod:`distill_pl.stages.nonfinite`). The update is skipped and counted. A skipped step still
 calls ``optimizer.step()`` (so Lightning's step counter, and with it the phase, the data
 position and the step-keyed randomness, stay in lockstep) but with every gradient set to
-``None``: torch optimizers skip parameters without a gradient, so no weight, moment,
-per-parameter step count or weight decay changes. (Stepping with zeroed gradients would
-not do: AdamW's decoupled weight decay and its moments would still move the weights.)
-``max_nonfinite_steps`` consecutive skips stop the run with an error, before any NaN
-reaches the weights or a checkpoint.
+``None``, so nothing moves. ``max_nonfinite_steps`` consecutive skips stop the run with an
+error, before any NaN reaches the weights or a checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +58,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributed.tensor.experimental import implicit_replication
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grads_with_norm_
 
 from distill_pl.data.resumable import data_parallel_layout
 from distill_pl.diffusion.dmd import (
@@ -83,13 +81,19 @@ from distill_pl.models.lora import add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import (
     export_student_of_run,
-    full_tensor,
     gradient_sync,
     is_sharded,
     shard_stage_networks,
 )
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.stages.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
+from distill_pl.stages.nonfinite import (  # noqa: F401 (NonFiniteTrainingError: raised by the policy)
+    NonFinitePolicy,
+    NonFiniteTrainingError,
+    check_finite,
+    gradient_norm,
+    strategy_of,
+)
 from distill_pl.stages.randomness import randn, step_generator
 from distill_pl.stages.student_init import load_student_weights
 
@@ -97,10 +101,6 @@ from distill_pl.stages.student_init import load_student_weights
 STATE_KEY = "dmd2"
 #: frozen submodules rebuilt from their folders, never stored in checkpoints
 FROZEN_PREFIXES = ("teacher.", "autoencoder.")
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Raised after ``max_nonfinite_steps`` consecutive steps with a non-finite loss or gradient."""
 
 
 class DMD2Module(L.LightningModule):
@@ -196,8 +196,6 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
         if discriminator_on not in ("fake_score", "teacher"):
             raise ValueError(f"discriminator_on must be 'fake_score' or 'teacher', got {discriminator_on!r}")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
 
@@ -233,8 +231,7 @@ class DMD2Module(L.LightningModule):
         self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
         self.autoencoder = build_autoencoder(vae_path, vae_dtype)
         self.negative_prompt = NegativePrompt()
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+        self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
         self.step_metrics: dict[str, float] = {}
 
     # --- sharding (FSDP2) -------------------------------------------------------------------
@@ -511,7 +508,7 @@ class DMD2Module(L.LightningModule):
                 for name, module in groups.items()
             }
             # sharded (DTensor) gradients: the norm of the full gradient, the same on every rank
-            norms = {name: full_tensor(get_total_norm(gs)).float() for name, gs in grads.items()}
+            norms = {name: gradient_norm(gs) for name, gs in grads.items()}
             total = torch.stack(list(norms.values())).square().sum().sqrt()
             finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
             if finite and max_norm is not None:
@@ -526,24 +523,18 @@ class DMD2Module(L.LightningModule):
         return finite, norms
 
     def _count_nonfinite(self, applied: bool, step: int) -> None:
-        if applied:
-            self.nonfinite_streak = 0
-            return
-        self.nonfinite_total += 1
-        self.nonfinite_streak += 1
         what = "student" if self.is_generator_phase(step) else "critic"
-        limit = self.hparams.max_nonfinite_steps
-        if self.nonfinite_streak >= limit:
-            raise NonFiniteTrainingError(
-                f"DMD2 stopped at step {step}: {self.nonfinite_streak} consecutive steps had a "
-                f"non-finite loss or gradient (max_nonfinite_steps={limit}; {self.nonfinite_total} "
-                "in total). Their updates were skipped, so the weights hold no NaN; check the data "
-                "and the teacher, lower the learning rates, or use precision 32-true."
-            )
-        rank_zero_warn(
-            f"DMD2 step {step} ({what} phase): non-finite loss or gradient, update skipped "
-            f"({self.nonfinite_streak} in a row, {self.nonfinite_total} in total)"
-        )
+        self.nonfinite.record(applied, step, f"{what} phase")
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Skipped (non-finite) updates of the run so far."""
+        return self.nonfinite.total
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Skipped updates in a row up to the last step."""
+        return self.nonfinite.streak
 
     def configure_optimizers(self):
         h = self.hparams
@@ -566,11 +557,13 @@ class DMD2Module(L.LightningModule):
 
     # --- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the frozen teacher and VAE (reloaded from their folders); keep the skip counters."""
+        """Drop the frozen teacher and VAE (reloaded from their folders); keep the skip counters.
+        Non-finite weights are refused (:func:`~distill_pl.stages.nonfinite.check_finite`)."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
-        checkpoint[STATE_KEY] = {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak}
+        check_finite(state, f"a DMD2 checkpoint at step {self.global_step}", strategy_of(self))
+        checkpoint[STATE_KEY] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Accept only DMD2 checkpoints; put the current teacher's and VAE's weights back in.
@@ -592,11 +585,18 @@ class DMD2Module(L.LightningModule):
         for prefix in FROZEN_PREFIXES:
             for key, value in getattr(self, prefix[:-1]).state_dict().items():
                 state[prefix + key] = value
-        counters = checkpoint.get(STATE_KEY, {})
-        self.nonfinite_total = int(counters.get("nonfinite_total", 0))
-        self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))
+        self.nonfinite.load_state_dict(checkpoint.get(STATE_KEY, {}))
 
     # --- monitoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def student_samples(self, batch: dict, seed: int) -> Tensor:
+        """The student's one-step samples of ``batch`` from noise seeded by ``seed``, decoded:
+        pixels [B, 3, T, H, W] (for :class:`~distill_pl.callbacks.collapse.CollapseMonitor`)."""
+        like = batch["text_embeds"]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
+        return self.autoencoder.decode(self.generate(eps, self.conditioning(batch)))
+
     @torch.no_grad()
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:

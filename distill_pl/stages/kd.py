@@ -30,10 +30,13 @@ from distill_pl.models.sharding import export_student_of_run, shard_stage_networ
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
+from distill_pl.stages.nonfinite import NonFinitePolicy, check_finite, strategy_of
 from distill_pl.stages.student_init import load_student_weights
 
 #: frozen submodules that are rebuilt from their folders and never stored in checkpoints
 FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+#: checkpoint key of the non-finite policy's counters
+NONFINITE_KEY = "nonfinite"
 
 
 class KDModule(L.LightningModule):
@@ -61,6 +64,9 @@ class KDModule(L.LightningModule):
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
             a teacher-style folder: ``transformer/`` and a one-step ``scheduler/``
             (flow-match Euler with the teacher's shift; one Euler step is ``eps - v(eps, 1)``).
+        max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight,
+            optimizer state or EMA moves) and counted; this many in a row stop the run with an
+            error (:mod:`distill_pl.stages.nonfinite`).
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
@@ -90,10 +96,13 @@ class KDModule(L.LightningModule):
         teacher_dtype: str = "float32",
         teacher_1step_guidance: float | None = None,
         export_dir: str | None = None,
+        max_nonfinite_steps: int = 20,
         denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.nonfinite = NonFinitePolicy("KD", max_nonfinite_steps)
+        self._update_applied = False
         options = denoiser_options or {}
         self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
         if teacher_dtype == "float32":
@@ -249,10 +258,18 @@ class KDModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
         return loss
 
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.nonfinite.observe_loss(loss)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The non-finite policy: a non-finite loss or gradient drops the gradients."""
+        self._update_applied = self.nonfinite.guard_step(self, optimizer)
+
     def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA update (only on real steps, not accumulation)."""
+        """The optimizer step, then the EMA update (only on real steps, not accumulation,
+        and not after a skipped non-finite step)."""
         super().optimizer_step(*args, **kwargs)
-        if self.student_ema is not None:
+        if self.student_ema is not None and self._update_applied:
             self.student_ema.update(self.student)
 
     def configure_optimizers(self):
@@ -300,10 +317,13 @@ class KDModule(L.LightningModule):
 
     # --- checkpoints and export -----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the frozen teacher and autoencoder: they are reloaded from their folders."""
+        """Drop the frozen teacher and autoencoder (reloaded from their folders); keep the
+        non-finite counters; refuse non-finite weights."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
+        check_finite(state, f"a KD checkpoint at step {self.global_step}", strategy_of(self))
+        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Fill in the frozen modules' keys from this module, so strict loading still
@@ -312,6 +332,7 @@ class KDModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(FROZEN_PREFIXES):
                 state.setdefault(key, value)
+        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir:

@@ -17,7 +17,11 @@ from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.teacher_folder import save_teacher_folder
 from distill_pl.stages.batch import batch_pixels, check_precomputed_latents, drop_text, encode_clip_batch
+from distill_pl.stages.nonfinite import NonFinitePolicy, check_finite, strategy_of
 from distill_pl.stages.randomness import randn, step_generator
+
+#: checkpoint key of the non-finite policy's counters
+NONFINITE_KEY = "nonfinite"
 
 
 class TeacherTrainingModule(L.LightningModule):
@@ -36,6 +40,9 @@ class TeacherTrainingModule(L.LightningModule):
             (guidance in the common form ``u + w (c - u)``).
         export_dir: if set, the trained teacher is written there at the end of fit as a
             folder with ``transformer/`` (diffusers, safetensors) and ``scheduler/``.
+        max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight
+            or optimizer state moves) and counted; this many in a row stop the run with an
+            error (:mod:`distill_pl.stages.nonfinite`).
     """
 
     def __init__(
@@ -53,9 +60,11 @@ class TeacherTrainingModule(L.LightningModule):
         guidance: float = 5.0,
         export_dir: str | None = None,
         seed: int = 0,
+        max_nonfinite_steps: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser"])
+        self.nonfinite = NonFinitePolicy("teacher training", max_nonfinite_steps)
         self.denoiser = denoiser
         self.autoencoder = build_autoencoder(vae_path)
         self.negative_prompt = NegativePrompt()
@@ -129,6 +138,21 @@ class TeacherTrainingModule(L.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.nonfinite.observe_loss(loss)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The non-finite policy: a non-finite loss or gradient drops the gradients."""
+        self.nonfinite.guard_step(self, optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the non-finite counters; refuse non-finite weights."""
+        check_finite(checkpoint["state_dict"], f"a teacher checkpoint at step {self.global_step}", strategy_of(self))
+        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
 
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -38,3 +38,12 @@ def test_horizontal_step_is_a_row():
 def test_rejects_wrong_channels():
     with pytest.raises(ValueError, match="3, T, H, W"):
         canny_control(torch.zeros(1, 4, 16, 16))
+
+
+def test_canny_in_chunks_equals_all_frames_at_once(monkeypatch):
+    from distill_pl.data import control
+
+    video = torch.rand(3, 5, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = canny_control(video)
+    monkeypatch.setattr(control, "CANNY_CHUNK_BYTES", 24 * 24 * 4 * 64 * 2)  # 2 frames per chunk
+    assert torch.equal(canny_control(video), whole)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import lightning as L
@@ -16,6 +17,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
 from distill_pl.models.families.registry import build_denoiser, load_denoiser
 from distill_pl.stages.kd import KDModule, kd_loss
+from distill_pl.stages.nonfinite import NonFiniteTrainingError, NonFiniteWeightsError
 
 TEXT_DIM, TEXT_LEN, FRAMES, SIZE = 16, 4, 4, 8
 TINY = dict(
@@ -413,3 +415,86 @@ def test_killed_kd_run_resumes_exactly(pairs_workdir, full_kd_run, tmp_path):
         assert int(final_opt["state"][index]["step"]) == int(state["step"]) == 6
         torch.testing.assert_close(final_opt["state"][index]["exp_avg_sq"], state["exp_avg_sq"],
                                    rtol=1e-5, atol=1e-10)
+
+
+def test_kd_that_diverges_stops_with_the_error_and_exports_nothing(tmp_path):
+    """configs/tiny/kd.yaml with lr 10 for 10 steps, on 2-step pairs of teachers/tiny: the
+    loss overflows to NaN within a few steps; the non-finite steps are skipped, the run stops
+    with the policy's error (exit code not 0), no export is written and every checkpoint it
+    left holds finite weights."""
+    import subprocess
+
+    from tests.cli_helpers import DISTILL_PL, REPO, cli_env, edited_config, run_cli
+
+    work = tmp_path / "diverging"
+    shutil.copytree(REPO / "teachers/tiny", work / "teachers/tiny")
+
+    def pairs(cfg):
+        cfg["model"]["init_args"]["num_steps"] = 2
+        cfg["data"].update(num_examples=16, num_val_examples=4, shard_size=8, batch_size=8)
+
+    run_cli(["predict", "--config", str(edited_config("configs/tiny/kd_pairs.yaml", work / "pairs.yaml", pairs))],
+            cwd=work)
+
+    def edit(cfg):
+        cfg["trainer"].update(max_steps=10, val_check_interval=10, limit_val_batches=1)
+        cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+        cfg["model"]["init_args"]["lr"] = 10.0
+
+    config = edited_config("configs/tiny/kd.yaml", work / "kd.yaml", edit)
+    proc = subprocess.run(DISTILL_PL + ["fit", "--config", str(config)], cwd=work, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "NonFiniteTrainingError: KD stopped at step" in proc.stderr, proc.stderr[-3000:]
+    assert "5 consecutive steps had a non-finite loss or gradient" in proc.stderr
+    assert "exported" not in proc.stdout and not (work / "runs/tiny/kd/export").exists()
+    checkpoints = sorted((work / "runs/tiny/kd/checkpoints").glob("*.ckpt"))
+    assert checkpoints
+    for path in checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+
+
+def test_non_finite_kd_steps_are_skipped_without_moving_weights_or_ema(teacher_dir, tmp_path):
+    kd = KDModule(teacher_dir, lr=1e-3, ema_decay=0.5, max_nonfinite_steps=3)
+    batches = [pairs_batch(seed=i) for i in range(4)]
+    batches[1]["teacher_output"] = batches[1]["teacher_output"] * math.nan  # step 1: NaN loss
+    snapshots = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            snapshots.append((module.student.transformer.proj_out.weight.detach().clone(),
+                              module.student_ema.module.transformer.proj_out.weight.detach().clone()))
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[Record()])
+    with pytest.warns(UserWarning, match="KD step 1: non-finite loss or gradient, update skipped"):
+        trainer.fit(kd, datamodule=StubPairs(teacher_dir, batches))
+    assert trainer.global_step == 4 and kd.nonfinite.total == 1 and kd.nonfinite.streak == 0
+    (w0, e0), (w1, e1), (w2, e2), _ = snapshots
+    assert torch.equal(w0, w1) and torch.equal(e0, e1)  # the skipped step moved nothing
+    assert not torch.equal(w1, w2) and not torch.equal(e1, e2)
+    [opt] = trainer.optimizers
+    assert {int(s["step"]) for s in opt.state.values()} == {3}
+
+    kd = KDModule(teacher_dir, lr=1e-3, max_nonfinite_steps=2)
+    for b in batches:
+        b["teacher_output"] = b["teacher_output"] * math.nan
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteTrainingError, match="KD stopped at step 1: 2 consecutive steps"):
+        trainer.fit(kd, datamodule=StubPairs(teacher_dir, batches))
+    assert all(torch.isfinite(p).all() for p in kd.student.parameters())
+
+
+def test_nan_weights_are_never_checkpointed_or_exported(teacher_dir, tmp_path):
+    kd = KDModule(teacher_dir)
+    with torch.no_grad():
+        kd.student.transformer.proj_out.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteWeightsError, match="refusing to write a KD checkpoint.*student.transformer.proj_out.weight"):
+        kd.on_save_checkpoint({"state_dict": kd.state_dict()})
+    folder = tmp_path / "export"
+    with pytest.raises(NonFiniteWeightsError, match=f"refusing to write the model folder {folder}"):
+        save_teacher_folder(folder, kd.student, "euler", shift=3.0)
+    assert not folder.exists()
