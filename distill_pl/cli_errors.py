@@ -127,14 +127,16 @@ def _raised_by_project(tb: TracebackType | None) -> bool:
 
 
 def project_error(err: BaseException) -> BaseException | None:
-    """The first error of ``err``'s chain (itself, its causes and contexts) that ``distill_pl``
-    code raised as a ValueError or OSError: a message meant for the user."""
+    """The first error of ``err``'s chain (itself, its causes and the contexts it does not
+    suppress) that ``distill_pl`` code raised as a ValueError, an OSError or one of its own
+    error classes: a message meant for the user."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ValueError, OSError)) and _raised_by_project(err.__traceback__):
+        own_class = type(err).__module__.startswith("distill_pl.")
+        if (own_class or isinstance(err, (ValueError, OSError))) and _raised_by_project(err.__traceback__):
             return err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None
 
 
@@ -147,5 +149,7 @@ def run_with_short_errors(function: Callable[[], object], name: str, debug: bool
         if found is None:
             raise
         text = str(found).strip() or type(found).__name__
+        if type(found).__module__.startswith("distill_pl."):  # the project's own error class names the failure
+            text = f"{type(found).__name__}: {text}"
         sys.stderr.write(f"{name}: error: {' '.join(text.split())}\n({HINT})\n")
         sys.exit(1)

@@ -7,8 +7,10 @@ under :class:`distill_pl.strategies.FSDP2Strategy`) or a single ``.ckpt`` file. 
 no process group: the student is built on the meta device from the teacher's transformer
 config (by its family's adapter, which the registry picks), given empty CPU tensors, and only
 the student's keys are read from the shards (``torch.distributed.checkpoint.load``), so
-neither the optimizer states nor the other networks are loaded. The folder is what the run's own ``export_dir`` holds: ``transformer/`` (full
-float weights), a one-step flow-match Euler ``scheduler/`` with the teacher's shift, and
+neither the optimizer states nor the other networks are loaded. The folder is what the run's
+own ``export_dir`` holds: ``transformer/`` (full float weights), a flow-match Euler
+``scheduler/`` with the teacher's shift, ``student_steps.json`` (the student's noise levels,
+from the run's ``student_sigmas``) and
 ``student.json`` (the data settings) when the checkpoint records them.
 """
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", teacher: str | None = None) -> Path:
+    from distill_pl.diffusion.student_steps import student_noise_levels
     from distill_pl.models.families.registry import build_denoiser, denoiser_config
     from distill_pl.models.teacher_folder import load_scheduler, save_student_folder, scheduler_shift
 
@@ -66,7 +69,10 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
         state = {k[len(prefix):]: v for k, v in meta["state_dict"].items() if k.startswith(prefix)}
     student = denoiser_from_state_dict(template, state)
     settings = meta.get("datamodule_hyper_parameters")
-    return save_student_folder(out, student, scheduler_shift(load_scheduler(teacher)), settings, teacher)
+    shift = scheduler_shift(load_scheduler(teacher))
+    levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,
+                                  hparams.get("student_sigmas_shifted", False))
+    return save_student_folder(out, student, shift, settings, levels, teacher)
 
 
 def _checkpoint_keys(folder: Path) -> set[str]:

@@ -67,15 +67,14 @@ from torch.overrides import TorchFunctionMode
 from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
-from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.families.registry import build_denoiser, denoiser_config
 from distill_pl.models.lora import add_lora
+from distill_pl.objectives.dmd2 import DMD2Objective
+from distill_pl.objectives.kd import KDObjective
 from distill_pl.paths import resolve_path
-from distill_pl.stages.dmd2 import dmd2_losses
-from distill_pl.stages.kd import kd_loss
 
 GIB = 2**30
 
@@ -426,19 +425,25 @@ def _phase_forwards(stage: str, args: dict, nets: dict[str, nn.Module], b: int, 
                         meta(b, control, *latent[1:]) if control else None)
     sigma, noise, x = meta(b), meta(b, *latent), meta(b, *latent)
     if stage == "KDModule":
-        student = nets["student"]
+        objective = KDObjective(nets["student"])
+
         def kd_step() -> Tensor:
-            return kd_loss(one_step_sample(lambda x_t, s: student(x_t, s, cond), noise), x)
+            return objective.loss(noise, x, cond)
 
         return {"KD step": (["student"], kd_step)}
-    # DMD2's own phase losses, called on a stand-in for the module that holds the meta networks
+    # DMD2's own phase losses: the objective over the meta networks
     feature_block = nets["teacher"].num_blocks // 2 if args["feature_block"] is None else args["feature_block"]
-    losses = dmd2_losses(nets, args, feature_block)
+    objective = DMD2Objective(
+        nets["student"], nets["teacher"], nets["fake_score"], nets["discriminator"], feature_block,
+        guidance=args["guidance"], gan_weight=args["gan_weight"], critic_gan_weight=args["critic_gan_weight"],
+        discriminator_on=args["discriminator_on"],
+    )
     return {
         "critic": (["fake_score", "discriminator"],
-                   lambda: losses.critic_loss(x, meta(b, *latent), sigma, noise, meta(b, *latent), cond)),
+                   lambda: objective.critic_loss(x, meta(b, *latent), sigma, noise, meta(b, *latent), cond)),
         "generator": (["student"],
-                      lambda: losses.generator_loss(losses.generate(noise, cond), sigma, meta(b, *latent), cond, cond)),
+                      lambda: objective.generator_loss(objective.generate(noise, cond), sigma, meta(b, *latent),
+                                                       cond, cond)),
     }
 
 

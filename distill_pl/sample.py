@@ -1,4 +1,8 @@
-"""``distill-pl sample``: N-step CFG samples of a teacher folder on validation clips.
+"""``distill-pl sample``: samples of a teacher or an exported student folder on validation clips.
+
+A teacher folder is sampled with ``steps`` steps of its scheduler and CFG ``guidance``; a
+student folder (one with ``student_steps.json``) with its own noise levels, no CFG (Euler
+re-noising, the re-noising noise seeded like the noise).
 
 Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``,
 ``side_by_side_<i>.mp4`` (control | sample | ground truth, left to right) and ``grid_<i>.png``
@@ -15,13 +19,14 @@ from pathlib import Path
 import torch
 
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.diffusion.sampling import few_step_sample, sample_with_scheduler
 from distill_pl.function_cli import run_with_data
 from distill_pl.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
-from distill_pl.models.teacher_folder import load_scheduler
+from distill_pl.models.teacher_folder import STUDENT_STEPS_FILE, load_scheduler, student_noise_levels_of
+from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import encode_clip_batch
 
 
@@ -37,9 +42,14 @@ def sample_teacher(
     fps: int = 8,
     scale: int = 4,
 ) -> list[Path]:
-    """Sample ``num_videos`` validation clips' controls and captions with the teacher."""
+    """Sample ``num_videos`` validation clips' controls and captions with the teacher (or the
+    student) folder ``teacher``."""
     denoiser = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
+    is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
+    levels = student_noise_levels_of(teacher) if is_student else None
+    if is_student:
+        print(f"{teacher}: a {len(levels)}-step student, sampled at its noise levels without CFG")
     autoencoder = build_autoencoder(vae_path)
     data.setup("validate")
     batches = iter(data.val_dataloader())
@@ -56,10 +66,14 @@ def sample_teacher(
         x0, cond = encode_clip_batch(batch, autoencoder, denoiser)
         g = torch.Generator().manual_seed(seed + index)
         noise = torch.randn(x0.shape, generator=g)
-        fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
         with torch.no_grad():
-            video = autoencoder.decode(sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
-                                                                 step_sigma=denoiser.sampler_sigma))
+            if is_student:
+                x0 = few_step_sample(velocity_fn(denoiser, cond), noise, levels, g)
+            else:
+                fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
+                x0 = sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
+                                           step_sigma=denoiser.sampler_sigma)
+            video = autoencoder.decode(x0)
         for b in range(video.shape[0]):
             if index >= num_videos:
                 break

@@ -46,6 +46,7 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     """Median seconds of each pass of a DMD2 step on ``batch`` (already on the device)."""
     device = module.device
     k = module.feature_block
+    objective = module.objective
     cond = module.conditioning(batch)
     uncond = module.null_conditioning(cond)
     shape = module.latent_shape(batch["video"])
@@ -58,9 +59,9 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     t = {}
 
     with torch.no_grad():
-        x_g = module.generate(eps, cond)
+        x_g = objective.generate(eps, cond)
     x_t = add_noise(x_g, noise, sigma)
-    t["student 1-step, no grad (B)"] = median_time(lambda: module.generate(eps, cond).sum().item(), repeats, device)
+    t["student 1-step, no grad (B)"] = median_time(lambda: objective.generate(eps, cond).sum().item(), repeats, device)
 
     def fake_2b():
         x = torch.cat([x_t, add_noise(x_real, noise_real, sigma)])
@@ -70,7 +71,7 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
 
     def critic_fwd_bwd():
         critic_opt.zero_grad(set_to_none=True)
-        loss, _ = module.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
+        loss, _ = objective.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
         loss.backward()
 
     t["critic backward"] = median_time(critic_fwd_bwd, repeats, device) - t["fake score fwd, fake+real (2B), grad"]
@@ -78,7 +79,7 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
     critic_opt.zero_grad(set_to_none=True)
 
     def student_grad():
-        return module.generate(eps, cond)
+        return objective.generate(eps, cond)
 
     module.fake_score.requires_grad_(False)
     module.discriminator.requires_grad_(False)
@@ -95,8 +96,8 @@ def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, f
 
     def generator_fwd_bwd():
         student_opt.zero_grad(set_to_none=True)
-        x = module.generate(eps, cond)
-        loss, _ = module.generator_loss(x, sigma, noise, cond, uncond)
+        x = objective.generate(eps, cond)
+        loss, _ = objective.generator_loss(x, sigma, noise, cond, uncond)
         loss.backward()
 
     forwards = sum(t[k] for k in ("student 1-step, grad (B)", "teacher fwd with CFG (2B), no grad",

@@ -14,9 +14,10 @@ per video after the 1x2x2 patches), batch 1, per-block gradient checkpointing on
   2B) without grad; fake score forward (B) with features, gradient to its input only; DMD
   loss + 1e-3 x GAN loss; backward; AdamW step on the student.
 
-The math is the project's (``distill_pl.diffusion``, ``models.guidance.velocity_fn``) on
-Wan denoisers (built through the family registry), as in ``distill_pl/stages/dmd2.py``
-without Lightning, micro-batching, gradient clipping or logging. Each step runs on fixed random inputs.
+The losses are the project's objectives (``distill_pl.objectives``: ``KDObjective``,
+``DMD2Objective``) on Wan denoisers built through the family registry, what the stages run
+without Lightning, micro-batching, gradient clipping or logging. Each step runs on fixed
+random inputs.
 
 Precision: ``bf16-mixed`` (default, as the configs train): the trainable networks (student,
 fake score, head) hold float32 master weights and AdamW state, the step runs under bf16
@@ -68,8 +69,8 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.families.registry import build_denoiser
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.stages.dmd2 import dmd2_losses
-from distill_pl.stages.kd import kd_loss
+from distill_pl.objectives.dmd2 import DMD2Objective
+from distill_pl.objectives.kd import KDObjective
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
 WAN_1_3B_CONFIG = {
@@ -123,14 +124,13 @@ class Inputs:
 
 # --- the three steps' losses: the stages' own ------------------------------------------
 def kd_step_loss(nets: Nets, d: Inputs) -> Tensor:
-    return kd_loss(one_step_sample(velocity_fn(nets.student, d.cond), d.eps), d.target)
+    return KDObjective(nets.student).loss(d.eps, d.target, d.cond)
 
 
-def _dmd2(nets: Nets):
-    networks = dict(student=nets.student, teacher=nets.teacher, fake_score=nets.fake_score,
-                    discriminator=nets.discriminator)
-    hparams = dict(discriminator_on="fake_score", critic_gan_weight=1.0, guidance=GUIDANCE, gan_weight=GAN_WEIGHT)
-    return dmd2_losses(networks, hparams, nets.feature_block)
+def _dmd2(nets: Nets) -> DMD2Objective:
+    return DMD2Objective(nets.student, nets.teacher, nets.fake_score, nets.discriminator, nets.feature_block,
+                         guidance=GUIDANCE, gan_weight=GAN_WEIGHT, critic_gan_weight=1.0,
+                         discriminator_on="fake_score")
 
 
 def critic_loss(nets: Nets, d: Inputs) -> Tensor:
@@ -393,8 +393,8 @@ def main(argv=None) -> dict:
 def measure_sampling(config: dict, args, device: torch.device, channels: int) -> dict:
     """Seconds per video of the teacher's CFG sampler and of the one-step student (bf16)."""
     with torch.device(device):
-        teacher = WanDenoiser(config=config, dtype="bfloat16").eval().requires_grad_(False)
-        student = WanDenoiser(config=config, dtype="bfloat16").eval().requires_grad_(False)
+        teacher = build_denoiser(WAN_CLASS, config, dtype="bfloat16").eval().requires_grad_(False)
+        student = build_denoiser(WAN_CLASS, config, dtype="bfloat16").eval().requires_grad_(False)
     latent = latent_shape(1, channels, args.frames, args.height, args.width)
     d = make_inputs(config, latent, args.text_len, device)
     eps = d.eps.bfloat16()
@@ -405,7 +405,7 @@ def measure_sampling(config: dict, args, device: torch.device, channels: int) ->
     student_times = time_steps(student_call, max(1, args.warmup), args.steps, device)
     scheduler = build_flow_scheduler("unipc", SHIFT)
     teacher_call = lambda: sample_with_scheduler(velocity_fn(teacher, cond, uncond, GUIDANCE), eps, scheduler,  # noqa: E731
-                                                 args.sample_steps)
+                                                 args.sample_steps, step_sigma=teacher.sampler_sigma)
     teacher_times = time_steps(teacher_call, 0, 1, device)
     teacher_s, student_s = teacher_times[0], statistics.median(student_times)
     return {

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""One-step sampling from an exported student folder with plain diffusers and transformers.
+"""One- and few-step sampling from an exported student folder with plain diffusers and transformers.
 
 A student folder (written by ``save_student_folder`` at the end of KD or DMD2) holds
 ``transformer/`` (``WanTransformer3DModel``), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``
-with the teacher's shift) and, when the run recorded it, ``student.json`` (the data settings
-of its conditioning; without it the settings of configs/tiny are assumed). Generation is one
-transformer call at sigma = 1 and one Euler step, ``x = eps - v(eps, 1)``, with no CFG:
+with the teacher's shift; ``stochastic_sampling`` for a few-step student),
+``student_steps.json`` (the student's noise levels, and ``scheduler_sigmas``, the custom sigmas
+that give them; a folder without it is a one-step student) and, when the run recorded it,
+``student.json`` (the data settings of its conditioning; without it the settings of
+configs/tiny are assumed). Generation is one transformer call per noise level, no CFG: the
+scheduler's step predicts ``x0 = x - sigma v`` and re-noises it to the next level with fresh
+noise (one step: ``x = eps - v(eps, 1)``):
 
     .venv/bin/python scripts/one_step_diffusers.py --student runs/tiny/kd/export \\
         --prompt "a cartoon rabbit in a sunny meadow" --control clip.mp4 --out sample.mp4
@@ -86,7 +90,59 @@ def embed_prompt(tokenizer, text_model, prompt: str, max_length: int) -> Tensor:
     return hidden.float() * mask.bool().unsqueeze(-1)
 
 
+def load_scheduler_sigmas(folder: str | Path) -> list[float]:
+    """The custom sigmas of a student folder's steps (``student_steps.json``), ``[1.0]`` for
+    a folder without one (a one-step student)."""
+    path = Path(folder) / "student_steps.json"
+    if not path.is_file():
+        return [1.0]
+    return [float(s) for s in json.loads(path.read_text())["scheduler_sigmas"]]
+
+
 @torch.no_grad()
+def student_video(
+    transformer: WanTransformer3DModel,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    noise: Tensor,
+    text_embeds: Tensor,
+    control: Tensor | None = None,
+    sigmas: list[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The student's steps from pure noise with the scheduler at custom ``sigmas``
+    (``scheduler_sigmas`` of the folder; None: one step).
+
+    noise:       [B, C, T, H, W], eps.
+    text_embeds: [B, L, D], zero at padding positions (see :func:`embed_prompt`).
+    control:     [B, Cc, T, H, W] concatenated to the state on channels; None without control.
+    generator:   the re-noising noise of a stochastic scheduler (``randn`` of the state's shape
+                 at each step).
+    Returns [B, C, T, H, W] (float32 after a scheduler step).
+    """
+    scheduler.set_timesteps(sigmas=list(sigmas or [1.0]), device=noise.device)
+    # The students are trained to generate from sigma = 1. The timestep shift
+    # s(sigma) = shift * sigma / (1 + (shift - 1) * sigma) maps 1 to 1 whatever the shift, so
+    # the first timestep is 1000 * sigma = 1000. A scheduler config that starts elsewhere
+    # (invert_sigmas, shift_terminal) would call the student where it was never trained:
+    # refuse it.
+    if float(scheduler.sigmas[0]) != 1.0:
+        raise ValueError(
+            f"{type(scheduler).__name__} starts sampling at sigma "
+            f"{float(scheduler.sigmas[0])}; the student needs sigma = 1"
+        )
+    x = noise
+    for timestep in scheduler.timesteps:
+        hidden = x if control is None else torch.cat([x.to(control), control], dim=1)
+        velocity = transformer(
+            hidden_states=hidden.to(transformer.dtype),
+            timestep=timestep.expand(noise.shape[0]),
+            encoder_hidden_states=text_embeds.to(transformer.dtype),
+            return_dict=False,
+        )[0]
+        x = scheduler.step(velocity, timestep, x, generator=generator, return_dict=False)[0]
+    return x
+
+
 def one_step_video(
     transformer: WanTransformer3DModel,
     scheduler: FlowMatchEulerDiscreteScheduler,
@@ -94,33 +150,9 @@ def one_step_video(
     text_embeds: Tensor,
     control: Tensor | None = None,
 ) -> Tensor:
-    """One Euler step from pure noise: ``x = eps - v(eps, sigma=1)``.
-
-    noise:       [B, C, T, H, W], eps.
-    text_embeds: [B, L, D], zero at padding positions (see :func:`embed_prompt`).
-    control:     [B, Cc, T, H, W] concatenated to the noise on channels; None without control.
-    Returns [B, C, T, H, W] in the dtype of the transformer.
-    """
-    scheduler.set_timesteps(1, device=noise.device)
-    # The students are trained to generate from sigma = 1. The timestep shift
-    # s(sigma) = shift * sigma / (1 + (shift - 1) * sigma) maps 1 to 1 whatever the shift, so
-    # the one timestep is 1000 * sigma = 1000 and the step goes from sigma 1 to 0. A scheduler
-    # config that starts elsewhere (invert_sigmas, shift_terminal) would call the student
-    # where it was never trained: refuse it.
-    if float(scheduler.sigmas[0]) != 1.0:
-        raise ValueError(
-            f"{type(scheduler).__name__} starts one-step sampling at sigma "
-            f"{float(scheduler.sigmas[0])}; a one-step student needs sigma = 1"
-        )
-    timestep = scheduler.timesteps[0]
-    hidden = noise if control is None else torch.cat([noise, control], dim=1)
-    velocity = transformer(
-        hidden_states=hidden.to(transformer.dtype),
-        timestep=timestep.expand(noise.shape[0]),
-        encoder_hidden_states=text_embeds.to(transformer.dtype),
-        return_dict=False,
-    )[0]
-    return scheduler.step(velocity, timestep, noise, return_dict=False)[0]
+    """One Euler step from pure noise: ``x = eps - v(eps, sigma=1)`` (:func:`student_video`
+    with one step)."""
+    return student_video(transformer, scheduler, noise, text_embeds, control)
 
 
 def student_settings(folder: str | Path) -> dict:
@@ -152,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--student", required=True, help="exported student folder")
     parser.add_argument("--prompt", help="text prompt (default: the bundled clip's caption)")
     parser.add_argument("--control", help="video whose canny edges are the control (default: a bundled clip)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the re-noising noise)")
     parser.add_argument("--out", default="sample.mp4",
                         help="mp4 to write; with a control also <out>_with_control.mp4 (control | sample)")
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the mp4")
@@ -180,10 +212,13 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer, text_model = load_text_encoder(resolve_path(settings["text_encoder"]))
     text_embeds = embed_prompt(tokenizer, text_model.to(args.device), args.prompt, settings["max_text_length"])
     shape = (1, 3, settings["num_frames"], settings["height"], settings["width"])
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    video = one_step_video(transformer, scheduler, noise, text_embeds, control)
+    generator = torch.Generator().manual_seed(args.seed)  # the noise, then any re-noising noise
+    noise = torch.randn(shape, generator=generator).to(args.device)
+    sigmas = load_scheduler_sigmas(args.student)
+    video = student_video(transformer, scheduler, noise, text_embeds, control, sigmas, generator)
     out = write_mp4(args.out, video[0].float(), fps=args.fps, scale=args.scale)
-    print(f"{args.prompt!r}, control {args.control}, seed {args.seed}: wrote {Path(out).resolve()}")
+    print(f"{args.prompt!r}, control {args.control}, seed {args.seed}, {len(sigmas)} step(s): "
+          f"wrote {Path(out).resolve()}")
     if control is not None:
         beside = Path(out).with_name(f"{Path(out).stem}_with_control.mp4")
         write_mp4(beside, side_by_side([control[0].float().cpu(), video[0].float().cpu()]), fps=args.fps, scale=args.scale)

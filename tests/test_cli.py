@@ -87,7 +87,7 @@ def test_a_project_error_is_one_line_and_debug_gives_the_traceback(tmp_path, cap
 
 
 def _manifest(folder, frames: list[int]):
-    videos = [write_test_video(folder / f"clip{i}.mp4", n, size=16, seed=i) for i, n in enumerate(frames)]
+    videos = [write_test_video(folder / f"clip{i}.mp4", n, size=64, seed=i) for i, n in enumerate(frames)]
     return write_manifest(folder / "manifest.jsonl", [ManifestEntry(v, f"clip {i}") for i, v in enumerate(videos)])
 
 

@@ -1,5 +1,5 @@
 """scripts/one_step_diffusers.py against the project: an exported student sampled with plain
-diffusers/transformers gives the project's one-step sample (tiny random Wan students)."""
+diffusers/transformers gives the project's one- or few-step sample (tiny random Wan students)."""
 
 import importlib.util
 import json
@@ -10,9 +10,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.sampling import few_step_sample, one_step_sample
+from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.teacher_folder import save_student_folder
+from distill_pl.models.teacher_folder import save_student_folder, student_noise_levels_of
 from distill_pl.models.text_encoder import TextEncoder
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.families.registry import build_denoiser
@@ -115,3 +116,41 @@ def test_missing_files_are_named(tmp_path):
         one_step_diffusers.main(
             ["--student", str(tmp_path / "student"), "--prompt", "x", "--control", str(tmp_path / "missing.mp4")]
         )
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_sample(tmp_path, shift):
+    """A 4-step student (levels [1, 0.75, 0.5, 0.25] through the teacher's shift): the exported
+    scheduler at the folder's custom sigmas calls it at exactly its levels and, stepped with the
+    same generator, re-noises with the project sampler's fresh noise."""
+    levels = student_noise_levels([1.0, 0.75, 0.5, 0.25], shift, shifted=False)
+    torch.manual_seed(0)
+    student = build_denoiser("WanTransformer3DModel", TINY).eval()
+    save_student_folder(tmp_path, student, shift, None, levels)
+    assert student_noise_levels_of(tmp_path) == levels
+    transformer, scheduler = one_step_diffusers.load_student(tmp_path)
+    assert scheduler.config.shift == shift and scheduler.config.stochastic_sampling
+    sigmas = one_step_diffusers.load_scheduler_sigmas(tmp_path)
+
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
+    control = torch.randn(2, 3, 4, 16, 16, generator=g)
+    text = torch.randn(2, 16, 384, generator=g)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    with torch.no_grad():
+        expected = few_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise, levels,
+                                   torch.Generator().manual_seed(7))
+    got = one_step_diffusers.student_video(transformer, scheduler, noise, text, control, sigmas,
+                                           torch.Generator().manual_seed(7))
+    torch.testing.assert_close(scheduler.sigmas[:-1], torch.tensor(levels), atol=1e-6, rtol=0)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    other = one_step_diffusers.student_video(transformer, scheduler, noise, text, control, sigmas,
+                                             torch.Generator().manual_seed(8))
+    assert (other - expected).abs().max() > 1e-3  # the re-noising noise matters
+
+
+def test_one_step_export_records_its_single_level(tmp_path):
+    export_student(tmp_path, 3.0)
+    assert student_noise_levels_of(tmp_path) == (1.0,)
+    assert one_step_diffusers.load_scheduler_sigmas(tmp_path) == [1.0]
+    assert not one_step_diffusers.load_student(tmp_path)[1].config.stochastic_sampling

@@ -165,10 +165,12 @@ def test_dmd2_phases_match_measured_peaks_of_cpu_training_steps():
     shape = dmd2.latent_shape(batch["video"])
     eps, noise, noise_real, sigma = torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.rand(shape[0])
 
+    objective = dmd2.objective
+
     def critic():
         with torch.no_grad():
-            x_g = dmd2.generate(eps, cond)
-        loss, _ = dmd2.critic_loss(x_g, batch["video"], sigma, noise, noise_real, cond)
+            x_g = objective.generate(eps, cond)
+        loss, _ = objective.critic_loss(x_g, batch["video"], sigma, noise, noise_real, cond)
         loss.backward()
         critic_opt.step()
         critic_opt.zero_grad(set_to_none=True)
@@ -177,7 +179,7 @@ def test_dmd2_phases_match_measured_peaks_of_cpu_training_steps():
         critics = (dmd2.fake_score, dmd2.discriminator)
         for net in critics:
             net.requires_grad_(False)
-        loss, _ = dmd2.generator_loss(dmd2.generate(eps, cond), sigma, noise, cond, cond)
+        loss, _ = objective.generator_loss(objective.generate(eps, cond), sigma, noise, cond, cond)
         loss.backward()
         student_opt.step()
         student_opt.zero_grad(set_to_none=True)

@@ -114,21 +114,36 @@ def few_step_sample(
     noise: Tensor,
     sigmas: Sequence[float],
     generator: torch.Generator | None = None,
+    renoise: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """Few-step student: predict x0 at each sigma, re-noise to the next one with fresh noise.
+    """Euler re-noising sampler of a K-step student: at each noise level ``s_k`` predict the
+    clean sample ``x0 = x - s_k v(x, s_k)``, then re-noise it to the next level with fresh
+    noise, ``x = (1 - s_{k+1}) x0 + s_{k+1} n_k``; the last prediction is the sample.
 
-    ``sigmas`` is decreasing and starts at 1.0, e.g. ``(1.0, 0.75, 0.5, 0.25)``.
+    noise: [B, ...] the pure noise at ``sigmas[0] = 1``. ``sigmas``: the K noise levels,
+    decreasing, in (0, 1], starting at 1.0 (``[1.0]`` is :func:`one_step_sample`).
+    The K - 1 fresh noises ``n_k`` are ``renoise`` (tensors shaped like ``noise``) when given,
+    else drawn in order with ``torch.randn(noise.shape, generator=generator)`` on the
+    generator's device -- the draws of diffusers' ``FlowMatchEulerDiscreteScheduler(
+    stochastic_sampling=True)`` stepped with the same generator (which draws one more, at
+    the last step, and multiplies it by the final sigma 0). Returns x0 [B, ...].
     """
+    sigmas = [float(s) for s in sigmas]
     if not sigmas or sigmas[0] != 1.0:
-        raise ValueError(f"few-step sigmas must start at 1.0, got {list(sigmas)}")
+        raise ValueError(f"few-step sigmas must start at 1.0, got {sigmas}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
+        raise ValueError(f"few-step sigmas must decrease and stay above 0, got {sigmas}")
+    if renoise is not None and len(renoise) != len(sigmas) - 1:
+        raise ValueError(f"{len(sigmas)} steps re-noise {len(sigmas) - 1} times, got {len(renoise)} noises")
     x = noise
-    x0 = noise
-    for i, s in enumerate(sigmas):
-        sigma = torch.full((noise.shape[0],), float(s), device=noise.device, dtype=noise.dtype)
+    for k, s in enumerate(sigmas):
+        sigma = torch.full((noise.shape[0],), s, device=noise.device, dtype=noise.dtype)
         x0 = x0_from_velocity(x, sigma, velocity_fn(x, sigma))
-        if i + 1 < len(sigmas):
-            fresh = torch.randn(
-                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype
-            )
-            x = add_noise(x0, fresh, sigmas[i + 1])
+        if k + 1 < len(sigmas):
+            if renoise is not None:
+                fresh = renoise[k]
+            else:
+                device = generator.device if generator is not None else noise.device
+                fresh = torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+            x = add_noise(x0, fresh.to(noise), sigmas[k + 1])
     return x0

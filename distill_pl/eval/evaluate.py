@@ -3,7 +3,8 @@
 For every held-out window of the clips split (its control, caption and real clip) and
 ``samples_per_clip`` noise seeds, each method generates a video from the same noise: the
 teacher with ``teacher_steps`` steps and CFG (the reference), the teacher with each of
-``few_steps`` steps (same CFG), and each one-step student. Reported per method (see
+``few_steps`` steps (same CFG), and each student with the steps its export records
+(``student_steps.json``: one network call per step). Reported per method (see
 :mod:`distill_pl.eval.metrics` and :mod:`distill_pl.eval.report`): network calls and
 measured seconds per video, speed-up over the reference and its NFE ceiling, PSNR/SSIM
 against the reference from the same noise, canny-edge F1 against the control, a Fréchet
@@ -46,7 +47,7 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning
-from distill_pl.models.teacher_folder import load_scheduler
+from distill_pl.models.teacher_folder import load_scheduler, student_noise_levels_of
 from distill_pl.progress import ProgressLines
 
 
@@ -146,8 +147,9 @@ def evaluate(
     methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
-        methods.append(student_method(name, load_denoiser(folder, **options).eval()))
-        fingerprints[methods[-1].key] = teacher_fingerprint(folder)
+        levels = student_noise_levels_of(folder)
+        methods.append(student_method(name, load_denoiser(folder, **options).eval(), levels, seed))
+        fingerprints[methods[-1].key] = f"{teacher_fingerprint(folder)} noise levels {list(levels)}"
     settings = dict(
         data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},
         seed=seed, samples_per_clip=samples_per_clip, batch_size=batch_size, vae_path=vae_path,

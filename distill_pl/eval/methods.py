@@ -1,4 +1,4 @@
-"""The samplers the report compares: the teacher with k steps and CFG, one-step students.
+"""The samplers the report compares: the teacher with k steps and CFG, one- and few-step students.
 
 A :class:`Method` turns (noise, conditioning) into clean latents; ``nfe`` is its network
 calls per video (a CFG step is 2: the conditional and the unconditional branch, run as one
@@ -8,11 +8,12 @@ batched call of twice the batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
-from distill_pl.diffusion.sampling import one_step_sample, sample_with_scheduler
+from distill_pl.diffusion.sampling import few_step_sample, sample_with_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
@@ -42,11 +43,16 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) ->
     return Method(f"teacher_{steps}step", label, steps * (2 if cfg else 1), sample)
 
 
-def student_method(name: str, student: Denoiser) -> Method:
-    """A one-step student: ``x = eps - v(eps, 1)``, no CFG, one network call."""
+def student_method(name: str, student: Denoiser, noise_levels: Sequence[float] = (1.0,), seed: int = 0) -> Method:
+    """A K-step student at its ``noise_levels`` (Euler re-noising, see
+    :func:`~distill_pl.diffusion.sampling.few_step_sample`), no CFG, K network calls; one
+    step is ``x = eps - v(eps, 1)``. The re-noising noise comes from one generator seeded
+    with ``seed``, drawn batch after batch in the order the batches are sampled."""
+    levels = tuple(noise_levels)
+    generator = torch.Generator().manual_seed(seed)
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        return one_step_sample(lambda x, s: student(x, s, cond), noise)
+        return few_step_sample(lambda x, s: student(x, s, cond), noise, levels, generator)
 
     key = "student_" + "".join(c if c.isalnum() else "_" for c in name.lower())
-    return Method(key, f"{name} student 1-step", 1, sample)
+    return Method(key, f"{name} student {len(levels)}-step", len(levels), sample)

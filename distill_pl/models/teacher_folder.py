@@ -5,17 +5,20 @@
 (its ``flow_shift``/``shift`` is the teacher's timestep shift). Both load with plain
 diffusers classes, and the project reads the shift from the scheduler config.
 
-A student folder may also hold ``student.json``, the data settings its conditioning was
-built with (see :data:`STUDENT_SETTINGS`), read by ``scripts/one_step_diffusers.py``.
+A student folder also holds ``student_steps.json``, its noise levels (see
+:func:`save_student_folder`), and may hold ``student.json``, the data settings its
+conditioning was built with (see :data:`STUDENT_SETTINGS`); ``scripts/one_step_diffusers.py``
+reads both.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from distill_pl.diffusion.sampling import SchedulerName, build_flow_scheduler
+from distill_pl.diffusion.student_steps import student_noise_levels, unshift_sigma
 from distill_pl.media import write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import ModelFolderError
@@ -46,18 +49,28 @@ STUDENT_SETTINGS = (
 )
 
 
+#: file of a student folder with its noise levels
+STUDENT_STEPS_FILE = "student_steps.json"
+
+
 def save_student_folder(
     folder: str | Path,
     student: Denoiser,
     shift: float,
     data_hparams: Mapping | None = None,
+    noise_levels: Sequence[float] = (1.0,),
     teacher: str | Path | None = None,
 ) -> Path:
-    """A one-step student as a folder (``student.save_student_pipeline``): by default
-    ``transformer/`` and a flow-match Euler ``scheduler/`` with the teacher's shift, so one
-    Euler step from sigma = 1 is exactly ``x_g = eps - v(eps, 1)``; a family with its own
-    diffusers pipeline writes that pipeline's folder, the other components copied from the
-    ``teacher`` folder. Prints where it went.
+    """A K-step student as a folder (``student.save_student_pipeline``): by default
+    ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
+    (``stochastic_sampling`` for K > 1: each step predicts x0 and re-noises it with fresh
+    noise, the student's sampler); a family with its own diffusers pipeline writes that
+    pipeline's folder, its other components copied from the ``teacher`` folder. Then
+    ``student_steps.json``: ``noise_levels`` (the K levels the student is called at,
+    decreasing from 1.0) and ``scheduler_sigmas`` (the same before the shift:
+    ``scheduler.set_timesteps(sigmas=...)`` with them reproduces the levels, since the
+    scheduler shifts custom sigmas). One step from sigma = 1 is exactly
+    ``x_g = eps - v(eps, 1)``. Prints where it went.
 
     With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
     :data:`STUDENT_SETTINGS`, also ``student.json``: those settings plus ``control``,
@@ -66,16 +79,32 @@ def save_student_folder(
     """
     from distill_pl.stages.nonfinite import check_finite
 
-    check_finite(student.state_dict(), f"the student folder {folder}")  # also for a family's own pipeline
-    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift))
+    levels = student_noise_levels(noise_levels, shift, shifted=True)
+    check_finite(student.state_dict(), f"the student folder {folder}")
+    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift, levels))
+    steps = {"noise_levels": list(levels), "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
+    write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
         settings["control"] = "canny" if student.control_channels else None
         if student.adapter_options:
             settings["adapter_options"] = student.adapter_options
         write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
-    print(f"one-step student exported to {Path(folder).resolve()}")
+    print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder
+
+
+def student_noise_levels_of(folder: str | Path) -> tuple[float, ...]:
+    """The noise levels of an exported student (``student_steps.json``; a folder without
+    one, exported before it existed, is a one-step student)."""
+    path = resolve_path(folder) / STUDENT_STEPS_FILE
+    if not path.is_file():
+        return (1.0,)
+    try:
+        levels = json.loads(path.read_text())["noise_levels"]
+        return student_noise_levels(levels, 1.0, shifted=True)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}: no valid noise_levels ({e})") from e
 
 
 def load_scheduler(folder: str | Path):

@@ -1,9 +1,13 @@
-"""DMD2: distribution matching distillation of a CFG teacher into a one-step student.
+"""DMD2: distribution matching distillation of a CFG teacher into a one- or few-step student.
 
-Four networks (see DESIGN.md, "DMD2"):
+The loss math (the student's trained step, the critic and generator losses, the draws) is
+:class:`~distill_pl.objectives.dmd2.DMD2Objective`; this module builds its networks and
+runs the plumbing: optimizers, alternation, micro-batches, gradient sync, the non-finite
+policy, logging, checkpoints, the grid and the export. Four networks (see DESIGN.md, "DMD2"):
 
-- ``student``: the one-step generator ``x_g = eps - S(eps, 1, c)``; initialised from a KD
-  checkpoint (``init_from``, EMA weights by default) or, without one, from the teacher.
+- ``student``: the generator, one step ``x_g = eps - S(eps, 1, c)`` or K steps at the noise
+  levels ``student_sigmas`` with re-noising; initialised from a KD checkpoint
+  (``init_from``, EMA weights by default) or, without one, from the teacher.
 - ``teacher``: the frozen N-step CFG teacher (the "real" score); eval mode, no gradients,
   in no optimizer and in no checkpoint.
 - ``fake_score``: tracks the score of the student's samples; initialised from the teacher,
@@ -32,8 +36,10 @@ check act on the accumulated gradient.
 
 Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of the global
 batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
-noise, ``t`` and fresh noises come from ``step_generator(seed, global_step, stream=that
-index)``, so they depend neither on the number of devices nor on the micro-batches.
+noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
+``step_generator(seed, global_step, stream=that index)``
+(:meth:`~distill_pl.objectives.dmd2.DMD2Objective.draw`), so they depend neither on the
+number of devices nor on the micro-batches.
 
 Non-finite losses or gradients: the shared policy of every stage
 (:mod:`distill_pl.stages.nonfinite`). The update is skipped and counted. A skipped step still
@@ -47,12 +53,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
-from lightning.fabric.utilities.data import AttributeDict
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -61,16 +64,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.utils import clip_grads_with_norm_
 
 from distill_pl.data.resumable import data_parallel_layout
-from distill_pl.diffusion.dmd import (
-    dmd_gradient,
-    dmd_loss,
-    dmd_normaliser,
-    gan_discriminator_loss,
-    gan_generator_loss,
-)
-from distill_pl.diffusion.flow import add_noise, velocity, x0_from_velocity
-from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
@@ -86,6 +81,7 @@ from distill_pl.models.sharding import (
     shard_stage_networks,
 )
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
+from distill_pl.objectives.dmd2 import DMD2Draws, DMD2Objective, TrainedStepInput, check_trained_step_input
 from distill_pl.stages.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
 from distill_pl.stages.nonfinite import (  # noqa: F401 (NonFiniteTrainingError: raised by the policy)
     NonFinitePolicy,
@@ -94,7 +90,7 @@ from distill_pl.stages.nonfinite import (  # noqa: F401 (NonFiniteTrainingError:
     gradient_norm,
     strategy_of,
 )
-from distill_pl.stages.randomness import randn, step_generator
+from distill_pl.stages.randomness import step_generator
 from distill_pl.stages.student_init import load_student_weights
 
 #: checkpoint key of the DMD2 bookkeeping that is not a tensor of a network
@@ -144,12 +140,25 @@ class DMD2Module(L.LightningModule):
         fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
         fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
             paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
+        student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step;
+            e.g. ``[1.0, 0.75, 0.5, 0.25]``: four steps with re-noising in between).
+        student_sigmas_shifted: False: the teacher's timestep shift is applied to
+            ``student_sigmas`` (as a diffusers flow scheduler does to custom sigmas); True:
+            they are the noise levels already.
+        trained_step_input: for K > 1, the input of each sample's trained (random) step:
+            ``"backward_simulation"``: the student's own chain run without gradient to that
+            step; ``"noised_real"``: the real clip noised to that step's level.
+        phased_dmd: Phased DMD: step k is trained in phase k only, on the noise subinterval
+            below its level (see :mod:`distill_pl.objectives.dmd2`).
+        phase_generator_steps: generator updates per Phased DMD phase (the last phase runs
+            to the end); needed with ``phased_dmd``.
         denoiser_options: the adapter's own options for every network loaded from the teacher
             folder (e.g. a ControlNet's ``control_scale``, ``freeze_control_branch``).
         export_dir: if set, the student (its EMA when enabled) is written there at the end of
-            fit as a one-step folder: ``transformer/`` + flow-match Euler ``scheduler/``.
+            fit: ``transformer/`` + flow-match Euler ``scheduler/`` + ``student_steps.json``
+            (its noise levels).
         seed: seeds the discriminator head's initialisation and the step-keyed draws
-            (student noise, t, fresh noise) of every step.
+            (student noise, t, fresh noise, trained step, re-noising noise) of every step.
     """
 
     def __init__(
@@ -183,6 +192,11 @@ class DMD2Module(L.LightningModule):
         fake_score_lora_rank: int | None = None,
         fake_score_lora_alpha: float | None = None,
         fake_score_lora_targets: list[str] | None = None,
+        student_sigmas: list[float] = [1.0],
+        student_sigmas_shifted: bool = False,
+        trained_step_input: TrainedStepInput = "backward_simulation",
+        phased_dmd: bool = False,
+        phase_generator_steps: int | None = None,
         export_dir: str | None = None,
         seed: int = 0,
         denoiser_options: dict | None = None,
@@ -198,6 +212,9 @@ class DMD2Module(L.LightningModule):
             raise ValueError(f"discriminator_on must be 'fake_score' or 'teacher', got {discriminator_on!r}")
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
+        if phased_dmd and (phase_generator_steps is None or phase_generator_steps < 1):
+            raise ValueError(f"phased_dmd needs phase_generator_steps >= 1, got {phase_generator_steps}")
+        check_trained_step_input(trained_step_input, phased_dmd)
 
         self.shift = scheduler_shift(load_scheduler(teacher))
         options = denoiser_options or {}
@@ -233,6 +250,7 @@ class DMD2Module(L.LightningModule):
         self.negative_prompt = NegativePrompt()
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
         self.step_metrics: dict[str, float] = {}
+        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
 
     # --- sharding (FSDP2) -------------------------------------------------------------------
     #: left out of checkpoints (also of distributed ones, see distill_pl.strategies)
@@ -292,92 +310,25 @@ class DMD2Module(L.LightningModule):
         frames = 1 + (t - 1) // ae.temporal_compression
         return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
 
-    def generate(self, eps: Tensor, cond: Conditioning) -> Tensor:
-        """Student one-step sample ``x_g = eps - S(eps, 1, c)`` (gradients follow the caller's mode)."""
-        return one_step_sample(lambda x, s: self.student(x, s, cond), eps)
+    @property
+    def objective(self) -> DMD2Objective:
+        """The DMD2 objective over this module's current networks and loss settings."""
+        h = self.hparams
+        return DMD2Objective(
+            student=self.student, teacher=self.teacher, fake_score=self.fake_score,
+            discriminator=self.discriminator, feature_block=self.feature_block, guidance=h.guidance,
+            gan_weight=h.gan_weight, critic_gan_weight=h.critic_gan_weight, discriminator_on=h.discriminator_on,
+            student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
+            shift=self.shift, t_min=h.t_min, t_max=h.t_max,
+        )
 
-    # --- losses ----------------------------------------------------------------------------
-    def _features_for_discriminator(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> tuple[Tensor | None, Tensor]:
-        """(velocity of the fake score or None, block features) for the discriminator."""
-        k = self.feature_block
-        if self.hparams.discriminator_on == "fake_score":
-            return self.fake_score(x, sigma, cond, feature_block=k)
-        return None, self.teacher(x, sigma, cond, feature_block=k)[1]
-
-    def critic_loss(
-        self, x_g: Tensor, x_real: Tensor, sigma: Tensor, noise: Tensor, noise_real: Tensor, cond: Conditioning
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Fake-score flow-matching loss on detached student samples + discriminator loss.
-
-        ``x_t = add_noise(x_g, noise, sigma)``; the real clip is noised to the same sigma
-        with its own noise. Fake and real go through the feature network in one batch.
-        """
-        x_g = x_g.detach()
-        b = x_g.shape[0]
-        x_t = add_noise(x_g, noise, sigma)
-        x_t_real = add_noise(x_real, noise_real, sigma)
-        both = Conditioning.cat([cond, cond])
-        if self.hparams.discriminator_on == "fake_score":
-            v, features = self.fake_score(
-                torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
-            )
-            v_fake = v[:b]
-        else:
-            v_fake = self.fake_score(x_t, sigma, cond)
-            with torch.no_grad():
-                _, features = self.teacher(
-                    torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
-                )
-        fake_score_loss = torch.mean((v_fake.float() - velocity(x_g, noise).float()) ** 2)
-        logits = self.discriminator(features)
-        logits_fake, logits_real = logits[:b], logits[b:]
-        discriminator_loss = gan_discriminator_loss(logits_real, logits_fake)
-        loss = fake_score_loss + self.hparams.critic_gan_weight * discriminator_loss
-        accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
-        logs = {
-            "critic_loss": loss,
-            "fake_score_loss": fake_score_loss,
-            "discriminator_loss": discriminator_loss,
-            "logits_real": logits_real.mean(),
-            "logits_fake": logits_fake.mean(),
-            "discriminator_accuracy": accuracy,
-        }
-        return loss, logs
-
-    def generator_loss(
-        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
-
-        ``x0_real``: teacher with CFG ``w`` at ``(x_t, sigma)``; ``x0_fake``: fake score
-        without CFG; both without gradient. The GAN term's gradient flows through the
-        (not updated) feature network and head into ``x_g``.
-        """
-        x_t = add_noise(x_g, noise, sigma)
-        x_t_const = x_t.detach()
-        with torch.no_grad():
-            teacher = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)
-            x0_real = x0_from_velocity(x_t_const, sigma, teacher(x_t_const, sigma))
-        use_gan = self.hparams.gan_weight != 0
-        if use_gan:
-            v_fake, features = self._features_for_discriminator(x_t, sigma, cond)
-        if not use_gan or v_fake is None:
-            with torch.no_grad():
-                v_fake = self.fake_score(x_t_const, sigma, cond)
-        x0_fake = x0_from_velocity(x_t_const, sigma, v_fake.detach())
-        del v_fake  # frees the part of the fake score's graph the GAN term does not need
-
-        normaliser = dmd_normaliser(x_g, x0_real)
-        loss_dmd = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, normaliser))
-        logs = {"dmd_loss": loss_dmd, "dmd_normaliser": normaliser.mean()}
-        loss = loss_dmd
-        if use_gan:
-            logits_fake = self.discriminator(features)
-            loss_gan = gan_generator_loss(logits_fake)
-            loss = loss + self.hparams.gan_weight * loss_gan
-            logs.update(gan_loss=loss_gan, generator_logits_fake=logits_fake.mean())
-        logs["generator_loss"] = loss
-        return loss, logs
+    def dmd_phase(self, step: int) -> int:
+        """The Phased DMD phase (the trained step) at training step ``step``: generator updates
+        so far // ``phase_generator_steps``, at most K - 1; 0 without Phased DMD."""
+        h = self.hparams
+        if not h.phased_dmd:
+            return 0
+        return min(step // h.student_update_freq // h.phase_generator_steps, len(self.student_levels) - 1)
 
     # --- training --------------------------------------------------------------------------
     def phase(self, step: int | None = None) -> int:
@@ -408,7 +359,7 @@ class DMD2Module(L.LightningModule):
                 rows = slice(lo, hi)
                 with self._gradient_sync(last=hi == size):
                     micro = {k: v[rows] for k, v in batch.items()}
-                    loss, micro_logs = self.micro_batch_loss(generator_phase, micro, *(d[rows] for d in draws))
+                    loss, micro_logs = self.micro_batch_loss(generator_phase, micro, draws.rows(rows))
                     weight = (hi - lo) / size
                     for k, v in micro_logs.items():
                         logs[k] = logs.get(k, 0.0) + weight * v.detach()
@@ -424,34 +375,35 @@ class DMD2Module(L.LightningModule):
         self._count_nonfinite(applied, step)
         self._log_step(step, logs, norms, applied, size)
 
-    def step_draws(self, batch: dict, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(eps, sigma, noise, noise_real) of this rank's samples at ``step``: latents
-        [B, C, T', H', W'] and sigma [B], each sample's from its own step generator (see the
-        module docstring)."""
+    def step_draws(self, batch: dict, step: int) -> DMD2Draws:
+        """The draws (:class:`~distill_pl.objectives.dmd2.DMD2Draws`) of this rank's samples at
+        ``step``, each sample's from its own step generator (see the module docstring)."""
         like = batch["text_embeds"]
         b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
-        h = self.hparams
-        draws = []
-        for j in range(b):
-            g = step_generator(h.seed, step, stream=rank + replicas * j)
-            eps = randn((1, *shape), g, like)
-            sigma = sample_training_sigma(1, self.shift, h.t_min, h.t_max, generator=g).to(like)
-            draws.append((eps, sigma, randn((1, *shape), g, like), randn((1, *shape), g, like)))
-        return tuple(torch.cat(d) for d in zip(*draws))
+        objective, phase = self.objective, self.dmd_phase(step)
+        generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
+        return DMD2Draws.cat([objective.draw(g, (1, *shape), like, phase) for g in generators])
 
     def micro_batch_loss(
-        self, generator_phase: bool, batch: dict, eps: Tensor, sigma: Tensor, noise: Tensor, noise_real: Tensor
+        self, generator_phase: bool, batch: dict, draws: DMD2Draws
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The phase's loss (and logs) on one micro-batch, given its draws."""
         cond = self.conditioning(batch)
+        objective = self.objective
+        needs_real = not generator_phase or (objective.num_steps > 1 and objective.trained_step_input == "noised_real")
+        x_real = None
+        if needs_real:
+            with torch.no_grad():
+                x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
         if generator_phase:
-            x_g = self.generate(eps, cond)
-            return self.generator_loss(x_g, sigma, noise, cond, self.null_conditioning(cond))
+            out = objective.trained_step(draws, cond, x_real)
+            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.null_conditioning(cond),
+                                            level=out.level, x0=out.x0)
         with torch.no_grad():
-            x_g = self.generate(eps, cond)
-            x_real = clip_latents(batch, self.autoencoder).to(eps)
-        return self.critic_loss(x_g, x_real, sigma, noise, noise_real, cond)
+            out = objective.trained_step(draws, cond, x_real)
+        return objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond,
+                                     level=out.level)
 
     def _gradient_sync(self, last: bool):
         """Context of a micro-batch: DDP all-reduces (FSDP2 reduce-scatters) gradients only
@@ -590,18 +542,20 @@ class DMD2Module(L.LightningModule):
     # --- monitoring --------------------------------------------------------------------------
     @torch.no_grad()
     def student_samples(self, batch: dict, seed: int) -> Tensor:
-        """The student's one-step samples of ``batch`` from noise seeded by ``seed``, decoded:
-        pixels [B, 3, T, H, W] (for :class:`~distill_pl.callbacks.collapse.CollapseMonitor`)."""
+        """The student's K-step samples of ``batch`` from noise (and re-noising noise) seeded by
+        ``seed``, decoded: pixels [B, 3, T, H, W] (for
+        :class:`~distill_pl.callbacks.collapse.CollapseMonitor`)."""
         like = batch["text_embeds"]
         g = torch.Generator(device="cpu").manual_seed(seed)
-        eps = torch.randn(self.latent_shape(batch["video"]), generator=g).to(like)
-        return self.autoencoder.decode(self.generate(eps, self.conditioning(batch)))
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
+        return self.autoencoder.decode(self.objective.generate(eps, self.conditioning(batch), generator=g))
 
     @torch.no_grad()
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:
-        the student's 1-step sample; the teacher's 1-step sample ``eps - v(eps, 1)`` with the
-        DMD guidance ``w`` (the clean estimate the DMD gradient pulls toward at sigma = 1);
+        the student's K-step sample (re-noising noise from ``seed``); the teacher's 1-step
+        sample ``eps - v(eps, 1)`` with the DMD guidance ``w`` (the clean estimate the DMD
+        gradient pulls toward at sigma = 1);
         the control input (labelled unused for a model without control); the real clip."""
         cond = self.conditioning(batch)
         like = batch["text_embeds"]
@@ -609,8 +563,9 @@ class DMD2Module(L.LightningModule):
         eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
         teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
+        steps = len(self.student_levels)
         return {
-            "student 1-step": self.autoencoder.decode(self.generate(eps, cond)),
+            f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),
             f"teacher 1-step w={w:g}": self.autoencoder.decode(one_step_sample(teacher, eps)),
             "control" if self.teacher.control_channels else "control (unused)": batch_pixels(batch, "control", self.autoencoder),
             "ground truth": batch_pixels(batch, "video", self.autoencoder),
@@ -620,16 +575,5 @@ class DMD2Module(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.hparams.teacher)
-
-
-def dmd2_losses(networks: dict[str, torch.nn.Module], hparams: dict, feature_block: int) -> SimpleNamespace:
-    """An object on which :class:`DMD2Module`'s own ``generate``, ``critic_loss`` and
-    ``generator_loss`` run with bare networks (``student``, ``teacher``, ``fake_score``,
-    ``discriminator``) and the loss hyperparameters (``discriminator_on``,
-    ``critic_gan_weight``, ``guidance``, ``gan_weight``): for tools that measure a DMD2 step
-    without a Trainer (the memory estimate, the GPU benchmark)."""
-    losses = SimpleNamespace(**networks, hparams=AttributeDict(hparams), feature_block=feature_block)
-    for name in ("generate", "_features_for_discriminator", "critic_loss", "generator_loss"):
-        setattr(losses, name, functools.partial(getattr(DMD2Module, name), losses))
-    return losses
+            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.student_levels,
+                                  self.hparams.teacher)

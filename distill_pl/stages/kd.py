@@ -1,8 +1,11 @@
-"""Knowledge distillation (KD): regress the student's one-step output on the teacher's N-step output.
+"""Knowledge distillation (KD): regress the student's output on the teacher's N-step output.
 
 For each stored pair (noise ``eps``, text, control, teacher output ``x_teacher``, see
-:mod:`distill_pl.data.pairs`) the student generates in one step from pure noise,
-``x_g = eps - S(eps, 1, c)``, and the loss is ``L_KD = mean((x_g - x_teacher)^2)``.
+:mod:`distill_pl.data.pairs`) a one-step student generates from pure noise,
+``x_g = eps - S(eps, 1, c)``, and the loss is ``L_KD = mean((x_g - x_teacher)^2)``; a
+K-step student (``student_sigmas``) regresses each step on the teacher's trajectory stored
+with the pair. The loss is :class:`~distill_pl.objectives.kd.KDObjective`; this module runs
+the optimizer, EMA, validation, grid, checkpoints and export.
 The teacher's network is not run in training (its outputs are stored); it is kept, frozen,
 for the validation baseline and the monitoring grid: the teacher's own one-step sample.
 """
@@ -19,6 +22,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -28,6 +32,7 @@ from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import export_student_of_run, shard_stage_networks
 from distill_pl.models.teacher_folder import load_scheduler, scheduler_shift
+from distill_pl.objectives.kd import KDObjective, kd_loss
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import batch_conditioning
 from distill_pl.stages.nonfinite import NonFinitePolicy, check_finite, strategy_of
@@ -59,21 +64,32 @@ class KDModule(L.LightningModule):
             teacher's one-step baseline (grid row and ``val/teacher_1step_*``). None: the
             guidance the pairs were generated with (``pairs_metadata``), i.e. the teacher as
             it is used, only with one step instead of N.
+        student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step).
+            More than one needs pairs with the teacher's trajectory at these levels after the
+            first (generated with the kd_pairs stage's ``trajectory_sigmas`` holding them, and
+            possibly others; see :mod:`distill_pl.objectives.kd`).
+        student_sigmas_shifted: False: the teacher's timestep shift is applied to
+            ``student_sigmas``; True: they are the noise levels already.
         denoiser_options: the adapter's own options for teacher and student (e.g. a
             ControlNet's ``control_scale``, ``freeze_control_branch``), as ``load_denoiser`` takes them.
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
-            a teacher-style folder: ``transformer/`` and a one-step ``scheduler/``
-            (flow-match Euler with the teacher's shift; one Euler step is ``eps - v(eps, 1)``).
+            a teacher-style folder: ``transformer/``, a flow-match Euler ``scheduler/`` with
+            the teacher's shift (one Euler step is ``eps - v(eps, 1)``) and
+            ``student_steps.json`` (its noise levels).
         max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight,
             optimizer state or EMA moves) and counted; this many in a row stop the run with an
             error (:mod:`distill_pl.stages.nonfinite`).
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
-    ``text_embeds`` [B, L, D], ``text_mask`` [B, L].
+    ``text_embeds`` [B, L, D], ``text_mask`` [B, L]; for a K-step student also
+    ``teacher_trajectory`` [B, M, C, T, H, W] and ``trajectory_sigmas`` [B, M], the M >= K-1
+    levels the pairs store: :meth:`check_pairs_metadata` finds the student's K-1 levels among
+    the pairs' requested ``trajectory_sigmas`` and training uses those states only.
 
     Validation logs ``val/loss`` (KD loss of the evaluated student), PSNR / SSIM of the
-    student's one-step sample against the teacher output (``val/student_psnr``,
+    student's K-step sample (re-noising noise seeded by the batch index) against the teacher
+    output (``val/student_psnr``,
     ``val/student_ssim``) and the same for the teacher's own one-step sample
     (``val/teacher_1step_psnr``, ``val/teacher_1step_ssim``): decoded pixels clamped to
     [-1, 1], ``data_range = 2``, PSNR per video then averaged, SSIM over all frames.
@@ -95,6 +111,8 @@ class KDModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         teacher_dtype: str = "float32",
         teacher_1step_guidance: float | None = None,
+        student_sigmas: list[float] = [1.0],
+        student_sigmas_shifted: bool = False,
         export_dir: str | None = None,
         max_nonfinite_steps: int = 20,
         denoiser_options: dict | None = None,
@@ -116,8 +134,11 @@ class KDModule(L.LightningModule):
         self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
         self.autoencoder = build_autoencoder(vae_path)
         self.shift = scheduler_shift(load_scheduler(teacher))
+        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         self.pairs_guidance: float | None = None
         self.pairs_steps: int | None = None
+        #: which stored trajectory levels are the student's (None: the batch holds exactly those)
+        self.trajectory_columns: list[int] | None = None
         self.negative_prompt = NegativePrompt()
         self.student_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
         self.teacher_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
@@ -186,6 +207,7 @@ class KDModule(L.LightningModule):
             if any(s % p for s, p in zip(sizes, self.student.patch_size)):
                 problems.append(f"pairs latents {list(sizes)} are not multiples of the student's "
                                 f"patch size {list(self.student.patch_size)}")
+        columns = self._trajectory_columns(metadata, problems)
         encoded = self.student.encoded_control_channels(self.autoencoder)
         if self.student.control_channels != encoded:
             problems.append(f"the student takes {self.student.control_channels} control channels, "
@@ -194,6 +216,26 @@ class KDModule(L.LightningModule):
             raise ValueError("KD pairs do not match the model:\n  - " + "\n  - ".join(problems))
         self.pairs_guidance = metadata.get("guidance")
         self.pairs_steps = metadata.get("num_steps")
+        self.trajectory_columns = columns
+
+    def _trajectory_columns(self, metadata: dict, problems: list[str]) -> list[int] | None:
+        """Indices of the student's levels after the first among the pairs' requested
+        ``trajectory_sigmas`` (None for a one-step student); appends to ``problems`` when the
+        pairs lack one of them."""
+        needed = self.student_levels[1:]
+        if not needed:
+            return None
+        stored = [float(level) for level in metadata.get("trajectory_sigmas") or []]
+        columns = [next((j for j, level in enumerate(stored) if abs(level - s) <= 1e-6), None) for s in needed]
+        if None in columns:
+            problems.append(
+                f"a {len(self.student_levels)}-step student needs the teacher's trajectory at its levels "
+                f"{[round(s, 6) for s in needed]} (after 1.0), the pairs store it at {stored} "
+                f"(trajectory_sigmas); regenerate them with the kd_pairs stage's trajectory_sigmas "
+                f"holding these levels"
+            )
+            return None
+        return columns
 
     @functools.cached_property
     def teacher_sha256(self) -> str:
@@ -234,8 +276,13 @@ class KDModule(L.LightningModule):
             return float(self.hparams.teacher_1step_guidance)
         return float(self.pairs_guidance) if self.pairs_guidance is not None else 1.0
 
-    def student_1step(self, student: Denoiser, noise: Tensor, cond: Conditioning) -> Tensor:
-        return one_step_sample(lambda x, s: student(x, s, cond), noise)
+    def objective(self, student: Denoiser | None = None) -> KDObjective:
+        """The KD objective of ``student`` (default: the trained one) at the student's levels."""
+        return KDObjective(self.student if student is None else student, self.student_levels)
+
+    def student_sample(self, student: Denoiser, noise: Tensor, cond: Conditioning, seed: int = 0) -> Tensor:
+        """The K-step sample of ``student`` (re-noising noise from ``seed``)."""
+        return self.objective(student).generate(noise, cond, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
     def teacher_1step(self, noise: Tensor, cond: Conditioning) -> Tensor:
@@ -253,8 +300,11 @@ class KDModule(L.LightningModule):
     # --- training -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         noise, target, cond = self.pair_inputs(batch)
-        x_g = self.student_1step(self.student, noise, cond)
-        loss = kd_loss(x_g, target)
+        trajectory, trajectory_sigmas = batch.get("teacher_trajectory"), batch.get("trajectory_sigmas")
+        if self.trajectory_columns is not None and trajectory is not None and trajectory_sigmas is not None:
+            trajectory = trajectory[:, self.trajectory_columns]
+            trajectory_sigmas = trajectory_sigmas[:, self.trajectory_columns]
+        loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
         self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
         return loss
 
@@ -284,7 +334,7 @@ class KDModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         noise, target, cond = self.pair_inputs(batch)
         b = noise.shape[0]
-        x_student = self.student_1step(self.eval_student, noise, cond)
+        x_student = self.student_sample(self.eval_student, noise, cond, seed=batch_idx)
         x_teacher = self.teacher_1step(noise, cond)
         self.log("val/loss", kd_loss(x_student, target), prog_bar=True, batch_size=b, sync_dist=True)
         reference = self.decode(target)
@@ -303,13 +353,15 @@ class KDModule(L.LightningModule):
     def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
         """Rows of the monitoring grid (see callbacks.FrameGridLogger), pixels [B, 3, T, H, W].
 
-        ``seed`` is unused: the noise is the stored noise of each pair.
+        The noise is the stored noise of each pair; ``seed`` seeds a K-step student's
+        re-noising noise.
         """
         noise, target, cond = self.pair_inputs(batch)
         steps = f"{self.pairs_steps}-step" if self.pairs_steps else "N-step"
         control = "control" if self.student.control_channels else "control (unused)"
         return {
-            "student 1-step": self.decode(self.student_1step(self.eval_student, noise, cond)),
+            f"student {len(self.student_levels)}-step":
+                self.decode(self.student_sample(self.eval_student, noise, cond, seed)),
             f"teacher 1-step w={self.teacher_guidance:g}": self.decode(self.teacher_1step(noise, cond)),
             control: batch["control"].float(),
             f"teacher {steps} (GT)": self.decode(target),
@@ -337,12 +389,7 @@ class KDModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
-                                  self.hparams.teacher)
-
-
-def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
-    """``L_KD = mean((x_g - x_teacher)^2)`` in float32."""
-    return (x_g.float() - x_teacher.float()).square().mean()
+                                  self.student_levels, self.hparams.teacher)
 
 
 def _frames(video: Tensor) -> Tensor:

@@ -56,3 +56,40 @@ def test_few_step_sample_of_point_mass_and_bad_sigmas():
 def test_unknown_scheduler_name():
     with pytest.raises(ValueError, match="unknown scheduler"):
         build_flow_scheduler("ddim")
+
+
+def test_few_step_sample_renoises_with_the_given_or_the_generators_noise():
+    eps = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    sigmas = [1.0, 0.7, 0.4]
+    g = torch.Generator().manual_seed(3)
+    fresh = [torch.randn(eps.shape, generator=g) for _ in range(2)]
+    by_generator = few_step_sample(exact, eps, sigmas, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(few_step_sample(exact, eps, sigmas, renoise=fresh), by_generator)
+    # by hand: x0 at each level, re-noised to the next with the fresh noise
+    x = eps
+    for k, s in enumerate(sigmas):
+        x0 = x - s * exact(x, torch.full((4,), s))
+        if k + 1 < len(sigmas):
+            x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh[k]
+    torch.testing.assert_close(by_generator, x0)
+    torch.testing.assert_close(few_step_sample(exact, eps, [1.0]), one_step_sample(exact, eps))
+    with pytest.raises(ValueError, match="decrease"):
+        few_step_sample(exact, eps, [1.0, 0.5, 0.6])
+    with pytest.raises(ValueError, match="re-noise 2 times"):
+        few_step_sample(exact, eps, sigmas, renoise=fresh[:1])
+
+
+def test_few_step_sample_equals_stochastic_flow_match_euler_with_custom_sigmas():
+    """diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) at custom sigmas,
+    stepped with the same generator, is the project's re-noising sampler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    eps = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)
+    scheduler.set_timesteps(sigmas=sigmas)
+    g = torch.Generator().manual_seed(4)
+    x = eps
+    for t, s in zip(scheduler.timesteps, scheduler.sigmas):
+        x = scheduler.step(exact(x, torch.full((3,), float(s))), t, x, generator=g, return_dict=False)[0]
+    torch.testing.assert_close(x, few_step_sample(exact, eps, sigmas, torch.Generator().manual_seed(4)))

@@ -110,3 +110,31 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     rerun = {row["key"]: row for row in json.loads((out / "report.json").read_text())["methods"]}
     assert len(calls) == 1 + 4 + 1  # the real held-out clips, 4 methods, the floor
     assert rerun["student_same"]["psnr"] == rows["student_same"]["psnr"]
+
+
+def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
+    """2- and 4-step student exports: one row each, named by its steps, NFE = steps, every
+    quality column; their videos are the few-step sampler's at the exported levels."""
+    torch.manual_seed(0)
+    videos = resolve_path(BUNDLED_CLIPS)
+    write_manifest(tmp_path / "manifest.jsonl",
+                   [ManifestEntry(videos / f"{v}.mp4", caption_for(Path(v))) for v in VIDEOS])
+    teacher_net = build_denoiser("WanTransformer3DModel", TEACHER)
+    teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
+    students = {"Two": str(save_student_folder(tmp_path / "two", teacher_net, 1.0, None, (1.0, 0.5))),
+                "Four": str(save_student_folder(tmp_path / "four", teacher_net, 1.0, None, (1.0, 0.75, 0.5, 0.25)))}
+    main(_args(tmp_path, teacher, students) + ["--teacher_steps", "2", "--few_steps", "[]",
+                                               "--data.val_clips_per_video", "1", "--sheet_clips", "1"])
+    rows = {row["key"]: row for row in json.loads((tmp_path / "eval" / "report.json").read_text())["methods"]}
+    assert list(rows) == ["teacher_2step", "student_two", "student_four"]
+    assert [rows[k]["nfe"] for k in rows] == [2, 2, 4]
+    assert rows["student_two"]["name"] == "Two student 2-step"
+    assert rows["student_four"]["name"] == "Four student 4-step"
+    for key in ("student_two", "student_four"):
+        row = rows[key]
+        for column in ("psnr", "ssim", "edge_f1", "frechet_distance", "frechet_distance_std", "diversity",
+                       "seconds_per_video", "speedup"):
+            assert row[column] is not None and row[column] == row[column], (key, column)
+    assert rows["student_two"]["psnr"] != pytest.approx(rows["student_four"]["psnr"], rel=1e-3)
+    table = (tmp_path / "eval" / "report.md").read_text()
+    assert "Two student 2-step" in table and "Four student 4-step" in table

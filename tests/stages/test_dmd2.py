@@ -386,8 +386,9 @@ def test_module_dmd_gradient_is_kl_gradient_of_common_form_cfg_target(teacher_di
     eps = torch.randn(batch, 1, 1, 1, dim, generator=g)
     noise = torch.randn(batch, 1, 1, 1, dim, generator=g)
     sg = torch.full((batch,), sigma)
-    x_g = module.generate(eps, cond)
-    loss, logs = module.generator_loss(x_g, sg, noise, cond, uncond)
+    objective = module.objective
+    x_g = objective.generate(eps, cond)
+    loss, logs = objective.generator_loss(x_g, sg, noise, cond, uncond)
     loss.backward()
     got = torch.stack([module.student.b.grad, module.student.a.grad]).double()
 

@@ -498,3 +498,25 @@ def test_nan_weights_are_never_checkpointed_or_exported(teacher_dir, tmp_path):
     with pytest.raises(NonFiniteWeightsError, match=f"refusing to write the model folder {folder}"):
         save_teacher_folder(folder, kd.student, "euler", shift=3.0)
     assert not folder.exists()
+
+
+def test_four_step_student_trains_on_the_teacher_trajectory_of_a_pairs_batch(teacher_dir):
+    """A 4-step KD student on a synthetic pairs batch with the trajectory contract: the module's
+    loss is the objective's, its grid row and export say 4 steps; without the trajectory the
+    step fails with a message naming the keys."""
+    kd = KDModule(teacher_dir, student_sigmas=[1.0, 0.75, 0.5, 0.25])
+    assert kd.student_levels == (1.0, 0.9, 0.75, 0.5)  # the teacher's shift 3 applied
+    batch = pairs_batch()
+    g = torch.Generator().manual_seed(5)
+    batch["teacher_trajectory"] = torch.randn(2, 3, 3, FRAMES, SIZE, SIZE, generator=g)
+    batch["trajectory_sigmas"] = torch.tensor([[0.89, 0.74, 0.49], [0.9, 0.75, 0.5]])
+    loss = kd.training_step(batch, 0)
+    noise, target, cond = kd.pair_inputs(batch)
+    expected = kd.objective().loss(noise, target, cond, batch["teacher_trajectory"], batch["trajectory_sigmas"])
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert all(p.grad is not None for p in kd.student.parameters() if p.requires_grad)
+    assert "student 4-step" in kd.grid_rows(batch, seed=0)
+    del batch["teacher_trajectory"]
+    with pytest.raises(ValueError, match="teacher_trajectory and trajectory_sigmas"):
+        kd.training_step(batch, 0)

@@ -175,6 +175,41 @@ def test_noise_from_seed_and_teacher_trajectory_are_the_generations(teacher, cac
     torch.testing.assert_close(item["teacher_output"], x[0])
 
 
+def test_few_step_kd_trains_on_the_trajectory_of_generated_pairs(teacher, cache_dir, tmp_path):
+    """Pairs generated with trajectory levels feed a K-step KDModule through the datamodule:
+    the batch holds one state per stored level, the module picks the student's own levels
+    among them (a 2-step student uses the middle one, a 4-step one all three) and its loss is
+    the objective's on exactly those states; a student level the pairs lack is a clear error."""
+    from distill_pl.objectives.kd import KDObjective
+    from distill_pl.stages.kd import KDModule
+
+    out = tmp_path / "pairs"
+    levels = [0.75, 0.5, 0.25]  # the teacher's shift is 1: the student's levels are its sigmas
+    lightning_main([*cli_args(teacher, out, cache_dir, num_examples=2, num_val_examples=1, batch_size=2),
+                    f"--model.init_args.trajectory_sigmas={levels}", "--model.init_args.num_steps=8"])
+    dm = VideoDataModule(mode="pairs", pairs_dir=str(out), cache_dir=str(cache_dir),
+                         manifest=str(cache_dir / "manifest.jsonl"), **{**DATA, "num_examples": 2, "batch_size": 2})
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["teacher_trajectory"].shape == (2, 3, 3, 4, 16, 16)
+    assert batch["trajectory_sigmas"].shape == (2, 3)
+    assert (batch["trajectory_sigmas"] <= torch.tensor(levels)).all()
+
+    for sigmas, columns in (([1.0, 0.5], [1]), ([1.0, *levels], [0, 1, 2])):
+        kd = KDModule(str(teacher), student_sigmas=sigmas)
+        kd.check_pairs_metadata(dm.pairs_metadata)
+        assert kd.trajectory_columns == columns
+        noise, target, cond = kd.pair_inputs(batch)
+        with torch.no_grad():
+            loss = kd.training_step(batch, 0)
+            expected = KDObjective(kd.student, kd.student_levels).loss(
+                noise, target, cond, batch["teacher_trajectory"][:, columns], batch["trajectory_sigmas"][:, columns])
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    with pytest.raises(ValueError, match=r"needs the teacher's trajectory at its levels \[0.6\].*trajectory_sigmas"):
+        KDModule(str(teacher), student_sigmas=[1.0, 0.6]).check_pairs_metadata(dm.pairs_metadata)
+
+
 def test_rerun_of_a_finished_generation_does_no_teacher_work(generated, teacher, cache_dir, tmp_path, monkeypatch):
     out = tmp_path / "pairs"
     shutil.copytree(generated, out)

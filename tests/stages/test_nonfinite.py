@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distill_pl.models.wan import WanDenoiser
+from distill_pl.models.families.wan import WanDenoiser
 from distill_pl.stages.nonfinite import NonFinitePolicy, NonFiniteTrainingError, NonFiniteWeightsError, check_finite
 from distill_pl.stages.teacher import TeacherTrainingModule
 

@@ -320,7 +320,9 @@ class CosmosTransferDenoiser(Denoiser):
         """``folder/transformer`` and ``folder/controlnet`` (:meth:`save_pretrained`)."""
         self.save_pretrained(folder)
 
-    def save_student_pipeline(self, folder: str, teacher: str | None, shift: float) -> Path:
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+    ) -> Path:
         """The full ``Cosmos2_5_TransferPipeline`` folder of this one-step student, its VAE,
         text encoder and tokenizer copied from the ``teacher`` pipeline folder (an earlier
         export in ``folder`` is replaced): see
@@ -329,6 +331,11 @@ class CosmosTransferDenoiser(Denoiser):
         one Euler step from sigma = 1 is the same for every shift."""
         from distill_pl.models.families.cosmos_transfer_export import save_cosmos_student_pipeline
 
+        if tuple(noise_levels) != (1.0,):
+            raise ValueError(
+                f"a Cosmos-Transfer2.5 student exports as a one-step pipeline only, not at noise "
+                f"levels {list(noise_levels)}"
+            )
         if teacher is None:
             raise ValueError(
                 "a Cosmos-Transfer2.5 student is exported as a full pipeline folder: the "

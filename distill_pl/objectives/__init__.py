@@ -1,0 +1,1 @@
+"""Training objectives: the networks a loss needs and the loss methods, no Lightning."""

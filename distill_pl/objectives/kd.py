@@ -1,0 +1,87 @@
+"""The KD objective: regress a one- or few-step student on the teacher's stored samples, no Lightning.
+
+One step (``student_sigmas = (1.0,)``): ``x_g = eps - S(eps, 1, c)`` and
+``L_KD = mean((x_g - x_teacher)^2)`` with ``x_teacher`` the teacher's N-step output from
+the same noise ``eps``, text and control.
+
+K steps at the noise levels ``s_0 = 1 > s_1 > ... > s_{K-1}`` need the teacher's trajectory
+from the same run: ``teacher_trajectory`` [B, K-1, C, T, H, W], the teacher's noisy state
+``x_k`` at its first step whose sigma is <= ``s_k`` (k = 1 .. K-1), at the levels
+``trajectory_sigmas`` [B, K-1] actually stored. Step k starts from the teacher's state
+(``x_0 = eps`` at sigma 1, else ``x_k`` at its stored sigma ``r_k``) and its target is the
+teacher's state at the next level, ``x_{k+1}`` at ``r_{k+1}`` (the last step's:
+``teacher_output`` at 0). The student's state at the next level is formed by the Euler step
+of its velocity, ``x_k + (r_{k+1} - r_k) S(x_k, r_k, c)``: the flow along the student's
+straight line from ``x_k`` through its clean estimate ``x0 = x_k - r_k S``, so the last
+step's is exactly that clean estimate. ``L_KD`` is the mean over the K steps of
+``mean((Euler step - teacher state)^2)``; K = 1 is the one-step loss above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from distill_pl.diffusion.flow import expand_like
+from distill_pl.diffusion.sampling import few_step_sample
+from distill_pl.models.conditioning import Conditioning
+
+
+def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
+    """``L_KD = mean((x_g - x_teacher)^2)`` in float32."""
+    return (x_g.float() - x_teacher.float()).square().mean()
+
+
+@dataclass(eq=False)
+class KDObjective:
+    """The student and its noise levels (already shifted); see the module docstring."""
+
+    student: nn.Module
+    student_sigmas: tuple[float, ...] = (1.0,)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.student_sigmas)
+
+    def generate(self, noise: Tensor, cond: Conditioning, generator: torch.Generator | None = None) -> Tensor:
+        """The student's K-step sample from ``noise`` [B, C, T, H, W] (Euler re-noising with
+        fresh noise from ``generator``; gradients follow the caller's mode)."""
+        return few_step_sample(lambda x, s: self.student(x, s, cond), noise, self.student_sigmas, generator)
+
+    def loss(
+        self,
+        noise: Tensor,
+        teacher_output: Tensor,
+        cond: Conditioning,
+        teacher_trajectory: Tensor | None = None,
+        trajectory_sigmas: Tensor | None = None,
+    ) -> Tensor:
+        """``L_KD`` of one batch (see the module docstring for the shapes)."""
+        if self.num_steps == 1:
+            return kd_loss(self.generate(noise, cond), teacher_output)
+        expected = self.num_steps - 1
+        if teacher_trajectory is None or trajectory_sigmas is None:
+            raise ValueError(
+                f"a {self.num_steps}-step KD student needs pairs with the teacher's trajectory at its "
+                "noise levels (batch keys teacher_trajectory and trajectory_sigmas); generate the pairs "
+                "with the student's sigmas stored"
+            )
+        if teacher_trajectory.shape[1] != expected or trajectory_sigmas.shape[1] != expected:
+            raise ValueError(
+                f"a {self.num_steps}-step KD student needs {expected} trajectory states per pair, the "
+                f"batch holds {teacher_trajectory.shape[1]} (teacher_trajectory) and "
+                f"{trajectory_sigmas.shape[1]} (trajectory_sigmas)"
+            )
+        b = noise.shape[0]
+        states = [noise.float(), *teacher_trajectory.float().unbind(1), teacher_output.float()]
+        ones, zeros = noise.new_ones(b, 1).float(), noise.new_zeros(b, 1).float()
+        levels = torch.cat([ones, trajectory_sigmas.float().to(ones.device), zeros], dim=1)  # [B, K+1]
+        losses = []
+        for k in range(self.num_steps):
+            x, r, r_next = states[k], levels[:, k], levels[:, k + 1]
+            v = self.student(x, r.to(x), cond)
+            stepped = x + expand_like(r_next - r, x) * v.float()
+            losses.append(kd_loss(stepped, states[k + 1]))
+        return torch.stack(losses).mean()

@@ -1,0 +1,38 @@
+"""``distill-pl sample`` of an exported few-step student: sampled at its own noise levels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distill_pl.sample as sample_module
+from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.models.teacher_folder import save_student_folder
+from distill_pl.models.families.registry import build_denoiser
+
+TINY = dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=6, out_channels=3,
+            text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_student_folder_is_sampled_at_its_levels_without_cfg(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    student = build_denoiser("WanTransformer3DModel", TINY)
+    folder = save_student_folder(tmp_path / "student", student, 1.0, None, (1.0, 0.5))
+    calls = []
+    few_step = sample_module.few_step_sample
+
+    def recording(fn, noise, sigmas, generator=None, renoise=None):
+        calls.append(list(sigmas))
+        return few_step(fn, noise, sigmas, generator, renoise)
+
+    monkeypatch.setattr(sample_module, "few_step_sample", recording)
+    monkeypatch.setattr(sample_module, "sample_with_scheduler", None)  # the teacher's sampler is not used
+    data = VideoDataModule(num_frames=4, frame_stride=2, height=16, width=16, val_batch_size=2, max_text_length=8,
+                           cache_dir=str(tmp_path / "cache"))
+    written = sample_module.sample_teacher(str(folder), str(tmp_path / "out"), data, num_videos=2, steps=36,
+                                           guidance=5.0)
+    assert calls == [[1.0, 0.5]]  # one batch of 2 videos
+    assert "a 2-step student, sampled at its noise levels without CFG" in capsys.readouterr().out
+    assert (tmp_path / "out" / "sample_1.mp4") in written and (tmp_path / "out" / "grid.png") in written
