@@ -57,7 +57,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     keys = _checkpoint_keys(ckpt) if sharded else set(meta["state_dict"])
     prefix = _prefix(keys, weights, ckpt)
 
-    template = build_denoiser(*denoiser_config(teacher), on_meta=True)
+    template = build_denoiser(*denoiser_config(teacher), on_meta=True, **(hparams.get("denoiser_options") or {}))
     if sharded:
         from torch.distributed.checkpoint import load as dcp_load
 
@@ -72,7 +72,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     shift = scheduler_shift(load_scheduler(teacher))
     levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,
                                   hparams.get("student_sigmas_shifted", False))
-    return save_student_folder(out, student, shift, settings, levels)
+    return save_student_folder(out, student, shift, settings, levels, teacher)
 
 
 def _checkpoint_keys(folder: Path) -> set[str]:

@@ -381,8 +381,8 @@ def _networks(stage: str, args: dict, class_name: str, transformer: dict, vae: d
     """The stage's networks as its module builds them (student, teacher, ...; see stages/)."""
     def denoiser(gradient_checkpointing: bool) -> Callable[[str], nn.Module]:
         def build(dtype: str) -> Denoiser:
-            return build_denoiser(class_name, transformer, dtype=dtype,
-                                  gradient_checkpointing=gradient_checkpointing, on_meta=True)
+            return build_denoiser(class_name, transformer, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                                  on_meta=True, **(args.get("denoiser_options") or {}))
         return build
 
     def lora_denoiser(dtype: str) -> Denoiser:

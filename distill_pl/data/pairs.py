@@ -44,8 +44,9 @@ Metadata (JSON under :data:`METADATA_KEY`):
   :func:`teacher_fingerprint`), ``teacher_dtype``, ``vae_path`` (None = pixel space),
   ``scheduler`` (diffusers class name), ``scheduler_shift``, ``num_steps``, ``guidance`` (common
   form ``u + w (c - u)``; Cosmos' ``g`` is ``w - 1``), ``guidance_form``, ``negative_prompt``,
-  ``seed`` (base noise seed, see :func:`example_seed`); shapes without the batch dimension:
-  ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
+  ``seed`` (base noise seed, see :func:`example_seed`), ``denoiser_options`` (the teacher
+  adapter's own options, e.g. a ControlNet's ``control_scale``); shapes without the batch
+  dimension: ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
   clip settings ``manifest`` (None = bundled clips), ``num_frames``, ``frame_stride``,
   ``height``, ``width``, ``val_fraction``, ``val_clips_per_video``, ``canny_low``,
   ``canny_high``, ``text_encoder``, ``max_text_length``, ``data_seed`` (train windows).

@@ -1,8 +1,8 @@
 """Text embeddings of prompts, computed once and kept in one safetensors file.
 
 Layout of the file: for every prompt, ``<sha1(prompt)>.embeds`` [L, D] float32 (zero at
-padding) and ``<sha1(prompt)>.mask`` [L] bool; metadata ``encoder`` (the encoder path as
-given), ``max_length`` and ``prompts`` (JSON object sha1 -> prompt). A file written for
+padding, except Cosmos 2.5's, see :mod:`distill_pl.models.text_encoders`) and
+``<sha1(prompt)>.mask`` [L] bool; metadata ``encoder`` (the encoder path as given), ``max_length`` and ``prompts`` (JSON object sha1 -> prompt). A file written for
 another encoder path or max_length, or one that cannot be read, is rebuilt from scratch.
 The encoder is loaded only when a requested prompt is missing.
 """
@@ -19,7 +19,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from distill_pl.media import atomic_write
-from distill_pl.models.text_encoder import TextEncoder
+from distill_pl.models.text_encoders import load_text_encoder
 
 log = logging.getLogger("distill_pl.data")
 
@@ -30,7 +30,8 @@ def prompt_key(prompt: str) -> str:
 
 
 class PromptEmbeddingCache:
-    """Embeddings of prompts by ``encoder_path`` (see :class:`TextEncoder`), cached in ``cache_file``.
+    """Embeddings of prompts by ``encoder_path`` (the encoder its config names, see
+    :func:`~distill_pl.models.text_encoders.load_text_encoder`), cached in ``cache_file``.
 
     Args:
         encoder_path: local transformers folder or ``pkg://`` path of the text encoder.
@@ -42,7 +43,7 @@ class PromptEmbeddingCache:
         self.encoder_path = encoder_path
         self.cache_file = Path(cache_file)
         self.max_length = max_length
-        self._encoder: TextEncoder | None = None
+        self._encoder = None
         self._prompts: dict[str, str] = {}
         self._tensors: dict[str, Tensor] = {}
         if self.cache_file.exists():
@@ -82,8 +83,8 @@ class PromptEmbeddingCache:
         with atomic_write(self.cache_file) as tmp:
             save_file(self._tensors, str(tmp), metadata=self._metadata())
 
-    def _load_encoder(self) -> TextEncoder:
-        return TextEncoder(self.encoder_path, max_length=self.max_length)
+    def _load_encoder(self):
+        return load_text_encoder(self.encoder_path, self.max_length)
 
     def get(self, prompts: list[str], chunk_size: int = 64) -> tuple[Tensor, Tensor]:
         """Embeddings of ``prompts``: embeds [N, L, D] float32 and mask [N, L] bool (CPU).

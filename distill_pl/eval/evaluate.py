@@ -99,6 +99,7 @@ def evaluate(
     fps: int = 8,
     scale: int = 4,
     timing_spread_limit: float = 0.5,
+    denoiser_options: dict | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.
 
@@ -119,6 +120,8 @@ def evaluate(
         sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
         timing_spread_limit: the report warns when a method's timed batches deviate from their
             median by more than this fraction.
+        denoiser_options: the adapter's own options for the teacher and every student, as the
+            stages took them (e.g. a ControlNet's ``control_scale``).
     """
     if samples_per_clip < 2:
         raise ValueError("samples_per_clip must be >= 2 (diversity compares samples of one clip)")
@@ -129,7 +132,8 @@ def evaluate(
     windows = clips["video"].shape[0]
     num_examples = windows * samples_per_clip
     autoencoder = build_autoencoder(vae_path)
-    teacher_net = load_denoiser(teacher).eval()
+    options = denoiser_options or {}
+    teacher_net = load_denoiser(teacher, **options).eval()
     scheduler = load_scheduler(teacher)
 
     index = torch.arange(num_examples) % windows  # example i shows window i % windows
@@ -144,7 +148,7 @@ def evaluate(
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
         levels = student_noise_levels_of(folder)
-        methods.append(student_method(name, load_denoiser(folder).eval(), levels, seed))
+        methods.append(student_method(name, load_denoiser(folder, **options).eval(), levels, seed))
         fingerprints[methods[-1].key] = f"{teacher_fingerprint(folder)} noise levels {list(levels)}"
     settings = dict(
         data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},

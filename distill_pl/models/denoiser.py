@@ -7,6 +7,7 @@ family, and :mod:`distill_pl.models.families.registry` picks the adapter of a fo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
@@ -125,6 +126,28 @@ class Denoiser(nn.Module):
     def save_pretrained(self, folder: str) -> None:
         """Write the backbone as a diffusers model folder (config.json + safetensors)."""
         raise NotImplementedError
+
+    def save_components(self, folder: str) -> None:
+        """Write the model's component folders into a teacher or pipeline folder ``folder``
+        (default: :meth:`save_pretrained` into ``folder/transformer``)."""
+        self.save_pretrained(str(Path(folder) / "transformer"))
+
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+    ) -> Path:
+        """Write this model as a student folder that plain diffusers classes load: by default
+        its components (:meth:`save_components`) and a flow-match Euler ``scheduler/`` with
+        ``shift`` (``stochastic_sampling`` for more than one of ``noise_levels``; one Euler
+        step from sigma = 1 is ``eps - v(eps, 1)``); an adapter whose family has a diffusers
+        pipeline writes that pipeline's full folder, its other components taken from the
+        ``teacher`` folder. Returns the folder."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.save_components(folder)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,
+                                                    stochastic_sampling=len(noise_levels) > 1)
+        scheduler.save_pretrained(str(Path(folder) / "scheduler"))
+        return Path(folder)
 
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The weights of a folder of this model's class (a model or teacher folder, as

@@ -28,13 +28,15 @@ from distill_pl.paths import resolve_path
 def save_teacher_folder(
     folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
 ) -> Path:
-    """Write ``folder/transformer`` and ``folder/scheduler``; refuse non-finite weights
-    (:class:`~distill_pl.stages.nonfinite.NonFiniteWeightsError`, nothing written)."""
+    """Write the denoiser's components (``folder/transformer``, and any other model folder
+    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``; refuse
+    non-finite weights (:class:`~distill_pl.stages.nonfinite.NonFiniteWeightsError`, nothing
+    written)."""
     from distill_pl.stages.nonfinite import check_finite
 
     folder = Path(folder)
     check_finite(denoiser.state_dict(), f"the model folder {folder}")
-    denoiser.save_pretrained(str(folder / "transformer"))
+    denoiser.save_components(str(folder))
     build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
     return folder
 
@@ -57,32 +59,36 @@ def save_student_folder(
     shift: float,
     data_hparams: Mapping | None = None,
     noise_levels: Sequence[float] = (1.0,),
+    teacher: str | Path | None = None,
 ) -> Path:
-    """A K-step student as a folder: ``transformer/``, a flow-match Euler ``scheduler/``
-    with the teacher's shift (``stochastic_sampling`` for K > 1: each step predicts x0 and
-    re-noises it with fresh noise, the student's sampler) and ``student_steps.json``:
-    ``noise_levels`` (the K levels the student is called at, decreasing from 1.0) and
-    ``scheduler_sigmas`` (the same before the shift: ``scheduler.set_timesteps(sigmas=...)``
-    with them reproduces the levels, since the scheduler shifts custom sigmas). One step from
-    sigma = 1 is exactly ``x_g = eps - v(eps, 1)``. Prints where it went.
+    """A K-step student as a folder (``student.save_student_pipeline``): by default
+    ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
+    (``stochastic_sampling`` for K > 1: each step predicts x0 and re-noises it with fresh
+    noise, the student's sampler); a family with its own diffusers pipeline writes that
+    pipeline's folder, its other components copied from the ``teacher`` folder. Then
+    ``student_steps.json``: ``noise_levels`` (the K levels the student is called at,
+    decreasing from 1.0) and ``scheduler_sigmas`` (the same before the shift:
+    ``scheduler.set_timesteps(sigmas=...)`` with them reproduces the levels, since the
+    scheduler shifts custom sigmas). One step from sigma = 1 is exactly
+    ``x_g = eps - v(eps, 1)``. Prints where it went.
 
     With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
     :data:`STUDENT_SETTINGS`, also ``student.json``: those settings plus ``control``,
-    ``"canny"`` or None for a student without control.
+    ``"canny"`` or None for a student without control, and, if it has any, ``adapter_options``
+    (the student's own options, e.g. the control scale its pipeline is called with).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from distill_pl.stages.nonfinite import check_finite
 
     levels = student_noise_levels(noise_levels, shift, shifted=True)
-    folder = Path(folder)
-    student.save_pretrained(str(folder / "transformer"))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,
-                                                stochastic_sampling=len(levels) > 1)
-    scheduler.save_pretrained(str(folder / "scheduler"))
+    check_finite(student.state_dict(), f"the student folder {folder}")
+    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift, levels))
     steps = {"noise_levels": list(levels), "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
     write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
         settings["control"] = "canny" if student.control_channels else None
+        if student.adapter_options:
+            settings["adapter_options"] = student.adapter_options
         write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder

@@ -15,7 +15,7 @@ policy, logging, checkpoints, the grid and the export. Four networks (see DESIGN
   the frozen teacher weights: ``fake_score_lora_rank``).
 - ``discriminator``: a small head on the hidden states of block ``feature_block``, taken
   from the fake score network (default: shared backbone, as in the DMD2 paper) or from the
-  frozen teacher (``discriminator_on="teacher"``, as in the Cosmos code).
+  frozen teacher (``discriminator_on="teacher"``, as in the reference recipe's code).
 
 Alternation: exactly one optimizer step per ``training_step``. With
 ``phase = global_step % student_update_freq``, phases ``0 .. freq-2`` step the critic
@@ -112,7 +112,7 @@ class DMD2Module(L.LightningModule):
         vae_path, vae_dtype: local video VAE folder (None: pixel space) and its dtype.
         teacher_dtype: parameter dtype of the frozen teacher (e.g. "bfloat16" to save memory).
         guidance: teacher CFG weight ``w`` in the common form ``u + w (c - u)``
-            (the recipe's Cosmos guidance 5 is ``w = 6``).
+            (the recipe's guidance 5 in the form ``c + g (c - u)`` is ``w = 6``).
         student_update_freq: steps per cycle: ``freq - 1`` critic steps, then 1 student step.
         t_min, t_max: ``t ~ U[t_min, t_max]``, then the teacher's shift, gives ``sigma``.
         gan_weight: weight of the generator's GAN loss (``L_G = L_DMD + gan_weight * L_GAN``).
@@ -152,6 +152,8 @@ class DMD2Module(L.LightningModule):
             below its level (see :mod:`distill_pl.objectives.dmd2`).
         phase_generator_steps: generator updates per Phased DMD phase (the last phase runs
             to the end); needed with ``phased_dmd``.
+        denoiser_options: the adapter's own options for every network loaded from the teacher
+            folder (e.g. a ControlNet's ``control_scale``, ``freeze_control_branch``).
         export_dir: if set, the student (its EMA when enabled) is written there at the end of
             fit: ``transformer/`` + flow-match Euler ``scheduler/`` + ``student_steps.json``
             (its noise levels).
@@ -197,6 +199,7 @@ class DMD2Module(L.LightningModule):
         phase_generator_steps: int | None = None,
         export_dir: str | None = None,
         seed: int = 0,
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -214,12 +217,13 @@ class DMD2Module(L.LightningModule):
         check_trained_step_input(trained_step_input, phased_dmd)
 
         self.shift = scheduler_shift(load_scheduler(teacher))
-        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing)
+        options = denoiser_options or {}
+        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing, **options)
         self.student = copy.deepcopy(self.fake_score)
         if teacher_dtype == "float32":
             self.teacher = copy.deepcopy(self.fake_score)
         else:
-            self.teacher = load_denoiser(teacher, dtype=teacher_dtype)
+            self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options)
         self.teacher.set_gradient_checkpointing(False)
         self.teacher.eval().requires_grad_(False)
         if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
@@ -496,7 +500,8 @@ class DMD2Module(L.LightningModule):
             weight_decay=h.weight_decay,
         )
         student = torch.optim.AdamW(
-            [{"params": list(self.student.parameters()), "lr": h.student_lr, "name": "student"}],
+            [{"params": [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
+              "lr": h.student_lr, "name": "student"}],
             betas=tuple(h.betas),
             weight_decay=h.weight_decay,
         )
@@ -570,4 +575,5 @@ class DMD2Module(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             student = self.student_ema.module if self.student_ema is not None else self.student
-            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.student_levels)
+            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.student_levels,
+                                  self.hparams.teacher)

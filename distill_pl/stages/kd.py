@@ -70,6 +70,8 @@ class KDModule(L.LightningModule):
             possibly others; see :mod:`distill_pl.objectives.kd`).
         student_sigmas_shifted: False: the teacher's timestep shift is applied to
             ``student_sigmas``; True: they are the noise levels already.
+        denoiser_options: the adapter's own options for teacher and student (e.g. a
+            ControlNet's ``control_scale``, ``freeze_control_branch``), as ``load_denoiser`` takes them.
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
             a teacher-style folder: ``transformer/``, a flow-match Euler ``scheduler/`` with
             the teacher's shift (one Euler step is ``eps - v(eps, 1)``) and
@@ -113,16 +115,18 @@ class KDModule(L.LightningModule):
         student_sigmas_shifted: bool = False,
         export_dir: str | None = None,
         max_nonfinite_steps: int = 20,
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.nonfinite = NonFinitePolicy("KD", max_nonfinite_steps)
         self._update_applied = False
-        self.teacher = load_denoiser(teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        options = denoiser_options or {}
+        self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
         if teacher_dtype == "float32":
             self.student = copy.deepcopy(self.teacher).requires_grad_(True)
         else:  # keep the student's master weights in float32
-            self.student = load_denoiser(teacher)
+            self.student = load_denoiser(teacher, **options)
         if student_init is not None:
             load_student_weights(self.student, student_init)
         self.student.set_gradient_checkpointing(gradient_checkpointing)
@@ -320,7 +324,7 @@ class KDModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
-            self.student.parameters(),
+            [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
             weight_decay=self.hparams.weight_decay,
@@ -385,7 +389,7 @@ class KDModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
-                                  self.student_levels)
+                                  self.student_levels, self.hparams.teacher)
 
 
 def _frames(video: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ class KDPairGenerationModule(L.LightningModule):
         vae_path: local diffusers VAE folder of a latent teacher; None = pixel space.
         num_steps: teacher sampling steps (the reference recipe: 36).
         guidance: CFG weight ``w`` in the common form ``u + w (c - u)``, the unconditional
-            branch from the datamodule's negative prompt. Cosmos writes ``c + g (c - u)``:
+            branch from the datamodule's negative prompt. The reference recipe writes ``c + g (c - u)``:
             its guidance 7 is ``w = 8`` here (:func:`~distill_pl.diffusion.flow.cosmos_guidance_to_w`).
         seed: base seed; example ``i`` of a split gets noise
             :func:`~distill_pl.data.pairs.example_noise` of ``example_seed(seed, split, i)``
@@ -68,6 +68,8 @@ class KDPairGenerationModule(L.LightningModule):
         trajectory_sigmas: noise levels, e.g. ``[0.75, 0.5, 0.25]`` (decreasing, in (0, 1)):
             for each, the teacher's noisy state x at its first sampling step whose sigma is
             <= the level is stored too, with that step's sigma (few-step KD targets).
+        denoiser_options: the teacher adapter's own options (e.g. a ControlNet's
+            ``control_scale``), recorded in the pairs' metadata.
 
     ``predict_step`` returns, per batch of B examples: ``teacher_output`` [B, C, T', H', W']
     float32, with levels ``teacher_trajectory`` [B, K, C, T', H', W'] and
@@ -86,10 +88,11 @@ class KDPairGenerationModule(L.LightningModule):
         dtype: str = "float32",
         storage_dtype: str = "bfloat16",
         trajectory_sigmas: list[float] | None = None,
+        denoiser_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.teacher = load_denoiser(teacher, dtype=dtype).requires_grad_(False).eval()
+        self.teacher = load_denoiser(teacher, dtype=dtype, **(denoiser_options or {})).requires_grad_(False).eval()
         self.autoencoder = build_autoencoder(vae_path, dtype)
         if self.autoencoder.latent_channels != self.teacher.latent_channels:
             raise ValueError(
@@ -144,6 +147,7 @@ class KDPairGenerationModule(L.LightningModule):
             "seed": h.seed,
             "storage_dtype": h.storage_dtype,
             "trajectory_sigmas": self.trajectory_levels,
+            "denoiser_options": dict(h.denoiser_options or {}),
         }
 
     def build_shard(self, rows: list[dict], common: dict) -> tuple[dict[str, Tensor], dict]:

@@ -316,6 +316,51 @@ class CosmosTransferDenoiser(Denoiser):
         self.transformer.save_pretrained(str(Path(folder) / "transformer"), safe_serialization=True)
         self.controlnet.save_pretrained(str(Path(folder) / "controlnet"), safe_serialization=True)
 
+    def save_components(self, folder: str) -> None:
+        """``folder/transformer`` and ``folder/controlnet`` (:meth:`save_pretrained`)."""
+        self.save_pretrained(folder)
+
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+    ) -> Path:
+        """The full ``Cosmos2_5_TransferPipeline`` folder of this one-step student, its VAE,
+        text encoder and tokenizer copied from the ``teacher`` pipeline folder (an earlier
+        export in ``folder`` is replaced): see
+        :func:`~distill_pl.models.families.cosmos_transfer_export.save_cosmos_student_pipeline`.
+        Call it with ``controls_conditioning_scale = control_scale``. ``shift`` is not needed:
+        one Euler step from sigma = 1 is the same for every shift."""
+        from distill_pl.models.families.cosmos_transfer_export import save_cosmos_student_pipeline
+
+        if tuple(noise_levels) != (1.0,):
+            raise ValueError(
+                f"a Cosmos-Transfer2.5 student exports as a one-step pipeline only, not at noise "
+                f"levels {list(noise_levels)}"
+            )
+        if teacher is None:
+            raise ValueError(
+                "a Cosmos-Transfer2.5 student is exported as a full pipeline folder: the "
+                "teacher pipeline folder (VAE, text encoder, tokenizer) is needed"
+            )
+        return save_cosmos_student_pipeline(folder, self, teacher, replace=True)
+
+    @classmethod
+    def folder_config(cls, path: str) -> dict:
+        """``{"transformer": ..., "controlnet": ...}`` from the ``config.json`` files of the
+        folder's ``transformer/`` and ``controlnet/`` (weights not needed)."""
+        from distill_pl.models.families.registry import read_config
+
+        root = resolve_path(path)
+        config = {}
+        for part in ("transformer", "controlnet"):
+            file = root / part / "config.json"
+            if not file.is_file():
+                raise ModelFolderError(
+                    f"{root}: no {part}/config.json; a Cosmos-Transfer2.5 folder holds "
+                    "transformer/ and controlnet/"
+                )
+            config[part] = read_config(file)
+        return config
+
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The safetensors of ``path``'s ``transformer/`` and ``controlnet/`` as
         ``transformer.*`` and ``controlnet.*`` keys (``self.state_dict()``'s)."""

@@ -33,16 +33,22 @@ STUDENT_COMPONENTS = ("transformer", "controlnet", "scheduler")
 
 
 def save_cosmos_student_pipeline(
-    folder: str | Path, student: CosmosTransferDenoiser, teacher_pipeline_folder: str | Path
+    folder: str | Path,
+    student: CosmosTransferDenoiser,
+    teacher_pipeline_folder: str | Path,
+    replace: bool = False,
 ) -> Path:
     """Write ``folder`` (which must not exist yet): ``model_index.json`` and every component of
     the teacher pipeline folder, with the student's ``transformer/`` and ``controlnet/`` and a
     one-step flow-match Euler ``scheduler/``. Built in a temporary sibling folder and renamed
-    at the end, so ``folder`` is never half written. Returns ``folder``."""
+    at the end, so ``folder`` is never half written. With ``replace``, an existing ``folder``
+    that is a Cosmos-Transfer2.5 pipeline folder (an earlier export) is replaced; any other
+    existing path is still an error. Returns ``folder``."""
     folder = Path(folder)
     teacher = resolve_path(teacher_pipeline_folder)
     index = _model_index(teacher)
-    if folder.exists():
+    earlier = replace and _is_pipeline_folder(folder)
+    if folder.exists() and not earlier:
         raise FileExistsError(f"{folder}: already exists; remove it or choose another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -59,10 +65,24 @@ def save_cosmos_student_pipeline(
         )
         index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
         write_text(staging / "model_index.json", json.dumps(index, indent=2) + "\n")
-        os.replace(staging, folder)
+        if earlier:  # the old export moves aside first: folder is always a whole pipeline
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _is_pipeline_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``model_index.json`` of a Cosmos-Transfer2.5 pipeline."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _model_index(teacher: Path) -> dict:

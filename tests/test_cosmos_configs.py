@@ -1,0 +1,174 @@
+"""The Cosmos-Transfer2.5-2B configs: parsed by the real CLI parser and their models built on the
+meta device, from a stand-in of the diffusers pipeline folder that holds configs and no weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
+from diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer import DEFAULT_NEGATIVE_PROMPT
+
+from distill_pl.models.families.registry import denoiser_config
+from distill_pl.stages.dmd2 import DMD2Module
+from distill_pl.stages.kd import KDModule
+from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+from tests.models.families.test_cosmos_transfer import COSMOS_TRANSFER_2_5_2B
+from tests.test_wan_configs import global_batch, num_params, parse
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs/cosmos-transfer2.5-2b"
+FOLDER = "checkpoints/Cosmos-Transfer2.5-2B"
+#: text_encoder/config.json: Qwen2.5-VL-7B-Instruct (only what cosmos_text_encoder_dim reads matters)
+TEXT_ENCODER_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0,
+    "vision_config": {"hidden_size": 1280, "out_hidden_size": 3584, "depth": 32},
+}
+#: scheduler/scheduler_config.json as diffusers' conversion script writes it for Cosmos 2.5
+SCHEDULER_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True, "use_flow_sigmas": True,
+    "prediction_type": "flow_prediction", "sigma_max": 200.0, "sigma_min": 0.01,
+}
+
+
+def write_stand_in(root: Path) -> None:
+    """A Cosmos2_5_TransferPipeline folder layout with its configs and empty weight files."""
+    def model(sub: str, config: dict) -> None:
+        (root / sub).mkdir(parents=True)
+        (root / sub / "config.json").write_text(json.dumps(config))
+        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+
+    model("transformer", {"_class_name": "CosmosTransformer3DModel", **COSMOS_TRANSFER_2_5_2B["transformer"]})
+    model("controlnet", {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
+    with torch.device("meta"):
+        vae_defaults = dict(AutoencoderKLWan().config)  # the Wan 2.1 VAE: z_dim 16, x4 time, x8 space
+    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    (root / "scheduler").mkdir()
+    (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder/config.json").write_text(json.dumps(TEXT_ENCODER_CONFIG))
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "Cosmos2_5_TransferPipeline", "transformer": ["diffusers", "CosmosTransformer3DModel"],
+        "controlnet": ["diffusers", "CosmosControlNetModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2TokenizerFast"], "safety_checker": [None, None],
+    }))
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """cwd = tmp_path holding the stand-in folder; from_pretrained builds on the meta device."""
+    monkeypatch.chdir(tmp_path)
+    write_stand_in(tmp_path / FOLDER)
+
+    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, param in model.named_parameters():
+            if not any(m in name.split(".") for m in keep):
+                param.data = param.data.to(torch_dtype)
+        return model
+
+    for cls in (CosmosTransformer3DModel, CosmosControlNetModel, AutoencoderKLWan):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    return tmp_path / FOLDER
+
+
+def in_range(net) -> bool:
+    """Base ~2.4 B + ControlNet ~0.4 B parameters."""
+    return 2.6e9 < num_params(net) < 3.2e9
+
+
+def check_data(cli, model, mode="pairs", negative_prompt=True) -> tuple[int, ...]:
+    """The data settings; ``negative_prompt``: the config sets the pipeline's (KD reads the pairs')."""
+    h = cli.datamodule.hparams
+    assert h.mode == mode and (h.num_frames, h.height, h.width) == (93, 704, 1280)
+    assert cli.datamodule.text_dim == 100352 == model.teacher.text_dim  # 28 Qwen layers x 3584
+    assert h.max_text_length == 512  # the pipeline's max_sequence_length
+    if negative_prompt:
+        assert h.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    shape = latent_shape(model.autoencoder, (3, h.num_frames, h.height, h.width))
+    assert shape == (16, 24, 88, 160)
+    return shape
+
+
+def test_folder_config_reads_both_models(stand_in):
+    class_name, config = denoiser_config(str(stand_in))
+    assert class_name == "CosmosTransformer3DModel"
+    assert config["transformer"]["num_layers"] == 28 and config["controlnet"]["n_controlnet_blocks"] == 4
+
+
+def test_kd_pairs_config(stand_in):
+    cli = parse(CONFIGS / "kd_pairs.yaml")
+    model = cli.model
+    assert isinstance(model, KDPairGenerationModule)
+    assert model.hparams.num_steps == 36 and model.hparams.guidance == 8.0  # Cosmos g = 7
+    assert model.hparams.denoiser_options == {"control_scale": 1.0}
+    teacher = model.teacher
+    assert teacher.transformer.device.type == "meta" and teacher.transformer.dtype == torch.bfloat16
+    assert teacher.control_channels == 16 and in_range(teacher)
+    check_data(cli, model)
+    data = cli.datamodule.hparams
+    assert data.num_examples == 10_000 and data.shard_size % data.batch_size == 0
+
+
+def test_kd_config(stand_in):
+    cli = parse(CONFIGS / "kd.yaml")
+    kd = cli.model
+    assert isinstance(kd, KDModule)
+    h = kd.hparams
+    assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
+    for net in (kd.teacher, kd.student):
+        assert net.transformer.device.type == "meta" and in_range(net)
+    assert kd.teacher.transformer.dtype == torch.bfloat16
+    assert kd.student.transformer.proj_out.weight.dtype == torch.float32
+    assert kd.student.transformer.gradient_checkpointing and kd.student.controlnet.gradient_checkpointing
+    assert all(p.requires_grad for p in kd.student.parameters())  # base and ControlNet train together
+    shape = check_data(cli, kd, negative_prompt=False)
+    kd.check_pairs_metadata({"latent_shape": list(shape), "num_frames": 93, "height": 704,
+                             "width": 1280, "vae_path": FOLDER, "guidance": 8.0, "num_steps": 36})
+    trainer = cli.config["trainer"]
+    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
+    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
+    assert trainer["precision"] == "bf16-mixed"
+
+
+def test_dmd2_config(stand_in):
+    cli = parse(CONFIGS / "dmd2.yaml", "--model.init_args.init_from=null")  # no KD checkpoint here
+    dmd2 = cli.model
+    assert isinstance(dmd2, DMD2Module)
+    h = dmd2.hparams
+    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
+    assert (h.guidance, h.gan_weight, h.student_update_freq) == (6.0, 1e-3, 5)  # Cosmos g = 5
+    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip) == ((0.9, 0.999), 0.01, 10.0)
+    for net in (dmd2.teacher, dmd2.student, dmd2.fake_score):
+        assert net.transformer.device.type == "meta" and in_range(net) and net.control_channels == 16
+    assert dmd2.feature_block == 14
+    check_data(cli, dmd2, mode="clips")
+    trainer = cli.config["trainer"]
+    per_device = cli.datamodule.hparams.batch_size
+    assert global_batch(cli, per_device) == 64 and per_device % h.accumulate_micro_batches == 0
+    assert trainer["max_steps"] == 24_000 and trainer["precision"] == "bf16-mixed"
+
+
+def test_freeze_control_branch_from_the_config(stand_in):
+    cli = parse(CONFIGS / "kd.yaml", "--model.init_args.denoiser_options.freeze_control_branch=true")
+    kd = cli.model
+    assert not any(p.requires_grad for p in kd.student.controlnet.parameters())
+    assert all(p.requires_grad for p in kd.student.transformer.parameters())
+    trained = {id(p) for group in kd.configure_optimizers().param_groups for p in group["params"]}
+    assert trained == {id(p) for p in kd.student.transformer.parameters()}
+
+
+@pytest.mark.parametrize("name", ["kd.yaml", "dmd2.yaml"])
+def test_training_configs_shard_with_fsdp2(stand_in, name):
+    strategy = parse(CONFIGS / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
+    found = strategy.config["trainer"]["strategy"]
+    assert getattr(found, "class_path", found) == "distill_pl.strategies.FSDP2Strategy"

@@ -1,0 +1,135 @@
+"""configs/tiny-cosmos-transfer2.5 through the real CLI, in latent space with the tiny VAE and
+the tiny Qwen2.5-VL text encoder: KD pairs -> KD -> DMD2 (a few steps each) -> evaluate, on the
+tiny random teacher of scripts/make_tiny_cosmos_transfer.py; the exported students are full
+Cosmos2_5_TransferPipeline folders that reproduce the project's one-step output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distill_pl.data.pairs import read_shard_header
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.models.autoencoder import WanVAE
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.families.registry import folder_class_name, load_denoiser
+from distill_pl.models.guidance import velocity_fn
+from tests.cli_helpers import edited_config, run_cli
+from tests.models.families import cosmos_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIGS = "configs/tiny-cosmos-transfer2.5"
+RUNS = "runs/tiny-cosmos-transfer2.5"
+
+
+def small_data(cfg, **more):
+    cfg["data"].update(batch_size=2, val_batch_size=2, **more)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny_cosmos")
+    cosmos_tiny.write_tiny_cosmos_transfer(work / RUNS / "teacher")
+    return work
+
+
+def pipeline_one_step(folder, noise, text_embeds, control, scale):
+    """Cosmos2_5_TransferPipeline.from_pretrained(folder) called as documented for the
+    one-step student: 1 step, no CFG, latents out; control [1, 3, T, H, W] in [-1, 1]."""
+    pipe = cosmos_tiny.load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    frames, height, width = control.shape[2:]
+    return pipe(
+        controls=((control + 1) / 2).permute(0, 2, 1, 3, 4),
+        controls_conditioning_scale=scale,
+        prompt_embeds=text_embeds,
+        negative_prompt_embeds=torch.zeros_like(text_embeds),  # unused without CFG
+        height=height, width=width, num_frames=frames, num_frames_per_chunk=frames,
+        num_inference_steps=1, guidance_scale=1.0, latents=noise.clone(), output_type="latent",
+    ).frames
+
+
+def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
+    def pairs(cfg):
+        cfg["model"]["init_args"]["num_steps"] = 2
+        cfg["model"]["init_args"]["denoiser_options"]["control_scale"] = 0.5  # every stage: 0.5
+        small_data(cfg, num_examples=4, num_val_examples=2, shard_size=2)
+
+    run_cli(["predict", "--config", str(edited_config(f"{CONFIGS}/kd_pairs.yaml", work / "p.yaml", pairs))],
+            cwd=work)
+    shard = work / RUNS / "kd_pairs/train/shard_00000.safetensors"
+    meta, _ = read_shard_header(shard)
+    assert meta["latent_shape"] == [16, 3, 4, 4] and meta["vae_path"] == f"{RUNS}/teacher"
+    assert meta["text_shape"] == [160, cosmos_tiny.TEXT_DIM]  # Cosmos 2.5 embeddings, D = 2 x 16
+    assert meta["denoiser_options"] == {"control_scale": 0.5}
+
+    def kd(cfg):
+        t = cfg["trainer"]
+        t.update(max_steps=2, val_check_interval=2, limit_val_batches=1)
+        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+        cfg["model"]["init_args"]["denoiser_options"]["control_scale"] = 0.5
+        small_data(cfg)
+
+    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/kd.yaml", work / "kd.yaml", kd))], cwd=work)
+    kd_run = work / RUNS / "kd"
+    assert torch.load(kd_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    assert list(kd_run.rglob("grids/step000002_*.png"))
+
+    def dmd2(cfg):
+        t = cfg["trainer"]
+        t["max_steps"] = 5
+        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
+        t["callbacks"][1]["init_args"]["every_n_steps"] = 5
+        cfg["model"]["init_args"].update(discriminator_hidden=8)
+        cfg["model"]["init_args"]["denoiser_options"].update(control_scale=0.5, freeze_control_branch=True)
+        small_data(cfg, samples_per_epoch=8)
+
+    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/dmd2.yaml", work / "d.yaml", dmd2))], cwd=work)
+    dmd2_run = work / RUNS / "dmd2"
+    assert torch.load(dmd2_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+
+    # both exports are whole Cosmos2_5_TransferPipeline folders with the student's options
+    kd_export, dmd2_export = kd_run / "export", dmd2_run / "export"
+    for export in (kd_export, dmd2_export):
+        index = json.loads((export / "model_index.json").read_text())
+        assert index["_class_name"] == "Cosmos2_5_TransferPipeline"
+        assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+        assert folder_class_name(export) == "CosmosTransformer3DModel"
+        settings = json.loads((export / "student.json").read_text())
+        assert settings["adapter_options"]["control_scale"] == 0.5
+    # a frozen control branch: DMD2's student (EMA of it) keeps the KD student's ControlNet
+    kd_student, dmd2_student = load_denoiser(kd_export), load_denoiser(dmd2_export)
+    for name, value in kd_student.controlnet.state_dict().items():
+        assert torch.equal(value, dmd2_student.controlnet.state_dict()[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(kd_student.transformer.state_dict().values(),
+                                                     dmd2_student.transformer.state_dict().values()))
+
+    # the exported pipeline, 1 step without CFG, is the project's one-step output x_g
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 16, 3, 4, 4, generator=g)
+    text = torch.randn(1, 160, cosmos_tiny.TEXT_DIM, generator=g)
+    control = (torch.rand(1, 3, 9, 32, 32, generator=g) < 0.2).float() * 2 - 1  # canny-like, in {-1, 1}
+    student = load_denoiser(dmd2_export, control_scale=0.5).eval()
+    cond = Conditioning(text, None, student.encode_control(control, WanVAE(str(dmd2_export))))
+    with torch.no_grad():
+        x_g = one_step_sample(velocity_fn(student, cond), noise.clone())
+    expected = pipeline_one_step(dmd2_export, noise, text, control, scale=0.5)
+    assert expected.shape == x_g.shape == (1, 16, 3, 4, 4)
+    torch.testing.assert_close(expected, x_g, rtol=0, atol=2e-5)
+
+    def evaluation(cfg):
+        cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=3, batch_size=4,
+                   sheet_clips=2, denoiser_options={"control_scale": 0.5})
+        cfg["data"].update(val_clips_per_video=1)
+
+    run_cli(["evaluate", "--config", str(edited_config(f"{CONFIGS}/eval.yaml", work / "e.yaml", evaluation))],
+            cwd=work)
+    report = json.loads((work / RUNS / "eval/report.json").read_text())
+    rows = {row["key"]: row for row in report["methods"]}
+    assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
+    assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
+    for row in list(rows.values())[1:]:
+        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None
