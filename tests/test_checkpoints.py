@@ -143,6 +143,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     assert torch.load(newest, map_location="cpu", weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_a_checkpoint_exits_unless_fresh_is_asked(tmp_path):
     config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=1)
     proc = subprocess.run(DISTILL_PL + ["fit", "--config", str(config), "--ckpt_path", "last"], cwd=tmp_path,

@@ -52,6 +52,7 @@ def pipeline_one_step(folder, noise, text_embeds, control, scale):
     ).frames
 
 
+@pytest.mark.slow
 def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 2

@@ -33,6 +33,7 @@ def work(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_pairs_kd_dmd2_through_the_cli(work):
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 2

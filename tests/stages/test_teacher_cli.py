@@ -57,6 +57,7 @@ def test_teacher_config_fits_exports_and_samples(tmp_path):
     assert len(frames) == 8 and frames[0].shape == (128, 128, 3)  # 8 frames, 32 px x scale 4
 
 
+@pytest.mark.slow
 def test_killed_teacher_run_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL a real run after a checkpoint, resume with --ckpt_path last: the resumed run
     starts at the saved step and reproduces the uninterrupted run's losses."""
