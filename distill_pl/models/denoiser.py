@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from distill_pl.models.conditioning import Conditioning
@@ -99,6 +100,43 @@ class Denoiser(nn.Module):
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
+        """Raise ValueError unless ``x_t`` is [B, latent_channels, T, H, W] with T, H, W
+        multiples of :attr:`patch_size`, ``sigma`` is [B], ``cond.text_embeds`` is
+        [B, L, text_dim] and ``cond.text_mask`` (if any) [B, L]. The control is the
+        adapter's own check."""
+        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"x_t must be [B, {self.latent_channels}, T, H, W], got {list(x_t.shape)}"
+            )
+        batch, _, *sizes = x_t.shape
+        if any(size % patch for size, patch in zip(sizes, self.patch_size)):
+            raise ValueError(
+                f"x_t frames/height/width {sizes} must be multiples of the patch size "
+                f"{list(self.patch_size)}"
+            )
+        if sigma.shape != (batch,):
+            raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
+        text = cond.text_embeds
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
+            raise ValueError(
+                f"text_embeds must be [{batch}, L, {self.text_dim}], got {list(text.shape)}"
+            )
+        if cond.text_mask is not None and cond.text_mask.shape != text.shape[:2]:
+            raise ValueError(
+                f"text_mask must be [B, L] = {list(text.shape[:2])}, "
+                f"got {list(cond.text_mask.shape)}"
+            )
+
+    def tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
+        """[B, N, D] block tokens -> [B, D, t, h, w] features on the token grid of latents of
+        ``shape`` [B, C, T, H, W] (t = T / pt, ...), the inverse of the patch embedding's
+        ``flatten(2).transpose(1, 2)`` (tokens frame-major, then rows, then columns)."""
+        batch, _, frames, height, width = shape
+        p_t, p_h, p_w = self.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], *grid)
 
     def encode_control(self, control: Tensor, autoencoder: "VideoAutoencoder") -> Tensor | None:
         """What ``Conditioning.control`` holds for this model, from the control video

@@ -251,7 +251,7 @@ class CosmosTransferDenoiser(Denoiser):
             velocity = self.transformer(**kwargs)[0]
         finally:
             hook.remove()
-        return velocity.to(x_t.dtype), self._tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
 
     def _encoder_hidden_states(self, text: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """``text``, or ``(text, zero image context)`` for a model with ``img_context_dim_in``."""
@@ -261,13 +261,6 @@ class CosmosTransferDenoiser(Denoiser):
         image = text.new_zeros(text.shape[0], cfg.img_context_num_tokens, cfg.img_context_dim_in)
         return text, image
 
-    def _tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
-        """[B, N, D] tokens (frame-major, then rows, then columns) -> [B, D, t, h, w]."""
-        batch, _, frames, height, width = shape
-        p_t, p_h, p_w = self.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
-        return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], *grid)
-
     @property
     def text_dim(self) -> int:
         """D of ``Conditioning.text_embeds``: the cross-attention projection's input width when
@@ -275,23 +268,8 @@ class CosmosTransferDenoiser(Denoiser):
         return _text_input_dim(dict(self.transformer.config))
 
     def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
-        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, T, H, W], got {list(x_t.shape)}"
-            )
+        self.check_inputs(x_t, sigma, cond)
         batch, _, *sizes = x_t.shape
-        if any(size % patch for size, patch in zip(sizes, self.patch_size)):
-            raise ValueError(
-                f"x_t frames/height/width {sizes} must be multiples of the patch size "
-                f"{list(self.patch_size)}"
-            )
-        if sigma.shape != (batch,):
-            raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
-        text = cond.text_embeds
-        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_dim:
-            raise ValueError(
-                f"text_embeds must be [{batch}, L, {self.text_dim}], got {list(text.shape)}"
-            )
         expected = [batch, self.control_channels, *sizes]
         if cond.control is None:
             raise ValueError(

@@ -145,7 +145,7 @@ class WanDenoiser(Denoiser):
             velocity = self.transformer(**kwargs)[0]
         finally:
             hook.remove()
-        return velocity.to(x_t.dtype), self._tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
 
     def _control_channels(self) -> int:
         """Control by channel concatenation: ``in_channels - out_channels``."""
@@ -159,37 +159,8 @@ class WanDenoiser(Denoiser):
         """Extra keyword arguments of the transformer call (none for Wan T2V)."""
         return {}
 
-    def _tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
-        """[B, N, D] tokens -> [B, D, t, h, w], the inverse of ``flatten(2).transpose(1, 2)``."""
-        batch, _, frames, height, width = shape
-        p_t, p_h, p_w = self.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
-        return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], *grid)
-
     def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
-        if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"x_t must be [B, {self.latent_channels}, T, H, W], got {list(x_t.shape)}"
-            )
-        batch, _, *sizes = x_t.shape
-        if any(size % patch for size, patch in zip(sizes, self.patch_size)):
-            raise ValueError(
-                f"x_t frames/height/width {sizes} must be multiples of the patch size "
-                f"{list(self.patch_size)}"
-            )
-        if sigma.shape != (batch,):
-            raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
-        text_dim = self.text_dim
-        text = cond.text_embeds
-        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != text_dim:
-            raise ValueError(
-                f"text_embeds must be [{batch}, L, {text_dim}], got {list(text.shape)}"
-            )
-        if cond.text_mask is not None and cond.text_mask.shape != text.shape[:2]:
-            raise ValueError(
-                f"text_mask must be [B, L] = {list(text.shape[:2])}, "
-                f"got {list(cond.text_mask.shape)}"
-            )
+        self.check_inputs(x_t, sigma, cond)
         self._check_control(x_t, cond.control)
 
     def _check_control(self, x_t: Tensor, control: Tensor | None) -> None:
