@@ -62,8 +62,21 @@ class Denoiser(nn.Module):
         on_meta: bool = False,
         **adapter_options,
     ) -> "Denoiser":
-        """Random weights from the backbone ``config`` (``on_meta``: every tensor on meta)."""
-        raise NotImplementedError
+        """Random weights from the backbone ``config`` (``on_meta``: every tensor on the meta
+        device: shapes and parameter counts of real-size configs without allocating them).
+        The adapter is built as ``cls(config=cls.constructor_config(config), ...)``."""
+        kwargs = dict(config=cls.constructor_config(config), dtype=dtype,
+                      gradient_checkpointing=gradient_checkpointing, **adapter_options)
+        if on_meta:
+            with torch.device("meta"):
+                return cls(**kwargs)
+        return cls(**kwargs)
+
+    @classmethod
+    def constructor_config(cls, config: dict) -> dict:
+        """``config`` as the adapter's ``config=`` argument takes it: without the ``_`` keys
+        diffusers writes (``_class_name``, ``_diffusers_version``, ...)."""
+        return {k: v for k, v in config.items() if not k.startswith("_")}
 
     @classmethod
     def folder_config(cls, path: str) -> dict:

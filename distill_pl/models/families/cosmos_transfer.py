@@ -133,27 +133,10 @@ class CosmosTransferDenoiser(Denoiser):
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @classmethod
-    def from_config(
-        cls,
-        config: dict,
-        dtype: str = "float32",
-        gradient_checkpointing: bool = False,
-        on_meta: bool = False,
-        **adapter_options,
-    ) -> "CosmosTransferDenoiser":
-        """Random weights from ``{"transformer": {...}, "controlnet": {...}}`` (``_`` keys
-        dropped); ``on_meta``: every tensor on the meta device (real-size shapes and parameter
-        counts without allocating them)."""
-        config = {
-            part: {k: v for k, v in config[part].items() if not k.startswith("_")}
-            for part in ("transformer", "controlnet")
-        }
-        kwargs = dict(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                      **adapter_options)
-        if on_meta:
-            with torch.device("meta"):
-                return cls(**kwargs)
-        return cls(**kwargs)
+    def constructor_config(cls, config: dict) -> dict:
+        """``{"transformer": {...}, "controlnet": {...}}`` without the ``_`` keys of either."""
+        return {part: super(CosmosTransferDenoiser, cls).constructor_config(config[part])
+                for part in ("transformer", "controlnet")}
 
     @property
     def backbone_config(self) -> dict:

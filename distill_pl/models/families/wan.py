@@ -78,25 +78,6 @@ class WanDenoiser(Denoiser):
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
-    @classmethod
-    def from_config(
-        cls,
-        config: dict,
-        dtype: str = "float32",
-        gradient_checkpointing: bool = False,
-        on_meta: bool = False,
-        **adapter_options,
-    ) -> "WanDenoiser":
-        """Random weights from a transformer config; ``on_meta``: every tensor on the meta
-        device (shapes and parameter counts of real-size configs without allocating them)."""
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        if on_meta:
-            with torch.device("meta"):
-                return cls(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                           **adapter_options)
-        return cls(config=config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                   **adapter_options)
-
     @property
     def backbone_config(self) -> dict:
         return {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
