@@ -6,9 +6,9 @@ prefetch, so the number of batches this loader has yielded when a checkpoint is 
 exactly the number of training steps taken in the epoch.
 
 Several devices: the sampler is rank-aware (each data-parallel rank takes a strided slice of
-one permutation, or with ``rank_split="litdata"`` a contiguous block of it laid out as a LitData
-``StreamingDataset`` lays out its rows) and is a ``DistributedSampler``, so Lightning keeps it as it is whatever
-``use_distributed_sampler`` says (a wrapper around it would lose the resume position).
+one permutation, or with ``rank_split="litdata"`` a contiguous block of it, as a LitData
+``StreamingDataset`` splits its rows) and is a ``DistributedSampler``, so Lightning keeps it
+as it is whatever ``use_distributed_sampler`` says (a wrapper around it would lose the resume position).
 Every rank's loader yields the same number of batches, so the saved position is the same on
 every rank.
 """

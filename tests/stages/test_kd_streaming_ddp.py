@@ -118,7 +118,8 @@ def test_unshuffled_streaming_run_equals_the_local_run_split_as_litdata(pairs_wo
     1 pairs 8-15, 2 per step, every epoch) and log the same losses and final weights, bit for bit."""
     from tests.cli_helpers import run_cli
 
-    streamed, local = streaming_workdir(pairs_workdir, tmp_path / "streamed"), workdir(pairs_workdir, tmp_path / "local")
+    streamed = streaming_workdir(pairs_workdir, tmp_path / "streamed")
+    local = workdir(pairs_workdir, tmp_path / "local")
     run_cli(["fit", "--config", str(streaming_config(streamed, shuffle=False))], cwd=streamed)
     run_cli(["fit", "--config", str(streaming_config(local, shuffle=False, streaming_dir=None,
                                                      rank_split="litdata"))], cwd=local)
