@@ -1,6 +1,6 @@
 """Memory and start-up of the clips loader at scale (CPU).
 
-    .venv/bin/python scripts/benchmark_clips.py [--videos 5000] [--probe eager|lazy]
+    .venv/bin/python scripts/benchmark_clips.py [--videos 5000] [--probe eager|lazy] [--max_open_videos 8]
 
 Each measurement runs in its own process and prints its peak resident set (ru_maxrss):
 
@@ -8,7 +8,8 @@ Each measurement runs in its own process and prints its peak resident set (ru_ma
    with its canny control: the peak RSS of that process;
 2. constructing the train ClipDataset of a 4-entry manifest and of a manifest of ``--videos``
    symlinks to the bundled clips (construction time, peak RSS, open files), then reading 64
-   items of it.
+   items of it with at most ``--max_open_videos`` decord readers open (the 4-entry manifest
+   can open only 4).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _child(task: dict) -> None:
         result = {"shape": list(item["video"].shape)}
     else:
         ds = ClipDataset(task["manifest"], num_frames=8, frame_stride=4, height=32, width=32, samples_per_epoch=64,
-                         cache_frames=False, probe=task["probe"])
+                         cache_frames=False, probe=task["probe"], max_open_videos=task["max_open_videos"])
         built = time.perf_counter() - start
         fds = len(os.listdir("/proc/self/fd"))
         built_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -66,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=5000)
     parser.add_argument("--probe", choices=("eager", "lazy"), default="eager")
+    parser.add_argument("--max_open_videos", type=int, default=8, help="ClipDataset's reader bound (its default: 8)")
     parser.add_argument("--no_window", action="store_true", help="skip measurement 1 (canny at 480x832 is slow on a CPU)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -92,10 +94,11 @@ def main() -> None:
             link.symlink_to(entries[k % len(entries)].path)
             links.append(ManifestEntry(link, entries[k % len(entries)].caption))
         many = write_manifest(tmp / "many.jsonl", links)
-        small = run({"kind": "manifest", "manifest": str(four), "probe": args.probe})
-        large = run({"kind": "manifest", "manifest": str(many), "probe": args.probe})
+        settings = {"kind": "manifest", "probe": args.probe, "max_open_videos": args.max_open_videos}
+        small = run({**settings, "manifest": str(four)})
+        large = run({**settings, "manifest": str(many)})
         for name, r in ((f"{len(entries)}-entry manifest", small), (f"{args.videos}-line manifest", large)):
-            print(f"{name} ({args.probe} probing): construction {r['construction_s']:.2f} s, peak RSS "
+            print(f"{name} ({args.probe} probing, max_open_videos {args.max_open_videos}): construction {r['construction_s']:.2f} s, peak RSS "
                   f"{r['construction_rss_mib']:.0f} MiB after construction, {r['peak_rss_mib']:.0f} MiB after "
                   f"reading 64 items; open files {r['open_files_after_construction']} after construction, "
                   f"{r['open_files_after_reads']} after the items")

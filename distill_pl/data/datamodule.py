@@ -19,7 +19,8 @@ The train loader is a :class:`ResumableDataLoader`: a run resumed from a mid-epo
 checkpoint continues with the next batch it would have seen. On several devices each
 data-parallel rank reads its strided share of the epoch's permutation (whatever
 ``trainer.use_distributed_sampler`` says), so ``devices x batch_size`` items make the same
-global batches as one device with that batch size.
+global batches as one device with that batch size; ``rank_split: litdata`` gives each rank
+a contiguous block instead, LitData's layout (see Streaming).
 
 Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
 
@@ -55,7 +56,10 @@ Streaming (``streaming_dir``, pairs and latents mode, fit/validate): the same ba
 from LitData copies of the shards (:mod:`distill_pl.data.streaming`, local or object storage)
 through ``litdata.StreamingDataLoader``: LitData splits the rows over ranks and workers
 (contiguous ranges without shuffling, its own seeded chunk permutation with), and the
-loader's state in the checkpoint resumes mid-epoch at the next batch.
+loader's state in the checkpoint resumes mid-epoch at the next batch. With ``shuffle:
+false`` and ``rank_split: litdata`` the local shards and their streaming copy give every
+rank the same batches, on any number of ranks and workers (without ``rank_split: litdata``
+only on one process with ``num_workers`` 0 or 1).
 
 Mode ``"latents"`` (``latents_dir``; format: :mod:`distill_pl.data.clip_latents`): the same
 two stages over precomputed VAE latents of the clips.
@@ -149,6 +153,12 @@ class VideoDataModule(lightning.LightningDataModule):
             the shard folder; None = the local shards.
         shuffle: shuffle the train items each epoch (seeded from ``seed`` and the epoch);
             False = index order.
+        rank_split: how the local train loader splits an epoch over data-parallel ranks (see
+            :class:`~distill_pl.data.resumable.EpochShuffleSampler`): ``"strided"`` (rank ``r``
+            takes every ``r``-th item: the global batches of one device with ``devices x
+            batch_size``) or ``"litdata"`` (contiguous blocks per rank and worker, as LitData
+            reads a streaming copy: with ``shuffle: false``, the same batches as
+            ``streaming_dir``). The streaming loader always splits as LitData does.
         num_examples: train pairs to generate (train clip items ``0..num_examples-1``).
         num_val_examples: val pairs to generate; None = every val window
             (``val_clips_per_video`` per video).
@@ -200,6 +210,7 @@ class VideoDataModule(lightning.LightningDataModule):
         cache_dir: str = "runs/cache",
         seed: int = 0,
         shuffle: bool = True,
+        rank_split: Literal["strided", "litdata"] = "strided",
     ):
         super().__init__()
         if mode not in ("clips", "pairs", "latents"):
@@ -208,6 +219,8 @@ class VideoDataModule(lightning.LightningDataModule):
             raise ValueError("data mode 'pairs' needs pairs_dir (the folder of the KD pair shards)")
         if mode == "latents" and not latents_dir:
             raise ValueError("data mode 'latents' needs latents_dir (the folder of the precomputed clip latents)")
+        if rank_split not in ("strided", "litdata"):
+            raise ValueError(f"unknown data.rank_split {rank_split!r} (expected 'strided' or 'litdata')")
         if streaming_dir and mode == "clips":
             raise ValueError("data.streaming_dir streams KD pairs or clip latents: set data.mode: pairs or latents")
         self.save_hyperparameters()
@@ -334,8 +347,9 @@ class VideoDataModule(lightning.LightningDataModule):
 
             return streaming_loader(self.train_set, self.hparams.batch_size, self.hparams.num_workers)
         rank, replicas = data_parallel_layout(self.trainer)
-        sampler = EpochShuffleSampler(self.train_set, self.hparams.seed, shuffle=self.hparams.shuffle,
-                                      num_replicas=replicas, rank=rank)
+        h = self.hparams
+        sampler = EpochShuffleSampler(self.train_set, h.seed, shuffle=h.shuffle, num_replicas=replicas, rank=rank,
+                                      rank_split=h.rank_split, batch_size=h.batch_size, num_workers=h.num_workers)
         kwargs = self._loader_kwargs(self.hparams.batch_size)
         if self._reading_pairs():
             kwargs["collate_fn"] = default_collate

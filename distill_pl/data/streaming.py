@@ -18,9 +18,11 @@ Reading (:class:`StreamingShardDataset`, a ``litdata.StreamingDataset``): LitDat
 chunks over nodes, ranks and DataLoader workers. Order: with ``shuffle`` LitData permutes the
 chunks and the rows within them from ``(seed, epoch)`` (its own permutation, not the one of
 :class:`~distill_pl.data.resumable.EpochShuffleSampler`); without, each rank reads a contiguous
-range of rows in index order (one process: exactly the order of the local loader without
-shuffling). ``litdata`` is optional (``scripts/setup.sh`` installs it); the data module
-imports this module only when it reads a streaming folder.
+range of rows in index order, which the local loader reproduces on any number of ranks and
+workers with ``data.rank_split: litdata`` (see
+:class:`~distill_pl.data.resumable.EpochShuffleSampler`; one process with at most one
+worker: index order, whatever the split). ``litdata`` is optional (``scripts/setup.sh``
+installs it); the data module imports this module only when it reads a streaming folder.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); i
 noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
 ``step_generator(seed, global_step, stream=that index)``
 (:meth:`~distill_pl.objectives.dmd2.DMD2Objective.draw`), so they depend neither on the
-number of devices nor on the micro-batches.
+number of devices nor on the micro-batches (with ``data.rank_split: litdata`` the global
+batches themselves depend on the number of devices).
 
 Non-finite losses or gradients: the shared policy of every stage
 (:mod:`distill_pl.stages.nonfinite`). The update is skipped and counted. A skipped step still

@@ -84,3 +84,27 @@ def test_data_parallel_layout_comes_from_the_trainer():
     assert data_parallel_layout(SimpleNamespace(distributed_sampler_kwargs=None)) == (0, 1)
     kwargs = {"num_replicas": 4, "rank": 3}
     assert data_parallel_layout(SimpleNamespace(distributed_sampler_kwargs=kwargs)) == (3, 4)
+
+
+def test_litdata_split_resumes_with_the_next_batch_and_rejects_unknown_splits():
+    """rank_split="litdata" (contiguous blocks, here 2 workers' runs interleaved): a loader
+    resumed after 3 batches yields the rest of the uninterrupted epoch."""
+    def litdata_loader(epoch: int = 1) -> ResumableDataLoader:
+        sampler = EpochShuffleSampler(Items(40), seed=7, num_replicas=2, rank=1, rank_split="litdata",
+                                      batch_size=3, num_workers=2)
+        sampler.set_epoch(epoch)
+        return ResumableDataLoader(sampler.dataset, sampler, batch_size=3)
+
+    full = batches(litdata_loader())
+    assert len(full) == 6 and len({i for b in full for i in b}) == 18  # 40 // (3 * 2) batches of 3
+    first = litdata_loader()
+    _ = [b for _, b in zip(range(3), first)]
+    resumed = litdata_loader()
+    resumed.load_state_dict(first.state_dict())
+    assert batches(resumed) == full[3:]
+    with pytest.raises(ValueError, match="rank_split must be 'strided' or 'litdata', not 'blocks'"):
+        EpochShuffleSampler(Items(4), seed=0, rank_split="blocks")
+    from distill_pl.data.datamodule import VideoDataModule
+
+    with pytest.raises(ValueError, match="unknown data.rank_split 'blocks'"):
+        VideoDataModule(rank_split="blocks")

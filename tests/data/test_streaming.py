@@ -68,3 +68,41 @@ def test_streaming_needs_pairs_or_latents_mode():
 
     with pytest.raises(ValueError, match="streaming_dir streams KD pairs or clip latents"):
         VideoDataModule(mode="clips", streaming_dir="somewhere")
+
+
+def write_indices(folder, n: int, chunk_size: int) -> None:
+    """A LitData folder whose row ``i`` is ``{"index": i}``."""
+    from litdata.streaming.writer import BinaryWriter
+
+    writer = BinaryWriter(str(folder), chunk_size=chunk_size)
+    for i in range(n):
+        writer[i] = {"index": i}
+    writer.done()
+    writer.merge()
+
+
+@pytest.mark.parametrize("n, replicas, batch_size, workers, chunk_size",
+                         [(16, 2, 2, 0, 4), (23, 2, 3, 0, 5), (40, 3, 2, 0, 7), (29, 2, 2, 2, 4), (50, 2, 3, 3, 6)])
+def test_local_litdata_rank_split_reads_the_streaming_batches_of_each_rank(tmp_path, monkeypatch, n, replicas,
+                                                                           batch_size, workers, chunk_size):
+    """Without shuffling, rank r's batches from EpochShuffleSampler(rank_split="litdata") equal
+    those of a StreamingDataLoader on rank r (LitData told the rank by WORLD_SIZE / GLOBAL_RANK),
+    whatever the chunk size, including the remainder dropped and DataLoader workers."""
+    from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader
+    from tests.data.test_resumable import Items
+
+    write_indices(tmp_path / "rows", n, chunk_size)
+    seen = set()
+    for rank in range(replicas):
+        monkeypatch.setenv("WORLD_SIZE", str(replicas))
+        monkeypatch.setenv("GLOBAL_RANK", str(rank))
+        streamed = litdata.StreamingDataset(str(tmp_path / "rows"), shuffle=False, drop_last=True)
+        loader = litdata.StreamingDataLoader(streamed, batch_size=batch_size, num_workers=workers)
+        expected = [batch["index"].tolist() for batch in loader]
+        sampler = EpochShuffleSampler(Items(n), seed=0, shuffle=False, num_replicas=replicas, rank=rank,
+                                      rank_split="litdata", batch_size=batch_size, num_workers=workers)
+        local = ResumableDataLoader(sampler.dataset, sampler, batch_size=batch_size)
+        assert len(local) == len(expected) == n // (batch_size * replicas)
+        assert [batch.tolist() for batch in local] == expected, rank
+        seen |= {i for batch in expected for i in batch}
+    assert len(seen) == len(local) * batch_size * replicas  # the ranks are disjoint

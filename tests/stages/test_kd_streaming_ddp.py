@@ -1,6 +1,7 @@
 """configs/tiny/kd.yaml from a LitData streaming copy of the pairs on 2 CPU processes (DDP,
-gloo) through the real `distill-pl` command: LitData splits the rows over the ranks, and a
-run killed mid-epoch resumes exactly from the loader state in its checkpoint.
+gloo) through the real `distill-pl` command: LitData splits the rows over the ranks, a run
+killed mid-epoch resumes exactly from the loader state in its checkpoint, and without
+shuffling the run equals the local-shard run with ``data.rank_split: litdata``.
 
 Slow (each run starts its processes): deselected by default, run with ``-m slow``.
 """
@@ -33,14 +34,15 @@ class IndexRecorder(L.Callback):
             f.write(json.dumps({"step": trainer.global_step, "index": batch["index"].tolist()}) + "\n")
 
 
-def streaming_config(work: Path, kill_at: int | None = None) -> Path:
+def streaming_config(work: Path, kill_at: int | None = None, **data) -> Path:
     """The 2-process config of tests/stages/test_kd_ddp.py (6 steps, 4 per epoch at a global
-    batch of 4, checkpoints every 3 steps) reading the streaming copy, shuffled."""
+    batch of 4, checkpoints every 3 steps) reading the streaming copy, shuffled; ``data``
+    overrides data settings (``streaming_dir=None``: the local shards)."""
     import yaml
 
     path = config(work, devices=2, batch_size=2, kill_at=kill_at)
     cfg = yaml.safe_load(path.read_text())
-    cfg["data"].update(streaming_dir=STREAMING, shuffle=True)
+    cfg["data"].update(dict(streaming_dir=STREAMING, shuffle=True) | data)
     cfg["trainer"]["callbacks"].append({"class_path": "tests.stages.test_kd_streaming_ddp.IndexRecorder"})
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -108,3 +110,26 @@ def test_killed_streaming_run_resumes_exactly(pairs_workdir, streaming_run, tmp_
     assert final.keys() == reference.keys()
     for key, value in reference.items():
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_unshuffled_streaming_run_equals_the_local_run_split_as_litdata(pairs_workdir, tmp_path):  # noqa: F811
+    """``data.shuffle: false`` on 2 ranks: the streaming run and the local-shard run with
+    ``data.rank_split: litdata`` read the same pairs per rank and step (rank 0 pairs 0-7, rank
+    1 pairs 8-15, 2 per step, every epoch) and log the same losses and final weights, bit for bit."""
+    from tests.cli_helpers import run_cli
+
+    streamed = streaming_workdir(pairs_workdir, tmp_path / "streamed")
+    local = workdir(pairs_workdir, tmp_path / "local")
+    run_cli(["fit", "--config", str(streaming_config(streamed, shuffle=False))], cwd=streamed)
+    run_cli(["fit", "--config", str(streaming_config(local, shuffle=False, streaming_dir=None,
+                                                     rank_split="litdata"))], cwd=local)
+    expected = {rank: {step: [8 * rank + 2 * (step % 4), 8 * rank + 2 * (step % 4) + 1] for step in range(6)}
+                for rank in (0, 1)}
+    assert indices(streamed) == indices(local) == expected
+    assert losses(streamed) == losses(local)
+    a, b = last_checkpoint(streamed), last_checkpoint(local)
+    assert a["global_step"] == b["global_step"] == 6 and a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), key
+    for index, state in a["optimizer_states"][0]["state"].items():
+        assert torch.equal(b["optimizer_states"][0]["state"][index]["exp_avg"], state["exp_avg"]), index
