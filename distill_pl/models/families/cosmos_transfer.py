@@ -284,25 +284,20 @@ class CosmosTransferDenoiser(Denoiser):
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
     ) -> Path:
-        """The full ``Cosmos2_5_TransferPipeline`` folder of this one-step student, its VAE,
-        text encoder and tokenizer copied from the ``teacher`` pipeline folder (an earlier
-        export in ``folder`` is replaced): see
+        """The full ``Cosmos2_5_TransferPipeline`` folder of this student at ``noise_levels``
+        (its K steps), its VAE, text encoder and tokenizer copied from the ``teacher`` pipeline
+        folder (an earlier export in ``folder`` is replaced): see
         :func:`~distill_pl.models.families.cosmos_transfer_export.save_cosmos_student_pipeline`.
-        Call it with ``controls_conditioning_scale = control_scale``. ``shift`` is not needed:
-        one Euler step from sigma = 1 is the same for every shift."""
+        Call it with ``num_inference_steps = K`` and ``controls_conditioning_scale =
+        control_scale``. ``shift`` is not needed: the scheduler is fitted to the levels."""
         from distill_pl.models.families.cosmos_transfer_export import save_cosmos_student_pipeline
 
-        if tuple(noise_levels) != (1.0,):
-            raise ValueError(
-                f"a Cosmos-Transfer2.5 student exports as a one-step pipeline only, not at noise "
-                f"levels {list(noise_levels)}"
-            )
         if teacher is None:
             raise ValueError(
                 "a Cosmos-Transfer2.5 student is exported as a full pipeline folder: the "
                 "teacher pipeline folder (VAE, text encoder, tokenizer) is needed"
             )
-        return save_cosmos_student_pipeline(folder, self, teacher, replace=True)
+        return save_cosmos_student_pipeline(folder, self, teacher, replace=True, noise_levels=noise_levels)
 
     @classmethod
     def folder_config(cls, path: str) -> dict:
