@@ -39,6 +39,9 @@ class Denoiser(nn.Module):
     #: default LoRA targets: suffixes of module paths of the Linear layers inside
     #: :attr:`blocks` (peft ``target_modules``)
     lora_targets: ClassVar[tuple[str, ...]]
+    #: adapter options that change how the model trains, not what it computes (e.g. a frozen
+    #: branch): KD does not compare them with the options its pairs were generated with
+    training_options: ClassVar[tuple[str, ...]] = ()
 
     #: channels C of the latents it denoises
     latent_channels: int

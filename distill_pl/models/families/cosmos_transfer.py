@@ -146,6 +146,8 @@ class CosmosTransferDenoiser(Denoiser):
             "controlnet": _public(self.controlnet.config),
         }
 
+    training_options = ("freeze_control_branch",)
+
     @property
     def adapter_options(self) -> dict:
         return {"control_scale": self.control_scale, "freeze_control_branch": self.freeze_control_branch}
