@@ -42,6 +42,10 @@ class Denoiser(nn.Module):
     #: adapter options that change how the model trains, not what it computes (e.g. a frozen
     #: branch): KD does not compare them with the options its pairs were generated with
     training_options: ClassVar[tuple[str, ...]] = ()
+    #: how an exported student takes the control video (``student.json``'s ``control_input``);
+    #: read from the adapter class itself, never inherited (a subclass may take control
+    #: differently); None: not described
+    control_input: ClassVar[str | None] = None
 
     #: channels C of the latents it denoises
     latent_channels: int

@@ -89,6 +89,10 @@ class CosmosTransferDenoiser(Denoiser):
     #: the ``_class_name`` of the diffusers pipeline folder this adapter loads
     pipeline_class_name = PIPELINE_CLASS
     lora_targets = COSMOS_BLOCK_LINEARS
+    control_input = (
+        "Cosmos2_5_TransferPipeline(controls=(control + 1) / 2), the control video as "
+        "[B, T, 3, H, W] in [0, 1]; the pipeline encodes it with the VAE for the ControlNet"
+    )
 
     def __init__(
         self,
