@@ -207,6 +207,11 @@ class Denoiser(nn.Module):
         scheduler.save_pretrained(str(Path(folder) / "scheduler"))
         return Path(folder)
 
+    def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:
+        """ValueError when :meth:`save_student_pipeline` cannot export a student at these
+        noise levels (called by the stages before training, so a run does not fail at its
+        export); every ladder is exportable by default."""
+
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The weights of a folder of this model's class (a model or teacher folder, as
         :meth:`save_pretrained` writes it), keyed as ``self.state_dict()``."""

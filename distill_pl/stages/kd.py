@@ -137,6 +137,8 @@ class KDModule(L.LightningModule):
         self.autoencoder = build_autoencoder(vae_path)
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        if export_dir:
+            self.teacher.check_student_levels(self.student_levels)
         self.pairs_guidance: float | None = None
         self.pairs_steps: int | None = None
         #: which stored trajectory levels are the student's (None: the batch holds exactly those)

@@ -305,6 +305,13 @@ class CosmosTransferDenoiser(Denoiser):
             )
         return save_cosmos_student_pipeline(folder, self, teacher, replace=True, noise_levels=noise_levels)
 
+    def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:
+        """ValueError unless a ``FlowMatchEulerDiscreteScheduler`` gives these levels from
+        ``set_timesteps(K)`` (the pipeline passes no custom sigmas)."""
+        from distill_pl.diffusion.student_scheduler import few_step_euler_scheduler
+
+        few_step_euler_scheduler(noise_levels)
+
     @classmethod
     def folder_config(cls, path: str) -> dict:
         """``{"transformer": ..., "controlnet": ...}`` from the ``config.json`` files of the

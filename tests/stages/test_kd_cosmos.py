@@ -1,4 +1,5 @@
-"""KD refuses pairs generated with other adapter options (denoiser_options) than its own."""
+"""KD of a Cosmos-Transfer2.5 teacher: it refuses pairs generated with other adapter options
+(denoiser_options) than its own, and a student its pipeline export could not run."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def test_pairs_with_other_denoiser_options_are_refused(cosmos_teacher, tmp_path)
     default.check_pairs_metadata(cosmos_metadata(cosmos_teacher, None), pairs)  # pairs before the key: defaults
     with pytest.raises(ValueError, match=r"control_scale = \[1.0, 0.5\], this KD run has 1.0;"):
         default.check_pairs_metadata(cosmos_metadata(cosmos_teacher, {"control_scale": [1.0, 0.5]}), pairs)
+
+
+def test_a_ladder_the_exported_pipeline_cannot_run_is_refused_before_training(cosmos_teacher, tmp_path):
+    """Cosmos2_5_TransferPipeline sets its own K sigmas: levels its scheduler cannot produce
+    fail at construction when the run exports, not after training."""
+    with pytest.raises(ValueError, match=r"noise levels \[1.0, 0.9, 0.5, 0.1\] from set_timesteps\(4\)"):
+        KDModule(cosmos_teacher, vae_path=cosmos_teacher, student_sigmas=[1.0, 0.9, 0.5, 0.1],
+                 export_dir=str(tmp_path / "export"))
+    KDModule(cosmos_teacher, vae_path=cosmos_teacher, student_sigmas=[1.0, 0.9, 0.5, 0.1])  # no export: fine
+    KDModule(cosmos_teacher, vae_path=cosmos_teacher, student_sigmas=[1.0, 0.75, 0.5, 0.25],
+             export_dir=str(tmp_path / "export"))
