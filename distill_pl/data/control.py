@@ -16,6 +16,11 @@ import kornia
 import torch
 from torch import Tensor
 
+#: the Gaussian blur of every control the project builds: kernel size and sigma (pixels)
+CANNY_KERNEL_SIZE = 5
+CANNY_SIGMA = 1.0
+#: a pixel is an edge where kornia's canny output (0 or 1 after hysteresis) exceeds this
+EDGE_THRESHOLD = 0.5
 #: working memory of one canny chunk (kornia's canny keeps about 64 float32 planes per frame)
 CANNY_CHUNK_BYTES = 512 * 2**20
 _PLANES_PER_FRAME = 64
@@ -25,8 +30,8 @@ def canny_control(
     video: Tensor,
     low_threshold: float = 0.1,
     high_threshold: float = 0.2,
-    kernel_size: int = 5,
-    sigma: float = 1.0,
+    kernel_size: int = CANNY_KERNEL_SIZE,
+    sigma: float = CANNY_SIGMA,
 ) -> Tensor:
     """Edge control of ``video`` [3, T, H, W] or [B, 3, T, H, W] in [-1, 1]; same shape and dtype.
 
@@ -46,7 +51,7 @@ def canny_control(
         _, chunk = kornia.filters.canny(
             grey, low_threshold, high_threshold, (kernel_size, kernel_size), (sigma, sigma)
         )
-        edges[lo : lo + per_chunk] = chunk > 0.5
+        edges[lo : lo + per_chunk] = chunk > EDGE_THRESHOLD
     control = edges.to(video.dtype) * 2 - 1  # [B*T, 1, H, W]
     control = control.reshape(b, t, 1, h, w).transpose(1, 2).expand(b, 3, t, h, w).contiguous()
     return control if video.ndim == 5 else control[0]

@@ -39,6 +39,13 @@ class Denoiser(nn.Module):
     #: default LoRA targets: suffixes of module paths of the Linear layers inside
     #: :attr:`blocks` (peft ``target_modules``)
     lora_targets: ClassVar[tuple[str, ...]]
+    #: adapter options that change how the model trains, not what it computes (e.g. a frozen
+    #: branch): KD does not compare them with the options its pairs were generated with
+    training_options: ClassVar[tuple[str, ...]] = ()
+    #: how an exported student takes the control video (``student.json``'s ``control_input``);
+    #: read from the adapter class itself, never inherited (a subclass may take control
+    #: differently); None: not described
+    control_input: ClassVar[str | None] = None
 
     #: channels C of the latents it denoises
     latent_channels: int
@@ -199,6 +206,11 @@ class Denoiser(nn.Module):
                                                     stochastic_sampling=len(noise_levels) > 1)
         scheduler.save_pretrained(str(Path(folder) / "scheduler"))
         return Path(folder)
+
+    def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:
+        """ValueError when :meth:`save_student_pipeline` cannot export a student at these
+        noise levels (called by the stages before training, so a run does not fail at its
+        export); every ladder is exportable by default."""
 
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The weights of a folder of this model's class (a model or teacher folder, as

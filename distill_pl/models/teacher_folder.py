@@ -7,7 +7,7 @@ diffusers classes, and the project reads the shift from the scheduler config.
 
 A student folder also holds ``student_steps.json``, its noise levels (see
 :func:`save_student_folder`), and may hold ``student.json``, the data settings its
-conditioning was built with (see :data:`STUDENT_SETTINGS`); ``scripts/one_step_diffusers.py``
+conditioning was built with (see :mod:`distill_pl.models.student_settings`); ``scripts/one_step_diffusers.py``
 reads both.
 """
 
@@ -22,6 +22,7 @@ from distill_pl.diffusion.student_steps import student_noise_levels, unshift_sig
 from distill_pl.media import write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import ModelFolderError
+from distill_pl.models.student_settings import STUDENT_SETTINGS, student_settings
 from distill_pl.paths import resolve_path
 
 
@@ -39,14 +40,6 @@ def save_teacher_folder(
     denoiser.save_components(str(folder))
     build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
     return folder
-
-
-#: the data settings (``VideoDataModule`` arguments) that ``student.json`` records: the
-#: text encoder and its padded length, the clip size and frame stride, the canny thresholds
-STUDENT_SETTINGS = (
-    "text_encoder", "max_text_length", "num_frames", "frame_stride", "height", "width",
-    "canny_low", "canny_high",
-)
 
 
 #: file of a student folder with its noise levels
@@ -73,9 +66,10 @@ def save_student_folder(
     ``x_g = eps - v(eps, 1)``. Prints where it went.
 
     With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
-    :data:`STUDENT_SETTINGS`, also ``student.json``: those settings plus ``control``,
-    ``"canny"`` or None for a student without control, and, if it has any, ``adapter_options``
-    (the student's own options, e.g. the control scale its pipeline is called with).
+    :data:`~distill_pl.models.student_settings.STUDENT_SETTINGS`, also ``student.json``
+    (:func:`~distill_pl.models.student_settings.student_settings`): those settings with the
+    text encoder as a plain local path, the control's preprocessing and, if it has any, the
+    student's ``adapter_options`` (e.g. the control scale its pipeline is called with).
     """
     from distill_pl.stages.nonfinite import check_finite
 
@@ -85,10 +79,7 @@ def save_student_folder(
     steps = {"noise_levels": list(levels), "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
     write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
-        settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
-        settings["control"] = "canny" if student.control_channels else None
-        if student.adapter_options:
-            settings["adapter_options"] = student.adapter_options
+        settings = student_settings(data_hparams, student)
         write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder

@@ -252,6 +252,8 @@ class DMD2Module(L.LightningModule):
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
         self.step_metrics: dict[str, float] = {}
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        if export_dir:
+            self.teacher.check_student_levels(self.student_levels)
 
     # --- sharding (FSDP2) -------------------------------------------------------------------
     #: left out of checkpoints (also of distributed ones, see distill_pl.strategies)

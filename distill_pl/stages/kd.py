@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import json
 
 import lightning as L
 import torch
@@ -135,6 +137,8 @@ class KDModule(L.LightningModule):
         self.autoencoder = build_autoencoder(vae_path)
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        if export_dir:
+            self.teacher.check_student_levels(self.student_levels)
         self.pairs_guidance: float | None = None
         self.pairs_steps: int | None = None
         #: which stored trajectory levels are the student's (None: the batch holds exactly those)
@@ -167,14 +171,17 @@ class KDModule(L.LightningModule):
                 "KDModule trains on KD pairs: set `data.mode: pairs` and `data.pairs_dir` "
                 "(generate them first with the kd_pairs stage)"
             )
-        self.check_pairs_metadata(metadata)
+        hparams = getattr(datamodule, "hparams", {})
+        self.check_pairs_metadata(metadata, hparams.get("pairs_dir") if hparams.get("mode") == "pairs" else None)
         self.negative_prompt.set_from(datamodule)
 
-    def check_pairs_metadata(self, metadata: dict) -> None:
+    def check_pairs_metadata(self, metadata: dict, pairs_dir: str | None = None) -> None:
         """Raise ValueError unless the pairs (``pairs_metadata``, see :mod:`distill_pl.data.pairs`)
-        were made by this teacher (same folder content: ``teacher_sha256``), in the same space
-        (pixels or latents of a VAE), with latents of the student's channels and of the shape
-        the autoencoder gives the pairs' clips."""
+        were made by this teacher (same folder content: ``teacher_sha256``) with the same
+        adapter options (``denoiser_options``: a one-line error naming ``pairs_dir``, the key
+        and both values), in the same space (pixels or latents of a VAE), with latents of the
+        student's channels and of the shape the autoencoder gives the pairs' clips."""
+        self._check_pairs_denoiser_options(metadata.get("denoiser_options") or {}, pairs_dir)
         problems = []
         made_by = metadata.get("teacher")
         if "teacher_sha256" in metadata:
@@ -217,6 +224,24 @@ class KDModule(L.LightningModule):
         self.pairs_guidance = metadata.get("guidance")
         self.pairs_steps = metadata.get("num_steps")
         self.trajectory_columns = columns
+
+    def _check_pairs_denoiser_options(self, recorded: dict, pairs_dir: str | None) -> None:
+        """ValueError at the first adapter option whose value differs between the pairs'
+        ``denoiser_options`` and this run's (an option left out on either side has the
+        adapter's default); options that only change training (``Denoiser.training_options``,
+        e.g. ``freeze_control_branch``) are not compared."""
+        ours = self.hparams.denoiser_options or {}
+        defaults = {name: p.default for name, p in inspect.signature(type(self.teacher)).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        for key in sorted({*recorded, *ours, *self.teacher.adapter_options} - set(self.teacher.training_options)):
+            theirs_value, ours_value = recorded.get(key, defaults.get(key)), ours.get(key, defaults.get(key))
+            if _plain(theirs_value) != _plain(ours_value):
+                where = pairs_dir if pairs_dir is not None else "the KD pairs"
+                raise ValueError(
+                    f"{where}: the pairs were generated with denoiser_options.{key} = {theirs_value!r}, "
+                    f"this KD run has {ours_value!r}; set model.denoiser_options.{key} to "
+                    f"{theirs_value!r} or regenerate the pairs"
+                )
 
     def _trajectory_columns(self, metadata: dict, problems: list[str]) -> list[int] | None:
         """Indices of the student's levels after the first among the pairs' requested
@@ -406,3 +431,8 @@ def _same_path(a: str, b: str) -> bool | None:
     if not pa.exists():
         return None
     return pa == pb
+
+
+def _plain(value):
+    """``value`` as JSON has it (tuples as lists), for comparing options across a round trip."""
+    return json.loads(json.dumps(value, default=str))

