@@ -16,7 +16,7 @@ from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.models.families.test_cosmos_transfer import COSMOS_TRANSFER_2_5_2B
-from tests.test_wan_configs import global_batch, num_params, parse
+from tests.meta_configs import build_on_meta, global_batch, num_params, parse, wan_vae_config, write_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/cosmos-transfer2.5-2b"
@@ -37,16 +37,9 @@ SCHEDULER_CONFIG = {
 
 def write_stand_in(root: Path) -> None:
     """A Cosmos2_5_TransferPipeline folder layout with its configs and empty weight files."""
-    def model(sub: str, config: dict) -> None:
-        (root / sub).mkdir(parents=True)
-        (root / sub / "config.json").write_text(json.dumps(config))
-        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-
-    model("transformer", {"_class_name": "CosmosTransformer3DModel", **COSMOS_TRANSFER_2_5_2B["transformer"]})
-    model("controlnet", {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
-    with torch.device("meta"):
-        vae_defaults = dict(AutoencoderKLWan().config)  # the Wan 2.1 VAE: z_dim 16, x4 time, x8 space
-    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    write_model(root, "transformer", {"_class_name": "CosmosTransformer3DModel", **COSMOS_TRANSFER_2_5_2B["transformer"]})
+    write_model(root, "controlnet", {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
+    write_model(root, "vae", wan_vae_config())
     (root / "scheduler").mkdir()
     (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     (root / "text_encoder").mkdir()
@@ -66,18 +59,7 @@ def stand_in(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_stand_in(tmp_path / FOLDER)
 
-    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
-        config = json.loads((Path(folder) / "config.json").read_text())
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        for name, param in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):
-                param.data = param.data.to(torch_dtype)
-        return model
-
-    for cls in (CosmosTransformer3DModel, CosmosControlNetModel, AutoencoderKLWan):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    build_on_meta(monkeypatch, (CosmosTransformer3DModel, CosmosControlNetModel, AutoencoderKLWan))
     return tmp_path / FOLDER
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+from tests.meta_configs import build_on_meta, global_batch, num_params, parse, wan_vae_config, write_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,17 +62,9 @@ MODELS = {
 
 
 def write_stand_in(root: Path, transformer_config: dict) -> None:
-    """A Wan2.1-T2V diffusers folder layout with its configs and empty weight files."""
-    def model(sub: str, config: dict) -> None:
-        (root / sub).mkdir(parents=True)
-        (root / sub / "config.json").write_text(json.dumps(config))
-        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-
-    model("transformer", transformer_config)
-    # the Wan 2.1 VAE: diffusers' AutoencoderKLWan defaults (z_dim 16, 4x temporal, 8x spatial)
-    with torch.device("meta"):
-        vae_defaults = dict(AutoencoderKLWan().config)
-    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    """A Wan2.1 diffusers folder layout with its configs and empty weight files."""
+    write_model(root, "transformer", transformer_config)
+    write_model(root, "vae", wan_vae_config())
     (root / "scheduler").mkdir()
     (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     (root / "text_encoder").mkdir()
@@ -86,39 +78,8 @@ def wan(request, tmp_path, monkeypatch) -> WanModel:
     monkeypatch.chdir(tmp_path)
     write_stand_in(tmp_path / model_size.folder, model_size.transformer_config)
 
-    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
-        config = json.loads((Path(folder) / "config.json").read_text())
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        for name, param in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):
-                param.data = param.data.to(torch_dtype)
-        return model
-
-    for cls in (WanTransformer3DModel, AutoencoderKLWan):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    build_on_meta(monkeypatch, (WanTransformer3DModel, AutoencoderKLWan))
     return model_size
-
-
-class ParsedCLI(DistillCLI):
-    """The project's CLI, parsing and instantiating model and data only (no Trainer: the
-    configs ask for 8 GPUs)."""
-
-    def instantiate_classes(self) -> None:
-        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
-        self.config_init = instantiate(self.config)
-        self.model = self.config_init["model"]
-        self.datamodule = self.config_init["data"]
-
-
-def parse(config: Path, *overrides: str) -> ParsedCLI:
-    return ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
-                     run=False, args=["--config", str(config), *overrides])
-
-
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def check_data(cli: ParsedCLI, kd_model, mode: str = "pairs") -> tuple[int, ...]:
@@ -136,11 +97,6 @@ def check_data(cli: ParsedCLI, kd_model, mode: str = "pairs") -> tuple[int, ...]
 def in_range(module: torch.nn.Module, wan: WanModel) -> bool:
     low, high = wan.num_params
     return low < num_params(module) < high
-
-
-def global_batch(cli: ParsedCLI, per_device: int) -> int:
-    trainer = cli.config["trainer"]
-    return trainer["num_nodes"] * trainer["devices"] * per_device
 
 
 def test_kd_pairs_config(wan):

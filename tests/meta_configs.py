@@ -1,0 +1,70 @@
+"""What the real-size config tests share: stand-in diffusers folders (the published configs
+and empty weight files), ``from_pretrained`` building on the meta device, and the project's
+CLI parsing a config into its model and data without a Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from distill_pl.cli import DistillCLI
+from distill_pl.data.datamodule import VideoDataModule
+
+
+def write_model(root: Path, sub: str, config: dict) -> None:
+    """``root/sub``: a model folder with ``config.json`` and an empty safetensors file."""
+    (root / sub).mkdir(parents=True)
+    (root / sub / "config.json").write_text(json.dumps(config))
+    (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+
+
+def wan_vae_config() -> dict:
+    """The Wan 2.1 VAE's config.json: diffusers' AutoencoderKLWan defaults (z_dim 16, 4x
+    temporal, 8x spatial)."""
+    with torch.device("meta"):
+        return {"_class_name": "AutoencoderKLWan", **dict(AutoencoderKLWan().config)}
+
+
+def build_on_meta(monkeypatch, classes) -> None:
+    """``cls.from_pretrained(folder, torch_dtype=...)`` of each of ``classes`` builds from the
+    folder's config.json on the meta device (``_keep_in_fp32_modules`` stay float32)."""
+    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
+        config = json.loads((Path(folder) / "config.json").read_text())
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, param in model.named_parameters():
+            if not any(m in name.split(".") for m in keep):
+                param.data = param.data.to(torch_dtype)
+        return model
+
+    for cls in classes:
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+
+
+class ParsedCLI(DistillCLI):
+    """The project's CLI, parsing and instantiating model and data only (no Trainer: the
+    configs ask for 8 GPUs)."""
+
+    def instantiate_classes(self) -> None:
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
+        self.config_init = instantiate(self.config)
+        self.model = self.config_init["model"]
+        self.datamodule = self.config_init["data"]
+
+
+def parse(config: Path, *overrides: str) -> ParsedCLI:
+    return ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
+                     run=False, args=["--config", str(config), *overrides])
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def global_batch(cli: ParsedCLI, per_device: int) -> int:
+    trainer = cli.config["trainer"]
+    return trainer["num_nodes"] * trainer["devices"] * per_device
