@@ -1,7 +1,7 @@
 """configs/tiny-wan-vace through the real CLI, in latent space with the tiny VAE: KD pairs ->
-KD -> DMD2 (a few steps each) -> evaluate, on the tiny random VACE teacher of
-scripts/make_tiny_wan_vace.py; the exported students are full WanVACEPipeline folders that
-reproduce the project's one-step output. Clips of 5 frames (2 latent frames) keep it short."""
+KD -> DMD2 (a few steps each) -> evaluate, and ``distill-pl export`` of the DMD2 checkpoint, on
+the tiny random VACE teacher of scripts/make_tiny_wan_vace.py; the exported students are full
+WanVACEPipeline folders that reproduce the project's one-step output. Clips of 5 frames (2 latent frames) keep it short."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from diffusers import WanVACEPipeline
 
 from distill_pl.data.pairs import read_shard_header
 from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.export import main as export_main
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import folder_class_name, load_denoiser
@@ -112,6 +113,15 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
         assert load_denoiser(export).control_channels == 72
         settings = json.loads((export / "student.json").read_text())
         assert settings["adapter_options"] == {"conditioning_scale": SCALE} and settings["num_frames"] == FRAMES
+
+    # distill-pl export of the DMD2 checkpoint writes the same pipeline folder as the run did
+    again = work / "dmd2_again"
+    export_main(["--ckpt", str(dmd2_run / "checkpoints/last.ckpt"), "--out", str(again),
+                 "--teacher", str(work / RUNS / "teacher")])
+    assert json.loads((again / "model_index.json").read_text()) == json.loads((dmd2_export / "model_index.json").read_text())
+    assert json.loads((again / "student.json").read_text()) == settings
+    assert all(torch.equal(a, b) for a, b in zip(load_denoiser(again).state_dict().values(),
+                                                 load_denoiser(dmd2_export).state_dict().values()))
 
     # the exported pipeline, 1 step without CFG, is the project's one-step output x_g
     g = torch.Generator().manual_seed(0)
