@@ -124,11 +124,12 @@ def test_dmd2_config(vace):
     assert cli.config["trainer"]["max_steps"] == 24_000
 
 
-@pytest.mark.parametrize("name", ["kd.yaml", "dmd2.yaml"])
-def test_14b_training_configs_shard_with_fsdp2(name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size, name", [("14b", "kd.yaml"), ("14b", "dmd2.yaml"), ("1.3b", "dmd2.yaml")])
+def test_training_configs_that_ddp_does_not_fit_shard_with_fsdp2(size, name, tmp_path, monkeypatch):
+    """14B KD and DMD2, and 1.3B DMD2 (~93 GiB per GPU with DDP), run under FSDP2."""
     monkeypatch.chdir(tmp_path)
-    write_vace_stand_in(tmp_path / MODELS["14b"].folder, VACE_14B)
+    write_vace_stand_in(tmp_path / MODELS[size].folder, MODELS[size].transformer_config)
     build_on_meta(monkeypatch, (WanVACETransformer3DModel, AutoencoderKLWan))
-    cli = parse(MODELS["14b"].configs / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
+    cli = parse(MODELS[size].configs / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
     found = cli.config["trainer"]["strategy"]
     assert getattr(found, "class_path", found) == "distill_pl.strategies.FSDP2Strategy"
