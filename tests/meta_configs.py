@@ -68,3 +68,28 @@ def num_params(module: torch.nn.Module) -> int:
 def global_batch(cli: ParsedCLI, per_device: int) -> int:
     trainer = cli.config["trainer"]
     return trainer["num_nodes"] * trainer["devices"] * per_device
+
+
+def check_kd_recipe(cli: ParsedCLI) -> None:
+    """The reference KD recipe: AdamW lr 1e-5, betas (0.9, 0.999), weight decay 0.01, global
+    batch 64, 10k optimizer steps, gradient clipping 10, bf16 mixed precision."""
+    h = cli.model.hparams
+    assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
+    trainer = cli.config["trainer"]
+    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
+    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
+    assert trainer["precision"] == "bf16-mixed"
+
+
+def check_dmd2_recipe(cli: ParsedCLI) -> None:
+    """The reference DMD2 recipe: lr 5e-7 for every network, w = 6 (Cosmos g = 5), GAN weight
+    1e-3, 4 critic : 1 student steps, AdamW betas (0.9, 0.999), weight decay 0.01, student
+    gradient clip 10, 24k steps in bf16 mixed precision, global batch 64."""
+    h = cli.model.hparams
+    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
+    assert (h.guidance, h.gan_weight, h.student_update_freq) == (6.0, 1e-3, 5)
+    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip) == ((0.9, 0.999), 0.01, 10.0)
+    trainer = cli.config["trainer"]
+    per_device = cli.datamodule.hparams.batch_size
+    assert global_batch(cli, per_device) == 64 and per_device % h.accumulate_micro_batches == 0
+    assert trainer["max_steps"] == 24_000 and trainer["precision"] == "bf16-mixed"

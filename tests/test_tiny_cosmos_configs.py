@@ -17,7 +17,7 @@ from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import folder_class_name, load_denoiser
 from distill_pl.models.guidance import velocity_fn
-from tests.cli_helpers import edited_config, run_cli
+from tests.cli_helpers import edited_config, evaluate_tiny_runs, run_cli
 from tests.models.families import cosmos_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,16 +122,5 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     assert expected.shape == x_g.shape == (1, 16, 2, 4, 4)
     torch.testing.assert_close(expected, x_g, rtol=0, atol=2e-5)
 
-    def evaluation(cfg):
-        cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=2, batch_size=8,
-                   sheet_clips=2, denoiser_options={"control_scale": 0.5})
-        cfg["data"].update(val_clips_per_video=1, num_frames=FRAMES)
-
-    run_cli(["evaluate", "--config", str(edited_config(f"{CONFIGS}/eval.yaml", work / "e.yaml", evaluation))],
-            cwd=work)
-    report = json.loads((work / RUNS / "eval/report.json").read_text())
-    rows = {row["key"]: row for row in report["methods"]}
-    assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
-    assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
-    for row in list(rows.values())[1:]:
-        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None
+    evaluate_tiny_runs(work, f"{CONFIGS}/eval.yaml", work / RUNS / "eval/report.json", {"control_scale": 0.5},
+                       num_frames=FRAMES)
