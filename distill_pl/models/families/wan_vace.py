@@ -25,7 +25,7 @@ that reproduces the project's K-step student output when called as
     pipe = WanVACEPipeline.from_pretrained(folder)
     steps = json.load(open(f"{folder}/student_steps.json"))     # the K noise levels
     options = json.load(open(f"{folder}/student.json"))["adapter_options"]
-    if len(steps["noise_levels"]) > 1:  # the pipeline's call sets K evenly spaced timesteps itself
+    if len(steps["noise_levels"]) > 1:  # the call sets its own K timesteps
         pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps,
                                                          sigmas=steps["scheduler_sigmas"])
     torch.manual_seed(seed)  # a K-step student's re-noising draws from the global generator
