@@ -8,10 +8,11 @@ no process group: the student is built on the meta device from the teacher's tra
 config (by its family's adapter, which the registry picks), given empty CPU tensors, and only
 the student's keys are read from the shards (``torch.distributed.checkpoint.load``), so
 neither the optimizer states nor the other networks are loaded. The folder is what the run's
-own ``export_dir`` holds: ``transformer/`` (full float weights), a flow-match Euler
-``scheduler/`` with the teacher's shift, ``student_steps.json`` (the student's noise levels,
-from the run's ``student_sigmas``) and
-``student.json`` (the data settings) when the checkpoint records them.
+own ``export_dir`` holds: ``transformer/`` (full float weights) and a flow-match Euler
+``scheduler/`` with the teacher's shift -- for a family with its own diffusers pipeline (Wan
+VACE, Cosmos-Transfer2.5) the whole pipeline folder, its other components from the teacher's --,
+``student_steps.json`` (the student's noise levels, from the run's ``student_sigmas``) and
+``student.json`` (the data settings, the adapter's options) when the checkpoint records them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from distill_pl.stages.student_init import EMA_PREFIX, STUDENT_PREFIX
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="distill-pl export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="distributed checkpoint folder or .ckpt file")
-    parser.add_argument("--out", required=True, help="output folder (transformer/ + scheduler/)")
+    parser.add_argument("--out", required=True, help="output folder (transformer/ + scheduler/, or the family's pipeline folder)")
     parser.add_argument("--weights", choices=("auto", "ema", "student"), default="auto",
                         help="auto: the EMA weights when the checkpoint has them, else the raw student")
     parser.add_argument("--teacher", default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,20 @@ def scalar_events(log_dir: Path, tag: str) -> dict[int, float]:
         if tag in acc.Tags().get("scalars", []):
             values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
+
+
+def evaluate_tiny_runs(work: Path, config: str, report: Path, denoiser_options: dict, **data) -> None:
+    """``distill-pl evaluate`` of a tiny family config (its KD and DMD2 exports against the
+    teacher at 2 and 1 steps; 2 samples per held-out window, one window per video, 2 bootstrap
+    draws; ``data`` overrides the data settings) in ``work``; checks the rows of ``report``."""
+    def edit(cfg):
+        cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=2, batch_size=8,
+                   sheet_clips=2, denoiser_options=denoiser_options)
+        cfg["data"].update(val_clips_per_video=1, **data)
+
+    run_cli(["evaluate", "--config", str(edited_config(config, work / "e.yaml", edit))], cwd=work)
+    rows = {row["key"]: row for row in json.loads(report.read_text())["methods"]}
+    assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
+    assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
+    for row in list(rows.values())[1:]:
+        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None

@@ -16,7 +16,8 @@ from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.models.families.test_cosmos_transfer import COSMOS_TRANSFER_2_5_2B
-from tests.test_wan_configs import global_batch, num_params, parse
+from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
+                                write_model)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/cosmos-transfer2.5-2b"
@@ -37,16 +38,9 @@ SCHEDULER_CONFIG = {
 
 def write_stand_in(root: Path) -> None:
     """A Cosmos2_5_TransferPipeline folder layout with its configs and empty weight files."""
-    def model(sub: str, config: dict) -> None:
-        (root / sub).mkdir(parents=True)
-        (root / sub / "config.json").write_text(json.dumps(config))
-        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-
-    model("transformer", {"_class_name": "CosmosTransformer3DModel", **COSMOS_TRANSFER_2_5_2B["transformer"]})
-    model("controlnet", {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
-    with torch.device("meta"):
-        vae_defaults = dict(AutoencoderKLWan().config)  # the Wan 2.1 VAE: z_dim 16, x4 time, x8 space
-    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    write_model(root, "transformer", {"_class_name": "CosmosTransformer3DModel", **COSMOS_TRANSFER_2_5_2B["transformer"]})
+    write_model(root, "controlnet", {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
+    write_model(root, "vae", wan_vae_config())
     (root / "scheduler").mkdir()
     (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     (root / "text_encoder").mkdir()
@@ -66,18 +60,7 @@ def stand_in(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_stand_in(tmp_path / FOLDER)
 
-    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
-        config = json.loads((Path(folder) / "config.json").read_text())
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        for name, param in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):
-                param.data = param.data.to(torch_dtype)
-        return model
-
-    for cls in (CosmosTransformer3DModel, CosmosControlNetModel, AutoencoderKLWan):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    build_on_meta(monkeypatch, (CosmosTransformer3DModel, CosmosControlNetModel, AutoencoderKLWan))
     return tmp_path / FOLDER
 
 
@@ -123,8 +106,7 @@ def test_kd_config(stand_in):
     cli = parse(CONFIGS / "kd.yaml")
     kd = cli.model
     assert isinstance(kd, KDModule)
-    h = kd.hparams
-    assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
+    check_kd_recipe(cli)
     for net in (kd.teacher, kd.student):
         assert net.transformer.device.type == "meta" and in_range(net)
     assert kd.teacher.transformer.dtype == torch.bfloat16
@@ -134,28 +116,17 @@ def test_kd_config(stand_in):
     shape = check_data(cli, kd, negative_prompt=False)
     kd.check_pairs_metadata({"latent_shape": list(shape), "num_frames": 93, "height": 704,
                              "width": 1280, "vae_path": FOLDER, "guidance": 8.0, "num_steps": 36})
-    trainer = cli.config["trainer"]
-    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
-    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
-    assert trainer["precision"] == "bf16-mixed"
 
 
 def test_dmd2_config(stand_in):
     cli = parse(CONFIGS / "dmd2.yaml", "--model.init_args.init_from=null")  # no KD checkpoint here
     dmd2 = cli.model
     assert isinstance(dmd2, DMD2Module)
-    h = dmd2.hparams
-    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
-    assert (h.guidance, h.gan_weight, h.student_update_freq) == (6.0, 1e-3, 5)  # Cosmos g = 5
-    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip) == ((0.9, 0.999), 0.01, 10.0)
+    check_dmd2_recipe(cli)
     for net in (dmd2.teacher, dmd2.student, dmd2.fake_score):
         assert net.transformer.device.type == "meta" and in_range(net) and net.control_channels == 16
     assert dmd2.feature_block == 14
     check_data(cli, dmd2, mode="clips")
-    trainer = cli.config["trainer"]
-    per_device = cli.datamodule.hparams.batch_size
-    assert global_batch(cli, per_device) == 64 and per_device % h.accumulate_micro_batches == 0
-    assert trainer["max_steps"] == 24_000 and trainer["precision"] == "bf16-mixed"
 
 
 def test_freeze_control_branch_from_the_config(stand_in):

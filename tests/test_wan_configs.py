@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-from distill_pl.cli import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
+                                write_model)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,17 +63,9 @@ MODELS = {
 
 
 def write_stand_in(root: Path, transformer_config: dict) -> None:
-    """A Wan2.1-T2V diffusers folder layout with its configs and empty weight files."""
-    def model(sub: str, config: dict) -> None:
-        (root / sub).mkdir(parents=True)
-        (root / sub / "config.json").write_text(json.dumps(config))
-        (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-
-    model("transformer", transformer_config)
-    # the Wan 2.1 VAE: diffusers' AutoencoderKLWan defaults (z_dim 16, 4x temporal, 8x spatial)
-    with torch.device("meta"):
-        vae_defaults = dict(AutoencoderKLWan().config)
-    model("vae", {"_class_name": "AutoencoderKLWan", **vae_defaults})
+    """A Wan2.1 diffusers folder layout with its configs and empty weight files."""
+    write_model(root, "transformer", transformer_config)
+    write_model(root, "vae", wan_vae_config())
     (root / "scheduler").mkdir()
     (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
     (root / "text_encoder").mkdir()
@@ -86,39 +79,8 @@ def wan(request, tmp_path, monkeypatch) -> WanModel:
     monkeypatch.chdir(tmp_path)
     write_stand_in(tmp_path / model_size.folder, model_size.transformer_config)
 
-    def on_meta(cls, folder, torch_dtype=torch.float32, **kwargs):
-        config = json.loads((Path(folder) / "config.json").read_text())
-        with torch.device("meta"):
-            model = cls.from_config(config)
-        keep = getattr(model, "_keep_in_fp32_modules", None) or []
-        for name, param in model.named_parameters():
-            if not any(m in name.split(".") for m in keep):
-                param.data = param.data.to(torch_dtype)
-        return model
-
-    for cls in (WanTransformer3DModel, AutoencoderKLWan):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(on_meta))
+    build_on_meta(monkeypatch, (WanTransformer3DModel, AutoencoderKLWan))
     return model_size
-
-
-class ParsedCLI(DistillCLI):
-    """The project's CLI, parsing and instantiating model and data only (no Trainer: the
-    configs ask for 8 GPUs)."""
-
-    def instantiate_classes(self) -> None:
-        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
-        self.config_init = instantiate(self.config)
-        self.model = self.config_init["model"]
-        self.datamodule = self.config_init["data"]
-
-
-def parse(config: Path, *overrides: str) -> ParsedCLI:
-    return ParsedCLI(model_class=None, datamodule_class=VideoDataModule, subclass_mode_model=True,
-                     run=False, args=["--config", str(config), *overrides])
-
-
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def check_data(cli: ParsedCLI, kd_model, mode: str = "pairs") -> tuple[int, ...]:
@@ -136,11 +98,6 @@ def check_data(cli: ParsedCLI, kd_model, mode: str = "pairs") -> tuple[int, ...]
 def in_range(module: torch.nn.Module, wan: WanModel) -> bool:
     low, high = wan.num_params
     return low < num_params(module) < high
-
-
-def global_batch(cli: ParsedCLI, per_device: int) -> int:
-    trainer = cli.config["trainer"]
-    return trainer["num_nodes"] * trainer["devices"] * per_device
 
 
 def test_kd_pairs_config(wan):
@@ -165,8 +122,7 @@ def test_kd_config(wan):
     cli = parse(wan.configs / "kd.yaml")
     kd = cli.model
     assert isinstance(kd, KDModule)
-    h = kd.hparams
-    assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
+    check_kd_recipe(cli)
     for net in (kd.teacher, kd.student):
         assert net.transformer.device.type == "meta"
         assert in_range(net, wan)
@@ -180,20 +136,14 @@ def test_kd_config(wan):
     kd.check_pairs_metadata({"latent_shape": list(shape), "num_frames": 81, "height": 480,
                              "width": 832, "vae_path": wan.folder, "guidance": 8.0, "num_steps": 36})
 
-    trainer = cli.config["trainer"]
-    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
-    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
-    assert trainer["precision"] == "bf16-mixed"
-
 
 def test_dmd2_config(wan):
     cli = parse(wan.configs / "dmd2.yaml", "--model.init_args.init_from=null")  # no KD checkpoint here
     dmd2 = cli.model
     assert isinstance(dmd2, DMD2Module)
+    check_dmd2_recipe(cli)
     h = dmd2.hparams
-    assert (h.student_lr, h.fake_score_lr, h.discriminator_lr) == (5e-7, 5e-7, 5e-7)
-    assert (h.guidance, h.gan_weight, h.student_update_freq) == (6.0, 1e-3, 5)  # Cosmos g = 5
-    assert (tuple(h.betas), h.weight_decay, h.student_grad_clip, h.t_min, h.t_max) == ((0.9, 0.999), 0.01, 10.0, 0.02, 0.98)
+    assert (h.t_min, h.t_max) == (0.02, 0.98)
     assert dmd2.shift == SCHEDULER_CONFIG["flow_shift"]
     for net in (dmd2.teacher, dmd2.student, dmd2.fake_score):
         assert net.transformer.device.type == "meta" and in_range(net, wan)
@@ -204,6 +154,4 @@ def test_dmd2_config(wan):
     assert dmd2.feature_block == dmd2.teacher.num_blocks // 2
     check_data(cli, dmd2, mode="clips")
 
-    batch_size = cli.datamodule.hparams.batch_size  # per device, split into micro-batches of 1
-    assert global_batch(cli, batch_size) == 64 and batch_size == h.accumulate_micro_batches
-    assert cli.config["trainer"]["max_steps"] == 24_000 and cli.config["trainer"]["precision"] == "bf16-mixed"
+    assert cli.datamodule.hparams.batch_size == h.accumulate_micro_batches  # micro-batches of 1

@@ -42,6 +42,19 @@ def build_flow_scheduler(name: SchedulerName = "unipc", shift: float = 1.0):
     raise ValueError(f"unknown scheduler {name!r}; expected 'unipc' or 'euler'")
 
 
+def build_student_scheduler(shift: float, num_levels: int):
+    """The diffusers scheduler of a student called at ``num_levels`` noise levels:
+    ``FlowMatchEulerDiscreteScheduler(shift=shift)``, with ``stochastic_sampling`` for more
+    than one level (each step predicts x0 and re-noises it to the next level with fresh
+    noise: :func:`few_step_sample`). Its ``set_timesteps(sigmas=...)`` with the levels before
+    the shift gives the student's levels; one step from sigma = 1 is ``eps - v(eps, 1)``
+    for every shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,
+                                           stochastic_sampling=num_levels > 1)
+
+
 #: ``(timesteps[i], sigmas[i]) -> sigma``: the noise level (0-d tensor) at which a scheduler
 #: step evaluates the velocity function
 StepSigma = Callable[[Tensor, Tensor], Tensor]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +124,23 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
 
 def frechet_distance_to(features: Tensor, reference: tuple[Tensor, Tensor]) -> float:
     """Fréchet distance between a Gaussian fitted to ``features`` [N, D] and ``reference``
-    (mean, covariance)."""
-    return frechet_distance(*gaussian_statistics(features), *reference)
+    (mean, covariance): :func:`frechet_distance` of :func:`gaussian_statistics`.
+
+    With fewer samples than dimensions (N <= D, e.g. a few dozen frames of 1280-d features)
+    the fitted covariance is ``C1 = Xc^T Xc / (N - 1)`` (``Xc`` the centred features) and the
+    same value comes from N x N matrices: ``tr C1 = |Xc|^2 / (N - 1)`` and the eigenvalues of
+    ``C1^1/2 C2 C1^1/2`` are, besides zeros, those of ``Xc C2 Xc^T / (N - 1)``; no D x D
+    eigendecomposition is needed."""
+    mean2, cov2 = (x.double() for x in reference)
+    if features.ndim != 2 or features.shape[0] < 2 or features.shape[0] > features.shape[1]:
+        return frechet_distance(*gaussian_statistics(features), mean2, cov2)
+    x = features.double()
+    mean1 = x.mean(0)
+    centred = (x - mean1) / math.sqrt(x.shape[0] - 1)
+    small = centred @ cov2 @ centred.T
+    cross = torch.linalg.eigvalsh((small + small.T) / 2).clamp(min=0).sqrt().sum()
+    value = (mean1 - mean2).square().sum() + centred.square().sum() + torch.trace(cov2) - 2 * cross
+    return float(value.clamp(min=0))
 
 
 def bootstrap_frechet_std(

@@ -199,12 +199,10 @@ class Denoiser(nn.Module):
         step from sigma = 1 is ``eps - v(eps, 1)``); an adapter whose family has a diffusers
         pipeline writes that pipeline's full folder, its other components taken from the
         ``teacher`` folder. Returns the folder."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        from distill_pl.diffusion.sampling import build_student_scheduler
 
         self.save_components(folder)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,
-                                                    stochastic_sampling=len(noise_levels) > 1)
-        scheduler.save_pretrained(str(Path(folder) / "scheduler"))
+        build_student_scheduler(shift, len(noise_levels)).save_pretrained(str(Path(folder) / "scheduler"))
         return Path(folder)
 
     def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:

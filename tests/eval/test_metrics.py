@@ -85,6 +85,21 @@ def test_frechet_distance_from_samples_of_known_gaussians():
     assert value == pytest.approx(float(mu.square().sum()) + d, rel=0.02)
 
 
+def test_frechet_distance_to_few_samples_equals_the_full_formula():
+    """N <= D features take the N x N route of frechet_distance_to: the same value as the
+    D x D eigendecompositions of frechet_distance, for a full-rank and a rank-deficient reference
+    (to 1e-6 relative: the D x D route takes square roots of its rounding-level zero eigenvalues)."""
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    features = torch.randn(24, d, generator=g) * torch.linspace(0.1, 3.0, d) + 0.5
+    for reference in (torch.randn(500, d, generator=g), 2 * torch.randn(10, d, generator=g) - 1):
+        stats = metrics.gaussian_statistics(reference)
+        full = metrics.frechet_distance(*metrics.gaussian_statistics(features), *stats)
+        assert metrics.frechet_distance_to(features, stats) == pytest.approx(full, rel=1e-6)
+        assert metrics.frechet_distance_to(features[:2], stats) == pytest.approx(
+            metrics.frechet_distance(*metrics.gaussian_statistics(features[:2]), *stats), rel=1e-6)
+
+
 def test_mean_pairwise_rms():
     samples = torch.stack([torch.full((3, 2, 4, 4), c) for c in (0.0, 1.0, 3.0)])
     assert metrics.mean_pairwise_rms(samples) == pytest.approx((1 + 3 + 2) / 3)

@@ -18,9 +18,34 @@ default when no mask is given),
   out on ``s * s`` channels, frames resized to the latent frames (nearest-exact);
 - ``context = cat([inactive, reactive, mask], dim=1)``: ``2 * z_dim + s * s`` channels, which
   must be the model's ``vace_in_channels`` (96 for Wan 2.1's VAE: 2 x 16 + 64).
+
+A student is exported as a full ``WanVACEPipeline`` folder (:meth:`WanVACEDenoiser.save_student_pipeline`)
+that reproduces the project's K-step student output when called as
+
+    pipe = WanVACEPipeline.from_pretrained(folder)
+    steps = json.load(open(f"{folder}/student_steps.json"))     # the K noise levels
+    options = json.load(open(f"{folder}/student.json"))["adapter_options"]
+    if len(steps["noise_levels"]) > 1:  # the call sets its own K timesteps
+        pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps,
+                                                         sigmas=steps["scheduler_sigmas"])
+    torch.manual_seed(seed)  # a K-step student's re-noising draws from the global generator
+    pipe(video=control_frames, prompt=..., num_inference_steps=len(steps["noise_levels"]),
+         guidance_scale=1.0, conditioning_scale=options["conditioning_scale"],
+         height=..., width=..., num_frames=...)
+
+``guidance_scale <= 1`` turns the pipeline's CFG off (the student needs none); without ``mask``
+the pipeline's mask is all ones, as for the project's edge control. A teacher folder without a
+text encoder (the tiny ones) gives a folder that loads with ``text_encoder=None, tokenizer=None``
+and is called with ``prompt_embeds``. ``WanVACEPipeline.__call__``
+takes no ``sigmas`` and calls ``scheduler.set_timesteps(num_inference_steps)``, whose timesteps
+for K > 1 are not the student's; binding ``sigmas`` (the levels before the scheduler's shift)
+as above makes them so. ``student.json`` (with ``adapter_options``) is written when the run's
+data settings are known (the stages' exports and ``distill-pl export``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +55,8 @@ from torch import Tensor, nn
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.wan import WanDenoiser
+
+PIPELINE_CLASS = "WanVACEPipeline"
 
 
 class WanVACEDenoiser(WanDenoiser):
@@ -128,6 +155,26 @@ class WanVACEDenoiser(WanDenoiser):
         if height % cell[0] or width % cell[1]:
             raise ValueError(f"{self._name()}: control video {height}x{width} is not a multiple of "
                              f"{cell[0]}x{cell[1]} (VAE factor {s} x patch size)")
+
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+    ) -> Path:
+        """The full ``WanVACEPipeline`` folder of this student: the ``teacher`` pipeline folder
+        (VAE, and the text encoder and tokenizer where it has them) with the student's
+        ``transformer/`` and a flow-match Euler ``scheduler/`` with ``shift``, stochastic for
+        more than one of ``noise_levels`` (an earlier export in ``folder`` is replaced). How to
+        call it (``conditioning_scale``, the levels of a K-step student) is in the module
+        docstring of :mod:`distill_pl.models.families.wan_vace`."""
+        from distill_pl.diffusion.sampling import build_student_scheduler
+        from distill_pl.models.families.pipeline_export import save_pipeline_folder
+
+        if teacher is None:
+            raise ValueError(
+                f"a Wan VACE student is exported as a full {PIPELINE_CLASS} folder: the teacher "
+                "pipeline folder (VAE, text encoder, tokenizer) is needed"
+            )
+        return save_pipeline_folder(folder, self, teacher, PIPELINE_CLASS,
+                                    build_student_scheduler(shift, len(noise_levels)), replace=True)
 
     def _name(self) -> str:
         return f"VACE model {self.folder}" if self.folder is not None else "VACE model"
