@@ -282,7 +282,8 @@ class CosmosTransferDenoiser(Denoiser):
         self.save_pretrained(folder)
 
     def save_student_pipeline(
-        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
     ) -> Path:
         """The full ``Cosmos2_5_TransferPipeline`` folder of this one-step student, its VAE,
         text encoder and tokenizer copied from the ``teacher`` pipeline folder (an earlier
