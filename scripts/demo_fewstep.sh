@@ -11,30 +11,20 @@
 # is exported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DPL=.venv/bin/distill-pl
+DPL=(.venv/bin/distill-pl)
 RUN=runs/tiny
 if [ ! -f "$RUN/kd/checkpoints/last.ckpt" ]; then
     echo "no $RUN/kd/checkpoints/last.ckpt: run scripts/demo.sh first" >&2
     exit 1
 fi
 
-fit_stage() {  # fit_stage NAME CONFIG [extra args...]: fit unless exported, resuming if possible
-    local name=$1 config=$2
-    shift 2
-    if [ -f "$RUN/$name/export/transformer/diffusion_pytorch_model.safetensors" ]; then
-        echo "$name: already done ($RUN/$name/export)"
-        return
-    fi
-    local resume=()
-    if [ -f "$RUN/$name/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); fi
-    "$DPL" fit --config "$config" "$@" "${resume[@]}"
-}
+source scripts/fit_stage.sh
 
 echo "== 1/3 KD 4-step"
 fit_stage kd_4step configs/tiny/kd_4step.yaml
 echo "== 2/3 DMD2 4-step from the 4-step KD student"
 fit_stage dmd2_4step configs/tiny/dmd2_4step.yaml --model.init_args.init_from "$RUN/kd_4step/checkpoints/last.ckpt"
 echo "== 3/3 evaluation with the 4-step students"
-"$DPL" evaluate --config configs/tiny/eval.yaml --students \
+"${DPL[@]}" evaluate --config configs/tiny/eval.yaml --students \
     "{\"KD\": \"$RUN/kd/export\", \"DMD2\": \"$RUN/dmd2/export\", \"KD 4-step\": \"$RUN/kd_4step/export\", \"DMD2 4-step\": \"$RUN/dmd2_4step/export\"}"
 echo "report: $RUN/eval/report.md"
