@@ -118,6 +118,15 @@ def test_missing_files_are_named(tmp_path):
         )
 
 
+def student_inputs():
+    """Seeded noise [2, 3, 4, 16, 16], control of the same shape, text [2, 16, 384] and its mask."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
+    control = torch.randn(2, 3, 4, 16, 16, generator=g)
+    text = torch.randn(2, 16, 384, generator=g)
+    return noise, control, text, torch.ones(2, 16, dtype=torch.bool)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_sample(tmp_path, shift):
     """A 4-step student (levels [1, 0.75, 0.5, 0.25] through the teacher's shift): the exported
@@ -132,11 +141,7 @@ def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_s
     assert scheduler.config.shift == shift and scheduler.config.stochastic_sampling
     sigmas = one_step_diffusers.load_scheduler_sigmas(tmp_path)
 
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
-    control = torch.randn(2, 3, 4, 16, 16, generator=g)
-    text = torch.randn(2, 16, 384, generator=g)
-    mask = torch.ones(2, 16, dtype=torch.bool)
+    noise, control, text, mask = student_inputs()
     with torch.no_grad():
         expected = few_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise, levels,
                                    torch.Generator().manual_seed(7))
@@ -160,11 +165,7 @@ def test_four_step_euler_export_sampled_with_plain_diffusers_equals_project_eule
     assert student_sampler_of(tmp_path) == "euler"
     transformer, scheduler = one_step_diffusers.load_student(tmp_path)
     assert not scheduler.config.stochastic_sampling
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
-    control = torch.randn(2, 3, 4, 16, 16, generator=g)
-    text = torch.randn(2, 16, 384, generator=g)
-    mask = torch.ones(2, 16, dtype=torch.bool)
+    noise, control, text, mask = student_inputs()
     with torch.no_grad():
         expected = euler_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise, levels)
     got = one_step_diffusers.student_video(transformer, scheduler, noise, text, control,
