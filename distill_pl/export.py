@@ -11,7 +11,8 @@ neither the optimizer states nor the other networks are loaded. The folder is wh
 own ``export_dir`` holds: ``transformer/`` (full float weights) and a flow-match Euler
 ``scheduler/`` with the teacher's shift -- for a family with its own diffusers pipeline (Wan
 VACE, Cosmos-Transfer2.5) the whole pipeline folder, its other components from the teacher's --,
-``student_steps.json`` (the student's noise levels, from the run's ``student_sigmas``) and
+``student_steps.json`` (the student's noise levels, from the run's ``student_sigmas``, and its
+sampler: a KD run's ``student_sampler``, DMD2's re-noising) and
 ``student.json`` (the data settings, the adapter's options) when the checkpoint records them.
 """
 
@@ -73,7 +74,8 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     shift = scheduler_shift(load_scheduler(teacher))
     levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,
                                   hparams.get("student_sigmas_shifted", False))
-    return save_student_folder(out, student, shift, settings, levels, teacher)
+    return save_student_folder(out, student, shift, settings, levels, teacher,
+                               hparams.get("student_sampler", "renoise"))
 
 
 def _checkpoint_keys(folder: Path) -> set[str]:

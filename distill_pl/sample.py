@@ -19,13 +19,18 @@ from pathlib import Path
 import torch
 
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.diffusion.sampling import few_step_sample, sample_with_scheduler
+from distill_pl.diffusion.sampling import sample_with_scheduler, student_sample
 from distill_pl.function_cli import run_with_data
 from distill_pl.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
-from distill_pl.models.teacher_folder import STUDENT_STEPS_FILE, load_scheduler, student_noise_levels_of
+from distill_pl.models.teacher_folder import (
+    STUDENT_STEPS_FILE,
+    load_scheduler,
+    student_noise_levels_of,
+    student_sampler_of,
+)
 from distill_pl.paths import resolve_path
 from distill_pl.stages.batch import encode_clip_batch
 
@@ -68,7 +73,7 @@ def sample_teacher(
         noise = torch.randn(x0.shape, generator=g)
         with torch.no_grad():
             if is_student:
-                x0 = few_step_sample(velocity_fn(denoiser, cond), noise, levels, g)
+                x0 = student_sample(velocity_fn(denoiser, cond), noise, levels, student_sampler_of(teacher), g)
             else:
                 fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
                 x0 = sample_with_scheduler(fn, noise, scheduler, steps, progress=True,

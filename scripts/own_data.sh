@@ -32,17 +32,7 @@ DATA=(--data.manifest "$MANIFEST" --data.cache_dir "$RUN/cache")
 TEACHER="$RUN/teacher/export"
 SAMPLE_STEPS="${SAMPLE_STEPS:-36}"
 
-fit_stage() {  # fit_stage NAME CONFIG [args...]: fit into RUN/NAME unless exported, resuming if possible
-    local name=$1 config=$2
-    shift 2
-    if [ -f "$RUN/$name/export/transformer/diffusion_pytorch_model.safetensors" ]; then
-        echo "$name: already done ($RUN/$name/export)"
-        return
-    fi
-    local resume=()
-    if [ -f "$RUN/$name/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); fi
-    "${DPL[@]}" fit --config "$config" --trainer.default_root_dir "$RUN/$name" "$@" "${resume[@]}"
-}
+source scripts/fit_stage.sh
 
 echo "== 1/5 teacher on $MANIFEST"
 fit_stage teacher configs/tiny/teacher.yaml --trainer.max_steps "${TEACHER_STEPS:-3000}" "${DATA[@]}"

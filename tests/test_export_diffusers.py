@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from distill_pl.diffusion.sampling import few_step_sample, one_step_sample
+from distill_pl.diffusion.sampling import euler_step_sample, few_step_sample, one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.teacher_folder import save_student_folder, student_noise_levels_of
+from distill_pl.models.teacher_folder import save_student_folder, student_noise_levels_of, student_sampler_of
 from distill_pl.models.text_encoder import TextEncoder
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.families.registry import build_denoiser
@@ -153,6 +153,15 @@ def test_missing_files_are_named(tmp_path):
         )
 
 
+def student_inputs():
+    """Seeded noise [2, 3, 4, 16, 16], control of the same shape, text [2, 16, 384] and its mask."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
+    control = torch.randn(2, 3, 4, 16, 16, generator=g)
+    text = torch.randn(2, 16, 384, generator=g)
+    return noise, control, text, torch.ones(2, 16, dtype=torch.bool)
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_sample(tmp_path, shift):
     """A 4-step student (levels [1, 0.75, 0.5, 0.25] through the teacher's shift): the exported
@@ -167,11 +176,7 @@ def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_s
     assert scheduler.config.shift == shift and scheduler.config.stochastic_sampling
     sigmas = one_step_diffusers.load_scheduler_sigmas(tmp_path)
 
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(2, 3, 4, 16, 16, generator=g)
-    control = torch.randn(2, 3, 4, 16, 16, generator=g)
-    text = torch.randn(2, 16, 384, generator=g)
-    mask = torch.ones(2, 16, dtype=torch.bool)
+    noise, control, text, mask = student_inputs()
     with torch.no_grad():
         expected = few_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise, levels,
                                    torch.Generator().manual_seed(7))
@@ -182,6 +187,28 @@ def test_four_step_export_sampled_with_plain_diffusers_equals_project_few_step_s
     other = one_step_diffusers.student_video(transformer, scheduler, noise, text, control, sigmas,
                                              torch.Generator().manual_seed(8))
     assert (other - expected).abs().max() > 1e-3  # the re-noising noise matters
+
+
+def test_four_step_euler_export_sampled_with_plain_diffusers_equals_project_euler_sample(tmp_path):
+    """A KD-style 4-step student (deterministic Euler between its levels): student_steps.json
+    records the sampler, the exported scheduler is not stochastic, and plain diffusers
+    sampling takes the project's Euler steps, whatever the generator."""
+    levels = student_noise_levels([1.0, 0.75, 0.5, 0.25], 3.0, shifted=False)
+    torch.manual_seed(0)
+    student = build_denoiser("WanTransformer3DModel", TINY).eval()
+    save_student_folder(tmp_path, student, 3.0, None, levels, sampler="euler")
+    assert student_sampler_of(tmp_path) == "euler"
+    transformer, scheduler = one_step_diffusers.load_student(tmp_path)
+    assert not scheduler.config.stochastic_sampling
+    noise, control, text, mask = student_inputs()
+    with torch.no_grad():
+        expected = euler_step_sample(lambda x, s: student(x, s, Conditioning(text, mask, control)), noise, levels)
+    got = one_step_diffusers.student_video(transformer, scheduler, noise, text, control,
+                                           one_step_diffusers.load_scheduler_sigmas(tmp_path),
+                                           torch.Generator().manual_seed(8))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown student sampler"):
+        save_student_folder(tmp_path / "bad", student, 3.0, None, levels, sampler="ddim")
 
 
 def test_one_step_export_records_its_single_level(tmp_path):

@@ -16,23 +16,23 @@ TINY = dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, i
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_a_student_folder_is_sampled_at_its_levels_without_cfg(tmp_path, monkeypatch, capsys):
+def test_a_student_folder_is_sampled_at_its_levels_and_with_its_sampler_without_cfg(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     student = build_denoiser("WanTransformer3DModel", TINY)
-    folder = save_student_folder(tmp_path / "student", student, 1.0, None, (1.0, 0.5))
+    folder = save_student_folder(tmp_path / "student", student, 1.0, None, (1.0, 0.5), sampler="euler")
     calls = []
-    few_step = sample_module.few_step_sample
+    student_sample = sample_module.student_sample
 
-    def recording(fn, noise, sigmas, generator=None, renoise=None):
-        calls.append(list(sigmas))
-        return few_step(fn, noise, sigmas, generator, renoise)
+    def recording(fn, noise, sigmas, sampler, generator=None):
+        calls.append((list(sigmas), sampler))
+        return student_sample(fn, noise, sigmas, sampler, generator)
 
-    monkeypatch.setattr(sample_module, "few_step_sample", recording)
+    monkeypatch.setattr(sample_module, "student_sample", recording)
     monkeypatch.setattr(sample_module, "sample_with_scheduler", None)  # the teacher's sampler is not used
     data = VideoDataModule(num_frames=4, frame_stride=2, height=16, width=16, val_batch_size=2, max_text_length=8,
                            cache_dir=str(tmp_path / "cache"))
     written = sample_module.sample_teacher(str(folder), str(tmp_path / "out"), data, num_videos=2, steps=36,
                                            guidance=5.0)
-    assert calls == [[1.0, 0.5]]  # one batch of 2 videos
+    assert calls == [([1.0, 0.5], "euler")]  # one batch of 2 videos, with the folder's sampler
     assert "a 2-step student, sampled at its noise levels without CFG" in capsys.readouterr().out
     assert (tmp_path / "out" / "sample_1.mp4") in written and (tmp_path / "out" / "grid.png") in written

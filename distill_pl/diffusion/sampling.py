@@ -19,6 +19,11 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 SchedulerName = Literal["unipc", "euler"]
 
+#: how a K-step student moves between its noise levels: ``"renoise"`` (predict x0, re-noise it
+#: with fresh noise: :func:`few_step_sample`) or ``"euler"`` (deterministic Euler steps of the
+#: probability-flow ODE: :func:`euler_step_sample`); the two are the same for one step
+StudentSampler = Literal["renoise", "euler"]
+
 
 def build_flow_scheduler(name: SchedulerName = "unipc", shift: float = 1.0):
     """A diffusers scheduler for flow-prediction models.
@@ -42,17 +47,18 @@ def build_flow_scheduler(name: SchedulerName = "unipc", shift: float = 1.0):
     raise ValueError(f"unknown scheduler {name!r}; expected 'unipc' or 'euler'")
 
 
-def build_student_scheduler(shift: float, num_levels: int):
+def build_student_scheduler(shift: float, num_levels: int, sampler: "StudentSampler" = "renoise"):
     """The diffusers scheduler of a student called at ``num_levels`` noise levels:
     ``FlowMatchEulerDiscreteScheduler(shift=shift)``, with ``stochastic_sampling`` for more
-    than one level (each step predicts x0 and re-noises it to the next level with fresh
-    noise: :func:`few_step_sample`). Its ``set_timesteps(sigmas=...)`` with the levels before
+    than one level when the student's ``sampler`` is ``"renoise"`` (each step predicts x0 and
+    re-noises it to the next level with fresh noise: :func:`few_step_sample`), plain Euler
+    steps (:func:`euler_step_sample`) for ``"euler"``. Its ``set_timesteps(sigmas=...)`` with the levels before
     the shift gives the student's levels; one step from sigma = 1 is ``eps - v(eps, 1)``
     for every shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,
-                                           stochastic_sampling=num_levels > 1)
+                                           stochastic_sampling=num_levels > 1 and sampler == "renoise")
 
 
 #: ``(timesteps[i], sigmas[i]) -> sigma``: the noise level (0-d tensor) at which a scheduler
@@ -141,11 +147,7 @@ def few_step_sample(
     stochastic_sampling=True)`` stepped with the same generator (which draws one more, at
     the last step, and multiplies it by the final sigma 0). Returns x0 [B, ...].
     """
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or sigmas[0] != 1.0:
-        raise ValueError(f"few-step sigmas must start at 1.0, got {sigmas}")
-    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
-        raise ValueError(f"few-step sigmas must decrease and stay above 0, got {sigmas}")
+    sigmas = _checked_levels(sigmas)
     if renoise is not None and len(renoise) != len(sigmas) - 1:
         raise ValueError(f"{len(sigmas)} steps re-noise {len(sigmas) - 1} times, got {len(renoise)} noises")
     x = noise
@@ -160,3 +162,43 @@ def few_step_sample(
                 fresh = torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
             x = add_noise(x0, fresh.to(noise), sigmas[k + 1])
     return x0
+
+
+def euler_step_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Deterministic Euler sampler of a K-step student: ``x <- x + (s_{k+1} - s_k) v(x, s_k)``
+    with ``s_K = 0``, so the last step is the clean estimate ``x - s_{K-1} v``. It follows the
+    chords of the teacher's ODE that few-step KD regresses on; diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` (no ``stochastic_sampling``) with the same custom
+    sigmas takes the same steps. noise: [B, ...] at ``sigmas[0] = 1``. Returns x0 [B, ...]."""
+    sigmas = _checked_levels(sigmas)
+    x = noise
+    for s, s_next in zip(sigmas, sigmas[1:] + [0.0]):
+        sigma = torch.full((noise.shape[0],), s, device=noise.device, dtype=noise.dtype)
+        x = x + (s_next - s) * velocity_fn(x, sigma)
+    return x
+
+
+def student_sample(
+    velocity_fn: VelocityFn,
+    noise: Tensor,
+    sigmas: Sequence[float],
+    sampler: StudentSampler = "renoise",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A K-step student's sample with its ``sampler`` (see :data:`StudentSampler`); the
+    re-noising sampler draws its fresh noise from ``generator``. Returns x0 [B, ...]."""
+    if sampler == "renoise":
+        return few_step_sample(velocity_fn, noise, sigmas, generator)
+    if sampler == "euler":
+        return euler_step_sample(velocity_fn, noise, sigmas)
+    raise ValueError(f"unknown student sampler {sampler!r}; expected 'renoise' or 'euler'")
+
+
+def _checked_levels(sigmas: Sequence[float]) -> list[float]:
+    """``sigmas`` as floats; ValueError unless they start at 1.0 and decrease above 0."""
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or sigmas[0] != 1.0:
+        raise ValueError(f"few-step sigmas must start at 1.0, got {sigmas}")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= 0.0:
+        raise ValueError(f"few-step sigmas must decrease and stay above 0, got {sigmas}")
+    return sigmas

@@ -26,12 +26,13 @@ from typing import Sequence
 LEVEL_TOLERANCE = 1e-6
 
 
-def few_step_euler_scheduler(levels: Sequence[float]):
+def few_step_euler_scheduler(levels: Sequence[float], sampler: str = "renoise"):
     """``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps(len(levels))`` gives
     ``levels`` (decreasing, starting at 1.0) and whose step is the student's: plain Euler for
     one level (one step from sigma = 1 is ``eps - v(eps, 1)``), ``stochastic_sampling``
     (x0 prediction, then fresh noise) with ``shift``/``shift_terminal`` fitted to the levels
-    for more. ValueError when no such scheduler reproduces the levels (see the module doc).
+    for more (plain Euler steps between the levels for a ``sampler="euler"`` student). ValueError
+    when no such scheduler reproduces the levels (see the module doc).
 
     The stochastic step draws its noise with ``randn_tensor(generator=...)``; a pipeline that
     does not pass its generator to ``scheduler.step`` (Cosmos-Transfer2.5's) draws from
@@ -46,7 +47,8 @@ def few_step_euler_scheduler(levels: Sequence[float]):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     shift = _fitted_shift(levels, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).sigma_min)
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=shift, shift_terminal=levels[-1], stochastic_sampling=True
+        num_train_timesteps=1000, shift=shift, shift_terminal=levels[-1],
+        stochastic_sampling=sampler == "renoise",
     )
     scheduler.set_timesteps(k)
     got = [float(s) for s in scheduler.sigmas[:k]]

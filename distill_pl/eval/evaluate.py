@@ -47,7 +47,7 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning
-from distill_pl.models.teacher_folder import load_scheduler, student_noise_levels_of
+from distill_pl.models.teacher_folder import load_scheduler, student_noise_levels_of, student_sampler_of
 from distill_pl.progress import ProgressLines
 
 
@@ -147,9 +147,10 @@ def evaluate(
     methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
-        levels = student_noise_levels_of(folder)
-        methods.append(student_method(name, load_denoiser(folder, **options).eval(), levels, seed))
-        fingerprints[methods[-1].key] = f"{teacher_fingerprint(folder)} noise levels {list(levels)}"
+        levels, sampler = student_noise_levels_of(folder), student_sampler_of(folder)
+        methods.append(student_method(name, load_denoiser(folder, **options).eval(), levels, seed, sampler))
+        fingerprints[methods[-1].key] = (f"{teacher_fingerprint(folder)} noise levels {list(levels)}"
+                                         + ("" if sampler == "renoise" else f" sampler {sampler}"))
     settings = dict(
         data={k: v for k, v in data.hparams.items() if k not in ("batch_size", "val_batch_size", "num_workers")},
         seed=seed, samples_per_clip=samples_per_clip, batch_size=batch_size, vae_path=vae_path,

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from distill_pl.diffusion.sampling import few_step_sample, sample_with_scheduler
+from distill_pl.diffusion.sampling import StudentSampler, sample_with_scheduler, student_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
@@ -43,16 +43,22 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) ->
     return Method(f"teacher_{steps}step", label, steps * (2 if cfg else 1), sample)
 
 
-def student_method(name: str, student: Denoiser, noise_levels: Sequence[float] = (1.0,), seed: int = 0) -> Method:
-    """A K-step student at its ``noise_levels`` (Euler re-noising, see
-    :func:`~distill_pl.diffusion.sampling.few_step_sample`), no CFG, K network calls; one
-    step is ``x = eps - v(eps, 1)``. The re-noising noise comes from one generator seeded
-    with ``seed``, drawn batch after batch in the order the batches are sampled."""
+def student_method(
+    name: str, student: Denoiser, noise_levels: Sequence[float] = (1.0,), seed: int = 0,
+    sampler: StudentSampler = "renoise",
+) -> Method:
+    """A K-step student at its ``noise_levels`` with its ``sampler`` (Euler re-noising or
+    deterministic Euler, see :func:`~distill_pl.diffusion.sampling.student_sample`), no CFG,
+    K network calls; one step is ``x = eps - v(eps, 1)``. The report names it
+    ``"<name> student <K>-step"`` (``" Euler"`` added for a deterministic few-step student).
+    The re-noising noise comes from one generator seeded with ``seed``, drawn batch after
+    batch in the order the batches are sampled."""
     levels = tuple(noise_levels)
     generator = torch.Generator().manual_seed(seed)
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        return few_step_sample(lambda x, s: student(x, s, cond), noise, levels, generator)
+        return student_sample(lambda x, s: student(x, s, cond), noise, levels, sampler, generator)
 
     key = "student_" + "".join(c if c.isalnum() else "_" for c in name.lower())
-    return Method(key, f"{name} student {len(levels)}-step", len(levels), sample)
+    label = f"{name} student {len(levels)}-step" + (" Euler" if sampler == "euler" and len(levels) > 1 else "")
+    return Method(key, label, len(levels), sample)

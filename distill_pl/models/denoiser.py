@@ -191,18 +191,20 @@ class Denoiser(nn.Module):
         self.save_pretrained(str(Path(folder) / "transformer"))
 
     def save_student_pipeline(
-        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
     ) -> Path:
         """Write this model as a student folder that plain diffusers classes load: by default
         its components (:meth:`save_components`) and a flow-match Euler ``scheduler/`` with
-        ``shift`` (``stochastic_sampling`` for more than one of ``noise_levels``; one Euler
+        ``shift`` (``stochastic_sampling`` for more than one of ``noise_levels`` when the
+        student's ``sampler`` is ``"renoise"``, plain Euler steps for ``"euler"``; one Euler
         step from sigma = 1 is ``eps - v(eps, 1)``); an adapter whose family has a diffusers
         pipeline writes that pipeline's full folder, its other components taken from the
         ``teacher`` folder. Returns the folder."""
         from distill_pl.diffusion.sampling import build_student_scheduler
 
         self.save_components(folder)
-        build_student_scheduler(shift, len(noise_levels)).save_pretrained(str(Path(folder) / "scheduler"))
+        build_student_scheduler(shift, len(noise_levels), sampler).save_pretrained(str(Path(folder) / "scheduler"))
         return Path(folder)
 
     def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:

@@ -101,17 +101,19 @@ def full_tensor(t: Tensor) -> Tensor:
 
 def export_student_of_run(
     trainer, student: nn.Module, folder: str, shift: float, noise_levels: tuple[float, ...] = (1.0,),
-    teacher: str | None = None,
+    teacher: str | None = None, sampler: str = "renoise",
 ) -> None:
     """A stage's export at the end of fit: every rank joins the gather of a sharded student,
     rank 0 writes the folder (``save_student_folder``: with its noise levels, the family's own
     pipeline folder where it has one, its other components from the ``teacher`` folder, and
-    the run's data settings in ``student.json``)."""
+    the run's data settings in ``student.json``; ``sampler``: how the student moves between
+    its noise levels)."""
     from distill_pl.models.teacher_folder import save_student_folder
 
     full = gather_denoiser(student, trainer.global_rank)
     if trainer.is_global_zero:
-        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher)
+        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher,
+                            sampler)
 
 
 def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:

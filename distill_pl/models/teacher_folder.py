@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from distill_pl.diffusion.sampling import SchedulerName, build_flow_scheduler
+from distill_pl.diffusion.sampling import SchedulerName, StudentSampler, build_flow_scheduler
 from distill_pl.diffusion.student_steps import student_noise_levels, unshift_sigma
 from distill_pl.media import write_text
 from distill_pl.models.denoiser import Denoiser
@@ -53,14 +53,16 @@ def save_student_folder(
     data_hparams: Mapping | None = None,
     noise_levels: Sequence[float] = (1.0,),
     teacher: str | Path | None = None,
+    sampler: StudentSampler = "renoise",
 ) -> Path:
     """A K-step student as a folder (``student.save_student_pipeline``): by default
     ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
-    (``stochastic_sampling`` for K > 1: each step predicts x0 and re-noises it with fresh
-    noise, the student's sampler); a family with its own diffusers pipeline writes that
-    pipeline's folder, its other components copied from the ``teacher`` folder. Then
-    ``student_steps.json``: ``noise_levels`` (the K levels the student is called at,
-    decreasing from 1.0) and ``scheduler_sigmas`` (the same before the shift:
+    (``stochastic_sampling`` for K > 1 with ``sampler="renoise"``: each step predicts x0 and
+    re-noises it with fresh noise; plain Euler steps for ``sampler="euler"``, see
+    :data:`~distill_pl.diffusion.sampling.StudentSampler`); a family with its own diffusers
+    pipeline writes that pipeline's folder, its other components copied from the ``teacher``
+    folder. Then ``student_steps.json``: ``noise_levels`` (the K levels the student is called
+    at, decreasing from 1.0), ``sampler`` and ``scheduler_sigmas`` (the same before the shift:
     ``scheduler.set_timesteps(sigmas=...)`` with them reproduces the levels, since the
     scheduler shifts custom sigmas). One step from sigma = 1 is exactly
     ``x_g = eps - v(eps, 1)``. Prints where it went.
@@ -75,8 +77,12 @@ def save_student_folder(
 
     levels = student_noise_levels(noise_levels, shift, shifted=True)
     check_finite(student.state_dict(), f"the student folder {folder}")
-    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift, levels))
-    steps = {"noise_levels": list(levels), "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
+    if sampler not in ("renoise", "euler"):
+        raise ValueError(f"unknown student sampler {sampler!r}; expected 'renoise' or 'euler'")
+    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift,
+                                                levels, sampler))
+    steps = {"noise_levels": list(levels), "sampler": sampler,
+             "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
     write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
     if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
         settings = student_settings(data_hparams, student)
@@ -96,6 +102,18 @@ def student_noise_levels_of(folder: str | Path) -> tuple[float, ...]:
         return student_noise_levels(levels, 1.0, shifted=True)
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFolderError(f"{path}: no valid noise_levels ({e})") from e
+
+
+def student_sampler_of(folder: str | Path) -> StudentSampler:
+    """How an exported student moves between its noise levels (``student_steps.json``'s
+    ``sampler``; ``"renoise"`` for a folder exported before the key existed)."""
+    path = resolve_path(folder) / STUDENT_STEPS_FILE
+    if not path.is_file():
+        return "renoise"
+    sampler = json.loads(path.read_text()).get("sampler", "renoise")
+    if sampler not in ("renoise", "euler"):
+        raise ModelFolderError(f"{path}: unknown sampler {sampler!r} (expected 'renoise' or 'euler')")
+    return sampler
 
 
 def load_scheduler(folder: str | Path):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from distill_pl.diffusion.flow import expand_like
-from distill_pl.diffusion.sampling import few_step_sample
+from distill_pl.diffusion.sampling import StudentSampler, student_sample
 from distill_pl.models.conditioning import Conditioning
 
 
@@ -36,19 +36,23 @@ def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class KDObjective:
-    """The student and its noise levels (already shifted); see the module docstring."""
+    """The student, its noise levels (already shifted) and its sampler; see the module
+    docstring. ``sampler="euler"`` (the default) samples along the chords the loss trains;
+    ``"renoise"`` re-noises the clean estimate between levels instead."""
 
     student: nn.Module
     student_sigmas: tuple[float, ...] = (1.0,)
+    sampler: StudentSampler = "euler"
 
     @property
     def num_steps(self) -> int:
         return len(self.student_sigmas)
 
     def generate(self, noise: Tensor, cond: Conditioning, generator: torch.Generator | None = None) -> Tensor:
-        """The student's K-step sample from ``noise`` [B, C, T, H, W] (Euler re-noising with
-        fresh noise from ``generator``; gradients follow the caller's mode)."""
-        return few_step_sample(lambda x, s: self.student(x, s, cond), noise, self.student_sigmas, generator)
+        """The student's K-step sample from ``noise`` [B, C, T, H, W] with its sampler (the
+        re-noising one draws fresh noise from ``generator``); gradients follow the caller's mode."""
+        return student_sample(lambda x, s: self.student(x, s, cond), noise, self.student_sigmas, self.sampler,
+                              generator)
 
     def loss(
         self,

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from distill_pl.data.pairs import teacher_fingerprint
-from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.sampling import StudentSampler, one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
@@ -72,6 +72,10 @@ class KDModule(L.LightningModule):
             possibly others; see :mod:`distill_pl.objectives.kd`).
         student_sigmas_shifted: False: the teacher's timestep shift is applied to
             ``student_sigmas``; True: they are the noise levels already.
+        student_sampler: how a few-step student moves between its levels when it samples
+            (validation, grid, export): ``"euler"``, deterministic Euler steps along the
+            teacher-trajectory chords the loss trains, or ``"renoise"``, the clean estimate
+            re-noised with fresh noise (DMD2's sampler). Same for one step.
         denoiser_options: the adapter's own options for teacher and student (e.g. a
             ControlNet's ``control_scale``, ``freeze_control_branch``), as ``load_denoiser`` takes them.
         export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
@@ -115,6 +119,7 @@ class KDModule(L.LightningModule):
         teacher_1step_guidance: float | None = None,
         student_sigmas: list[float] = [1.0],
         student_sigmas_shifted: bool = False,
+        student_sampler: StudentSampler = "euler",
         export_dir: str | None = None,
         max_nonfinite_steps: int = 20,
         denoiser_options: dict | None = None,
@@ -303,10 +308,12 @@ class KDModule(L.LightningModule):
 
     def objective(self, student: Denoiser | None = None) -> KDObjective:
         """The KD objective of ``student`` (default: the trained one) at the student's levels."""
-        return KDObjective(self.student if student is None else student, self.student_levels)
+        return KDObjective(self.student if student is None else student, self.student_levels,
+                           self.hparams.student_sampler)
 
     def student_sample(self, student: Denoiser, noise: Tensor, cond: Conditioning, seed: int = 0) -> Tensor:
-        """The K-step sample of ``student`` (re-noising noise from ``seed``)."""
+        """The K-step sample of ``student`` with the run's sampler (re-noising noise, if it
+        re-noises, from ``seed``)."""
         return self.objective(student).generate(noise, cond, torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -414,7 +421,7 @@ class KDModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir:
             export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
-                                  self.student_levels, self.hparams.teacher)
+                                  self.student_levels, self.hparams.teacher, self.hparams.student_sampler)
 
 
 def _frames(video: Tensor) -> Tensor:

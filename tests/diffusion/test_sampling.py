@@ -3,9 +3,11 @@ import torch
 
 from distill_pl.diffusion.sampling import (
     build_flow_scheduler,
+    euler_step_sample,
     few_step_sample,
     one_step_sample,
     sample_with_scheduler,
+    student_sample,
 )
 from tests.gaussian_flow import exact_velocity
 
@@ -93,3 +95,45 @@ def test_few_step_sample_equals_stochastic_flow_match_euler_with_custom_sigmas()
     for t, s in zip(scheduler.timesteps, scheduler.sigmas):
         x = scheduler.step(exact(x, torch.full((3,), float(s))), t, x, generator=g, return_dict=False)[0]
     torch.testing.assert_close(x, few_step_sample(exact, eps, sigmas, torch.Generator().manual_seed(4)))
+
+
+def test_euler_step_sample_is_exact_for_a_point_mass_and_converges_for_a_gaussian():
+    """Deterministic Euler between a student's levels: a point mass's velocity is constant
+    along each straight line, so any levels land on it; for Gaussian data the probability-flow
+    ODE maps eps to mu + s eps and Euler's error shrinks at first order as levels are added."""
+    eps = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    point = lambda x, s: exact_velocity(x, s, MU, 0.0)  # noqa: E731
+    torch.testing.assert_close(euler_step_sample(point, eps, [1.0, 0.6, 0.3]), torch.full_like(eps, MU))
+    target = MU + S * eps
+    errors = [(euler_step_sample(exact, eps, [1 - k / n for k in range(n)]) - target).abs().max().item()
+              for n in (2, 4, 8, 16)]
+    assert errors[0] > 0.01 and all(b < 0.65 * a for a, b in zip(errors, errors[1:])), errors
+    # one step is the one-step sampler, whatever the sampler
+    torch.testing.assert_close(euler_step_sample(exact, eps, [1.0]), one_step_sample(exact, eps))
+    with pytest.raises(ValueError, match="decrease"):
+        euler_step_sample(exact, eps, [1.0, 0.5, 0.6])
+
+
+def test_euler_step_sample_equals_flow_match_euler_with_custom_sigmas():
+    """diffusers' FlowMatchEulerDiscreteScheduler (not stochastic) at custom sigmas takes the
+    project's deterministic student steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    eps = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(sigmas=sigmas)
+    x = eps
+    for t, s in zip(scheduler.timesteps, scheduler.sigmas):
+        x = scheduler.step(exact(x, torch.full((3,), float(s))), t, x, return_dict=False)[0]
+    torch.testing.assert_close(x, euler_step_sample(exact, eps, sigmas))
+
+
+def test_student_sample_picks_the_sampler():
+    eps = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    sigmas = [1.0, 0.5]
+    torch.testing.assert_close(student_sample(exact, eps, sigmas, "euler"), euler_step_sample(exact, eps, sigmas))
+    torch.testing.assert_close(student_sample(exact, eps, sigmas, "renoise", torch.Generator().manual_seed(5)),
+                               few_step_sample(exact, eps, sigmas, torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="unknown student sampler 'ddim'"):
+        student_sample(exact, eps, sigmas, "ddim")

@@ -122,14 +122,15 @@ def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
     teacher_net = build_denoiser("WanTransformer3DModel", TEACHER)
     teacher = save_teacher_folder(tmp_path / "teacher", teacher_net, "unipc", 1.0)
     students = {"Two": str(save_student_folder(tmp_path / "two", teacher_net, 1.0, None, (1.0, 0.5))),
-                "Four": str(save_student_folder(tmp_path / "four", teacher_net, 1.0, None, (1.0, 0.75, 0.5, 0.25)))}
+                "Four": str(save_student_folder(tmp_path / "four", teacher_net, 1.0, None, (1.0, 0.75, 0.5, 0.25),
+                                                sampler="euler"))}
     main(_args(tmp_path, teacher, students) + ["--teacher_steps", "2", "--few_steps", "[]",
                                                "--data.val_clips_per_video", "1", "--sheet_clips", "1"])
     rows = {row["key"]: row for row in json.loads((tmp_path / "eval" / "report.json").read_text())["methods"]}
     assert list(rows) == ["teacher_2step", "student_two", "student_four"]
     assert [rows[k]["nfe"] for k in rows] == [2, 2, 4]
     assert rows["student_two"]["name"] == "Two student 2-step"
-    assert rows["student_four"]["name"] == "Four student 4-step"
+    assert rows["student_four"]["name"] == "Four student 4-step Euler"  # its student_steps.json sampler
     for key in ("student_two", "student_four"):
         row = rows[key]
         for column in ("psnr", "ssim", "edge_f1", "frechet_distance", "frechet_distance_std", "diversity",
@@ -137,4 +138,4 @@ def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
             assert row[column] is not None and row[column] == row[column], (key, column)
     assert rows["student_two"]["psnr"] != pytest.approx(rows["student_four"]["psnr"], rel=1e-3)
     table = (tmp_path / "eval" / "report.md").read_text()
-    assert "Two student 2-step" in table and "Four student 4-step" in table
+    assert "Two student 2-step" in table and "Four student 4-step Euler" in table

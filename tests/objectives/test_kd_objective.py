@@ -108,3 +108,22 @@ def test_generate_is_the_few_step_sampler():
     eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
     one = KDObjective(student).generate(eps, COND)
     torch.testing.assert_close(one, torch.full_like(eps, MU))  # the posterior mean at sigma 1
+
+
+def test_a_zero_loss_few_step_student_generates_the_teachers_output_with_its_euler_sampler():
+    """KD's default sampler follows the chords its loss trains: a student with zero loss on
+    the teacher's Euler path at its own levels generates exactly the teacher's output from the
+    same noise; re-noising between the levels (DMD2's sampler) leaves that path."""
+    levels = (1.0, 0.75, 0.5, 0.25)
+    eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    sig = torch.tensor([[*levels, 0.0]] * 2)
+    states = [eps]
+    for k in range(4):
+        r, r_next = sig[:, k].reshape(-1, 1, 1, 1, 1), sig[:, k + 1].reshape(-1, 1, 1, 1, 1)
+        states.append(states[-1] + (r_next - r) * exact_velocity(states[-1], sig[:, k], MU, S))
+    objective = KDObjective(ExactStudent(), levels)
+    assert objective.sampler == "euler"
+    assert objective.loss(eps, states[4], COND, torch.stack(states[1:4], dim=1), sig[:, 1:4]).item() < 1e-10
+    torch.testing.assert_close(objective.generate(eps, COND), states[4])
+    renoised = KDObjective(ExactStudent(), levels, "renoise").generate(eps, COND, torch.Generator().manual_seed(0))
+    assert (renoised - states[4]).abs().max() > 0.05

@@ -64,7 +64,7 @@ def test_tiny_4step_config_fits_from_kd_checkpoint_and_exports_4_steps(teacher_d
     assert list(run_dir.rglob("grids/step000005_0.png"))
     levels = student_noise_levels(SIGMAS, 2.0, shifted=False)
     steps = json.loads((run_dir / "export" / "student_steps.json").read_text())
-    assert steps["noise_levels"] == pytest.approx(levels)
+    assert steps["noise_levels"] == pytest.approx(levels) and steps["sampler"] == "renoise"  # DMD2 re-noises
     # distill-pl export of the checkpoint records the same levels (from its student_sigmas)
     run_cli(["export", "--ckpt", str(run_dir / "checkpoints/last.ckpt"), "--out", str(tmp_path / "exported")],
             cwd=tmp_path)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill_pl.data.pairs import teacher_fingerprint
-from distill_pl.diffusion.sampling import one_step_sample, sample_with_scheduler
+from distill_pl.diffusion.sampling import euler_step_sample, one_step_sample, sample_with_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.teacher_folder import load_scheduler, save_teacher_folder, scheduler_shift
 from distill_pl.models.families.registry import build_denoiser, load_denoiser
@@ -334,7 +334,7 @@ def pairs_workdir(tmp_path_factory):
     return work
 
 
-def kd_config(work, name: str, max_steps: int, kill_at: int | None = None):
+def kd_config(work, name: str, max_steps: int, kill_at: int | None = None, config: str = "configs/tiny/kd.yaml"):
     from tests.cli_helpers import edited_config
 
     def edit(cfg):
@@ -346,7 +346,7 @@ def kd_config(work, name: str, max_steps: int, kill_at: int | None = None):
         cfg["model"]["init_args"].update(teacher="teacher", lr=1e-3, ema_decay=0.9)
         cfg["data"].update(batch_size=2, val_batch_size=2, **E2E_DATA)
 
-    return edited_config("configs/tiny/kd.yaml", work / name, edit)
+    return edited_config(config, work / name, edit)
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +520,37 @@ def test_four_step_student_trains_on_the_teacher_trajectory_of_a_pairs_batch(tea
     assert loss.item() == pytest.approx(expected.item())
     loss.backward()
     assert all(p.grad is not None for p in kd.student.parameters() if p.requires_grad)
-    assert "student 4-step" in kd.grid_rows(batch, seed=0)
+    rows = kd.grid_rows(batch, seed=0)
+    assert kd.objective().sampler == "euler"  # the chords the loss trains
+    with torch.no_grad():
+        euler = euler_step_sample(lambda x, s: kd.eval_student(x, s, cond), noise, kd.student_levels)
+    torch.testing.assert_close(rows["student 4-step"], kd.decode(euler))
     del batch["teacher_trajectory"]
     with pytest.raises(ValueError, match="teacher_trajectory and trajectory_sigmas"):
         kd.training_step(batch, 0)
+
+
+def test_tiny_kd_4step_config_trains_on_a_generated_trajectory_and_exports_an_euler_student(tmp_path):
+    """configs/tiny/kd_4step.yaml on pairs generated with the teacher's states at its levels
+    (8 teacher steps): it fits, and its export records
+    the 4 levels and the deterministic Euler sampler (a plain, non-stochastic scheduler)."""
+    from tests.cli_helpers import edited_config, run_cli
+
+    work = tmp_path
+    torch.manual_seed(0)
+    save_teacher_folder(work / "teacher", build_denoiser("WanTransformer3DModel", E2E_TEACHER), "unipc", shift=1.0)
+
+    def pairs(cfg):
+        cfg["model"]["init_args"].update(teacher="teacher", num_steps=8, trajectory_sigmas=[0.75, 0.5, 0.25])
+        cfg["data"].update(num_examples=4, num_val_examples=2, shard_size=4, batch_size=2, **E2E_DATA)
+
+    run_cli(["predict", "--config", str(edited_config("configs/tiny/kd_pairs.yaml", work / "pairs.yaml", pairs))],
+            cwd=work)
+    config = kd_config(work, "kd_4step.yaml", max_steps=3, config="configs/tiny/kd_4step.yaml")
+    run_cli(["fit", "--config", str(config)], cwd=work)
+    export = work / "runs/tiny/kd_4step/export"
+    steps = json.loads((export / "student_steps.json").read_text())
+    assert steps["noise_levels"] == [1.0, 0.75, 0.5, 0.25] and steps["sampler"] == "euler"
+    scheduler = json.loads((export / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler" and not scheduler["stochastic_sampling"]
+    assert list(work.rglob("grids/step000003_*.png"))

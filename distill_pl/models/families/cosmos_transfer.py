@@ -288,7 +288,8 @@ class CosmosTransferDenoiser(Denoiser):
         self.save_pretrained(folder)
 
     def save_student_pipeline(
-        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
     ) -> Path:
         """The full ``Cosmos2_5_TransferPipeline`` folder of this student at ``noise_levels``
         (its K steps), its VAE, text encoder and tokenizer copied from the ``teacher`` pipeline
@@ -303,7 +304,8 @@ class CosmosTransferDenoiser(Denoiser):
                 "a Cosmos-Transfer2.5 student is exported as a full pipeline folder: the "
                 "teacher pipeline folder (VAE, text encoder, tokenizer) is needed"
             )
-        return save_cosmos_student_pipeline(folder, self, teacher, replace=True, noise_levels=noise_levels)
+        return save_cosmos_student_pipeline(folder, self, teacher, replace=True, noise_levels=noise_levels,
+                                            sampler=sampler)
 
     def check_student_levels(self, noise_levels: tuple[float, ...]) -> None:
         """ValueError unless a ``FlowMatchEulerDiscreteScheduler`` gives these levels from

@@ -39,11 +39,13 @@ def save_cosmos_student_pipeline(
     teacher_pipeline_folder: str | Path,
     replace: bool = False,
     noise_levels: Sequence[float] = (1.0,),
+    sampler: str = "renoise",
 ) -> Path:
     """Write ``folder`` (which must not exist yet; with ``replace``, an earlier export there is
     replaced): ``model_index.json`` and every component of the teacher pipeline folder, with the
     student's ``transformer/`` and ``controlnet/`` and a flow-match Euler ``scheduler/`` that
     samples at ``noise_levels`` (the student's, decreasing from 1.0; ValueError before
-    anything is written when no such scheduler exists). Returns ``folder``."""
+    anything is written when no such scheduler exists), stochastic for a re-noising ``sampler``.
+    Returns ``folder``."""
     return save_pipeline_folder(folder, student, teacher_pipeline_folder, PIPELINE_CLASS,
-                                few_step_euler_scheduler(noise_levels), replace=replace)
+                                few_step_euler_scheduler(noise_levels, sampler), replace=replace)

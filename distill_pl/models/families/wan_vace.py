@@ -157,12 +157,13 @@ class WanVACEDenoiser(WanDenoiser):
                              f"{cell[0]}x{cell[1]} (VAE factor {s} x patch size)")
 
     def save_student_pipeline(
-        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,)
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
     ) -> Path:
         """The full ``WanVACEPipeline`` folder of this student: the ``teacher`` pipeline folder
         (VAE, and the text encoder and tokenizer where it has them) with the student's
         ``transformer/`` and a flow-match Euler ``scheduler/`` with ``shift``, stochastic for
-        more than one of ``noise_levels`` (an earlier export in ``folder`` is replaced). How to
+        more than one of ``noise_levels`` with a re-noising ``sampler`` (an earlier export in ``folder`` is replaced). How to
         call it (``conditioning_scale``, the levels of a K-step student) is in the module
         docstring of :mod:`distill_pl.models.families.wan_vace`."""
         from distill_pl.diffusion.sampling import build_student_scheduler
@@ -174,7 +175,8 @@ class WanVACEDenoiser(WanDenoiser):
                 "pipeline folder (VAE, text encoder, tokenizer) is needed"
             )
         return save_pipeline_folder(folder, self, teacher, PIPELINE_CLASS,
-                                    build_student_scheduler(shift, len(noise_levels)), replace=True)
+                                    build_student_scheduler(shift, len(noise_levels), sampler),
+                                    replace=True)
 
     def _name(self) -> str:
         return f"VACE model {self.folder}" if self.folder is not None else "VACE model"
