@@ -4,8 +4,8 @@
 
 Nothing is allocated and no weight is read. Every network of the stage is built on the meta
 device from the teacher folder's ``transformer/config.json`` (or, when the folder is not on
-disk, the published config of the Wan or Cosmos-Transfer2.5 model it is named after), and the step's forward passes
-run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
+disk, the published config of the Wan or Cosmos-Transfer2.5 model it is named after), and
+the step's forward passes run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
