@@ -4,8 +4,8 @@
 
 Nothing is allocated and no weight is read. Every network of the stage is built on the meta
 device from the teacher folder's ``transformer/config.json`` (or, when the folder is not on
-disk, the published config of the Wan model it is named after), and the step's forward passes
-run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
+disk, the published config of the Wan or Cosmos-Transfer2.5 model it is named after), and
+the step's forward passes run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
@@ -70,6 +70,7 @@ from distill_pl.data.memory import data_memory_line
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B
 from distill_pl.models.families.registry import build_denoiser, denoiser_config
 from distill_pl.models.lora import add_lora
 from distill_pl.objectives.dmd2 import DMD2Objective
@@ -83,14 +84,17 @@ _WAN21_T2V = {
     "freq_dim": 256, "image_dim": None, "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
     "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
 }
-#: ``transformer/config.json`` of the published diffusers folders (diffusers'
-#: scripts/convert_wan_to_diffusers.py), used when the teacher folder is not on disk:
-#: folder name -> (transformer class name, config)
+#: the configs of the published diffusers folders (Wan: ``transformer/config.json`` as
+#: diffusers' scripts/convert_wan_to_diffusers.py writes it; Cosmos-Transfer2.5-2B: base +
+#: ControlNet as diffusers' conversion script builds them, see
+#: :data:`~distill_pl.models.families.cosmos_transfer.COSMOS_TRANSFER_2_5_2B`), used when the
+#: teacher folder is not on disk: folder name -> (transformer class name, ``from_config``'s config)
 PUBLISHED_TRANSFORMER_CONFIGS = {
     "Wan2.1-T2V-1.3B-Diffusers": ("WanTransformer3DModel", {
         **_WAN21_T2V, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960}),
     "Wan2.1-T2V-14B-Diffusers": ("WanTransformer3DModel", {
         **_WAN21_T2V, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}),
+    "Cosmos-Transfer2.5-2B": ("CosmosTransformer3DModel", COSMOS_TRANSFER_2_5_2B),
 }
 #: Lightning precision -> the dtype the networks compute in
 COMPUTE_DTYPES = {"32-true": "float32", "32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}

@@ -18,7 +18,7 @@ memory torch allocated there.
 
     .venv/bin/python scripts/benchmark.py                   # CPU, the tiny configs
     .venv/bin/python scripts/benchmark.py --device cuda     # on a GPU, then the full-size
-                                                            # Wan2.1-1.3B steps (benchmark_wan.py)
+                                                            # Wan2.1-1.3B steps (benchmark_family.py --family wan)
 
 The student defaults to ``runs/tiny/dmd2/export`` and KD reads ``runs/tiny/kd_pairs``
 (written by ``scripts/demo.sh``); without them the student is the teacher's weights (same
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no_wan", action="store_true",
-                        help="with --device cuda: skip the full-size Wan2.1-1.3B part (scripts/benchmark_wan.py)")
+                        help="with --device cuda: skip the full-size Wan2.1-1.3B part (scripts/benchmark_family.py)")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -189,8 +189,9 @@ def main() -> None:
             results[part] = run_part(part, args)
         report(results, args)
         if args.device == "cuda" and not args.no_wan:
-            print("\nfull-size Wan2.1-T2V-1.3B architecture (scripts/benchmark_wan.py):", flush=True)
-            subprocess.run([sys.executable, str(REPO / "scripts/benchmark_wan.py"), "--device", "cuda"], check=True)
+            print("\nfull-size Wan2.1-T2V-1.3B architecture (scripts/benchmark_family.py --family wan):", flush=True)
+            subprocess.run([sys.executable, str(REPO / "scripts/benchmark_family.py"), "--family", "wan",
+                            "--device", "cuda"], check=True)
         return
     sys.argv = sys.argv[:1]  # LightningCLI inside must not see these arguments
     result = {"sampling": lambda: bench_sampling(args), "kd": lambda: bench_training(args, args.kd_config),

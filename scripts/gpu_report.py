@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""One JSON and one markdown table from the runs of scripts/gpu_report.sh.
+"""One JSON and one markdown table from the runs of scripts/gpu_report.sh, one section per family.
 
-Reads the JSON of ``scripts/benchmark_wan.py --sampling`` and puts beside each measured peak
-the ``distill-pl estimate-memory`` peak of the same step (the configs of ``--kd_config`` and
-``--dmd2_config``, one device, the benchmark's micro-batch and checkpointing, no sharding).
+Reads the JSON of ``scripts/benchmark_family.py --sampling`` of each family and puts beside
+each measured peak the ``distill-pl estimate-memory`` peak of the same step for that family's
+KD and DMD2 configs (one device, the benchmark's micro-batch and checkpointing, no sharding,
+the config's own precision and loaded batch). ``--teacher FAMILY FOLDER`` estimates with
+``model.init_args.teacher`` and ``vae_path`` replaced by FOLDER (copies of the configs go to
+``OUT_DIR/estimate_configs/``): the tiny Cosmos configs name a teacher folder that
+``scripts/make_tiny_cosmos_transfer.py`` writes.
 
-    .venv/bin/python scripts/gpu_report.py BENCHMARK_JSON OUT_DIR [--kd_config ...] [--dmd2_config ...]
+    .venv/bin/python scripts/gpu_report.py OUT_DIR --family wan WAN_JSON KD_CONFIG DMD2_CONFIG \\
+        --family cosmos COSMOS_JSON KD_CONFIG DMD2_CONFIG [--teacher cosmos FOLDER]
+
+``gpu_report.json``: ``{"families": {name: {"benchmark": ..., "estimated_peak_gib": {phase:
+GiB}, "estimate_configs": {"kd": ..., "dmd2": ...}, "estimate_teacher": FOLDER or null}}}``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 #: benchmark phase -> (stage config, estimate-memory phase name)
@@ -32,15 +42,39 @@ def estimated_peaks(configs: dict[str, str], batch_size: int, checkpointing: boo
     return peaks
 
 
+def with_teacher(config: str, teacher: str, out: Path) -> str:
+    """A copy of ``config`` at ``out`` whose teacher (and VAE, if it has one) is ``teacher``."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    args = cfg["model"]["init_args"]
+    args["teacher"] = str(Path(teacher).resolve())
+    if args.get("vae_path"):
+        args["vae_path"] = args["teacher"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(out)
+
+
 def number(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def markdown(report: dict) -> str:
-    b = report["benchmark"]
+def family_markdown(entry: dict) -> list[str]:
+    """The section of one family: its setup, the step table and the sampling table."""
+    b = entry["benchmark"]
+    configs = entry["estimate_configs"]
+    req = b["requested"]
     lines = [
-        f"GPU report: {b['device']}, {b['date']}, torch {b['torch']}, {b['model']}, {b['precision']}, "
-        f"batch {b['batch_size']}, text {b['text_len']} tokens",
+        f"## {b['model']}",
+        "",
+        f"{b['params_per_network']:,} parameters per network, {b['precision']}, batch {b['batch_size']}, "
+        f"text {b['text_len']} x {b['text_dim']}, requested {req['frames']}x{req['height']}x{req['width']} "
+        f"(latents {'x'.join(map(str, req['latent'][1:]))}, {req['tokens_per_video']:,} tokens), "
+        f"median of {b['steps']} steps after {b['warmup']}"
+        f"{' at ' + str(b['warmup_frames']) + ' frames' if b.get('warmup_frames') else ''}.",
+        f"Estimated: `distill-pl estimate-memory` of `{configs['kd']}` and `{configs['dmd2']}` (one device, "
+        f"micro-batch {b['batch_size']}, the config's precision; it also counts the loaded batch, the VAE "
+        "and the KD stage's teacher, which the benchmark does not hold)"
+        + (f", teacher folder `{entry['estimate_teacher']}`" if entry.get("estimate_teacher") else "") + ".",
         "",
         "| step | video FxHxW | s/step | peak GiB measured | peak GiB estimated | TFLOP/step | MFU |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -48,40 +82,65 @@ def markdown(report: dict) -> str:
     for p in b["phases"]:
         mfu = None if p["mfu"] is None else 100 * p["mfu"]
         cells = (p["phase"], f"{p['frames']}x{p['height']}x{p['width']}", f"{p['s_per_step']:.3f}",
-                 number(p["peak_gib"], ".1f"), number(report["estimated_peak_gib"].get(p["phase"]), ".1f"),
+                 number(p["peak_gib"], ".3g"), number(entry["estimated_peak_gib"].get(p["phase"]), ".3g"),
                  f"{p['model_tflop_per_step']:.4g}", number(mfu, ".1f", "%"))
         lines.append("| " + " | ".join(cells) + " |")
+    closed = b["forward_flops"]["closed_form"]
+    lines += ["", f"One forward: {b['forward_flops']['counted'] / 1e12:.4g} TFLOP counted (FlopCounterMode, meta)"
+              + ("; no closed form." if closed is None else f", {closed / 1e12:.4g} closed form.")]
     s = b.get("sampling")
     if s:
+        size = f"{s['frames']}x{s['height']}x{s['width']}"
+        teacher = f"{s['teacher_s_per_video']:.2f}" + (" (extrapolated)" if s["teacher_extrapolated"] else "")
         lines += [
             "",
             "| sampling one video | FxHxW | network calls | s/video |",
             "|---|---|---:|---:|",
-            f"| teacher {s['teacher_steps']}-step CFG w={s['guidance']:g} | {s['frames']}x{s['height']}x{s['width']} | "
-            f"{s['teacher_nfe']} | {s['teacher_s_per_video']:.2f} |",
-            f"| student 1-step | {s['frames']}x{s['height']}x{s['width']} | 1 | {s['student_s_per_video']:.3f} |",
+            f"| teacher {s['teacher_steps']}-step CFG w={s['guidance']:g} ({s['scheduler']}) | {size} | "
+            f"{s['teacher_nfe']} | {teacher} |",
+            f"| student 1-step | {size} | 1 | {s['student_s_per_video']:.3f} |",
             "",
-            f"speed-up {s['speedup']:.1f}x (ceiling {s['teacher_nfe']}x)",
+            f"teacher s/video: {s['teacher_s_per_video_from']}; speed-up {s['speedup']:.1f}x "
+            f"(ceiling {s['teacher_nfe']}x)",
         ]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    first = next(iter(report["families"].values()))["benchmark"]
+    lines = [f"# GPU report: {first['device']}, {first['date']}, torch {first['torch']}, "
+             f"diffusers {first['diffusers']}"]
+    for entry in report["families"].values():
+        lines += [""] + family_markdown(entry)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("benchmark_json")
     parser.add_argument("out_dir")
-    parser.add_argument("--kd_config", default="configs/wan2.1-t2v-1.3b/kd.yaml")
-    parser.add_argument("--dmd2_config", default="configs/wan2.1-t2v-1.3b/dmd2.yaml")
+    parser.add_argument("--family", nargs=4, action="append", required=True,
+                        metavar=("NAME", "BENCHMARK_JSON", "KD_CONFIG", "DMD2_CONFIG"))
+    parser.add_argument("--teacher", nargs=2, action="append", default=[], metavar=("NAME", "FOLDER"),
+                        help="estimate NAME's configs with this teacher (and VAE) folder")
     args = parser.parse_args(argv)
-    benchmark = json.loads(Path(args.benchmark_json).read_text())
-    peaks = estimated_peaks({"kd": args.kd_config, "dmd2": args.dmd2_config}, benchmark["batch_size"],
-                            benchmark["gradient_checkpointing"])
-    report = {"benchmark": benchmark, "estimated_peak_gib": peaks,
-              "estimate_configs": {"kd": args.kd_config, "dmd2": args.dmd2_config}}
+    out = Path(args.out_dir)
+    teachers = dict(args.teacher)
+    families = {}
+    for name, benchmark_json, kd, dmd2 in args.family:
+        benchmark = json.loads(Path(benchmark_json).read_text())
+        configs = {"kd": kd, "dmd2": dmd2}
+        used = dict(configs)
+        if name in teachers:
+            used = {stage: with_teacher(config, teachers[name], out / "estimate_configs" / f"{name}_{stage}.yaml")
+                    for stage, config in configs.items()}
+        peaks = estimated_peaks(used, benchmark["batch_size"], benchmark["gradient_checkpointing"])
+        families[name] = {"benchmark": benchmark, "estimated_peak_gib": peaks, "estimate_configs": configs,
+                          "estimate_teacher": teachers.get(name)}
+    report = {"families": families}
     from distill_pl.media import atomic_write
 
-    for name, text in (("gpu_report.json", json.dumps(report, indent=2)), ("gpu_report.md", markdown(report))):
-        with atomic_write(Path(args.out_dir) / name) as tmp:
+    for file, text in (("gpu_report.json", json.dumps(report, indent=2)), ("gpu_report.md", markdown(report))):
+        with atomic_write(out / file) as tmp:
             tmp.write_text(text)
     print(markdown(report))
     return report

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_SCHEDULER
+
 LATENT_CHANNELS = 16
 QWEN_HIDDEN = 16
 QWEN_LAYERS = 2
@@ -73,13 +75,7 @@ CONTROLNET = dict(
     encoder_hidden_states_channels=32,
 )
 #: the scheduler the diffusers conversion script writes for Cosmos-Transfer2.5
-SCHEDULER = dict(
-    use_karras_sigmas=True,
-    use_flow_sigmas=True,
-    prediction_type="flow_prediction",
-    sigma_max=200.0,
-    sigma_min=0.01,
-)
+SCHEDULER = COSMOS_TRANSFER_2_5_SCHEDULER
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"

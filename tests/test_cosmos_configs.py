@@ -11,11 +11,11 @@ import torch
 from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
 from diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer import DEFAULT_NEGATIVE_PROMPT
 
+from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
 from distill_pl.models.families.registry import denoiser_config
 from distill_pl.stages.dmd2 import DMD2Module
 from distill_pl.stages.kd import KDModule
 from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
-from tests.models.families.test_cosmos_transfer import COSMOS_TRANSFER_2_5_2B
 from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
                                 write_model)
 
@@ -30,10 +30,7 @@ TEXT_ENCODER_CONFIG = {
     "vision_config": {"hidden_size": 1280, "out_hidden_size": 3584, "depth": 32},
 }
 #: scheduler/scheduler_config.json as diffusers' conversion script writes it for Cosmos 2.5
-SCHEDULER_CONFIG = {
-    "_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True, "use_flow_sigmas": True,
-    "prediction_type": "flow_prediction", "sigma_max": 200.0, "sigma_min": 0.01,
-}
+SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", **COSMOS_TRANSFER_2_5_SCHEDULER}
 
 
 def write_stand_in(root: Path) -> None:

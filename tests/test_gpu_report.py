@@ -1,4 +1,5 @@
-"""scripts/gpu_report.sh in its tiny CPU version: one JSON and one markdown table."""
+"""scripts/gpu_report.sh in its tiny CPU version: one JSON and one markdown table holding both
+families (Wan2.1-T2V and Cosmos-Transfer2.5 with its ControlNet)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,39 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PHASES = ["kd", "dmd2_critic", "dmd2_generator"]
 
 
-@pytest.mark.slow  # half a minute: two processes building, timing and FLOP-counting the tiny model
+@pytest.mark.slow  # about a minute: per family, building, timing and FLOP-counting the tiny model, then estimates
 def test_tiny_gpu_report_writes_json_and_table(tmp_path):
     env = {**os.environ, "GPU_REPORT_TINY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
+    env.pop("GPU_REPORT_FAMILIES", None)
     run = subprocess.run([str(REPO / "scripts" / "gpu_report.sh"), str(tmp_path)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
-    phases = [p["phase"] for p in report["benchmark"]["phases"]]
-    assert phases == ["kd", "dmd2_critic", "dmd2_generator"]
-    assert set(report["estimated_peak_gib"]) == set(phases) and all(v > 0 for v in report["estimated_peak_gib"].values())
-    sampling = report["benchmark"]["sampling"]
-    assert sampling["teacher_nfe"] == 4 and sampling["teacher_s_per_video"] > sampling["student_s_per_video"] > 0
+    assert list(report["families"]) == ["wan", "cosmos"]
     table = (tmp_path / "gpu_report.md").read_text()
-    for phase in phases:
-        assert f"| {phase} |" in table
-    assert "| student 1-step |" in table and "speed-up" in table
+    for name, entry in report["families"].items():
+        bench = entry["benchmark"]
+        assert bench["family"] == name and bench["tiny"]
+        assert [p["phase"] for p in bench["phases"]] == PHASES
+        assert all(p["s_per_step"] > 0 and p["model_flops"] > 0 for p in bench["phases"])
+        peaks = entry["estimated_peak_gib"]
+        assert set(peaks) == set(PHASES) and all(v > 0 for v in peaks.values())
+        sampling = bench["sampling"]
+        assert sampling["teacher_nfe"] == 8 and sampling["guidance"] == 8.0
+        assert sampling["teacher_s_per_video"] > sampling["student_s_per_video"] > 0
+        assert sampling["teacher_extrapolated"] and len(sampling["teacher_step_times"]) == 2
+        assert f"## {bench['model']}" in table
+    cosmos = report["families"]["cosmos"]
+    assert cosmos["benchmark"]["adapter_options"] == {"control_scale": 1.0}
+    assert cosmos["estimate_configs"]["kd"] == "configs/tiny-cosmos-transfer2.5/kd.yaml"
+    assert cosmos["estimate_teacher"] == str(tmp_path / "tiny-cosmos-teacher")
+    assert report["families"]["wan"]["benchmark"]["forward_flops"]["closed_form"] > 0
+    assert cosmos["benchmark"]["forward_flops"]["closed_form"] is None
+    for phase in PHASES:
+        assert table.count(f"| {phase} |") == 2
+    assert table.count("| student 1-step |") == 2 and table.count("(extrapolated)") == 2
+    assert "speed-up" in table

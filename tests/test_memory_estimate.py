@@ -88,6 +88,16 @@ def test_published_configs_are_the_diffusers_folders_configs():
         TRANSFORMER_CONFIG_14B["_class_name"], strip(TRANSFORMER_CONFIG_14B))
 
 
+def test_cosmos_2b_configs_estimate_without_the_folder():
+    """configs/cosmos-transfer2.5-2b name checkpoints/Cosmos-Transfer2.5-2B, absent here: the
+    conversion-script config (base + ControlNet) stands in, as the published Wan configs do."""
+    estimate = estimate_memory("configs/cosmos-transfer2.5-2b/kd.yaml", devices=1)
+    assert "published Cosmos-Transfer2.5-2B config" in estimate.header[0]
+    assert "2,885,120,000 parameters" in estimate.header[0]
+    assert estimate.static["student: float32, trainable"] == 4 * 2_885_120_000
+    assert "latents 16x24x88x160, 84,480 tokens" in estimate.header[1]
+
+
 def test_parameter_and_optimizer_bytes_are_closed_forms():
     """Wan2.1-1.3B KD on 8 GPUs with FSDP: float32 student, bf16 teacher, 2 AdamW moments, /8."""
     estimate = estimate_memory("configs/wan2.1-t2v-1.3b/kd.yaml", devices=8, sharding="fsdp")

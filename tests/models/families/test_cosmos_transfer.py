@@ -11,7 +11,7 @@ from distill_pl.diffusion.flow import cosmos_guidance_to_w
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.families.cosmos_transfer import CosmosTransferDenoiser
+from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, CosmosTransferDenoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.models.teacher_folder import load_scheduler
@@ -257,30 +257,6 @@ def test_control_video_of_wrong_length_or_size(teacher, teacher_folder):
         teacher(x_t, sigma, short)
     with pytest.raises(ValueError, match="needs cond.control"):
         teacher(x_t, sigma, Conditioning(cond.text_embeds))
-
-
-#: Cosmos-Transfer2.5-2B (general edge/depth/seg/blur ControlNets share it), as diffusers'
-#: conversion script (scripts/convert_cosmos_to_diffusers.py, "Cosmos-2.5-Transfer-General-2B")
-#: builds it; the released config.json files were not available to check against
-COSMOS_TRANSFER_2_5_2B = {
-    "transformer": dict(
-        in_channels=16 + 1, out_channels=16, num_attention_heads=16, attention_head_dim=128,
-        num_layers=28, mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256,
-        max_size=(128, 240, 240), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=True, extra_pos_embed_type=None, use_crossattn_projection=True,
-        crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024,
-        controlnet_block_every_n=7, img_context_dim_in=1152, img_context_dim_out=2048,
-        img_context_num_tokens=256,
-    ),
-    "controlnet": dict(
-        n_controlnet_blocks=4, model_channels=2048, in_channels=130, latent_channels=18,
-        num_attention_heads=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024,
-        adaln_lora_dim=256, patch_size=(1, 2, 2), max_size=(128, 240, 240),
-        rope_scale=(1.0, 3.0, 3.0), extra_pos_embed_type=None, img_context_dim_in=1152,
-        img_context_dim_out=2048, use_crossattn_projection=True, crossattn_proj_in_channels=100352,
-        encoder_hidden_states_channels=1024,
-    ),
-}
 
 
 def test_real_size_2b_on_meta():
