@@ -50,15 +50,15 @@ def _device(name: str) -> torch.device:
 
 
 def bench_sampling(args) -> dict:
-    from distill_pl.benchmarking import median_time, peak_memory_mb
+    from distill_pl.scale.benchmarking import median_time, peak_memory_mb
     from distill_pl.data.datamodule import VideoDataModule
     from distill_pl.eval.evaluate import held_out_clips
     from distill_pl.eval.methods import student_method, teacher_method
     from distill_pl.models.autoencoder import build_autoencoder
     from distill_pl.models.conditioning import Conditioning
-    from distill_pl.models.families.registry import load_denoiser
+    from distill_pl.families.registry import load_denoiser
     from distill_pl.models.guidance import negative_conditioning
-    from distill_pl.models.teacher_folder import load_scheduler
+    from distill_pl.export.model_folders import load_scheduler
 
     device = _device(args.device)
     student_path = args.student if Path(args.student).exists() else args.teacher
@@ -86,8 +86,8 @@ def bench_sampling(args) -> dict:
 
 
 def bench_training(args, config: str) -> dict:
-    from distill_pl.benchmarking import StepTimer, missing_init_from_override, peak_memory_mb
-    from distill_pl.cli import benchmark_cli
+    from distill_pl.scale.benchmarking import StepTimer, missing_init_from_override, peak_memory_mb
+    from distill_pl.cli.main import benchmark_cli
 
     device = _device(args.device)
     extra, _ = missing_init_from_override(config)

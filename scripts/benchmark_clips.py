@@ -76,7 +76,7 @@ def main() -> None:
 
     from distill_pl.data.bundled import BUNDLED_CLIPS, write_bundled_manifest
     from distill_pl.data.manifest import ManifestEntry, read_manifest, write_manifest
-    from distill_pl.paths import resolve_path
+    from distill_pl.util.paths import resolve_path
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

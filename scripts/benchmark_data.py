@@ -48,7 +48,7 @@ WAN = dict(latent=(16, 21, 60, 104), text=(512, 4096), frames=81, stride=1, heig
 
 def reference_video() -> Path:
     from distill_pl.data.bundled import BUNDLED_CLIPS
-    from distill_pl.paths import resolve_path
+    from distill_pl.util.paths import resolve_path
 
     return resolve_path(BUNDLED_CLIPS) / "carphone_pristine.mp4"  # 120 frames
 

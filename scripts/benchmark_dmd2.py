@@ -35,11 +35,11 @@ import sys
 
 import torch
 
-from distill_pl.benchmarking import StepTimer, median_time, missing_init_from_override
-from distill_pl.cli import benchmark_cli
+from distill_pl.scale.benchmarking import StepTimer, median_time, missing_init_from_override
+from distill_pl.cli.main import benchmark_cli
 from distill_pl.diffusion.flow import add_noise
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.stages.dmd2 import DMD2Module
+from distill_pl.training.dmd2 import DMD2Module
 
 
 def network_passes(module: DMD2Module, batch: dict, repeats: int) -> dict[str, float]:

@@ -26,7 +26,7 @@ shared by the conditional and unconditional branch. Phases:
   2B) without grad; fake score forward (B) with features, gradient to its input only; DMD
   loss + 1e-3 x GAN loss; backward; AdamW step on the student.
 
-The losses are the project's objectives (``distill_pl.objectives``: ``KDObjective``,
+The losses are the project's objectives (``distill_pl.methods``: ``KDObjective``,
 ``DMD2Objective``, CFG ``w`` of the family's DMD2 config: 6 for both) on denoisers built
 through the family registry, what the stages run without Lightning, micro-batching,
 gradient clipping or logging. Each step runs on fixed random inputs; noise levels are drawn
@@ -43,7 +43,7 @@ given), each step between two device syncs.
 Peak memory: ``torch.cuda.max_memory_allocated``, reset before each phase (it includes the
 resident weights and optimizer state of every network built so far). FLOPs: counted with
 ``FlopCounterMode`` on copies of the networks on the meta device (same shapes, no memory;
-see ``distill_pl/flops.py``): model FLOPs with checkpointing off, and the recomputation as
+see ``distill_pl/scale/flops.py``): model FLOPs with checkpointing off, and the recomputation as
 the difference with it on. One forward's count is also given in closed form for Wan
 (``wan_forward_flops``); for Cosmos only the counted FLOPs are reported (no closed form).
 MFU = model FLOPs / s per step / the dense bf16 peak of the GPU (``--peak_tflops``, else by
@@ -58,7 +58,7 @@ cond + uncond per step, ``w`` of the family's kd_pairs config: 8 for both), the 
 the project's pair generation and evaluation (``sample_with_scheduler`` with the teacher's
 scheduler and ``step_sigma=teacher.sampler_sigma``; Wan: UniPC with flow shift 3; Cosmos:
 the UniPC of ``Cosmos2_5_TransferPipeline``'s folder, Karras flow sigmas, the loop that
-``tests/models/families/test_cosmos_transfer.py`` checks against the pipeline), against the
+``tests/families/test_cosmos_transfer.py`` checks against the pipeline), against the
 student's one step ``eps - v(eps, 1)`` (student: median of ``--steps`` after a warm-up).
 The teacher: one whole timed video by default; with ``--teacher_timed_steps K``, K sampler
 steps after ``--teacher_warmup_steps`` (default 1) of one run, and ``s/video = sample_steps x
@@ -88,19 +88,19 @@ import diffusers
 import torch
 from torch import Tensor
 
-from distill_pl.benchmarking import synchronize
+from distill_pl.scale.benchmarking import synchronize
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import build_flow_scheduler, one_step_sample, sample_with_scheduler
-from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
+from distill_pl.scale.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
-from distill_pl.models.families.registry import build_denoiser
+from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.registry import build_denoiser
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.models.teacher_folder import scheduler_shift
-from distill_pl.objectives.dmd2 import DMD2Objective
-from distill_pl.objectives.kd import KDObjective
+from distill_pl.export.model_folders import scheduler_shift
+from distill_pl.methods.dmd2 import DMD2Objective
+from distill_pl.methods.kd import KDObjective
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_cosmos_transfer as tiny_cosmos  # noqa: E402  (scripts/: the tiny Cosmos sizes)

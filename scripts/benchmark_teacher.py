@@ -16,8 +16,8 @@ import platform
 
 import torch
 
-from distill_pl.benchmarking import StepTimer
-from distill_pl.cli import benchmark_cli
+from distill_pl.scale.benchmarking import StepTimer
+from distill_pl.cli.main import benchmark_cli
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ ESTIMATED = {"kd": ("kd", "kd"), "dmd2_critic": ("dmd2", "critic"), "dmd2_genera
 
 def estimated_peaks(configs: dict[str, str], batch_size: int, checkpointing: bool) -> dict[str, float]:
     """GiB per phase from estimate_memory on one device."""
-    from distill_pl.memory_estimate import GIB, estimate_memory
+    from distill_pl.scale.memory_estimate import GIB, estimate_memory
 
     peaks = {}
     for phase, (stage, name) in ESTIMATED.items():
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         families[name] = {"benchmark": benchmark, "estimated_peak_gib": peaks, "estimate_configs": configs,
                           "estimate_teacher": teachers.get(name)}
     report = {"families": families}
-    from distill_pl.media import atomic_write
+    from distill_pl.util.media import atomic_write
 
     for file, text in (("gpu_report.json", json.dumps(report, indent=2)), ("gpu_report.md", markdown(report))):
         with atomic_write(out / file) as tmp:

@@ -37,8 +37,8 @@ from transformers import AutoModel, AutoTokenizer
 
 # the project, for main's video reading and writing only
 from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
-from distill_pl.media import side_by_side, write_mp4
-from distill_pl.paths import resolve_path
+from distill_pl.util.media import side_by_side, write_mp4
+from distill_pl.util.paths import resolve_path
 
 #: data settings of configs/tiny, used for the keys a folder's student.json does not give
 TINY_SETTINGS = dict(

@@ -27,7 +27,7 @@ if [ -z "${PYTHON:-}" ]; then
     bash scripts/setup.sh
     PYTHON=.venv/bin/python
 fi
-DPL=("$PYTHON" -m distill_pl.cli)
+DPL=("$PYTHON" -m distill_pl.cli.main)
 DATA=(--data.manifest "$MANIFEST" --data.cache_dir "$RUN/cache")
 TEACHER="$RUN/teacher/export"
 SAMPLE_STEPS="${SAMPLE_STEPS:-36}"

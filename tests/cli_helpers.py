@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DISTILL_PL = [sys.executable, "-m", "distill_pl.cli"]
+DISTILL_PL = [sys.executable, "-m", "distill_pl.cli.main"]
 
 
 def cli_env() -> dict[str, str]:

@@ -15,3 +15,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cosmos_pipeline_folder(tmp_path_factory):
+    """A tiny random Cosmos2_5_TransferPipeline saved with its own ``save_pretrained``
+    (built once per test session: read it, never write into it)."""
+    from tests.families import cosmos_tiny
+
+    folder = tmp_path_factory.mktemp("cosmos") / "pipeline"
+    cosmos_tiny.save_tiny_pipeline(folder)
+    return folder

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from distill_pl.cli import DistillCLI
+from distill_pl.cli.main import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 
 

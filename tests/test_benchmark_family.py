@@ -13,10 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from distill_pl.flops import count_flops, peak_bf16_tflops, wan_forward_flops
+from distill_pl.scale.flops import count_flops, peak_bf16_tflops, wan_forward_flops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.families.registry import build_denoiser
+from distill_pl.families.registry import build_denoiser
 from tests.test_wan_configs import TRANSFORMER_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]

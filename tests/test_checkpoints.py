@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from distill_pl.checkpoint_io import AtomicCheckpointIO, CheckpointSaveError
-from distill_pl.resume import NoCheckpointError, resume_checkpoint
+from distill_pl.training.checkpoint_io import AtomicCheckpointIO, CheckpointSaveError
+from distill_pl.training.resume import NoCheckpointError, resume_checkpoint
 from tests.cli_helpers import DISTILL_PL, cli_env, run_cli, scalar_events
-from tests.stages.test_teacher_cli import fast_teacher_config
+from tests.training.test_teacher_cli import fast_teacher_config
 
 
 def save(path: Path, step: int, size: int = 10) -> Path:

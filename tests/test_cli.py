@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from distill_pl.cli import COMMAND_HELP, main
-from distill_pl.cli_errors import condensed_parse_error
+from distill_pl.cli.main import COMMAND_HELP, main
+from distill_pl.cli.errors import condensed_parse_error
 from distill_pl.data.clips import ClipDataset, minimum_video_frames
 from distill_pl.data.manifest import ManifestEntry, write_manifest
 from tests.cli_helpers import DISTILL_PL, REPO, cli_env

@@ -11,11 +11,11 @@ import torch
 from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
 from diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer import DEFAULT_NEGATIVE_PROMPT
 
-from distill_pl.models.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
-from distill_pl.models.families.registry import denoiser_config
-from distill_pl.stages.dmd2 import DMD2Module
-from distill_pl.stages.kd import KDModule
-from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.registry import denoiser_config
+from distill_pl.training.dmd2 import DMD2Module
+from distill_pl.training.kd import KDModule
+from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
                                 write_model)
 
@@ -139,4 +139,4 @@ def test_freeze_control_branch_from_the_config(stand_in):
 def test_training_configs_shard_with_fsdp2(stand_in, name):
     strategy = parse(CONFIGS / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
     found = strategy.config["trainer"]["strategy"]
-    assert getattr(found, "class_path", found) == "distill_pl.strategies.FSDP2Strategy"
+    assert getattr(found, "class_path", found) == "distill_pl.training.strategies.FSDP2Strategy"

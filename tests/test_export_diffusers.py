@@ -13,11 +13,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from distill_pl.diffusion.sampling import euler_step_sample, few_step_sample, one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.teacher_folder import save_student_folder, student_noise_levels_of, student_sampler_of
+from distill_pl.export.model_folders import save_student_folder, student_noise_levels_of, student_sampler_of
 from distill_pl.models.text_encoder import TextEncoder
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.families.registry import build_denoiser
-from distill_pl.paths import resolve_path
+from distill_pl.families.registry import build_denoiser
+from distill_pl.util.paths import resolve_path
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "one_step_diffusers.py"
 _spec = importlib.util.spec_from_file_location("one_step_diffusers", SCRIPT)

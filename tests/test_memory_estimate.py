@@ -17,16 +17,16 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from distill_pl.memory_estimate import (
+from distill_pl.scale.memory_estimate import (
     PUBLISHED_TRANSFORMER_CONFIGS,
     estimate_memory,
     main,
     parameter_bytes,
     saved_tensor_bytes,
 )
-from distill_pl.models.families.registry import build_denoiser
-from distill_pl.stages.dmd2 import DMD2Module
-from distill_pl.stages.kd import KDModule
+from distill_pl.families.registry import build_denoiser
+from distill_pl.training.dmd2 import DMD2Module
+from distill_pl.training.kd import KDModule
 from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
 
 def test_the_data_side_of_a_wan_pair_generation_config(capsys):
     from distill_pl.data.memory import clip_item_bytes
-    from distill_pl.memory_estimate import main
+    from distill_pl.scale.memory_estimate import main
 
     main(["--config", "configs/wan2.1-t2v-1.3b/kd_pairs.yaml"])
     out = capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from distill_pl.progress import ProgressLines, duration
+from distill_pl.util.progress import ProgressLines, duration
 
 
 class Terminal(io.StringIO):
@@ -14,7 +14,7 @@ class Terminal(io.StringIO):
 
 def test_lines_only_when_not_a_terminal(monkeypatch):
     clock = iter([100.0, 110.0, 130.0])
-    monkeypatch.setattr("distill_pl.progress.time.perf_counter", lambda: next(clock, 130.0))
+    monkeypatch.setattr("distill_pl.util.progress.time.perf_counter", lambda: next(clock, 130.0))
     log = io.StringIO()
     progress = ProgressLines("KD pairs", 40, "examples", stream=log)
     progress.advance(10, "wrote train/shard_00000.safetensors")

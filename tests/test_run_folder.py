@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-from distill_pl.cli import main
-from distill_pl.run_folder import CHECKPOINT_CALLBACK, TENSORBOARD_LOGGER, check_export_free, derive_run_paths
-from tests.stages.test_teacher_cli import fast_teacher_config
+from distill_pl.cli.main import main
+from distill_pl.cli.run_folder import CHECKPOINT_CALLBACK, TENSORBOARD_LOGGER, check_export_free, derive_run_paths
+from tests.training.test_teacher_cli import fast_teacher_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

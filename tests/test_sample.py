@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import distill_pl.sample as sample_module
+import distill_pl.eval.sample as sample_module
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.models.teacher_folder import save_student_folder
-from distill_pl.models.families.registry import build_denoiser
+from distill_pl.export.model_folders import save_student_folder
+from distill_pl.families.registry import build_denoiser
 
 TINY = dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=6, out_channels=3,
             text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1)

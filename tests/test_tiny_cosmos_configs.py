@@ -15,10 +15,10 @@ from distill_pl.data.pairs import read_shard_header
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.families.registry import folder_class_name, load_denoiser
+from distill_pl.families.registry import folder_class_name, load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from tests.cli_helpers import edited_config, evaluate_tiny_runs, run_cli
-from tests.models.families import cosmos_tiny
+from tests.families import cosmos_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

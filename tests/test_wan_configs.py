@@ -12,9 +12,9 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.stages.dmd2 import DMD2Module
-from distill_pl.stages.kd import KDModule
-from distill_pl.stages.kd_pairs import KDPairGenerationModule, latent_shape
+from distill_pl.training.dmd2 import DMD2Module
+from distill_pl.training.kd import KDModule
+from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
                                 write_model)
 

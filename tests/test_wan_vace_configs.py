@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from diffusers import AutoencoderKLWan, WanVACETransformer3DModel
 
-from distill_pl.stages.dmd2 import DMD2Module
-from distill_pl.stages.kd import KDModule
-from distill_pl.stages.kd_pairs import KDPairGenerationModule
+from distill_pl.training.dmd2 import DMD2Module
+from distill_pl.training.kd import KDModule
+from distill_pl.training.kd_pairs import KDPairGenerationModule
 from tests.meta_configs import build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse
 from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B, check_data, write_stand_in
 
@@ -124,4 +124,4 @@ def test_training_configs_that_ddp_does_not_fit_shard_with_fsdp2(size, name, tmp
     build_on_meta(monkeypatch, (WanVACETransformer3DModel, AutoencoderKLWan))
     cli = parse(MODELS[size].configs / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
     found = cli.config["trainer"]["strategy"]
-    assert getattr(found, "class_path", found) == "distill_pl.strategies.FSDP2Strategy"
+    assert getattr(found, "class_path", found) == "distill_pl.training.strategies.FSDP2Strategy"

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from distill_pl.resume import checkpoint_step
+from distill_pl.training.resume import checkpoint_step
 
 
 class CollapseError(RuntimeError):

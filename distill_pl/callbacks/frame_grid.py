@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from distill_pl.media import frame_grid, label_rows, upscale, write_png
+from distill_pl.util.media import frame_grid, label_rows, upscale, write_png
 
 
 class FrameGridLogger(L.Callback):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from distill_pl.data.folder_lock import FolderLock
 from distill_pl.data.shards import remove_temp_files
-from distill_pl.progress import ProgressLines
+from distill_pl.util.progress import ProgressLines
 
 
 class PairShardWriter(BasePredictionWriter):

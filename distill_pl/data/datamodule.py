@@ -42,7 +42,7 @@ Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
   ``width``, ``text_encoder`` and ``max_text_length`` must match the shards (ValueError
   naming the shard otherwise); ``negative_prompt_embedding()`` is read from the shards.
 - ``predict``: KD pair generation (``distill-pl predict`` with
-  :class:`~distill_pl.stages.kd_pairs.KDPairGenerationModule` and
+  :class:`~distill_pl.training.kd_pairs.KDPairGenerationModule` and
   :class:`~distill_pl.callbacks.shard_writer.PairShardWriter`). ``predict_dataloader`` serves
   the examples of unfinished shards: train example ``i`` is item ``i`` of the clip train split
   (epoch 0, ``num_examples`` items), val example ``i`` is val window ``i``. One loader per
@@ -64,12 +64,12 @@ only on one process with ``num_workers`` 0 or 1).
 Mode ``"latents"`` (``latents_dir``; format: :mod:`distill_pl.data.clip_latents`): the same
 two stages over precomputed VAE latents of the clips.
 
-- ``predict`` (:class:`~distill_pl.stages.clip_latents.ClipLatentModule` with the shard
+- ``predict`` (:class:`~distill_pl.training.clip_latents.ClipLatentModule` with the shard
   writer): encodes the examples of unfinished shards, chosen, batched and split over ranks
   exactly as KD pair generation does (train: items ``0..num_examples-1`` of epoch 0).
 - ``fit``/``validate``: batches ``video_latents``, ``control_latents`` [B, C, T', H', W']
   float32, ``text_embeds``, ``text_mask``, ``caption``, ``path``, ``start``, ``index``; no
-  pixels (the stages use the latents instead of encoding, see :mod:`distill_pl.stages.batch`).
+  pixels (the stages use the latents instead of encoding, see :mod:`distill_pl.training.batch`).
   The train windows are the precomputed ones, the same every epoch. Every clip setting of the
   shards (``num_frames``, ``frame_stride``, ``height``, ``width``, canny thresholds, text
   encoder, ...) must equal this module's (ShardError naming the key otherwise);
@@ -504,7 +504,7 @@ class VideoDataModule(lightning.LightningDataModule):
         module = trainer.lightning_module if trainer else None
         if not hasattr(module, "pair_generation_metadata"):
             raise ValueError("predict in pairs mode needs a model with pair_generation_metadata() "
-                             "(distill_pl.stages.kd_pairs.KDPairGenerationModule)")
+                             "(distill_pl.training.kd_pairs.KDPairGenerationModule)")
         model_metadata = module.pair_generation_metadata()
         # ranks may have no shard left; Lightning must not treat that as an error
         self.allow_zero_length_dataloader_with_multiple_devices = True

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill_pl.media import atomic_write
+from distill_pl.util.media import atomic_write
 
 
 @dataclass(frozen=True)

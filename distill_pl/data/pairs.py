@@ -85,7 +85,7 @@ from distill_pl.data.shards import (
     remove_temp_files,
     storage_dtype,
 )
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 __all__ = [
     "FORMAT_VERSION", "METADATA_KEY", "SPLITS", "PairRowDecoder", "PairShardDataset", "ShardError", "ShardLayout",
@@ -148,7 +148,7 @@ def noise_fingerprint(noise: Tensor) -> str:
 def teacher_fingerprint(teacher: str | Path) -> str:
     """sha256 of a teacher folder's content: the transformer's ``*.json`` and ``*.safetensors``
     files and the scheduler config (names and bytes). Equal content, equal fingerprint."""
-    from distill_pl.models.families.registry import transformer_folder
+    from distill_pl.families.registry import transformer_folder
 
     root = resolve_path(teacher)
     transformer = transformer_folder(root)

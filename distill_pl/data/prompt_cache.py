@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
-from distill_pl.media import atomic_write
+from distill_pl.util.media import atomic_write
 from distill_pl.models.text_encoders import load_text_encoder
 
 log = logging.getLogger("distill_pl.data")

@@ -1,6 +1,7 @@
 """Distribution matching distillation (DMD / DMD2) losses as pure functions of tensors.
 
-Notation of DESIGN.md (rectified flow): a student sample ``x_g`` is noised to
+Notation (rectified flow, ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity
+``v = eps - x0``): a student sample ``x_g`` is noised to
 ``x_t = (1 - sigma) x_g + sigma n``; the teacher ("real" score, with CFG) and the fake score
 network predict velocities at ``(x_t, sigma)``, converted to clean estimates
 ``x0 = x_t - sigma v`` (``x0_real`` and ``x0_fake``).

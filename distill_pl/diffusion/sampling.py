@@ -2,7 +2,9 @@
 
 Multi-step teacher sampling delegates the update rule to a diffusers flow scheduler
 (UniPC with flow sigmas, as Wan's pipeline configures it, or flow-match Euler); the
-one-step and few-step student samplers are the closed forms of DESIGN.md.
+one-step and few-step student samplers are closed forms: one step from pure noise,
+``x_g = eps - v(eps, 1)``; K steps predict ``x0 = x - sigma_k v`` and re-noise it to
+``sigma_{k+1}`` (or take an Euler step) in between.
 """
 
 from __future__ import annotations

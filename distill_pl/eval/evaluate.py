@@ -42,13 +42,13 @@ from distill_pl.eval.methods import Method, student_method, teacher_method
 from distill_pl.eval.metric_cache import MetricCache
 from distill_pl.eval.timing import generate_interleaved, timing_warnings
 from distill_pl.eval.report import write_report
-from distill_pl.function_cli import run_with_data
+from distill_pl.cli.function_parser import run_with_data
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.families.registry import load_denoiser
+from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import negative_conditioning
-from distill_pl.models.teacher_folder import load_scheduler, student_noise_levels_of, student_sampler_of
-from distill_pl.progress import ProgressLines
+from distill_pl.export.model_folders import load_scheduler, student_noise_levels_of, student_sampler_of
+from distill_pl.util.progress import ProgressLines
 
 
 def held_out_clips(data: VideoDataModule) -> dict:

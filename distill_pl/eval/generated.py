@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from distill_pl.media import atomic_write
+from distill_pl.util.media import atomic_write
 
 KEY = "distill_pl_eval"
 

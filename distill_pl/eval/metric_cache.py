@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill_pl.media import write_text
+from distill_pl.util.media import write_text
 
 
 def _as_json(value) -> object:

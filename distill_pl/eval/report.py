@@ -16,7 +16,7 @@ from torch import Tensor
 
 from distill_pl.eval.features import NAME as FEATURE_NETWORK
 from distill_pl.eval.methods import Method
-from distill_pl.media import frame_grid, label_rows, upscale, write_mp4, write_png, write_text
+from distill_pl.util.media import frame_grid, label_rows, upscale, write_mp4, write_png, write_text
 
 LABEL_WIDTH = 180
 

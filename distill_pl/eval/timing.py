@@ -16,7 +16,7 @@ from torch import Tensor
 
 from distill_pl.eval.methods import Method
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.progress import ProgressLines
+from distill_pl.util.progress import ProgressLines
 
 
 def generate_interleaved(

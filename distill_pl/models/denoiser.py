@@ -1,8 +1,8 @@
 """The Denoiser contract: the seam between training stages and any video backbone.
 
 Stages, evaluation, export, sharding, LoRA and the memory estimate use only what is declared
-here; an adapter in :mod:`distill_pl.models.families` hides the diffusers classes of one model
-family, and :mod:`distill_pl.models.families.registry` picks the adapter of a folder.
+here; an adapter in :mod:`distill_pl.families` hides the diffusers classes of one model
+family, and :mod:`distill_pl.families.registry` picks the adapter of a folder.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Denoiser(nn.Module):
         """What :meth:`from_config` takes, read from a local folder of this class without its
         weights (default: the ``transformer/`` (or the folder's own) ``config.json`` without
         ``_`` keys; an adapter of several models returns them all)."""
-        from distill_pl.models.families.registry import read_config, transformer_config_file
+        from distill_pl.models.loading import read_config, transformer_config_file
 
         return read_config(transformer_config_file(path))
 
@@ -222,8 +222,9 @@ class Denoiser(nn.Module):
         parameters are on the meta device and whose buffers are computed on the CPU; fill it
         with ``load_state_dict(state, assign=True)``. Works on an FSDP-sharded denoiser."""
         from accelerate import init_empty_weights
+        from torch.distributed.fsdp import FSDPModule
 
-        from distill_pl.models.families.registry import adapter_class
-
+        # fully_shard swaps the class for a subclass of (FSDPModule, adapter): take the adapter
+        adapter = next(c for c in type(self).__mro__ if issubclass(c, Denoiser) and not issubclass(c, FSDPModule))
         with init_empty_weights(include_buffers=False):
-            return adapter_class(self.class_name).from_config(self.backbone_config, **self.adapter_options)
+            return adapter.from_config(self.backbone_config, **self.adapter_options)

@@ -4,7 +4,7 @@ Only local folders are loaded, never the Hugging Face hub: a string such as
 ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` that is not a folder on disk is an error, not a download.
 A path may be a model folder (``config.json`` + ``*.safetensors``) or a pipeline root that
 holds the model in a subfolder (``transformer/``, ``vae/``); ``pkg://module/sub`` paths
-point inside installed packages (see :func:`distill_pl.paths.resolve_path`).
+point inside installed packages (see :func:`distill_pl.util.paths.resolve_path`).
 Also :func:`parse_dtype`, for the dtype names that loaders take from config files.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 #: weight files diffusers can write besides safetensors; named in the error when found
 _OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -85,3 +85,33 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+#: the pipeline component (and teacher subfolder) that holds the denoising transformer
+TRANSFORMER_COMPONENT = "transformer"
+
+
+def transformer_config_file(path: str | Path) -> Path:
+    """The transformer's ``config.json`` of a folder (``transformer/config.json`` or its own),
+    found without looking at weights (ModelFolderError naming the folder if there is none)."""
+    root = resolve_path(path)
+    for file in (root / TRANSFORMER_COMPONENT / "config.json", root / "config.json"):
+        if file.is_file():
+            return file
+    raise ModelFolderError(f"{root}: no {TRANSFORMER_COMPONENT}/config.json or config.json")
+
+
+def read_config(file: Path) -> dict:
+    """A diffusers ``config.json`` without its ``_`` keys (ModelFolderError naming it if unreadable)."""
+    return {k: v for k, v in read_json(file).items() if not k.startswith("_")}
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object file (ModelFolderError naming it if unreadable or not an object)."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{file}: not a JSON object")
+    return data

@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for denoisers, and gathering them back.
 
-Used by the stages' ``configure_model`` under :class:`distill_pl.strategies.FSDP2Strategy`
+Used by the stages' ``configure_model`` under :class:`distill_pl.training.strategies.FSDP2Strategy`
 (Lightning's ``ModelParallelStrategy``): every transformer block (the denoiser's
 ``fsdp_units``) is its own FSDP unit, then the denoiser's root (patch embedding, condition
 embedders, output head) is one more. Parameters
@@ -70,7 +70,7 @@ def data_parallel_mesh(module) -> "object | None":
         return None
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
         raise ValueError(
-            "distill_pl shards with FSDP2 only: use tensor_parallel_size=1 (distill_pl.strategies.FSDP2Strategy)"
+            "distill_pl shards with FSDP2 only: use tensor_parallel_size=1 (distill_pl.training.strategies.FSDP2Strategy)"
         )
     return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
@@ -97,23 +97,6 @@ def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]
 def full_tensor(t: Tensor) -> Tensor:
     """A DTensor's full value (a collective: every rank must call); other tensors unchanged."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def export_student_of_run(
-    trainer, student: nn.Module, folder: str, shift: float, noise_levels: tuple[float, ...] = (1.0,),
-    teacher: str | None = None, sampler: str = "renoise",
-) -> None:
-    """A stage's export at the end of fit: every rank joins the gather of a sharded student,
-    rank 0 writes the folder (``save_student_folder``: with its noise levels, the family's own
-    pipeline folder where it has one, its other components from the ``teacher`` folder, and
-    the run's data settings in ``student.json``; ``sampler``: how the student moves between
-    its noise levels)."""
-    from distill_pl.models.teacher_folder import save_student_folder
-
-    full = gather_denoiser(student, trainer.global_rank)
-    if trainer.is_global_zero:
-        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher,
-                            sampler)
 
 
 def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:

@@ -5,7 +5,7 @@
 Encoder-decoder models (T5, mT5, umT5) are loaded encoder-only.
 
 The folder is a ``save_pretrained`` folder (``config.json``, weights, tokenizer files), or a
-``pkg://module/sub`` path (see :mod:`distill_pl.paths`). In the diffusers layout, where the
+``pkg://module/sub`` path (see :mod:`distill_pl.util.paths`). In the diffusers layout, where the
 tokenizer sits in a sibling ``tokenizer/`` folder, that sibling is used. Nothing is ever
 downloaded (``local_files_only=True``).
 """
@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 #: encoder-only classes for encoder-decoder model types; others use ``AutoModel(...).get_encoder()``
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from distill_pl.callbacks.collapse import CollapseError, CollapseMonitor
 from distill_pl.data.datamodule import VideoDataModule
-from distill_pl.stages.dmd2 import DMD2Module
+from distill_pl.training.dmd2 import DMD2Module
 from tests.cli_helpers import REPO
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # about 1.5 min on a loaded 2-core machine

@@ -7,7 +7,7 @@ import warnings
 from types import SimpleNamespace
 
 from distill_pl.callbacks.console import ParameterSummary, StepProgressBar
-from distill_pl.harmless_messages import silence_harmless_messages
+from distill_pl.cli.harmless_messages import silence_harmless_messages
 
 
 def test_step_based_runs_show_the_epoch_without_a_negative_total():

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill_pl.callbacks.frame_grid import FrameGridLogger
-from distill_pl.media import to_uint8
+from distill_pl.util.media import to_uint8
 
 T, H, W, SCALE, MARGIN, PAD = 5, 6, 7, 2, 150, 2
 LABELS = ["student 1-step", "teacher 1-step", "control", "ground truth"]

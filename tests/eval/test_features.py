@@ -5,7 +5,7 @@ import torch
 
 from distill_pl.data.bundled import BUNDLED_CLIPS
 from distill_pl.eval.features import FEATURE_DIM, FrameFeatureNet, video_frame_features
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 BOW_TIE = 457  # ImageNet class of the carphone man's bow tie
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill_pl.models.cosmos_text_encoder import CosmosTextEncoder, cosmos_text_encoder_dim
-from tests.models.families import cosmos_tiny
+from tests.families import cosmos_tiny
 
 PROMPTS = ["a robot arm lifts a blue cloth", "dance monkey"]
 

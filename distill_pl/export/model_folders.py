@@ -1,0 +1,156 @@
+"""A teacher as a diffusers-style folder: ``transformer/`` and ``scheduler/``.
+
+``transformer/`` is a diffusers model folder (config.json + safetensors) and
+``scheduler/scheduler_config.json`` the diffusers flow scheduler the teacher samples with
+(its ``flow_shift``/``shift`` is the teacher's timestep shift). Both load with plain
+diffusers classes, and the project reads the shift from the scheduler config.
+
+A student folder also holds ``student_steps.json``, its noise levels (see
+:func:`save_student_folder`), and may hold ``student.json``, the data settings its
+conditioning was built with (see :mod:`distill_pl.export.student_settings`); ``scripts/one_step_diffusers.py``
+reads both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from torch import nn
+
+from distill_pl.diffusion.sampling import SchedulerName, StudentSampler, build_flow_scheduler
+from distill_pl.diffusion.student_steps import student_noise_levels, unshift_sigma
+from distill_pl.util.media import write_text
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.finite_weights import check_finite
+from distill_pl.models.loading import ModelFolderError
+from distill_pl.models.sharding import gather_denoiser
+from distill_pl.export.student_settings import STUDENT_SETTINGS, student_settings
+from distill_pl.util.paths import resolve_path
+
+
+def save_teacher_folder(
+    folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
+) -> Path:
+    """Write the denoiser's components (``folder/transformer``, and any other model folder
+    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``; refuse
+    non-finite weights (:class:`~distill_pl.models.finite_weights.NonFiniteWeightsError`, nothing
+    written)."""
+    folder = Path(folder)
+    check_finite(denoiser.state_dict(), f"the model folder {folder}")
+    denoiser.save_components(str(folder))
+    build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+#: file of a student folder with its noise levels
+STUDENT_STEPS_FILE = "student_steps.json"
+
+
+def save_student_folder(
+    folder: str | Path,
+    student: Denoiser,
+    shift: float,
+    data_hparams: Mapping | None = None,
+    noise_levels: Sequence[float] = (1.0,),
+    teacher: str | Path | None = None,
+    sampler: StudentSampler = "renoise",
+) -> Path:
+    """A K-step student as a folder (``student.save_student_pipeline``): by default
+    ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
+    (``stochastic_sampling`` for K > 1 with ``sampler="renoise"``: each step predicts x0 and
+    re-noises it with fresh noise; plain Euler steps for ``sampler="euler"``, see
+    :data:`~distill_pl.diffusion.sampling.StudentSampler`); a family with its own diffusers
+    pipeline writes that pipeline's folder, its other components copied from the ``teacher``
+    folder. Then ``student_steps.json``: ``noise_levels`` (the K levels the student is called
+    at, decreasing from 1.0), ``sampler`` and ``scheduler_sigmas`` (the same before the shift:
+    ``scheduler.set_timesteps(sigmas=...)`` with them reproduces the levels, since the
+    scheduler shifts custom sigmas). One step from sigma = 1 is exactly
+    ``x_g = eps - v(eps, 1)``. Prints where it went.
+
+    With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
+    :data:`~distill_pl.export.student_settings.STUDENT_SETTINGS`, also ``student.json``
+    (:func:`~distill_pl.export.student_settings.student_settings`): those settings with the
+    text encoder as a plain local path, the control's preprocessing and, if it has any, the
+    student's ``adapter_options`` (e.g. the control scale its pipeline is called with).
+    """
+    levels = student_noise_levels(noise_levels, shift, shifted=True)
+    check_finite(student.state_dict(), f"the student folder {folder}")
+    if sampler not in ("renoise", "euler"):
+        raise ValueError(f"unknown student sampler {sampler!r}; expected 'renoise' or 'euler'")
+    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift,
+                                                levels, sampler))
+    steps = {"noise_levels": list(levels), "sampler": sampler,
+             "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
+    write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
+    if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
+        settings = student_settings(data_hparams, student)
+        write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
+    print(f"{len(levels)}-step student exported to {folder.resolve()}")
+    return folder
+
+
+def export_student_of_run(
+    trainer, student: nn.Module, folder: str, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+    teacher: str | None = None, sampler: str = "renoise",
+) -> None:
+    """A stage's export at the end of fit: every rank joins the gather of a sharded student,
+    rank 0 writes the folder (``save_student_folder``: with its noise levels, the family's own
+    pipeline folder where it has one, its other components from the ``teacher`` folder, and
+    the run's data settings in ``student.json``; ``sampler``: how the student moves between
+    its noise levels)."""
+    full = gather_denoiser(student, trainer.global_rank)
+    if trainer.is_global_zero:
+        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher,
+                            sampler)
+
+
+def student_noise_levels_of(folder: str | Path) -> tuple[float, ...]:
+    """The noise levels of an exported student (``student_steps.json``; a folder without
+    one, exported before it existed, is a one-step student)."""
+    path = resolve_path(folder) / STUDENT_STEPS_FILE
+    if not path.is_file():
+        return (1.0,)
+    try:
+        levels = json.loads(path.read_text())["noise_levels"]
+        return student_noise_levels(levels, 1.0, shifted=True)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}: no valid noise_levels ({e})") from e
+
+
+def student_sampler_of(folder: str | Path) -> StudentSampler:
+    """How an exported student moves between its noise levels (``student_steps.json``'s
+    ``sampler``; ``"renoise"`` for a folder exported before the key existed)."""
+    path = resolve_path(folder) / STUDENT_STEPS_FILE
+    if not path.is_file():
+        return "renoise"
+    sampler = json.loads(path.read_text()).get("sampler", "renoise")
+    if sampler not in ("renoise", "euler"):
+        raise ModelFolderError(f"{path}: unknown sampler {sampler!r} (expected 'renoise' or 'euler')")
+    return sampler
+
+
+def load_scheduler(folder: str | Path):
+    """The diffusers scheduler saved in ``folder/scheduler`` (or ``folder`` itself)."""
+    import diffusers
+
+    root = resolve_path(folder)
+    for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+        if candidate.is_file():
+            config = json.loads(candidate.read_text())
+            cls = getattr(diffusers, config.get("_class_name", ""), None)
+            if cls is None:
+                raise ModelFolderError(f"{candidate}: unknown scheduler class {config.get('_class_name')!r}")
+            return cls.from_config(config)
+    raise ModelFolderError(f"{root}: no scheduler/scheduler_config.json (a teacher folder needs one)")
+
+
+def scheduler_shift(scheduler) -> float:
+    """The timestep shift of a flow scheduler (UniPC's ``flow_shift``, Euler's ``shift``)."""
+    config = scheduler.config
+    if getattr(config, "use_flow_sigmas", False):
+        return float(config.flow_shift)
+    if "shift" in config:
+        return float(config.shift)
+    raise ValueError(f"{type(scheduler).__name__} is not a flow-matching scheduler")

@@ -1,0 +1,125 @@
+"""One way into a model family: the folder's diffusers ``_class_name`` picks the adapter.
+
+A model folder is a diffusers pipeline root (``model_index.json``, whose ``transformer``
+entry names the class), a teacher folder (``transformer/config.json``) or a model folder
+itself (``config.json``). Its class name selects a :class:`~distill_pl.models.denoiser.Denoiser`
+adapter from :data:`FAMILIES`; an unregistered class is a one-line
+:class:`~distill_pl.models.loading.ModelFolderError` naming the folder and the supported classes.
+
+Adding a family is one adapter file in this folder and one line in :data:`FAMILIES`.
+Adapters are imported only when a folder of their class is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.loading import (
+    TRANSFORMER_COMPONENT,
+    ModelFolderError,
+    find_diffusers_model_folder,
+    read_json,
+)
+from distill_pl.util.paths import resolve_path
+
+#: diffusers transformer class name -> ``"module:AdapterClass"`` of its Denoiser adapter
+FAMILIES: dict[str, str] = {
+    "WanTransformer3DModel": "distill_pl.families.wan:WanDenoiser",
+    "WanVACETransformer3DModel": "distill_pl.families.wan_vace:WanVACEDenoiser",
+    "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer:CosmosTransferDenoiser",
+}
+
+def supported_classes() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def adapter_class(class_name: str, where: str | Path = "") -> type[Denoiser]:
+    """The adapter class registered for ``class_name`` (``where`` names the folder in errors)."""
+    if class_name not in FAMILIES:
+        prefix = f"{where}: " if where else ""
+        raise ModelFolderError(
+            f"{prefix}model class {class_name!r} is not supported; supported classes: "
+            f"{', '.join(supported_classes())}"
+        )
+    module, _, name = FAMILIES[class_name].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def folder_class_name(path: str | Path) -> str:
+    """The ``_class_name`` of the denoising transformer of a folder.
+
+    Read from ``model_index.json`` (its ``transformer`` entry, ``[library, class]``), else
+    ``transformer/config.json``, else ``config.json``. ModelFolderError naming the folder if
+    none of them exists or is readable.
+    """
+    root = resolve_path(path)
+    if not root.is_dir():
+        raise ModelFolderError(
+            f"{root}: model folder does not exist. Only local diffusers folders are loaded "
+            "(never from the Hugging Face hub); download the model and give its local path."
+        )
+    index = root / "model_index.json"
+    if index.is_file():
+        entry = read_json(index).get(TRANSFORMER_COMPONENT)
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
+            raise ModelFolderError(f"{index}: no {TRANSFORMER_COMPONENT!r} entry [library, class]")
+        return entry[1]
+    for config in (root / TRANSFORMER_COMPONENT / "config.json", root / "config.json"):
+        if config.is_file():
+            found = read_json(config).get("_class_name")
+            if not isinstance(found, str):
+                raise ModelFolderError(f"{config}: no _class_name")
+            return found
+    raise ModelFolderError(
+        f"{root}: no model_index.json, {TRANSFORMER_COMPONENT}/config.json or config.json; "
+        "expected a diffusers pipeline, teacher or model folder"
+    )
+
+
+def transformer_folder(path: str | Path) -> Path:
+    """The folder holding the denoising transformer's ``config.json`` and safetensors
+    (``path`` itself or its ``transformer/``), checked like :func:`find_diffusers_model_folder`."""
+    class_name = folder_class_name(path)
+    adapter_class(class_name, resolve_path(path))
+    return find_diffusers_model_folder(str(path), class_name, TRANSFORMER_COMPONENT)
+
+
+def denoiser_config(path: str | Path) -> tuple[str, dict]:
+    """(class name, what the adapter's ``from_config`` takes) of a folder, read without its
+    weights (the adapter's ``folder_config``): with :func:`build_denoiser`, the folder's
+    architecture on the meta device (export, memory estimates)."""
+    class_name = folder_class_name(path)
+    return class_name, adapter_class(class_name, resolve_path(path)).folder_config(str(path))
+
+
+def load_denoiser(
+    path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False, **adapter_options
+) -> Denoiser:
+    """The Denoiser of a local folder, its adapter picked by the folder's class name.
+
+    ``dtype`` is the parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``);
+    ``adapter_options`` are the adapter's own keyword arguments (e.g. Wan VACE's
+    ``conditioning_scale``).
+    """
+    cls = adapter_class(folder_class_name(path), resolve_path(path))
+    return cls(path=str(path), dtype=dtype, gradient_checkpointing=gradient_checkpointing, **adapter_options)
+
+
+def build_denoiser(
+    class_name: str,
+    config: dict,
+    dtype: str = "float32",
+    gradient_checkpointing: bool = False,
+    on_meta: bool = False,
+    **adapter_options,
+) -> Denoiser:
+    """A randomly initialised Denoiser of ``class_name`` from its transformer ``config``.
+
+    ``on_meta=True`` builds every parameter and buffer on the meta device (no memory, no
+    values), for shapes, parameter counts and memory estimates of real-size models.
+    """
+    cls = adapter_class(class_name)
+    return cls.from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                           on_meta=on_meta, **adapter_options)

@@ -1,0 +1,1 @@
+"""Training methods: the networks a loss needs and the loss methods, no Lightning."""

@@ -1,0 +1,310 @@
+"""The DMD2 objective: the four networks a DMD2 step needs and its losses, no Lightning.
+
+Notation (rectified flow, ``x_s = (1 - s) x0 + s eps``, networks predict ``v = eps - x0``):
+
+- ``student``: a K-step generator called at the noise levels ``student_sigmas``
+  ``s_0 = 1 > s_1 > ... > s_{K-1}`` (already shifted); one step at level ``s_k`` gives the
+  clean estimate ``x0 = x - s_k S(x, s_k, c)``, re-noised with fresh noise to ``s_{k+1}``
+  (:func:`~distill_pl.diffusion.sampling.few_step_sample`). K = 1: ``x_g = eps - S(eps, 1, c)``.
+- ``teacher``: the frozen CFG teacher (the "real" score), guidance ``w`` in ``u + w (c - u)``.
+- ``fake_score``: tracks the score of the student's samples (flow matching on them).
+- ``discriminator``: a head on block ``feature_block`` of the fake score (``discriminator_on=
+  "fake_score"``) or of the teacher (``"teacher"``).
+
+The trained step. Each sample of a step trains one student step ``k`` (:class:`DMD2Draws`
+``step``; always 0 for K = 1) with gradient; its input at ``s_k`` is, for ``k > 0``,
+``trained_step_input``:
+
+- ``"backward_simulation"``: the student's own chain from the sample's ``eps``, run without
+  gradient through steps ``0 .. k-1`` with the draws' re-noising noises;
+- ``"noised_real"``: the real clip noised to ``s_k``, ``(1 - s_k) x_real + s_k n``.
+
+Its clean estimate ``x_g`` then enters the critic and generator losses of DMD2 exactly as the
+one-step student's does (``x_t = (1 - sigma) x_g + sigma n``, ``sigma`` from the shifted
+``t ~ U[t_min, t_max]``).
+
+Phased DMD (``phased=True``, backward simulation only): the noise range is split into the K
+subintervals ``(s_{k+1}, s_k]`` (``s_K = 0``), trained one after the other (the caller gives
+the phase). In phase ``k`` every sample trains step ``k``, whose output is the student's state
+at the subinterval's lower end, ``x_{s_{k+1}} = (1 - s_{k+1}) x0 + s_{k+1} n`` (the sampler's
+own re-noising; for the last phase the clean estimate). The critic and DMD terms diffuse that
+state to ``sigma`` in the subinterval (``sigma = s_{k+1} + (s_k - s_{k+1}) u``, ``u ~
+U[t_min, t_max]``, no further shift) with
+:func:`~distill_pl.diffusion.student_steps.diffuse_from`, and the fake score is trained there
+with the subinterval target of
+:func:`~distill_pl.diffusion.student_steps.subinterval_flow_target` (score matching within the
+subinterval). The DMD gradient acts on the state ``x_{s_{k+1}}``; its normaliser is the mean
+``|x0 - x0_real|`` of the step's clean estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from distill_pl.diffusion.dmd import (
+    dmd_gradient,
+    dmd_loss,
+    dmd_normaliser,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from distill_pl.diffusion.flow import add_noise, expand_like, velocity, x0_from_velocity
+from distill_pl.diffusion.losses import sample_training_sigma
+from distill_pl.diffusion.sampling import few_step_sample
+from distill_pl.diffusion.student_steps import diffuse_from, subinterval_bounds, subinterval_flow_target
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.util.randomness import randn
+
+TrainedStepInput = Literal["backward_simulation", "noised_real"]
+
+
+def check_trained_step_input(trained_step_input: str, phased: bool) -> None:
+    """Raise ValueError for an unknown ``trained_step_input`` or one Phased DMD cannot use."""
+    if trained_step_input not in ("backward_simulation", "noised_real"):
+        raise ValueError(f"trained_step_input must be 'backward_simulation' or 'noised_real', "
+                         f"got {trained_step_input!r}")
+    if phased and trained_step_input != "backward_simulation":
+        raise ValueError("Phased DMD trains each step on the student's own chain: "
+                         "trained_step_input must be 'backward_simulation'")
+
+
+@dataclass
+class DMD2Draws:
+    """The random draws of one DMD2 step, one row per sample.
+
+    eps [B, C, T, H, W]: the student's noise at sigma = 1. sigma [B]: the noise level of the
+    critic and DMD terms. noise, noise_real [B, C, T, H, W]: the noises of the student's and
+    the real sample at ``sigma``. step [B] int64: the trained student step. renoise
+    [B, K-1, C, T, H, W]: the fresh noises of the student's chain (re-noising to
+    ``s_1 .. s_{K-1}``; with ``noised_real`` the noise of the real clip at ``s_k`` is
+    ``renoise[:, k-1]``).
+    """
+
+    eps: Tensor
+    sigma: Tensor
+    noise: Tensor
+    noise_real: Tensor
+    step: Tensor
+    renoise: Tensor
+
+    def rows(self, rows: slice) -> "DMD2Draws":
+        return DMD2Draws(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def cat(draws: list["DMD2Draws"]) -> "DMD2Draws":
+        return DMD2Draws(**{f.name: torch.cat([getattr(d, f.name) for d in draws]) for f in fields(DMD2Draws)})
+
+
+@dataclass
+class StudentOutput:
+    """The trained step's output: ``sample`` [B, ...] (the generator's sample the losses see:
+    the clean estimate, or under Phased DMD the state at ``level``), its clean estimate ``x0``
+    and ``level`` [B] (None: ``sample`` is clean)."""
+
+    sample: Tensor
+    x0: Tensor
+    level: Tensor | None = None
+
+
+@dataclass(eq=False)
+class DMD2Objective:
+    """The networks of DMD2 and its losses (see the module docstring for the conventions).
+
+    ``student_sigmas`` are the student's noise levels (already shifted); ``shift``, ``t_min``,
+    ``t_max`` give ``sigma = shift(t)``, ``t ~ U[t_min, t_max]``; ``critic_gan_weight`` weighs
+    the discriminator loss in the critic loss, ``gan_weight`` the GAN term of the generator.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    fake_score: nn.Module
+    discriminator: nn.Module
+    feature_block: int
+    guidance: float = 6.0
+    gan_weight: float = 1e-3
+    critic_gan_weight: float = 1.0
+    discriminator_on: Literal["fake_score", "teacher"] = "fake_score"
+    student_sigmas: tuple[float, ...] = (1.0,)
+    trained_step_input: TrainedStepInput = "backward_simulation"
+    phased: bool = False
+    shift: float = 1.0
+    t_min: float = 0.02
+    t_max: float = 0.98
+
+    def __post_init__(self) -> None:
+        check_trained_step_input(self.trained_step_input, self.phased)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.student_sigmas)
+
+    # --- draws -----------------------------------------------------------------------------
+    def draw(self, generator: torch.Generator, shape: tuple[int, ...], like: Tensor, phase: int = 0) -> DMD2Draws:
+        """One sample's draws (``shape`` = [1, C, T, H, W]) from ``generator``, in the order
+        eps, sigma, noise, noise_real, then (K > 1) the trained step and the re-noising noises.
+        ``phase``: the Phased DMD subinterval being trained (ignored otherwise)."""
+        k_steps = self.num_steps
+        eps = randn(shape, generator, like)
+        if self.phased:
+            lo, hi = subinterval_bounds(self.student_sigmas)[phase]
+            u = sample_training_sigma(1, 1.0, self.t_min, self.t_max, generator=generator)
+            sigma = (lo + (hi - lo) * u).to(like)
+        else:
+            sigma = sample_training_sigma(1, self.shift, self.t_min, self.t_max, generator=generator).to(like)
+        noise, noise_real = randn(shape, generator, like), randn(shape, generator, like)
+        if k_steps == 1:
+            step = torch.zeros(1, dtype=torch.long, device=like.device)
+        elif self.phased:
+            step = torch.full((1,), phase, dtype=torch.long, device=like.device)
+        else:
+            step = torch.randint(k_steps, (1,), generator=generator, device=generator.device).to(like.device)
+        renoise = randn((1, k_steps - 1, *shape[1:]), generator, like)
+        return DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
+
+    # --- the student -------------------------------------------------------------------------
+    def generate(self, eps: Tensor, cond: Conditioning, generator: torch.Generator | None = None,
+                 renoise: list[Tensor] | None = None) -> Tensor:
+        """The student's K-step sample from ``eps`` (re-noising noises from ``renoise`` or
+        ``generator``; gradients follow the caller's mode). K = 1: ``eps - S(eps, 1, c)``."""
+        return few_step_sample(lambda x, s: self.student(x, s, cond), eps, self.student_sigmas, generator, renoise)
+
+    def trained_step(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None = None) -> StudentOutput:
+        """The trained step of each sample (gradient through that step only; see the module
+        docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1."""
+        levels = torch.tensor(self.student_sigmas, dtype=draws.eps.dtype, device=draws.eps.device)
+        k = draws.step
+        x = self._step_input(draws, cond, x_real)
+        s_k = levels[k]
+        x0 = x0_from_velocity(x, s_k, self.student(x, s_k, cond))
+        if not self.phased or int(k.min()) == self.num_steps - 1:
+            return StudentOutput(x0, x0)
+        # Phased DMD before its last phase (one phase for all samples): the state at the
+        # subinterval's lower end
+        next_level = levels[k + 1]
+        fresh = draws.renoise[torch.arange(len(k)), k]
+        return StudentOutput(add_noise(x0, fresh, next_level), x0, next_level)
+
+    @torch.no_grad()
+    def _step_input(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None) -> Tensor:
+        """The input at ``s_k`` of each sample's trained step (no gradient)."""
+        k = draws.step
+        top = int(k.max())
+        if top == 0:
+            return draws.eps
+        levels = torch.tensor(self.student_sigmas, dtype=draws.eps.dtype, device=draws.eps.device)
+        rows = torch.arange(len(k), device=k.device)
+        if self.trained_step_input == "noised_real":
+            if x_real is None:
+                raise ValueError("trained_step_input='noised_real' needs the real clips (x_real)")
+            noised = add_noise(x_real, draws.renoise[rows, (k - 1).clamp_min(0)], levels[k])
+            return torch.where(expand_like(k, noised) > 0, noised, draws.eps)
+        x = draws.eps
+        for i in range(top):  # the student's own chain, each sample stopping at its step
+            s_i = levels[i].expand(len(k))
+            x0 = x0_from_velocity(x, s_i, self.student(x, s_i, cond))
+            renoised = add_noise(x0, draws.renoise[:, i], levels[i + 1])
+            x = torch.where(expand_like(k, x) > i, renoised, x)
+        return x
+
+    # --- losses ------------------------------------------------------------------------------
+    def _noised(self, x: Tensor, level: Tensor | None, sigma: Tensor, noise: Tensor) -> Tensor:
+        """``x`` (clean, or at ``level``) diffused to ``sigma``."""
+        return add_noise(x, noise, sigma) if level is None else diffuse_from(x, level, sigma, noise)
+
+    def _features_for_discriminator(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> tuple[Tensor | None, Tensor]:
+        """(velocity of the fake score or None, block features) for the discriminator."""
+        k = self.feature_block
+        if self.discriminator_on == "fake_score":
+            return self.fake_score(x, sigma, cond, feature_block=k)
+        return None, self.teacher(x, sigma, cond, feature_block=k)[1]
+
+    def critic_loss(
+        self, x_g: Tensor, x_real: Tensor, sigma: Tensor, noise: Tensor, noise_real: Tensor, cond: Conditioning,
+        level: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fake-score flow-matching loss on detached student samples + discriminator loss.
+
+        ``x_t = add_noise(x_g, noise, sigma)`` (``x_g`` at ``level``: diffused from there,
+        and the fake score's target is the subinterval one); the real clip is noised to the
+        same sigma with its own noise. Fake and real go through the feature network in one
+        batch. Returns (loss, logs).
+        """
+        x_g = x_g.detach()
+        b = x_g.shape[0]
+        x_t = self._noised(x_g, level, sigma, noise)
+        x_t_real = add_noise(x_real, noise_real, sigma)
+        both = Conditioning.cat([cond, cond])
+        if self.discriminator_on == "fake_score":
+            v, features = self.fake_score(
+                torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
+            )
+            v_fake = v[:b]
+        else:
+            v_fake = self.fake_score(x_t, sigma, cond)
+            with torch.no_grad():
+                _, features = self.teacher(
+                    torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
+                )
+        if level is None:
+            fake_score_loss = torch.mean((v_fake.float() - velocity(x_g, noise).float()) ** 2)
+        else:
+            target, weight = subinterval_flow_target(x_t.float(), sigma.float(), x_g.float(), level.float())
+            per_sample = (v_fake.float() - target).square().flatten(1).mean(dim=1)
+            fake_score_loss = (weight * per_sample).mean()
+        logits = self.discriminator(features)
+        logits_fake, logits_real = logits[:b], logits[b:]
+        discriminator_loss = gan_discriminator_loss(logits_real, logits_fake)
+        loss = fake_score_loss + self.critic_gan_weight * discriminator_loss
+        accuracy = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        logs = {
+            "critic_loss": loss,
+            "fake_score_loss": fake_score_loss,
+            "discriminator_loss": discriminator_loss,
+            "logits_real": logits_real.mean(),
+            "logits_fake": logits_fake.mean(),
+            "discriminator_accuracy": accuracy,
+        }
+        return loss, logs
+
+    def generator_loss(
+        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning,
+        level: Tensor | None = None, x0: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
+
+        ``x0_real``: teacher with CFG ``w`` at ``(x_t, sigma)``; ``x0_fake``: fake score
+        without CFG; both without gradient. The GAN term's gradient flows through the
+        (not updated) feature network and head into ``x_g``. ``x_g`` at ``level`` (Phased
+        DMD): ``x_t`` is diffused from there and the normaliser uses its clean estimate
+        ``x0``. Returns (loss, logs).
+        """
+        x_t = self._noised(x_g, level, sigma, noise)
+        x_t_const = x_t.detach()
+        with torch.no_grad():
+            teacher = velocity_fn(self.teacher, cond, uncond, self.guidance)
+            x0_real = x0_from_velocity(x_t_const, sigma, teacher(x_t_const, sigma))
+        use_gan = self.gan_weight != 0
+        if use_gan:
+            v_fake, features = self._features_for_discriminator(x_t, sigma, cond)
+        if not use_gan or v_fake is None:
+            with torch.no_grad():
+                v_fake = self.fake_score(x_t_const, sigma, cond)
+        x0_fake = x0_from_velocity(x_t_const, sigma, v_fake.detach())
+        del v_fake  # frees the part of the fake score's graph the GAN term does not need
+
+        normaliser = dmd_normaliser(x_g if level is None else x0, x0_real)
+        loss_dmd = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, normaliser))
+        logs = {"dmd_loss": loss_dmd, "dmd_normaliser": normaliser.mean()}
+        loss = loss_dmd
+        if use_gan:
+            logits_fake = self.discriminator(features)
+            loss_gan = gan_generator_loss(logits_fake)
+            loss = loss + self.gan_weight * loss_gan
+            logs.update(gan_loss=loss_gan, generator_logits_fake=logits_fake.mean())
+        logs["generator_loss"] = loss
+        return loss, logs

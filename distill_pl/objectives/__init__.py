@@ -1,1 +1,0 @@
-"""Training objectives: the networks a loss needs and the loss methods, no Lightning."""

@@ -1,0 +1,577 @@
+"""DMD2: distribution matching distillation of a CFG teacher into a one- or few-step student.
+
+The loss math (the student's trained step, the critic and generator losses, the draws) is
+:class:`~distill_pl.methods.dmd2.DMD2Objective`; this module builds its networks and
+runs the plumbing: optimizers, alternation, micro-batches, gradient sync, the non-finite
+policy, logging, checkpoints, the grid and the export. Four networks:
+
+- ``student``: the generator, one step ``x_g = eps - S(eps, 1, c)`` or K steps at the noise
+  levels ``student_sigmas`` with re-noising; initialised from a KD checkpoint
+  (``init_from``, EMA weights by default) or, without one, from the teacher.
+- ``teacher``: the frozen N-step CFG teacher (the "real" score); eval mode, no gradients,
+  in no optimizer and in no checkpoint.
+- ``fake_score``: tracks the score of the student's samples; initialised from the teacher,
+  trained with flow matching on detached student samples (optionally only LoRA adapters on
+  the frozen teacher weights: ``fake_score_lora_rank``).
+- ``discriminator``: a small head on the hidden states of block ``feature_block``, taken
+  from the fake score network (default: shared backbone, as in the DMD2 paper) or from the
+  frozen teacher (``discriminator_on="teacher"``, as in the reference recipe's code).
+
+Alternation: exactly one optimizer step per ``training_step``. With
+``phase = global_step % student_update_freq``, phases ``0 .. freq-2`` step the critic
+optimizer (fake score + discriminator, two parameter groups) and phase ``freq-1`` steps the
+student optimizer. Lightning counts every optimizer step in ``global_step``, so
+``global_step`` = training steps, generator steps = ``global_step // freq``, and max_steps,
+checkpoint intervals, logging and resume all count the same unit; the phase is a function
+of the restored ``global_step``.
+
+Gradient accumulation (``accumulate_micro_batches = N``): each loaded batch is split into N
+micro-batches, each with its own forward and ``manual_backward`` before the one optimizer
+step; under DDP the gradients are all-reduced in the backward of the last micro-batch only
+(Lightning's ``block_backward_sync``, DDP's ``no_sync``, around the others). Every loss is a
+mean over samples of per-sample terms (the DMD normaliser is per sample), so the micro-batch
+losses weighted by their share of the batch sum to the full-batch loss, and the random draws
+are per sample: N micro-batches give the update of one batch. Clipping and the non-finite
+check act on the accumulated gradient.
+
+Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of the global
+batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
+noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
+``step_generator(seed, global_step, stream=that index)``
+(:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw`), so they depend neither on the
+number of devices nor on the micro-batches (with ``data.rank_split: litdata`` the global
+batches themselves depend on the number of devices).
+
+Non-finite losses or gradients: the shared policy of every stage
+(:mod:`distill_pl.training.nonfinite`). The update is skipped and counted. A skipped step still
+calls ``optimizer.step()`` (so Lightning's step counter, and with it the phase, the data
+position and the step-keyed randomness, stay in lockstep) but with every gradient set to
+``None``, so nothing moves. ``max_nonfinite_steps`` consecutive skips stop the run with an
+error, before any NaN reaches the weights or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.nn.utils import clip_grads_with_norm_
+
+from distill_pl.data.resumable import data_parallel_layout
+from distill_pl.diffusion.sampling import one_step_sample
+from distill_pl.diffusion.student_steps import student_noise_levels
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.ema import EMA
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.families.registry import load_denoiser
+from distill_pl.models.lora import add_lora
+from distill_pl.models.negative_prompt import NegativePrompt
+from distill_pl.models.finite_weights import check_finite
+from distill_pl.models.sharding import gradient_sync, is_sharded, shard_stage_networks
+from distill_pl.export.model_folders import export_student_of_run, load_scheduler, scheduler_shift
+from distill_pl.methods.dmd2 import DMD2Draws, DMD2Objective, TrainedStepInput, check_trained_step_input
+from distill_pl.training.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
+from distill_pl.training.nonfinite import (  # noqa: F401 (NonFiniteTrainingError: raised by the policy)
+    NonFinitePolicy,
+    NonFiniteTrainingError,
+    gradient_norm,
+    strategy_of,
+)
+from distill_pl.util.randomness import step_generator
+from distill_pl.models.student_init import load_student_weights
+
+#: checkpoint key of the DMD2 bookkeeping that is not a tensor of a network
+STATE_KEY = "dmd2"
+#: frozen submodules rebuilt from their folders, never stored in checkpoints
+FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+
+
+class DMD2Module(L.LightningModule):
+    """DMD2 step distillation (manual optimization, one optimizer step per training step).
+
+    Args:
+        teacher: local teacher folder with ``transformer/`` (diffusers Wan transformer) and
+            ``scheduler/`` (its flow scheduler; the timestep shift is read from it).
+        init_from: student initialisation: a KD (or DMD2) Lightning checkpoint, or a
+            diffusers folder; None = a copy of the teacher. Not ``--ckpt_path``, which only
+            resumes a DMD2 run.
+        init_from_ema: take the checkpoint's EMA weights (``student_ema.module.*``) when present.
+        vae_path, vae_dtype: local video VAE folder (None: pixel space) and its dtype.
+        teacher_dtype: parameter dtype of the frozen teacher (e.g. "bfloat16" to save memory).
+        guidance: teacher CFG weight ``w`` in the common form ``u + w (c - u)``
+            (the recipe's guidance 5 in the form ``c + g (c - u)`` is ``w = 6``).
+        student_update_freq: steps per cycle: ``freq - 1`` critic steps, then 1 student step.
+        t_min, t_max: ``t ~ U[t_min, t_max]``, then the teacher's shift, gives ``sigma``.
+        gan_weight: weight of the generator's GAN loss (``L_G = L_DMD + gan_weight * L_GAN``).
+        critic_gan_weight: weight of the discriminator loss in the critic loss
+            (``fake-score FM loss + critic_gan_weight * L_D``; default 1).
+        feature_block: block whose hidden states the discriminator sees (None: the middle
+            block, ``num_blocks // 2``).
+        discriminator_on: take those features from ``"fake_score"`` (shared backbone; the
+            discriminator loss also trains the fake score's first blocks) or ``"teacher"``.
+        discriminator_hidden: channels of the discriminator head.
+        student_lr, fake_score_lr, discriminator_lr, betas, weight_decay: AdamW settings;
+            fake score and discriminator are two parameter groups of one critic optimizer.
+        student_grad_clip, critic_grad_clip: max total gradient norm per optimizer (None: no
+            clipping; the norms are logged either way).
+        ema_decay: EMA of the student (``student_ema``), updated after each student step;
+            None: no EMA.
+        max_nonfinite_steps: stop after this many consecutive skipped (non-finite) updates.
+        accumulate_micro_batches: micro-batches per optimizer step: each loaded batch (the data
+            batch size, per device) is split into this many, of sizes that differ by at most one.
+        gradient_checkpointing: recompute blocks in backward (student and fake score).
+        fake_score_lora_rank: None: the fake score is a full trainable copy of the teacher.
+            An int ``r``: the fake score is the teacher (frozen, in ``teacher_dtype``) with
+            rank-``r`` float32 LoRA adapters (peft; ``distill_pl.models.lora``), and only the
+            adapters (+ the discriminator head) are trained by the critic optimizer.
+        fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
+        fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
+            paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
+        student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step;
+            e.g. ``[1.0, 0.75, 0.5, 0.25]``: four steps with re-noising in between).
+        student_sigmas_shifted: False: the teacher's timestep shift is applied to
+            ``student_sigmas`` (as a diffusers flow scheduler does to custom sigmas); True:
+            they are the noise levels already.
+        trained_step_input: for K > 1, the input of each sample's trained (random) step:
+            ``"backward_simulation"``: the student's own chain run without gradient to that
+            step; ``"noised_real"``: the real clip noised to that step's level.
+        phased_dmd: Phased DMD: step k is trained in phase k only, on the noise subinterval
+            below its level (see :mod:`distill_pl.methods.dmd2`).
+        phase_generator_steps: generator updates per Phased DMD phase (the last phase runs
+            to the end); needed with ``phased_dmd``.
+        denoiser_options: the adapter's own options for every network loaded from the teacher
+            folder (e.g. a ControlNet's ``control_scale``, ``freeze_control_branch``).
+        export_dir: if set, the student (its EMA when enabled) is written there at the end of
+            fit: ``transformer/`` + flow-match Euler ``scheduler/`` + ``student_steps.json``
+            (its noise levels).
+        seed: seeds the discriminator head's initialisation and the step-keyed draws
+            (student noise, t, fresh noise, trained step, re-noising noise) of every step.
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
+        vae_path: str | None = None,
+        vae_dtype: str = "float32",
+        teacher_dtype: str = "float32",
+        guidance: float = 6.0,
+        student_update_freq: int = 5,
+        t_min: float = 0.02,
+        t_max: float = 0.98,
+        gan_weight: float = 1e-3,
+        critic_gan_weight: float = 1.0,
+        feature_block: int | None = None,
+        discriminator_on: Literal["fake_score", "teacher"] = "fake_score",
+        discriminator_hidden: int = 256,
+        student_lr: float = 5e-7,
+        fake_score_lr: float = 5e-7,
+        discriminator_lr: float = 5e-7,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        student_grad_clip: float | None = 10.0,
+        critic_grad_clip: float | None = None,
+        ema_decay: float | None = None,
+        max_nonfinite_steps: int = 20,
+        accumulate_micro_batches: int = 1,
+        gradient_checkpointing: bool = False,
+        fake_score_lora_rank: int | None = None,
+        fake_score_lora_alpha: float | None = None,
+        fake_score_lora_targets: list[str] | None = None,
+        student_sigmas: list[float] = [1.0],
+        student_sigmas_shifted: bool = False,
+        trained_step_input: TrainedStepInput = "backward_simulation",
+        phased_dmd: bool = False,
+        phase_generator_steps: int | None = None,
+        export_dir: str | None = None,
+        seed: int = 0,
+        denoiser_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if student_update_freq < 2:
+            raise ValueError(f"student_update_freq must be >= 2 (critic steps + 1), got {student_update_freq}")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if discriminator_on not in ("fake_score", "teacher"):
+            raise ValueError(f"discriminator_on must be 'fake_score' or 'teacher', got {discriminator_on!r}")
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
+        if phased_dmd and (phase_generator_steps is None or phase_generator_steps < 1):
+            raise ValueError(f"phased_dmd needs phase_generator_steps >= 1, got {phase_generator_steps}")
+        check_trained_step_input(trained_step_input, phased_dmd)
+
+        self.shift = scheduler_shift(load_scheduler(teacher))
+        options = denoiser_options or {}
+        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing, **options)
+        self.student = copy.deepcopy(self.fake_score)
+        if teacher_dtype == "float32":
+            self.teacher = copy.deepcopy(self.fake_score)
+        else:
+            self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options)
+        self.teacher.set_gradient_checkpointing(False)
+        self.teacher.eval().requires_grad_(False)
+        if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
+            if teacher_dtype != "float32":
+                self.fake_score = copy.deepcopy(self.teacher).train()
+                self.fake_score.set_gradient_checkpointing(gradient_checkpointing)
+            add_lora(self.fake_score, fake_score_lora_rank, fake_score_lora_alpha,
+                     fake_score_lora_targets, seed=seed)
+        if init_from is not None:
+            source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
+            rank_zero_info(f"DMD2 student initialised from {source}")
+        else:
+            rank_zero_info("DMD2 student initialised from the teacher (no init_from given)")
+
+        blocks = self.teacher.num_blocks
+        self.feature_block = blocks // 2 if feature_block is None else feature_block
+        if not 0 <= self.feature_block < blocks:
+            raise ValueError(f"feature_block={feature_block}: valid blocks are 0..{blocks - 1}")
+        with torch.random.fork_rng(devices=[]):  # the head's init depends on `seed` only
+            torch.manual_seed(seed)
+            self.discriminator = DiscriminatorHead(self.teacher.feature_dim, discriminator_hidden)
+        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        self.autoencoder = build_autoencoder(vae_path, vae_dtype)
+        self.negative_prompt = NegativePrompt()
+        self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
+        self.step_metrics: dict[str, float] = {}
+        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        if export_dir:
+            self.teacher.check_student_levels(self.student_levels)
+
+    # --- sharding (FSDP2) -------------------------------------------------------------------
+    #: left out of checkpoints (also of distributed ones, see distill_pl.training.strategies)
+    frozen_prefixes = FROZEN_PREFIXES
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (:class:`distill_pl.training.strategies.FSDP2Strategy`): shard student, its EMA
+        (same layout: the EMA update is shard by shard), fake score and the frozen teacher per
+        transformer block, the discriminator head whole; ``reshard_after_forward=True`` keeps
+        the critic/student optimizer toggling correct. bf16 compute (fp32 master shards and
+        gradient reduction) when the trainer's precision is ``bf16-mixed``. Gradient
+        accumulation skips the reduce-scatter of all but the last micro-batch."""
+        ema = self.student_ema.module if self.student_ema is not None else None
+        shard_stage_networks(self, (self.teacher, self.fake_score, self.student, ema), (self.discriminator,))
+
+    # --- modes and conditioning ---------------------------------------------------------
+    def train(self, mode: bool = True) -> "DMD2Module":
+        """The teacher stays in eval mode whatever the rest does."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
+        check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"DMD2 does not support precision={precision!r} (fp16 needs a gradient scaler, "
+                "which cannot skip non-finite steps the way this module does); use 32-true or bf16-mixed"
+            )
+        every = self.trainer.log_every_n_steps
+        if every % self.hparams.student_update_freq == 0:
+            rank_zero_warn(
+                f"log_every_n_steps={every} is a multiple of student_update_freq="
+                f"{self.hparams.student_update_freq}: only one phase's metrics would be logged; "
+                "use 1 or a number coprime to it"
+            )
+
+    def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
+        """The [1, L, D] embedding (+ [1, L] mask) of the unconditional CFG branch."""
+        self.negative_prompt.set(embeds, mask)
+
+    def null_conditioning(self, cond: Conditioning) -> Conditioning:
+        return self.negative_prompt.conditioning(cond)
+
+    @torch.no_grad()
+    def conditioning(self, batch: dict) -> Conditioning:
+        """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
+        without control channels (e.g. Wan2.1 T2V) gets no control."""
+        return batch_conditioning(batch, self.autoencoder, self.teacher)
+
+    def latent_shape(self, video: Tensor) -> tuple[int, ...]:
+        """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""
+        b, _, t, h, w = video.shape
+        ae = self.autoencoder
+        frames = 1 + (t - 1) // ae.temporal_compression
+        return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
+
+    @property
+    def objective(self) -> DMD2Objective:
+        """The DMD2 objective over this module's current networks and loss settings."""
+        h = self.hparams
+        return DMD2Objective(
+            student=self.student, teacher=self.teacher, fake_score=self.fake_score,
+            discriminator=self.discriminator, feature_block=self.feature_block, guidance=h.guidance,
+            gan_weight=h.gan_weight, critic_gan_weight=h.critic_gan_weight, discriminator_on=h.discriminator_on,
+            student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
+            shift=self.shift, t_min=h.t_min, t_max=h.t_max,
+        )
+
+    def dmd_phase(self, step: int) -> int:
+        """The Phased DMD phase (the trained step) at training step ``step``: generator updates
+        so far // ``phase_generator_steps``, at most K - 1; 0 without Phased DMD."""
+        h = self.hparams
+        if not h.phased_dmd:
+            return 0
+        return min(step // h.student_update_freq // h.phase_generator_steps, len(self.student_levels) - 1)
+
+    # --- training --------------------------------------------------------------------------
+    def phase(self, step: int | None = None) -> int:
+        """``step % student_update_freq`` (default: the current global step)."""
+        return (self.global_step if step is None else step) % self.hparams.student_update_freq
+
+    def is_generator_phase(self, step: int | None = None) -> bool:
+        return self.phase(step) == self.hparams.student_update_freq - 1
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        step = self.global_step
+        critic_opt, student_opt = self.optimizers()
+        generator_phase = self.is_generator_phase(step)
+        if generator_phase:
+            optimizer, groups, max_norm = student_opt, {"student": self.student}, self.hparams.student_grad_clip
+        else:
+            groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
+            optimizer, max_norm = critic_opt, self.hparams.critic_grad_clip
+        draws = self.step_draws(batch, step)
+        size = len(batch["text_embeds"])
+        n = min(self.hparams.accumulate_micro_batches, size)
+        bounds = [size * i // n for i in range(n + 1)]
+        logs: dict[str, Tensor] = {}
+        finite = True
+        with self.toggled_optimizer(optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            for lo, hi in zip(bounds, bounds[1:]):
+                rows = slice(lo, hi)
+                with self._gradient_sync(last=hi == size):
+                    micro = {k: v[rows] for k, v in batch.items()}
+                    loss, micro_logs = self.micro_batch_loss(generator_phase, micro, draws.rows(rows))
+                    weight = (hi - lo) / size
+                    for k, v in micro_logs.items():
+                        logs[k] = logs.get(k, 0.0) + weight * v.detach()
+                    # decided jointly by all ranks, before backward
+                    finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+                    if not finite:
+                        break
+                    self.manual_backward(weight * loss)
+            applied, norms = self._update(optimizer, finite, groups, max_norm)
+        if applied and generator_phase and self.student_ema is not None:
+            self.student_ema.update(self.student)
+
+        self._count_nonfinite(applied, step)
+        self._log_step(step, logs, norms, applied, size)
+
+    def step_draws(self, batch: dict, step: int) -> DMD2Draws:
+        """The draws (:class:`~distill_pl.methods.dmd2.DMD2Draws`) of this rank's samples at
+        ``step``, each sample's from its own step generator (see the module docstring)."""
+        like = batch["text_embeds"]
+        b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
+        rank, replicas = data_parallel_layout(self.trainer)
+        objective, phase = self.objective, self.dmd_phase(step)
+        generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
+        return DMD2Draws.cat([objective.draw(g, (1, *shape), like, phase) for g in generators])
+
+    def micro_batch_loss(
+        self, generator_phase: bool, batch: dict, draws: DMD2Draws
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The phase's loss (and logs) on one micro-batch, given its draws."""
+        cond = self.conditioning(batch)
+        objective = self.objective
+        needs_real = not generator_phase or (objective.num_steps > 1 and objective.trained_step_input == "noised_real")
+        x_real = None
+        if needs_real:
+            with torch.no_grad():
+                x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
+        if generator_phase:
+            out = objective.trained_step(draws, cond, x_real)
+            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.null_conditioning(cond),
+                                            level=out.level, x0=out.x0)
+        with torch.no_grad():
+            out = objective.trained_step(draws, cond, x_real)
+        return objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond,
+                                     level=out.level)
+
+    def _gradient_sync(self, last: bool):
+        """Context of a micro-batch: DDP all-reduces (FSDP2 reduce-scatters) gradients only
+        in the last one's backward."""
+        strategy = self.trainer.strategy
+        if is_sharded(self.student):
+            return gradient_sync((self.student, self.fake_score, self.discriminator), enabled=last)
+        if last or not isinstance(strategy, ParallelStrategy):
+            return contextlib.nullcontext()
+        return strategy.block_backward_sync()
+
+    def _log_step(self, step: int, logs: dict, norms: dict, applied: bool, batch_size: int) -> None:
+        """Log this step's metrics; ``self.step_metrics`` keeps them as floats.
+
+        ``train/phase``, ``train/update_skipped`` and ``train/nonfinite_steps`` exist in every
+        step and go through ``self.log``. The phase's own metrics (losses, logits, normaliser,
+        gradient norms) go to the loggers directly, at Lightning's logging steps: through
+        ``self.log`` Lightning would re-log a key's last value at every later step of the
+        epoch, so a critic loss would appear again at student steps. They still reach
+        ``callback_metrics`` and the progress bar (``logger=False``).
+        """
+        phase_metrics = {f"train/{k}": v.detach().float() for k, v in logs.items()}
+        phase_metrics.update({f"train/grad_norm_{k}": v for k, v in norms.items()})
+        common = {
+            "train/phase": float(self.phase(step)),
+            "train/update_skipped": float(not applied),
+            "train/nonfinite_steps": float(self.nonfinite_total),
+        }
+        self.step_metrics = {k: float(v) for k, v in {**phase_metrics, **common}.items()}
+        self.log_dict(common, on_step=True, on_epoch=False, batch_size=batch_size)
+        shown = {"train/critic_loss", "train/generator_loss"}
+        for key, value in phase_metrics.items():
+            self.log(key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key in shown,
+                     batch_size=batch_size)
+        if self.loggers and (step + 1) % self.trainer.log_every_n_steps == 0:
+            values = {k: self.step_metrics[k] for k in phase_metrics}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=step)
+
+    def _update(
+        self, optimizer, finite: bool, groups: dict[str, torch.nn.Module], max_norm: float | None
+    ) -> tuple[bool, dict[str, Tensor]]:
+        """Gradient norms (+ clipping) of the accumulated gradients, one optimizer step.
+        Returns (applied, norms).
+
+        A non-finite loss (``finite`` False) or gradient skips the update: every gradient is
+        set to None before ``optimizer.step()``, which then changes nothing but still counts
+        as Lightning's step.
+        """
+        norms: dict[str, Tensor] = {}
+        if finite:
+            grads = {
+                name: [p.grad for p in module.parameters() if p.grad is not None]
+                for name, module in groups.items()
+            }
+            # sharded (DTensor) gradients: the norm of the full gradient, the same on every rank
+            norms = {name: gradient_norm(gs) for name, gs in grads.items()}
+            total = torch.stack(list(norms.values())).square().sum().sqrt()
+            finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
+            if finite and max_norm is not None:
+                params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
+                with implicit_replication():  # a plain total norm may scale DTensor gradients
+                    clip_grads_with_norm_(params, max_norm, total)
+        if not finite:
+            norms = {}
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until this optimizer's next step
+        return finite, norms
+
+    def _count_nonfinite(self, applied: bool, step: int) -> None:
+        what = "student" if self.is_generator_phase(step) else "critic"
+        self.nonfinite.record(applied, step, f"{what} phase")
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Skipped (non-finite) updates of the run so far."""
+        return self.nonfinite.total
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Skipped updates in a row up to the last step."""
+        return self.nonfinite.streak
+
+    def configure_optimizers(self):
+        h = self.hparams
+        critic = torch.optim.AdamW(
+            [
+                {"params": [p for p in self.fake_score.parameters() if p.requires_grad],  # LoRA: adapters only
+                 "lr": h.fake_score_lr, "name": "fake_score"},
+                {"params": list(self.discriminator.parameters()), "lr": h.discriminator_lr, "name": "discriminator"},
+            ],
+            betas=tuple(h.betas),
+            weight_decay=h.weight_decay,
+        )
+        student = torch.optim.AdamW(
+            [{"params": [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
+              "lr": h.student_lr, "name": "student"}],
+            betas=tuple(h.betas),
+            weight_decay=h.weight_decay,
+        )
+        return [critic, student]
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen teacher and VAE (reloaded from their folders); keep the skip counters.
+        Non-finite weights are refused (:func:`~distill_pl.models.finite_weights.check_finite`)."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        check_finite(state, f"a DMD2 checkpoint at step {self.global_step}", strategy_of(self))
+        checkpoint[STATE_KEY] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Accept only DMD2 checkpoints; put the current teacher's and VAE's weights back in.
+
+        Lightning calls this before it loads the state dict, so a KD checkpoint passed as
+        ``--ckpt_path`` fails here with a message instead of a state-dict mismatch.
+        """
+        state = checkpoint.get("state_dict", {})
+        if not any(k.startswith("fake_score.") for k in state):
+            hparams = checkpoint.get("hyper_parameters", {})
+            written_by = hparams.get("_class_path") if isinstance(hparams, dict) else None
+            kind = f"written by {written_by}" if written_by else "without fake_score.* weights"
+            raise ValueError(
+                f"this checkpoint is not a DMD2 checkpoint ({kind}). --ckpt_path only resumes a "
+                "DMD2 run; to start DMD2 from a KD student pass its checkpoint as "
+                "--model.init_from <path> (EMA weights by default, --model.init_from_ema false "
+                "for the raw ones) and no --ckpt_path."
+            )
+        for prefix in FROZEN_PREFIXES:
+            for key, value in getattr(self, prefix[:-1]).state_dict().items():
+                state[prefix + key] = value
+        self.nonfinite.load_state_dict(checkpoint.get(STATE_KEY, {}))
+
+    # --- monitoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def student_samples(self, batch: dict, seed: int) -> Tensor:
+        """The student's K-step samples of ``batch`` from noise (and re-noising noise) seeded by
+        ``seed``, decoded: pixels [B, 3, T, H, W] (for
+        :class:`~distill_pl.callbacks.collapse.CollapseMonitor`)."""
+        like = batch["text_embeds"]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
+        return self.autoencoder.decode(self.objective.generate(eps, self.conditioning(batch), generator=g))
+
+    @torch.no_grad()
+    def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
+        """Rows of the monitoring grid (see callbacks.FrameGridLogger), from the same noise:
+        the student's K-step sample (re-noising noise from ``seed``); the teacher's 1-step
+        sample ``eps - v(eps, 1)`` with the DMD guidance ``w`` (the clean estimate the DMD
+        gradient pulls toward at sigma = 1);
+        the control input (labelled unused for a model without control); the real clip."""
+        cond = self.conditioning(batch)
+        like = batch["text_embeds"]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
+        w = self.hparams.guidance
+        teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
+        steps = len(self.student_levels)
+        return {
+            f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),
+            f"teacher 1-step w={w:g}": self.autoencoder.decode(one_step_sample(teacher, eps)),
+            "control" if self.teacher.control_channels else "control (unused)": batch_pixels(batch, "control", self.autoencoder),
+            "ground truth": batch_pixels(batch, "video", self.autoencoder),
+        }
+
+    # --- export ------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir:
+            student = self.student_ema.module if self.student_ema is not None else self.student
+            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.student_levels,
+                                  self.hparams.teacher)

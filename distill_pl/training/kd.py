@@ -1,0 +1,447 @@
+"""Knowledge distillation (KD): regress the student's output on the teacher's N-step output.
+
+For each stored pair (noise ``eps``, text, control, teacher output ``x_teacher``, see
+:mod:`distill_pl.data.pairs`) a one-step student generates from pure noise,
+``x_g = eps - S(eps, 1, c)``, and the loss is ``L_KD = mean((x_g - x_teacher)^2)``; a
+K-step student (``student_sigmas``) regresses each step on the teacher's trajectory stored
+with the pair. The loss is :class:`~distill_pl.methods.kd.KDObjective`; this module runs
+the optimizer, EMA, validation, grid, checkpoints and export.
+The teacher's network is not run in training (its outputs are stored); it is kept, frozen,
+for the validation baseline and the monitoring grid: the teacher's own one-step sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from distill_pl.data.pairs import teacher_fingerprint
+from distill_pl.diffusion.sampling import StudentSampler, one_step_sample
+from distill_pl.diffusion.student_steps import student_noise_levels
+from distill_pl.models.autoencoder import build_autoencoder
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.ema import EMA
+from distill_pl.families.registry import load_denoiser
+from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.negative_prompt import NegativePrompt
+from distill_pl.export.model_folders import export_student_of_run
+from distill_pl.models.sharding import shard_stage_networks
+from distill_pl.export.model_folders import load_scheduler, scheduler_shift
+from distill_pl.methods.kd import KDObjective, kd_loss
+from distill_pl.util.paths import resolve_path
+from distill_pl.training.batch import batch_conditioning
+from distill_pl.models.finite_weights import check_finite
+from distill_pl.training.nonfinite import NonFinitePolicy, strategy_of
+from distill_pl.models.student_init import load_student_weights
+
+#: frozen submodules that are rebuilt from their folders and never stored in checkpoints
+FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+#: checkpoint key of the non-finite policy's counters
+NONFINITE_KEY = "nonfinite"
+
+
+class KDModule(L.LightningModule):
+    """One-step student trained by regression on stored teacher outputs.
+
+    Args:
+        teacher: local teacher folder (``transformer/`` + ``scheduler/``, e.g. ``teachers/tiny``
+            or a Wan diffusers pipeline folder). Loaded frozen, in eval mode, never
+            checkpointed; its scheduler's shift is the exported student's shift.
+        student_init: None: the student starts as a copy of the teacher's weights (loaded in
+            float32); else a diffusers folder or a KD/DMD2 ``.ckpt`` (EMA weights preferred).
+        vae_path: local VAE (or pipeline) folder for a latent model; None = pixel space.
+        lr, betas, weight_decay: AdamW on the student, constant learning rate.
+        ema_decay: if set, an EMA of the student (``student_ema``) is updated after every
+            optimizer step and checkpointed.
+        validate_with_ema: validation, the grid and the export use the EMA weights (if any).
+        gradient_checkpointing: per-block recomputation in the student.
+        teacher_dtype: parameter dtype of the frozen teacher (``"bfloat16"`` halves its memory).
+        teacher_1step_guidance: CFG weight ``w`` (common form ``u + w (c - u)``) of the
+            teacher's one-step baseline (grid row and ``val/teacher_1step_*``). None: the
+            guidance the pairs were generated with (``pairs_metadata``), i.e. the teacher as
+            it is used, only with one step instead of N.
+        student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step).
+            More than one needs pairs with the teacher's trajectory at these levels after the
+            first (generated with the kd_pairs stage's ``trajectory_sigmas`` holding them, and
+            possibly others; see :mod:`distill_pl.methods.kd`).
+        student_sigmas_shifted: False: the teacher's timestep shift is applied to
+            ``student_sigmas``; True: they are the noise levels already.
+        student_sampler: how a few-step student moves between its levels when it samples
+            (validation, grid, export): ``"euler"``, deterministic Euler steps along the
+            teacher-trajectory chords the loss trains, or ``"renoise"``, the clean estimate
+            re-noised with fresh noise (DMD2's sampler). Same for one step.
+        denoiser_options: the adapter's own options for teacher and student (e.g. a
+            ControlNet's ``control_scale``, ``freeze_control_branch``), as ``load_denoiser`` takes them.
+        export_dir: at the end of fit, the student (EMA weights if enabled) is written there as
+            a teacher-style folder: ``transformer/``, a flow-match Euler ``scheduler/`` with
+            the teacher's shift (one Euler step is ``eps - v(eps, 1)``) and
+            ``student_steps.json`` (its noise levels).
+        max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight,
+            optimizer state or EMA moves) and counted; this many in a row stop the run with an
+            error (:mod:`distill_pl.training.nonfinite`).
+
+    Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
+    [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
+    ``text_embeds`` [B, L, D], ``text_mask`` [B, L]; for a K-step student also
+    ``teacher_trajectory`` [B, M, C, T, H, W] and ``trajectory_sigmas`` [B, M], the M >= K-1
+    levels the pairs store: :meth:`check_pairs_metadata` finds the student's K-1 levels among
+    the pairs' requested ``trajectory_sigmas`` and training uses those states only.
+
+    Validation logs ``val/loss`` (KD loss of the evaluated student), PSNR / SSIM of the
+    student's K-step sample (re-noising noise seeded by the batch index) against the teacher
+    output (``val/student_psnr``,
+    ``val/student_ssim``) and the same for the teacher's own one-step sample
+    (``val/teacher_1step_psnr``, ``val/teacher_1step_ssim``): decoded pixels clamped to
+    [-1, 1], ``data_range = 2``, PSNR per video then averaged, SSIM over all frames.
+    """
+
+    #: left out of checkpoints (also of distributed ones, see distill_pl.training.strategies)
+    frozen_prefixes = FROZEN_PREFIXES
+
+    def __init__(
+        self,
+        teacher: str,
+        student_init: str | None = None,
+        vae_path: str | None = None,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        ema_decay: float | None = None,
+        validate_with_ema: bool = True,
+        gradient_checkpointing: bool = False,
+        teacher_dtype: str = "float32",
+        teacher_1step_guidance: float | None = None,
+        student_sigmas: list[float] = [1.0],
+        student_sigmas_shifted: bool = False,
+        student_sampler: StudentSampler = "euler",
+        export_dir: str | None = None,
+        max_nonfinite_steps: int = 20,
+        denoiser_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.nonfinite = NonFinitePolicy("KD", max_nonfinite_steps)
+        self._update_applied = False
+        options = denoiser_options or {}
+        self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
+        if teacher_dtype == "float32":
+            self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        else:  # keep the student's master weights in float32
+            self.student = load_denoiser(teacher, **options)
+        if student_init is not None:
+            load_student_weights(self.student, student_init)
+        self.student.set_gradient_checkpointing(gradient_checkpointing)
+        self.student.train()
+        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        self.autoencoder = build_autoencoder(vae_path)
+        self.shift = scheduler_shift(load_scheduler(teacher))
+        self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        if export_dir:
+            self.teacher.check_student_levels(self.student_levels)
+        self.pairs_guidance: float | None = None
+        self.pairs_steps: int | None = None
+        #: which stored trajectory levels are the student's (None: the batch holds exactly those)
+        self.trajectory_columns: list[int] | None = None
+        self.negative_prompt = NegativePrompt()
+        self.student_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
+        self.teacher_psnr = PeakSignalNoiseRatio(data_range=2.0, dim=(1, 2, 3, 4))
+        self.student_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.teacher_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+
+    def train(self, mode: bool = True) -> "KDModule":
+        """The teacher stays in eval mode whatever Lightning does with the module."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (:class:`distill_pl.training.strategies.FSDP2Strategy`): shard the student, its
+        EMA (same layout, so the EMA update is shard by shard) and the frozen teacher per
+        transformer block; bf16 compute when the trainer's precision is ``bf16-mixed``."""
+        ema = self.student_ema.module if self.student_ema else None
+        shard_stage_networks(self, (self.teacher, self.student, ema))
+
+    # --- data contract ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        metadata = getattr(datamodule, "pairs_metadata", None)
+        if metadata is None:
+            raise ValueError(
+                "KDModule trains on KD pairs: set `data.mode: pairs` and `data.pairs_dir` "
+                "(generate them first with the kd_pairs stage)"
+            )
+        hparams = getattr(datamodule, "hparams", {})
+        self.check_pairs_metadata(metadata, hparams.get("pairs_dir") if hparams.get("mode") == "pairs" else None)
+        self.negative_prompt.set_from(datamodule)
+
+    def check_pairs_metadata(self, metadata: dict, pairs_dir: str | None = None) -> None:
+        """Raise ValueError unless the pairs (``pairs_metadata``, see :mod:`distill_pl.data.pairs`)
+        were made by this teacher (same folder content: ``teacher_sha256``) with the same
+        adapter options (``denoiser_options``: a one-line error naming ``pairs_dir``, the key
+        and both values), in the same space (pixels or latents of a VAE), with latents of the
+        student's channels and of the shape the autoencoder gives the pairs' clips."""
+        self._check_pairs_denoiser_options(metadata.get("denoiser_options") or {}, pairs_dir)
+        problems = []
+        made_by = metadata.get("teacher")
+        if "teacher_sha256" in metadata:
+            if metadata["teacher_sha256"] != self.teacher_sha256:
+                same = _same_path(made_by, self.hparams.teacher) if made_by else None
+                problems.append(
+                    f"pairs were generated by teacher {made_by!r}, this KD run uses "
+                    f"{self.hparams.teacher!r}"
+                    + (" (same folder, but its content changed since)" if same else "")
+                    + ": the fingerprints (teacher_sha256) differ; regenerate the pairs"
+                )
+        elif made_by is not None and _same_path(made_by, self.hparams.teacher) is False:
+            problems.append(f"pairs were generated by teacher {made_by!r}, this KD run uses "
+                            f"{self.hparams.teacher!r}")
+        if "vae_path" in metadata and (metadata["vae_path"] is None) != (self.hparams.vae_path is None):
+            space = lambda v: "pixel space" if v is None else f"the latents of VAE {v!r}"  # noqa: E731
+            problems.append(f"pairs are in {space(metadata['vae_path'])}, this KD run works in "
+                            f"{space(self.hparams.vae_path)}")
+        shape = metadata.get("latent_shape")
+        if shape is not None:
+            channels, *sizes = shape
+            if channels != self.student.latent_channels:
+                problems.append(f"pairs hold {channels}-channel noise, the student denoises "
+                                f"{self.student.latent_channels} channels")
+            expected = self._latent_sizes(metadata)
+            if expected is not None and list(sizes) != expected:
+                problems.append(f"pairs latents are {list(sizes)} (T, H, W), the autoencoder "
+                                f"maps their {metadata.get('num_frames')} frames of "
+                                f"{metadata.get('height')}x{metadata.get('width')} to {expected}")
+            if any(s % p for s, p in zip(sizes, self.student.patch_size)):
+                problems.append(f"pairs latents {list(sizes)} are not multiples of the student's "
+                                f"patch size {list(self.student.patch_size)}")
+        columns = self._trajectory_columns(metadata, problems)
+        encoded = self.student.encoded_control_channels(self.autoencoder)
+        if self.student.control_channels != encoded:
+            problems.append(f"the student takes {self.student.control_channels} control channels, "
+                            f"the encoded control has {encoded}")
+        if problems:
+            raise ValueError("KD pairs do not match the model:\n  - " + "\n  - ".join(problems))
+        self.pairs_guidance = metadata.get("guidance")
+        self.pairs_steps = metadata.get("num_steps")
+        self.trajectory_columns = columns
+
+    def _check_pairs_denoiser_options(self, recorded: dict, pairs_dir: str | None) -> None:
+        """ValueError at the first adapter option whose value differs between the pairs'
+        ``denoiser_options`` and this run's (an option left out on either side has the
+        adapter's default); options that only change training (``Denoiser.training_options``,
+        e.g. ``freeze_control_branch``) are not compared."""
+        ours = self.hparams.denoiser_options or {}
+        defaults = {name: p.default for name, p in inspect.signature(type(self.teacher)).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        for key in sorted({*recorded, *ours, *self.teacher.adapter_options} - set(self.teacher.training_options)):
+            theirs_value, ours_value = recorded.get(key, defaults.get(key)), ours.get(key, defaults.get(key))
+            if _plain(theirs_value) != _plain(ours_value):
+                where = pairs_dir if pairs_dir is not None else "the KD pairs"
+                raise ValueError(
+                    f"{where}: the pairs were generated with denoiser_options.{key} = {theirs_value!r}, "
+                    f"this KD run has {ours_value!r}; set model.denoiser_options.{key} to "
+                    f"{theirs_value!r} or regenerate the pairs"
+                )
+
+    def _trajectory_columns(self, metadata: dict, problems: list[str]) -> list[int] | None:
+        """Indices of the student's levels after the first among the pairs' requested
+        ``trajectory_sigmas`` (None for a one-step student); appends to ``problems`` when the
+        pairs lack one of them."""
+        needed = self.student_levels[1:]
+        if not needed:
+            return None
+        stored = [float(level) for level in metadata.get("trajectory_sigmas") or []]
+        columns = [next((j for j, level in enumerate(stored) if abs(level - s) <= 1e-6), None) for s in needed]
+        if None in columns:
+            problems.append(
+                f"a {len(self.student_levels)}-step student needs the teacher's trajectory at its levels "
+                f"{[round(s, 6) for s in needed]} (after 1.0), the pairs store it at {stored} "
+                f"(trajectory_sigmas); regenerate them with the kd_pairs stage's trajectory_sigmas "
+                f"holding these levels"
+            )
+            return None
+        return columns
+
+    @functools.cached_property
+    def teacher_sha256(self) -> str:
+        """Fingerprint of the teacher folder, as stored in the pairs' metadata."""
+        return teacher_fingerprint(self.hparams.teacher)
+
+    def _latent_sizes(self, metadata: dict) -> list[int] | None:
+        keys = ("num_frames", "height", "width")
+        if not all(k in metadata for k in keys):
+            return None
+        ae = self.autoencoder
+        frames, height, width = (int(metadata[k]) for k in keys)
+        return [1 + (frames - 1) // ae.temporal_compression,
+                height // ae.spatial_compression, width // ae.spatial_compression]
+
+    def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
+        """The [1, L, D] embedding (+ [1, L] mask) of the teacher's unconditional CFG branch."""
+        self.negative_prompt.set(embeds, mask)
+
+    @torch.no_grad()
+    def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
+        """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
+        clip (identity in pixel space) and left out for a model without control input."""
+        cond = batch_conditioning(batch, self.autoencoder, self.student)
+        return batch["noise"].float(), batch["teacher_output"].float(), cond
+
+    # --- the networks as samplers -------------------------------------------------------
+    @property
+    def eval_student(self) -> Denoiser:
+        """The student used for validation, the grid and the export (EMA if enabled)."""
+        if self.student_ema is not None and self.hparams.validate_with_ema:
+            return self.student_ema.module
+        return self.student
+
+    @property
+    def teacher_guidance(self) -> float:
+        if self.hparams.teacher_1step_guidance is not None:
+            return float(self.hparams.teacher_1step_guidance)
+        return float(self.pairs_guidance) if self.pairs_guidance is not None else 1.0
+
+    def objective(self, student: Denoiser | None = None) -> KDObjective:
+        """The KD objective of ``student`` (default: the trained one) at the student's levels."""
+        return KDObjective(self.student if student is None else student, self.student_levels,
+                           self.hparams.student_sampler)
+
+    def student_sample(self, student: Denoiser, noise: Tensor, cond: Conditioning, seed: int = 0) -> Tensor:
+        """The K-step sample of ``student`` with the run's sampler (re-noising noise, if it
+        re-noises, from ``seed``)."""
+        return self.objective(student).generate(noise, cond, torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def teacher_1step(self, noise: Tensor, cond: Conditioning) -> Tensor:
+        w = self.teacher_guidance
+        uncond = None
+        if w != 1.0:
+            uncond = self.negative_prompt.conditioning(cond)
+        return one_step_sample(velocity_fn(self.teacher, cond, uncond, w), noise)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> pixels [B, 3, T, H, W] clamped to [-1, 1] (float32)."""
+        with torch.no_grad():
+            return self.autoencoder.decode(latents.float()).float().clamp(-1.0, 1.0)
+
+    # --- training -----------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        noise, target, cond = self.pair_inputs(batch)
+        trajectory, trajectory_sigmas = batch.get("teacher_trajectory"), batch.get("trajectory_sigmas")
+        if self.trajectory_columns is not None and trajectory is not None and trajectory_sigmas is not None:
+            trajectory = trajectory[:, self.trajectory_columns]
+            trajectory_sigmas = trajectory_sigmas[:, self.trajectory_columns]
+        loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
+        self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
+        return loss
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        self.nonfinite.observe_loss(loss)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The non-finite policy: a non-finite loss or gradient drops the gradients."""
+        self._update_applied = self.nonfinite.guard_step(self, optimizer)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update (only on real steps, not accumulation,
+        and not after a skipped non-finite step)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.student_ema is not None and self._update_applied:
+            self.student_ema.update(self.student)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            [p for p in self.student.parameters() if p.requires_grad],  # e.g. a frozen control branch
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+        )
+
+    # --- validation and monitoring ------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        noise, target, cond = self.pair_inputs(batch)
+        b = noise.shape[0]
+        x_student = self.student_sample(self.eval_student, noise, cond, seed=batch_idx)
+        x_teacher = self.teacher_1step(noise, cond)
+        self.log("val/loss", kd_loss(x_student, target), prog_bar=True, batch_size=b, sync_dist=True)
+        reference = self.decode(target)
+        for video, psnr, ssim in (
+            (self.decode(x_student), self.student_psnr, self.student_ssim),
+            (self.decode(x_teacher), self.teacher_psnr, self.teacher_ssim),
+        ):
+            psnr.update(video, reference)
+            ssim.update(_frames(video), _frames(reference))
+        self.log("val/student_psnr", self.student_psnr, prog_bar=True, batch_size=b)
+        self.log("val/student_ssim", self.student_ssim, batch_size=b)
+        self.log("val/teacher_1step_psnr", self.teacher_psnr, batch_size=b)
+        self.log("val/teacher_1step_ssim", self.teacher_ssim, batch_size=b)
+
+    @torch.no_grad()
+    def grid_rows(self, batch: dict, seed: int) -> dict[str, Tensor]:
+        """Rows of the monitoring grid (see callbacks.FrameGridLogger), pixels [B, 3, T, H, W].
+
+        The noise is the stored noise of each pair; ``seed`` seeds a K-step student's
+        re-noising noise.
+        """
+        noise, target, cond = self.pair_inputs(batch)
+        steps = f"{self.pairs_steps}-step" if self.pairs_steps else "N-step"
+        control = "control" if self.student.control_channels else "control (unused)"
+        return {
+            f"student {len(self.student_levels)}-step":
+                self.decode(self.student_sample(self.eval_student, noise, cond, seed)),
+            f"teacher 1-step w={self.teacher_guidance:g}": self.decode(self.teacher_1step(noise, cond)),
+            control: batch["control"].float(),
+            f"teacher {steps} (GT)": self.decode(target),
+        }
+
+    # --- checkpoints and export -----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen teacher and autoencoder (reloaded from their folders); keep the
+        non-finite counters; refuse non-finite weights."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        check_finite(state, f"a KD checkpoint at step {self.global_step}", strategy_of(self))
+        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fill in the frozen modules' keys from this module, so strict loading still
+        reports any other missing or unexpected key."""
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(FROZEN_PREFIXES):
+                state.setdefault(key, value)
+        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir:
+            export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
+                                  self.student_levels, self.hparams.teacher, self.hparams.student_sampler)
+
+
+def _frames(video: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W] (SSIM is computed per frame)."""
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def _same_path(a: str, b: str) -> bool | None:
+    """Whether two folder paths name the same folder (None when ``a`` does not exist here)."""
+    try:
+        pa, pb = resolve_path(a).resolve(), resolve_path(b).resolve()
+    except FileNotFoundError:
+        return None
+    if not pa.exists():
+        return None
+    return pa == pb
+
+
+def _plain(value):
+    """``value`` as JSON has it (tuples as lists), for comparing options across a round trip."""
+    return json.loads(json.dumps(value, default=str))

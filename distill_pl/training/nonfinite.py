@@ -1,0 +1,109 @@
+"""The non-finite policy of every training stage (teacher training, KD, DMD2).
+
+A step whose loss or accumulated gradient is non-finite (NaN or inf) is skipped and counted:
+every gradient is set to None before ``optimizer.step()``, which then changes nothing (torch
+optimizers skip parameters without a gradient, so no weight, moment, per-parameter step count
+or weight decay moves; stepping with zeroed gradients would not do, AdamW's decoupled weight
+decay and its moments would still move the weights) but still counts as Lightning's step, so
+``global_step``, the data position and the step-keyed randomness stay in lockstep.
+``max_consecutive`` skips in a row stop the run with :class:`NonFiniteTrainingError`, before
+any NaN reaches the weights. The decision is the same on every rank: loss checks are reduced
+across ranks, and the gradients checked are the all-reduced (or sharded, then gathered) ones.
+
+Checkpoints and exports refuse non-finite weights
+(:func:`~distill_pl.models.finite_weights.check_finite`), whatever produced them, so no NaN
+tensor is ever written as a result.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.nn.utils import get_total_norm
+
+from distill_pl.models.sharding import full_tensor
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``max_consecutive`` consecutive steps with a non-finite loss or gradient."""
+
+
+class NonFinitePolicy:
+    """Counts skipped (non-finite) updates of one stage and stops a run that keeps failing.
+
+    Args:
+        stage: the stage's name in messages (``"KD"``, ``"DMD2"``, ``"teacher training"``).
+        max_consecutive: stop after this many consecutive skipped updates.
+    """
+
+    def __init__(self, stage: str, max_consecutive: int) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_consecutive}")
+        self.stage = stage
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.streak = 0
+        self._losses_finite = True  # of the backward passes since the last optimizer step
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Note one (micro-batch) loss that is about to be back-propagated."""
+        self._losses_finite &= bool(torch.isfinite(loss.detach()).all())
+
+    def guard_step(self, module, optimizer: torch.optim.Optimizer) -> bool:
+        """Before ``optimizer.step()`` of an automatically optimized stage (Lightning's
+        ``on_before_optimizer_step``): True if the losses observed since the last step and the
+        accumulated gradients are finite on every rank; else every gradient of ``optimizer``
+        is dropped, so the step changes nothing. Records the outcome (see :meth:`record`)."""
+        finite, self._losses_finite = self._losses_finite, True
+        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(gradient_norm(grads)))
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+        self.record(finite, module.global_step)
+        return finite
+
+    def record(self, applied: bool, step: int, what: str | None = None) -> None:
+        """Count an update that was applied or skipped at ``step`` (``what``: which update, in
+        the warning); raise :class:`NonFiniteTrainingError` at ``max_consecutive`` skips in a row."""
+        if applied:
+            self.streak = 0
+            return
+        self.total += 1
+        self.streak += 1
+        if self.streak >= self.max_consecutive:
+            raise NonFiniteTrainingError(
+                f"{self.stage} stopped at step {step}: {self.streak} consecutive steps had a "
+                f"non-finite loss or gradient (max_nonfinite_steps={self.max_consecutive}; {self.total} "
+                "in total). Their updates were skipped, so the weights hold no NaN; check the data "
+                "and the teacher, lower the learning rates, or use precision 32-true."
+            )
+        where = f" ({what})" if what else ""
+        rank_zero_warn(
+            f"{self.stage} step {step}{where}: non-finite loss or gradient, update skipped "
+            f"({self.streak} in a row, {self.total} in total)"
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite_total": self.total, "nonfinite_streak": self.streak}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.total = int(state.get("nonfinite_total", 0))
+        self.streak = int(state.get("nonfinite_streak", 0))
+
+
+def gradient_norm(grads: Iterable[Tensor]) -> Tensor:
+    """The total L2 norm of ``grads``, of the full gradients when they are sharded (DTensor):
+    the same value on every rank (a collective then)."""
+    return full_tensor(get_total_norm(list(grads))).float()
+
+
+def strategy_of(module):
+    """The strategy of a LightningModule's trainer (None outside a Trainer), for
+    :func:`~distill_pl.models.finite_weights.check_finite` in checkpoint hooks."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer.strategy if trainer is not None else None
