@@ -18,6 +18,7 @@ from distill_pl.training.checkpoint_io import TRAINER_DEFAULTS
 from distill_pl.cli.errors import ShortErrors, debug_requested, run_with_short_errors, without_debug_flag
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.cli.harmless_messages import silence_harmless_messages
+from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
 from distill_pl.cli.run_folder import check_export_free, derive_run_paths
 from distill_pl.training.resume import resolve_ckpt_path
 
@@ -99,25 +100,40 @@ class DistillCLI(LightningCLI):
             data.check_video_lengths()
 
     def _parse_ckpt_path(self) -> None:
-        """Refuse ``--ckpt_path`` from another stage before LightningCLI silently swaps the
-        model class to the checkpoint's (a KD checkpoint starts DMD2 through ``init_from``)."""
+        """Resolve ``--ckpt_path last``; refuse a checkpoint of another stage before
+        LightningCLI would silently swap the model class to the checkpoint's (a KD checkpoint
+        starts DMD2 through ``init_from``); then, as LightningCLI does, let the checkpoint's
+        hyperparameters update the model's config. A checkpoint written before the package was
+        regrouped names its class by the old path: the new one is used."""
         sub = self.config.get("subcommand")
-        if sub:
-            derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
-            resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.training.resume)
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and Path(ckpt).is_file():
-            saved = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-            written_by = saved.get("_class_path")
+        if not sub:
+            return
+        derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
+        resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.training.resume)
+        ckpt = self.config[sub].get("ckpt_path")
+        if not (ckpt and Path(ckpt).is_file()):
+            return
+        hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        written_by = hparams.pop("_class_path", None)
+        if written_by:
+            written_by = new_class_path(written_by)
             wanted = (self.config[sub].get("model") or {}).get("class_path")
-            if written_by and wanted and written_by != wanted:
+            if wanted and written_by != wanted:
                 sys.exit(
                     f"distill-pl: --ckpt_path {ckpt} was written by {written_by}, but this config "
                     f"trains {wanted}. --ckpt_path only resumes a run of the same stage; to start "
                     f"from that checkpoint's student use the model's init argument "
                     f"(DMD2: --model.init_from {ckpt})."
                 )
-        super()._parse_ckpt_path()
+            hparams = {"class_path": written_by, "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
 
 def benchmark_cli(config: str, max_steps: int, device: str = "cpu", extra_args: tuple[str, ...] = ()) -> DistillCLI:
@@ -133,6 +149,7 @@ def benchmark_cli(config: str, max_steps: int, device: str = "cpu", extra_args: 
 
 
 def lightning_main(args: list[str] | None = None) -> DistillCLI:
+    check_moved_class_paths(sys.argv[1:] if args is None else args)
     return DistillCLI(
         model_class=None,
         datamodule_class=VideoDataModule,
