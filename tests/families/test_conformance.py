@@ -1,6 +1,6 @@
 """Conformance of every model family in the registry to the Denoiser contract.
 
-One case per key of ``distill_pl.models.families.registry.FAMILIES`` (a registry line adds a
+One case per key of ``distill_pl.families.registry.FAMILIES`` (a registry line adds a
 case), each on tiny random components saved in the family's official diffusers pipeline
 layout, float32, CPU.
 
@@ -50,8 +50,8 @@ A new family passes when:
 Known gaps are marked ``xfail(strict=True)`` per family in ``TINY_FAMILIES`` (``gaps``). A fix
 makes the case pass, which fails it as XPASS, until the marker is removed.
 The long checks stay in the per-family tests. For example, a full pipeline call equal to the
-project's student sample is in tests/models/test_wan_vace_export.py and
-tests/models/families/test_cosmos_transfer_export.py.
+project's student sample is in tests/families/test_wan_vace_export.py and
+tests/families/test_cosmos_transfer_export.py.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from torch import nn
 from distill_pl.diffusion.sampling import build_flow_scheduler
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.families.registry import (
+from distill_pl.families.registry import (
     FAMILIES,
     adapter_class,
     build_denoiser,
@@ -79,15 +79,15 @@ from distill_pl.models.families.registry import (
     folder_class_name,
     load_denoiser,
 )
-from distill_pl.models.teacher_folder import (
+from distill_pl.export.model_folders import (
     load_scheduler,
     save_student_folder,
     scheduler_shift,
     student_noise_levels_of,
 )
 from tests.cli_helpers import REPO
-from tests.models.families import cosmos_tiny
-from tests.models.test_wan_pipeline_parity import tiny_vae
+from tests.families import cosmos_tiny
+from tests.families.test_wan_pipeline_parity import tiny_vae
 
 _spec = importlib.util.spec_from_file_location("make_tiny_wan_vace", REPO / "scripts/make_tiny_wan_vace.py")
 make_tiny_wan_vace = importlib.util.module_from_spec(_spec)
