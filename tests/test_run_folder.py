@@ -55,6 +55,30 @@ def test_an_export_is_not_overwritten_unless_asked(tmp_path):
     check_export_free(config, overwrite=True)
 
 
+def test_a_resume_of_the_same_run_may_write_its_export_again(tmp_path):
+    """The export inside the run folder is this run's when --ckpt_path resumes a checkpoint of
+    that folder; a fresh fit there, a checkpoint of another folder or an export folder
+    outside the run folder is still refused."""
+    run, other = tmp_path / "a", tmp_path / "b"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "student.json").write_text("{}")
+    config = _config(default_root_dir=str(run))
+    config.model.init_args.export_dir = str(run / "export")
+    config.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    check_export_free(config, overwrite=False)  # resumes this run
+    config.ckpt_path = None
+    with pytest.raises(FileExistsError, match="already holds an exported model"):
+        check_export_free(config, overwrite=False)  # a fresh fit in the same folder
+    config.ckpt_path = str(other / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileExistsError, match="already holds an exported model"):
+        check_export_free(config, overwrite=False)  # another run's checkpoint
+    elsewhere = _config(default_root_dir=str(other))
+    elsewhere.model.init_args.export_dir = str(run / "export")
+    elsewhere.ckpt_path = str(run / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileExistsError, match="already holds an exported model"):
+        check_export_free(elsewhere, overwrite=False)  # another run folder onto this run's export
+
+
 def _files(folder: Path) -> set[Path]:
     return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
 
@@ -86,3 +110,31 @@ def test_two_runs_with_different_run_folders_share_no_file(tmp_path, monkeypatch
     assert exit_.value.code == 1
     assert "a/export already holds an exported model" in capsys.readouterr().err
     assert _files(tmp_path) == after_b
+
+
+def test_resuming_a_run_in_its_own_folder_exports_again_but_another_run_may_not(tmp_path, monkeypatch, capsys):
+    """A fit, then ``--ckpt_path last`` in the same run folder with more steps: accepted, and the
+    export is written again; a fit into another run folder whose export_dir is the first run's
+    export is refused before training, fresh or resumed from the first run's checkpoint."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    shared = ["--data.cache_dir", "cache"]
+    main(["fit", "--config", config, "--trainer.default_root_dir", "a", *shared])
+    weights = tmp_path / "a/export/transformer/diffusion_pytorch_model.safetensors"
+    first = weights.read_bytes()
+    main(["fit", "--config", config, "--trainer.default_root_dir", "a", "--trainer.max_steps", "3",
+          "--ckpt_path", "last", *shared])
+    assert torch.load(tmp_path / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+    assert weights.read_bytes() != first  # the export of step 3 replaced the one of step 2
+    capsys.readouterr()
+
+    after = _files(tmp_path)
+    for resume in ([], ["--ckpt_path", "a/checkpoints/last.ckpt"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", config, "--trainer.default_root_dir", "b",
+                  "--model.init_args.export_dir", "a/export", *resume, *shared])
+        assert exit_.value.code == 1
+        assert "a/export already holds an exported model" in capsys.readouterr().err
+    assert _files(tmp_path) == after

@@ -12,7 +12,10 @@ when unset), unless the config names it explicitly:
   when it is null (also when a config is only parsed, without a subcommand).
 
 A fit refuses to start when its export folder already holds an export (another run's, or
-this run's from an earlier launch) unless ``--overwrite_export true`` is given.
+this run's from an earlier launch) unless ``--overwrite_export true`` is given, or unless it
+resumes this run: ``--ckpt_path`` names a checkpoint inside the run folder (``last``: the
+newest of ``<run>/checkpoints/``) and the export folder lies inside the run folder too, so
+the export there is this run's and the resumed fit writes it again.
 """
 
 from __future__ import annotations
@@ -62,13 +65,29 @@ def derive_run_paths(config: Namespace, subcommand: str | None) -> None:
         data.pairs_dir = root
 
 
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def resumes_own_run(config: Namespace, export_dir: str | Path) -> bool:
+    """Whether a fit config resumes its own run: ``ckpt_path`` (already resolved from
+    ``last``) and ``export_dir`` both lie inside its run folder."""
+    ckpt_path = config.get("ckpt_path")
+    root = run_folder(config.get("trainer") or Namespace())
+    return bool(ckpt_path) and _inside(ckpt_path, root) and _inside(export_dir, root)
+
+
 def check_export_free(config: Namespace, overwrite: bool) -> None:
-    """Refuse a fit whose ``export_dir`` already holds files, unless ``overwrite``."""
+    """Refuse a fit whose ``export_dir`` already holds files, unless ``overwrite`` or the fit
+    resumes the run that wrote them (:func:`resumes_own_run`)."""
     model_args = (config.get("model") or Namespace()).get("init_args") or Namespace()
     export_dir = model_args.get("export_dir")
     if overwrite or not export_dir or not Path(export_dir).is_dir() or not any(Path(export_dir).iterdir()):
         return
+    if resumes_own_run(config, export_dir):
+        return
     raise ExportExistsError(
         f"{export_dir} already holds an exported model (from an earlier run); give this run its own "
-        f"folder (--trainer.default_root_dir) or pass --overwrite_export true to replace it"
+        f"folder (--trainer.default_root_dir), resume the run of that folder (--ckpt_path last) "
+        f"or pass --overwrite_export true to replace it"
     )
