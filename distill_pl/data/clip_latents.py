@@ -31,7 +31,6 @@ Metadata (JSON under :data:`METADATA_KEY`): per shard ``shard_index``, ``count``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from distill_pl.data.shards import (
     open_split,
     storage_dtype,
 )
+from distill_pl.util.hashing import named_files_sha256
 from distill_pl.util.paths import resolve_path
 
 FORMAT_VERSION = 1
@@ -72,13 +72,8 @@ def vae_fingerprint(vae_path: str | None) -> str | None:
     from distill_pl.models.loading import find_diffusers_model_folder
 
     folder = find_diffusers_model_folder(str(resolve_path(vae_path)), "AutoencoderKLWan", "vae")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors"))
+    return named_files_sha256((file.name, file) for file in files)
 
 
 def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:

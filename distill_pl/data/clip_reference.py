@@ -1,6 +1,6 @@
 """Clips stored by reference: (video path, start frame, clip settings) instead of pixels.
 
-A shard that references a clip keeps the video's sha256 (:func:`file_sha256`). Reading
+A shard that references a clip keeps the video's sha256 (:func:`~distill_pl.util.hashing.file_sha256`). Reading
 re-derives the clip exactly as :class:`~distill_pl.data.clips.ClipDataset` made it: frames
 ``start + frame_stride * arange(num_frames)`` decoded with decord, resized and center
 cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the canny control computed at that
@@ -10,7 +10,6 @@ since the shard was written is refused (:class:`ChangedVideoError` naming it).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,15 +21,7 @@ from torch import Tensor
 
 from distill_pl.data.clips import open_video, resize_center_crop
 from distill_pl.data.control import canny_control
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from distill_pl.util.hashing import file_sha256
 
 
 class ChangedVideoError(ValueError):

@@ -74,7 +74,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from distill_pl.data import shards
-from distill_pl.data.clip_reference import ClipSettings, ReferencedClips, file_sha256
+from distill_pl.data.clip_reference import ClipSettings, ReferencedClips
 from distill_pl.data.shards import (
     ShardError,
     ShardLayout,
@@ -85,6 +85,7 @@ from distill_pl.data.shards import (
     remove_temp_files,
     storage_dtype,
 )
+from distill_pl.util.hashing import file_sha256, named_files_sha256
 from distill_pl.util.paths import resolve_path
 
 __all__ = [
@@ -155,13 +156,7 @@ def teacher_fingerprint(teacher: str | Path) -> str:
     files = sorted(p for p in transformer.iterdir() if p.suffix in (".json", ".safetensors"))
     files += [p for p in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json")
               if p.is_file()][:1]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return named_files_sha256((str(file.relative_to(root)), file) for file in files)
 
 
 def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
