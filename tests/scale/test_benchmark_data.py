@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_data.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_data.py"
 _spec = importlib.util.spec_from_file_location("benchmark_data", SCRIPT)
 benchmark_data = importlib.util.module_from_spec(_spec)
 sys.modules["benchmark_data"] = benchmark_data
