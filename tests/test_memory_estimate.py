@@ -221,7 +221,8 @@ def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
     (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
     estimate = estimate_memory(str(tmp_path / "dmd2.yaml"), devices=8, sharding="fsdp")
     plain = estimate_memory("configs/wan2.1-t2v-1.3b/dmd2.yaml", devices=8, sharding="fsdp")
-    d, ffn, blocks = 1536, 8960, 30
+    wan = WAN_2_1_T2V_1_3B  # d 1536, ffn 8960, 30 blocks
+    d, ffn, blocks = wan["num_attention_heads"] * wan["attention_head_dim"], wan["ffn_dim"], wan["num_layers"]
     adapters = 64 * blocks * (8 * (d + d) + (d + ffn) + (ffn + d))  # q, k, v, out of 2 attentions; FFN in, out
     rows = estimate.static
     assert rows["fake_score: LoRA adapters, trainable"] == 4 * adapters // 8
