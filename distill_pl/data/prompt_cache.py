@@ -2,7 +2,7 @@
 
 Layout of the file: for every prompt, ``<sha1(prompt)>.embeds`` [L, D] float32 (zero at
 padding for the generic encoder; a family's own encoder may keep them, see
-:data:`distill_pl.families.registry.TEXT_ENCODERS`) and
+:func:`distill_pl.families.registry.text_encoders`) and
 ``<sha1(prompt)>.mask`` [L] bool; metadata ``encoder`` (the encoder path as given), ``max_length`` and ``prompts`` (JSON object sha1 -> prompt). A file written for
 another encoder path or max_length, or one that cannot be read, is rebuilt from scratch.
 The encoder is loaded only when a requested prompt is missing.

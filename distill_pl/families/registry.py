@@ -11,8 +11,8 @@ and one line in :data:`FAMILIES`. Adapters are imported only when a folder of th
 loaded.
 
 A text encoder folder is picked the same way, by its ``config.json``'s ``model_type``: a
-family whose pipeline embeds prompts its own way registers its encoder in
-:data:`TEXT_ENCODERS`; any other model is the generic
+family whose pipeline embeds prompts its own way declares its encoder in its package's
+``configs.TEXT_ENCODERS`` (:func:`text_encoders`); any other model is the generic
 :class:`~distill_pl.models.text_encoder.TextEncoder` (last hidden state, zero at padding).
 Every encoder class has ``encode(prompts) -> (embeds [N, L, D] float32, mask [N, L] bool)``,
 ``dim``, ``folder_dim(path)`` (D from the config only) and ``text_embedding`` (the recipe,
@@ -41,12 +41,6 @@ FAMILIES: dict[str, str] = {
     "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer.adapter:CosmosTransferDenoiser",
 }
 
-#: transformers ``model_type`` of a text encoder folder -> ``"module:EncoderClass"`` of a
-#: family's own text embedding (others: :class:`~distill_pl.models.text_encoder.TextEncoder`)
-TEXT_ENCODERS: dict[str, str] = {
-    "qwen2_5_vl": "distill_pl.families.cosmos_transfer.text_encoder:CosmosTextEncoder",  # Cosmos 2.5
-}
-
 def family_packages() -> list[str]:
     """The packages of the registered families (``distill_pl.families.<family>``), in
     :data:`FAMILIES` order."""
@@ -54,11 +48,11 @@ def family_packages() -> list[str]:
     return list(dict.fromkeys(module.rpartition(".")[0] for module in modules))
 
 
-def published_configs() -> dict[str, tuple[str, dict]]:
-    """Diffusers folder name -> (transformer class name, what ``from_config`` takes) of every
-    published model of the registered families: each family package's ``configs.PUBLISHED``
-    (a family without a ``configs`` module has none). Imports only the ``configs`` modules."""
-    found: dict[str, tuple[str, dict]] = {}
+def _family_constants(name: str) -> dict:
+    """The ``configs.<name>`` dicts of the registered family packages, merged (a family
+    without a ``configs`` module or without ``name`` adds nothing). Imports only the
+    ``configs`` modules, never an adapter."""
+    found: dict = {}
     for package in family_packages():
         try:
             configs = importlib.import_module(f"{package}.configs")
@@ -66,8 +60,21 @@ def published_configs() -> dict[str, tuple[str, dict]]:
             if error.name != f"{package}.configs":
                 raise
             continue
-        found.update(getattr(configs, "PUBLISHED", {}))
+        found.update(getattr(configs, name, {}))
     return found
+
+
+def published_configs() -> dict[str, tuple[str, dict]]:
+    """Diffusers folder name -> (transformer class name, what ``from_config`` takes) of every
+    published model of the registered families (each family package's ``configs.PUBLISHED``)."""
+    return _family_constants("PUBLISHED")
+
+
+def text_encoders() -> dict[str, str]:
+    """transformers ``model_type`` of a text encoder folder -> ``"module:EncoderClass"`` of a
+    family's own prompt embedding (each family package's ``configs.TEXT_ENCODERS``); any other
+    model is :class:`~distill_pl.models.text_encoder.TextEncoder`."""
+    return _family_constants("TEXT_ENCODERS")
 
 
 def supported_classes() -> list[str]:
@@ -166,9 +173,9 @@ def build_denoiser(
 
 def text_encoder_class(path: str | Path) -> type:
     """The encoder class of a text encoder folder, by its config's ``model_type`` (read from
-    the config only): the :data:`TEXT_ENCODERS` entry, else
+    the config only): a family's (:func:`text_encoders`), else
     :class:`~distill_pl.models.text_encoder.TextEncoder`."""
-    entry = TEXT_ENCODERS.get(text_encoder_model_type(path))
+    entry = text_encoders().get(text_encoder_model_type(path))
     if entry is None:
         return TextEncoder
     module, _, name = entry.partition(":")

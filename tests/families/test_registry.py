@@ -88,9 +88,10 @@ def test_text_encoder_is_picked_by_model_type(tmp_path):
     """A registered ``model_type`` gets its family's encoder (recipe and D from the config);
     any other model the generic one."""
     from distill_pl.families.cosmos_transfer.text_encoder import CosmosTextEncoder
-    from distill_pl.families.registry import text_embedding_dim, text_embedding_recipe, text_encoder_class
+    from distill_pl.families.registry import text_embedding_dim, text_embedding_recipe, text_encoder_class, text_encoders
     from distill_pl.models.text_encoder import TextEncoder
 
+    assert text_encoders() == {"qwen2_5_vl": "distill_pl.families.cosmos_transfer.text_encoder:CosmosTextEncoder"}
     write_json(tmp_path / "t5/config.json", {"model_type": "t5", "d_model": 24})
     write_json(tmp_path / "qwen/config.json", {"model_type": "qwen2_5_vl",
                                                 "text_config": {"hidden_size": 8, "num_hidden_layers": 3}})

@@ -49,3 +49,9 @@ COSMOS_TRANSFER_2_5_SCHEDULER = dict(
 PUBLISHED = {
     "Cosmos-Transfer2.5-2B": (TRANSFORMER_CLASS, COSMOS_TRANSFER_2_5_2B),
 }
+#: text encoder ``model_type`` -> this family's prompt embedding (Cosmos 2.5: Qwen2.5-VL, every
+#: layer's hidden states normalised and concatenated; see
+#: :func:`~distill_pl.families.registry.text_encoders`)
+TEXT_ENCODERS = {
+    "qwen2_5_vl": "distill_pl.families.cosmos_transfer.text_encoder:CosmosTextEncoder",
+}

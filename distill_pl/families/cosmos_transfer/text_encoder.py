@@ -48,8 +48,8 @@ def chat(prompt: str) -> list[dict]:
 class CosmosTextEncoder:
     """Tokenizer + Qwen2.5-VL language model of a local folder, frozen, in eval mode.
 
-    Picked for a text encoder folder whose ``model_type`` is :data:`MODEL_TYPE` (the registry's
-    :data:`~distill_pl.families.registry.TEXT_ENCODERS`).
+    Picked for a text encoder folder whose ``model_type`` is :data:`MODEL_TYPE` (this family's
+    ``configs.TEXT_ENCODERS``, read by :func:`~distill_pl.families.registry.text_encoders`).
 
     Args:
         path: the text encoder folder (or ``pkg://`` path).
