@@ -41,6 +41,7 @@ FAMILIES: dict[str, str] = {
     "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer.adapter:CosmosTransferDenoiser",
 }
 
+
 def family_packages() -> list[str]:
     """The packages of the registered families (``distill_pl.families.<family>``), in
     :data:`FAMILIES` order."""
