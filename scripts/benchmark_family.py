@@ -45,7 +45,7 @@ resident weights and optimizer state of every network built so far). FLOPs: coun
 ``FlopCounterMode`` on copies of the networks on the meta device (same shapes, no memory;
 see ``distill_pl/scale/flops.py``): model FLOPs with checkpointing off, and the recomputation as
 the difference with it on. One forward's count is also given in closed form for Wan
-(``wan_forward_flops``); for Cosmos only the counted FLOPs are reported (no closed form).
+(``distill_pl.families.wan.flops.wan_forward_flops``); for Cosmos only the counted FLOPs are reported (no closed form).
 MFU = model FLOPs / s per step / the dense bf16 peak of the GPU (``--peak_tflops``, else by
 device name: H100 SXM and H200 989, A100 312).
 
@@ -91,11 +91,13 @@ from torch import Tensor
 from distill_pl.scale.benchmarking import synchronize
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import build_flow_scheduler, one_step_sample, sample_with_scheduler
-from distill_pl.scale.flops import count_flops, peak_bf16_tflops, wan_forward_flops
+from distill_pl.scale.flops import count_flops, peak_bf16_tflops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
+from distill_pl.families.wan.flops import wan_forward_flops
 from distill_pl.families.registry import build_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.export.model_folders import scheduler_shift
@@ -105,16 +107,9 @@ from distill_pl.methods.kd import KDObjective
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_cosmos_transfer as tiny_cosmos  # noqa: E402  (scripts/: the tiny Cosmos sizes)
 
-#: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (as tests/test_wan_configs.py)
-WAN_1_3B_CONFIG = {
-    "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
-    "ffn_dim": 8960, "freq_dim": 256, "image_dim": None, "in_channels": 16, "num_attention_heads": 12,
-    "num_layers": 30, "out_channels": 16, "patch_size": [1, 2, 2], "pos_embed_seq_len": None,
-    "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
-}
 #: a 2-block model of the same layout for CPU tests
 TINY_CONFIG = {
-    **WAN_1_3B_CONFIG, "attention_head_dim": 32, "num_attention_heads": 2, "ffn_dim": 128,
+    **WAN_2_1_T2V_1_3B, "attention_head_dim": 32, "num_attention_heads": 2, "ffn_dim": 128,
     "freq_dim": 32, "num_layers": 2, "text_dim": 32,
 }
 #: the tiny random Cosmos-Transfer2.5 of scripts/make_tiny_cosmos_transfer.py (2 base blocks,
@@ -149,7 +144,7 @@ class Family:
 FAMILIES = {
     "wan": Family(
         name="wan", class_name="WanTransformer3DModel", model="Wan2.1-T2V-1.3B architecture",
-        config=WAN_1_3B_CONFIG, tiny_config=TINY_CONFIG,
+        config=WAN_2_1_T2V_1_3B, tiny_config=TINY_CONFIG,
         size=dict(frames=81, height=480, width=832, text_len=WAN_TEXT_LEN),
         tiny_size=dict(frames=17, height=256, width=256, text_len=8),
         configs={s: f"configs/wan2.1-t2v-1.3b/{s}.yaml" for s in ("kd_pairs", "kd", "dmd2")},

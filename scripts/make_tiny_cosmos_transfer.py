@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_SCHEDULER
 
 LATENT_CHANNELS = 16
 QWEN_HIDDEN = 16
@@ -178,7 +178,7 @@ def tiny_pipeline():
     """A ``Cosmos2_5_TransferPipeline`` of tiny random components (pass-through safety checker)."""
     from diffusers import Cosmos2_5_TransferPipeline, UniPCMultistepScheduler
 
-    from distill_pl.families import cosmos_padding_resize
+    from distill_pl.families.cosmos_transfer import padding_resize as cosmos_padding_resize
 
     cosmos_padding_resize.install()
     transformer, controlnet = tiny_models()

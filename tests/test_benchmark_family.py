@@ -13,11 +13,12 @@ import torch
 import yaml
 from torch import nn
 
-from distill_pl.scale.flops import count_flops, peak_bf16_tflops, wan_forward_flops
+from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
+from distill_pl.families.wan.flops import wan_forward_flops
+from distill_pl.scale.flops import count_flops, peak_bf16_tflops
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.families.registry import build_denoiser
-from tests.test_wan_configs import TRANSFORMER_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "benchmark_family.py"
@@ -164,7 +165,7 @@ def _forward_flops_from_layers(model: Denoiser, latent: tuple[int, ...], text_le
     [
         (benchmark.TINY_CONFIG, (1, 16, 5, 32, 32), 8),
         (benchmark.TINY_CONFIG, (2, 16, 3, 16, 48), 13),
-        (benchmark.WAN_1_3B_CONFIG, (1, 16, 21, 60, 104), 512),  # 81 frames 480x832
+        (WAN_2_1_T2V_1_3B, (1, 16, 21, 60, 104), 512),  # 81 frames 480x832
     ],
     ids=["tiny", "tiny-batch2", "wan1.3b-81x480x832"],
 )
@@ -183,8 +184,8 @@ def test_forward_flops_match_closed_forms(config, latent, text_len):
 
 
 def test_script_config_is_the_published_one():
-    published = {k: v for k, v in TRANSFORMER_CONFIG.items() if k != "_class_name"}
-    assert benchmark.WAN_1_3B_CONFIG == published
+    published = WAN_2_1_T2V_1_3B
+    assert benchmark.FAMILIES["wan"].config is published
     latent = benchmark.latent_shape(1, 16, 81, 480, 832)
     assert latent == (1, 16, 21, 60, 104)
     assert benchmark.tokens_per_video(published["patch_size"], latent) == 32_760

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer3DModel
 from diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer import DEFAULT_NEGATIVE_PROMPT
 
-from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
+from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
 from distill_pl.families.registry import denoiser_config
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule

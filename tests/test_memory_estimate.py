@@ -27,7 +27,7 @@ from distill_pl.scale.memory_estimate import (
 from distill_pl.families.registry import build_denoiser
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
-from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B
+from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B, WAN_T2V_CLASS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_KD = "configs/tiny/kd.yaml"
@@ -81,11 +81,9 @@ def profiled_peaks(steps: list[tuple[str, Callable[[], None]]]) -> dict[str, int
 
 
 def test_published_configs_are_the_diffusers_folders_configs():
-    strip = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"] == (
-        TRANSFORMER_CONFIG["_class_name"], strip(TRANSFORMER_CONFIG))
-    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-14B-Diffusers"] == (
-        TRANSFORMER_CONFIG_14B["_class_name"], strip(TRANSFORMER_CONFIG_14B))
+    """Written once, in the Wan package."""
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-1.3B-Diffusers"] == (WAN_T2V_CLASS, WAN_2_1_T2V_1_3B)
+    assert PUBLISHED_TRANSFORMER_CONFIGS["Wan2.1-T2V-14B-Diffusers"] == (WAN_T2V_CLASS, WAN_2_1_T2V_14B)
 
 
 def test_cosmos_2b_configs_estimate_without_the_folder():
@@ -223,7 +221,8 @@ def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
     (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
     estimate = estimate_memory(str(tmp_path / "dmd2.yaml"), devices=8, sharding="fsdp")
     plain = estimate_memory("configs/wan2.1-t2v-1.3b/dmd2.yaml", devices=8, sharding="fsdp")
-    d, ffn, blocks = 1536, 8960, 30
+    wan = WAN_2_1_T2V_1_3B  # d 1536, ffn 8960, 30 blocks
+    d, ffn, blocks = wan["num_attention_heads"] * wan["attention_head_dim"], wan["ffn_dim"], wan["num_layers"]
     adapters = 64 * blocks * (8 * (d + d) + (d + ffn) + (ffn + d))  # q, k, v, out of 2 attentions; FFN in, out
     rows = estimate.static
     assert rows["fake_score: LoRA adapters, trainable"] == 4 * adapters // 8

@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from distill_pl.data.datamodule import VideoDataModule
+from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B, WAN_T2V_CLASS
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
@@ -20,17 +21,10 @@ from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recip
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (dim 1536 = 12 heads x 128)
-TRANSFORMER_CONFIG = {
-    "_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
-    "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": None,
-    "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
-    "patch_size": [1, 2, 2], "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 1024, "text_dim": 4096,
-}
-#: transformer/config.json of Wan-AI/Wan2.1-T2V-14B-Diffusers (dim 5120 = 40 heads x 128), as in
-#: diffusers' scripts/convert_wan_to_diffusers.py ("Wan-T2V-14B") and Wan's wan/configs/wan_t2v_14B.py
-TRANSFORMER_CONFIG_14B = {**TRANSFORMER_CONFIG, "ffn_dim": 13824, "num_attention_heads": 40, "num_layers": 40}
+#: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers (the Wan
+#: package's published configs)
+TRANSFORMER_CONFIG = {"_class_name": WAN_T2V_CLASS, **WAN_2_1_T2V_1_3B}
+TRANSFORMER_CONFIG_14B = {"_class_name": WAN_T2V_CLASS, **WAN_2_1_T2V_14B}
 #: scheduler/scheduler_config.json: UniPC with flow sigmas, shift 3 (480p)
 SCHEDULER_CONFIG = {
     "_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0, "prediction_type": "flow_prediction",

@@ -15,16 +15,15 @@ from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.training.kd_pairs import KDPairGenerationModule
 from tests.meta_configs import build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse
-from tests.test_wan_configs import TRANSFORMER_CONFIG, TRANSFORMER_CONFIG_14B, check_data, write_stand_in
+from distill_pl.families.wan.configs import WAN_2_1_VACE_1_3B, WAN_2_1_VACE_14B, WAN_VACE_CLASS
+from tests.test_wan_configs import check_data, write_stand_in
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: the T2V configs plus the VACE branch: hints after every 2nd (1.3B) / 5th (14B) block, a
-#: context of 2 x 16 latent + 64 mask channels
-VACE_1_3B = {**TRANSFORMER_CONFIG, "_class_name": "WanVACETransformer3DModel",
-             "vace_layers": list(range(0, 30, 2)), "vace_in_channels": 96}
-VACE_14B = {**TRANSFORMER_CONFIG_14B, "_class_name": "WanVACETransformer3DModel",
-            "vace_layers": list(range(0, 40, 5)), "vace_in_channels": 96}
+#: the T2V configs plus the VACE branch (the Wan package's published configs): hints after
+#: every 2nd (1.3B) / 5th (14B) block, a context of 2 x 16 latent + 64 mask channels
+VACE_1_3B = {"_class_name": WAN_VACE_CLASS, **WAN_2_1_VACE_1_3B}
+VACE_14B = {"_class_name": WAN_VACE_CLASS, **WAN_2_1_VACE_14B}
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,17 @@ MOVED_MODULES = {
     "distill_pl.stages.clip_latents": "distill_pl.training.clip_latents",
     "distill_pl.strategies": "distill_pl.training.strategies",
     "distill_pl.checkpoint_io": "distill_pl.training.checkpoint_io",
-    "distill_pl.models.families.wan": "distill_pl.families.wan",
-    "distill_pl.models.families.wan_vace": "distill_pl.families.wan_vace",
-    "distill_pl.models.families.cosmos_transfer": "distill_pl.families.cosmos_transfer",
+    "distill_pl.models.families.wan": "distill_pl.families.wan.adapter",
+    "distill_pl.models.families.wan_vace": "distill_pl.families.wan.vace",
+    "distill_pl.models.families.cosmos_transfer": "distill_pl.families.cosmos_transfer.adapter",
+    # the family modules before each family became a package
+    "distill_pl.families.wan": "distill_pl.families.wan.adapter",
+    "distill_pl.families.wan_vace": "distill_pl.families.wan.vace",
+    "distill_pl.families.cosmos_transfer": "distill_pl.families.cosmos_transfer.adapter",
 }
-_OLD_PATH = re.compile(r"\b(" + "|".join(re.escape(m) for m in MOVED_MODULES) + r")\.(\w+)\b")
+#: an old module and the class it names (the last part of the path: ``...wan.WanDenoiser``
+#: matches, ``...wan.adapter.WanDenoiser`` does not, though ``...wan`` is an old module)
+_OLD_PATH = re.compile(r"\b(" + "|".join(re.escape(m) for m in MOVED_MODULES) + r")\.(\w+)\b(?!\.)")
 
 
 class MovedClassPathError(ValueError):

@@ -102,7 +102,7 @@ from distill_pl.data.pairs import (
 )
 from distill_pl.data.prompt_cache import PromptEmbeddingCache
 from distill_pl.data.resumable import EpochShuffleSampler, ResumableDataLoader, data_parallel_layout
-from distill_pl.models.text_encoders import embedding_dim
+from distill_pl.families.registry import text_embedding_dim
 
 log = logging.getLogger("distill_pl.data")
 
@@ -528,4 +528,4 @@ class VideoDataModule(lightning.LightningDataModule):
     @property
     def text_dim(self) -> int:
         """D, the width of the text embeddings (read from the encoder's config before setup)."""
-        return embedding_dim(self.hparams.text_encoder)
+        return text_embedding_dim(self.hparams.text_encoder)

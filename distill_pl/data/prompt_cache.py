@@ -1,7 +1,8 @@
 """Text embeddings of prompts, computed once and kept in one safetensors file.
 
 Layout of the file: for every prompt, ``<sha1(prompt)>.embeds`` [L, D] float32 (zero at
-padding, except Cosmos 2.5's, see :mod:`distill_pl.models.text_encoders`) and
+padding for the generic encoder; a family's own encoder may keep them, see
+:func:`distill_pl.families.registry.text_encoders`) and
 ``<sha1(prompt)>.mask`` [L] bool; metadata ``encoder`` (the encoder path as given), ``max_length`` and ``prompts`` (JSON object sha1 -> prompt). A file written for
 another encoder path or max_length, or one that cannot be read, is rebuilt from scratch.
 The encoder is loaded only when a requested prompt is missing.
@@ -19,7 +20,7 @@ from safetensors.torch import safe_open, save_file
 from torch import Tensor
 
 from distill_pl.util.media import atomic_write
-from distill_pl.models.text_encoders import load_text_encoder
+from distill_pl.families.registry import load_text_encoder
 
 log = logging.getLogger("distill_pl.data")
 
@@ -31,7 +32,7 @@ def prompt_key(prompt: str) -> str:
 
 class PromptEmbeddingCache:
     """Embeddings of prompts by ``encoder_path`` (the encoder its config names, see
-    :func:`~distill_pl.models.text_encoders.load_text_encoder`), cached in ``cache_file``.
+    :func:`~distill_pl.families.registry.load_text_encoder`), cached in ``cache_file``.
 
     Args:
         encoder_path: local transformers folder or ``pkg://`` path of the text encoder.

@@ -31,19 +31,13 @@ def student_settings(data_hparams: Mapping, student: Denoiser) -> dict:
     None for a student without control), ``control_preprocessing`` (the recipe, below) and
     ``control_input`` (how the family takes it) when there is a control, and the student's
     ``adapter_options`` if it has any."""
-    from distill_pl.models.text_encoders import is_cosmos_text_encoder
+    from distill_pl.families.registry import text_embedding_recipe
 
     settings = {key: data_hparams[key] for key in STUDENT_SETTINGS}
     configured = str(settings["text_encoder"])
     settings["text_encoder"] = str(resolve_path(configured).resolve())
     settings["text_encoder_configured"] = configured
-    settings["text_embedding"] = (
-        "Cosmos2_5_TransferPipeline.encode_prompt: the chat-wrapped prompt through Qwen2.5-VL, "
-        "every layer's hidden states normalised and concatenated, max_text_length tokens"
-        if is_cosmos_text_encoder(settings["text_encoder"]) else
-        "last_hidden_state of the tokens (padding='max_length', truncation=True, max_length="
-        "max_text_length, add_special_tokens=True), float32, set to 0 where the attention mask is 0"
-    )
+    settings["text_embedding"] = text_embedding_recipe(settings["text_encoder"])
     settings["control"] = "canny" if student.control_channels else None
     if student.control_channels:
         settings["control_preprocessing"] = control_preprocessing(data_hparams)

@@ -42,7 +42,7 @@ def save_pipeline_folder(
     folder = Path(folder)
     teacher = resolve_path(teacher_pipeline_folder)
     index = _model_index(teacher, pipeline_class)
-    earlier = replace and _is_pipeline_folder(folder, pipeline_class)
+    earlier = replace and is_pipeline_folder(folder, pipeline_class)
     if folder.exists() and not earlier:
         raise FileExistsError(f"{folder}: already exists; remove it or choose another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def save_pipeline_folder(
     return folder
 
 
-def _is_pipeline_folder(folder: Path, pipeline_class: str) -> bool:
+def is_pipeline_folder(folder: Path, pipeline_class: str) -> bool:
     """Whether ``folder`` holds a ``model_index.json`` of a ``pipeline_class`` pipeline."""
     try:
         return json.loads((folder / "model_index.json").read_text()).get("_class_name") == pipeline_class

@@ -6,8 +6,17 @@ itself (``config.json``). Its class name selects a :class:`~distill_pl.models.de
 adapter from :data:`FAMILIES`; an unregistered class is a one-line
 :class:`~distill_pl.models.loading.ModelFolderError` naming the folder and the supported classes.
 
-Adding a family is one adapter file in this folder and one line in :data:`FAMILIES`.
-Adapters are imported only when a folder of their class is loaded.
+Adding a family is one package in this folder (its adapter, configs, export, text encoder)
+and one line in :data:`FAMILIES`. Adapters are imported only when a folder of their class is
+loaded.
+
+A text encoder folder is picked the same way, by its ``config.json``'s ``model_type``: a
+family whose pipeline embeds prompts its own way declares its encoder in its package's
+``configs.TEXT_ENCODERS`` (:func:`text_encoders`); any other model is the generic
+:class:`~distill_pl.models.text_encoder.TextEncoder` (last hidden state, zero at padding).
+Every encoder class has ``encode(prompts) -> (embeds [N, L, D] float32, mask [N, L] bool)``,
+``dim``, ``folder_dim(path)`` (D from the config only) and ``text_embedding`` (the recipe,
+for ``student.json``).
 """
 
 from __future__ import annotations
@@ -22,14 +31,52 @@ from distill_pl.models.loading import (
     find_diffusers_model_folder,
     read_json,
 )
+from distill_pl.models.text_encoder import TextEncoder, text_encoder_model_type
 from distill_pl.util.paths import resolve_path
 
 #: diffusers transformer class name -> ``"module:AdapterClass"`` of its Denoiser adapter
 FAMILIES: dict[str, str] = {
-    "WanTransformer3DModel": "distill_pl.families.wan:WanDenoiser",
-    "WanVACETransformer3DModel": "distill_pl.families.wan_vace:WanVACEDenoiser",
-    "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer:CosmosTransferDenoiser",
+    "WanTransformer3DModel": "distill_pl.families.wan.adapter:WanDenoiser",
+    "WanVACETransformer3DModel": "distill_pl.families.wan.vace:WanVACEDenoiser",
+    "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer.adapter:CosmosTransferDenoiser",
 }
+
+
+def family_packages() -> list[str]:
+    """The packages of the registered families (``distill_pl.families.<family>``), in
+    :data:`FAMILIES` order."""
+    modules = (entry.partition(":")[0] for entry in FAMILIES.values())
+    return list(dict.fromkeys(module.rpartition(".")[0] for module in modules))
+
+
+def _family_constants(name: str) -> dict:
+    """The ``configs.<name>`` dicts of the registered family packages, merged (a family
+    without a ``configs`` module or without ``name`` adds nothing). Imports only the
+    ``configs`` modules, never an adapter."""
+    found: dict = {}
+    for package in family_packages():
+        try:
+            configs = importlib.import_module(f"{package}.configs")
+        except ModuleNotFoundError as error:
+            if error.name != f"{package}.configs":
+                raise
+            continue
+        found.update(getattr(configs, name, {}))
+    return found
+
+
+def published_configs() -> dict[str, tuple[str, dict]]:
+    """Diffusers folder name -> (transformer class name, what ``from_config`` takes) of every
+    published model of the registered families (each family package's ``configs.PUBLISHED``)."""
+    return _family_constants("PUBLISHED")
+
+
+def text_encoders() -> dict[str, str]:
+    """transformers ``model_type`` of a text encoder folder -> ``"module:EncoderClass"`` of a
+    family's own prompt embedding (each family package's ``configs.TEXT_ENCODERS``); any other
+    model is :class:`~distill_pl.models.text_encoder.TextEncoder`."""
+    return _family_constants("TEXT_ENCODERS")
+
 
 def supported_classes() -> list[str]:
     return sorted(FAMILIES)
@@ -123,3 +170,29 @@ def build_denoiser(
     cls = adapter_class(class_name)
     return cls.from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                            on_meta=on_meta, **adapter_options)
+
+
+def text_encoder_class(path: str | Path) -> type:
+    """The encoder class of a text encoder folder, by its config's ``model_type`` (read from
+    the config only): a family's (:func:`text_encoders`), else
+    :class:`~distill_pl.models.text_encoder.TextEncoder`."""
+    entry = text_encoders().get(text_encoder_model_type(path))
+    if entry is None:
+        return TextEncoder
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_text_encoder(path: str, max_length: int):
+    """The encoder of ``path`` padding (and truncating) to ``max_length`` tokens."""
+    return text_encoder_class(path)(path, max_length=max_length)
+
+
+def text_embedding_dim(path: str | Path) -> int:
+    """D of the embeddings the folder's encoder gives, from its config only (no weights)."""
+    return text_encoder_class(path).folder_dim(str(path))
+
+
+def text_embedding_recipe(path: str | Path) -> str:
+    """How the folder's encoder turns a prompt into the embedding (``student.json``)."""
+    return text_encoder_class(path).text_embedding

@@ -5,7 +5,8 @@ Only local folders are loaded, never the Hugging Face hub: a string such as
 A path may be a model folder (``config.json`` + ``*.safetensors``) or a pipeline root that
 holds the model in a subfolder (``transformer/``, ``vae/``); ``pkg://module/sub`` paths
 point inside installed packages (see :func:`distill_pl.util.paths.resolve_path`).
-Also :func:`parse_dtype`, for the dtype names that loaders take from config files.
+Also :func:`parse_dtype`, for the dtype names that loaders take from config files, and
+:func:`cast_parameters`, the dtype cast of a model built from a config as ``from_pretrained`` casts.
 """
 
 from __future__ import annotations
@@ -115,3 +116,14 @@ def read_json(file: Path) -> dict:
     if not isinstance(data, dict):
         raise ModelFolderError(f"{file}: not a JSON object")
     return data
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters to ``dtype`` except ``_keep_in_fp32_modules``, as ``from_pretrained`` does.
+
+    Buffers (the float32 RoPE tables) are left alone, as ``from_pretrained`` leaves them.
+    """
+    keep = model._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():
+        if not any(module in name.split(".") for module in keep):
+            param.data = param.data.to(dtype)

@@ -51,6 +51,11 @@ def text_encoder_dim(path: str | Path) -> int:
     return int(_load_config(_model_folder(path)).hidden_size)
 
 
+def text_encoder_model_type(path: str | Path) -> str:
+    """The transformers ``model_type`` of the encoder in ``path``, from its config only."""
+    return _load_config(_model_folder(path)).model_type
+
+
 def _tokenizer_folder(folder: Path) -> Path:
     """``folder`` itself, or the diffusers sibling ``../tokenizer`` when ``folder`` has none."""
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
@@ -67,6 +72,14 @@ class TextEncoder:
         max_length: L, the padded (and truncated) token length.
         device: where the encoder runs (CPU by default).
     """
+
+    #: how the prompt becomes the embedding (``student.json``'s ``text_embedding``)
+    text_embedding = (
+        "last_hidden_state of the tokens (padding='max_length', truncation=True, max_length="
+        "max_text_length, add_special_tokens=True), float32, set to 0 where the attention mask is 0"
+    )
+    #: D of a folder's embeddings, from its config only
+    folder_dim = staticmethod(text_encoder_dim)
 
     def __init__(self, path: str, max_length: int = 64, device: str | torch.device = "cpu"):
         self.path = path

@@ -70,8 +70,7 @@ from distill_pl.data.memory import data_memory_line
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B
-from distill_pl.families.registry import build_denoiser, denoiser_config
+from distill_pl.families.registry import build_denoiser, denoiser_config, published_configs
 from distill_pl.models.lora import add_lora
 from distill_pl.methods.dmd2 import DMD2Objective
 from distill_pl.methods.kd import KDObjective
@@ -79,23 +78,10 @@ from distill_pl.util.paths import resolve_path
 
 GIB = 2**30
 
-_WAN21_T2V = {
-    "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
-    "freq_dim": 256, "image_dim": None, "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
-    "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096,
-}
-#: the configs of the published diffusers folders (Wan: ``transformer/config.json`` as
-#: diffusers' scripts/convert_wan_to_diffusers.py writes it; Cosmos-Transfer2.5-2B: base +
-#: ControlNet as diffusers' conversion script builds them, see
-#: :data:`~distill_pl.families.cosmos_transfer.COSMOS_TRANSFER_2_5_2B`), used when the
-#: teacher folder is not on disk: folder name -> (transformer class name, ``from_config``'s config)
-PUBLISHED_TRANSFORMER_CONFIGS = {
-    "Wan2.1-T2V-1.3B-Diffusers": ("WanTransformer3DModel", {
-        **_WAN21_T2V, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960}),
-    "Wan2.1-T2V-14B-Diffusers": ("WanTransformer3DModel", {
-        **_WAN21_T2V, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}),
-    "Cosmos-Transfer2.5-2B": ("CosmosTransformer3DModel", COSMOS_TRANSFER_2_5_2B),
-}
+#: the configs of the published diffusers folders, written once in their family packages
+#: (``configs.PUBLISHED``), used when the teacher folder is not on disk: folder name ->
+#: (transformer class name, ``from_config``'s config)
+PUBLISHED_TRANSFORMER_CONFIGS = published_configs()
 #: Lightning precision -> the dtype the networks compute in
 COMPUTE_DTYPES = {"32-true": "float32", "32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}
 

@@ -24,6 +24,19 @@ def test_every_new_module_exists_and_old_paths_map_to_it():
     assert new_class_path(NEW_TEACHER) == NEW_TEACHER
 
 
+def test_a_family_module_that_became_a_package_maps_to_its_new_module():
+    """``distill_pl.families.wan`` is an old module and the package of the new one: its
+    classes map, the new path (one part longer) stays as it is."""
+    new = "distill_pl.families.wan.adapter.WanDenoiser"
+    assert new_class_path("distill_pl.families.wan.WanDenoiser") == new
+    assert new_class_path("distill_pl.models.families.wan.WanDenoiser") == new
+    assert new_class_path(new) == new
+    assert new_class_path("distill_pl.families.wan_vace.WanVACEDenoiser") == "distill_pl.families.wan.vace.WanVACEDenoiser"
+    cosmos = "distill_pl.families.cosmos_transfer.adapter.CosmosTransferDenoiser"
+    assert new_class_path("distill_pl.families.cosmos_transfer.CosmosTransferDenoiser") == cosmos
+    assert new_class_path(cosmos) == cosmos
+
+
 def test_a_config_with_an_old_class_path_is_one_line_naming_the_new_one(tmp_path, capsys):
     config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
     old = tmp_path / "old.yaml"

@@ -126,20 +126,9 @@ class TinyFamily:
 
 #: registry key -> its tiny builder; a new registry line needs one here
 TINY_FAMILIES: dict[str, TinyFamily] = {
-    "WanTransformer3DModel": TinyFamily(
-        write_tiny_wan, "WanPipeline",
-        gaps={"test_export_is_the_official_pipeline": (
-            "WanDenoiser keeps Denoiser.save_student_pipeline's default: transformer/ and "
-            "scheduler/ only, no model_index.json, even when the teacher is a WanPipeline folder"
-        )},
-    ),
+    "WanTransformer3DModel": TinyFamily(write_tiny_wan, "WanPipeline"),
     "WanVACETransformer3DModel": TinyFamily(
         make_tiny_wan_vace.write_tiny_wan_vace, "WanVACEPipeline", options={"conditioning_scale": 0.7},
-        gaps={"test_declares_the_contract": (
-            "WanVACEDenoiser does not set its own control_input (it is read from the class "
-            "itself, not inherited), so its student.json does not say how the pipeline takes "
-            "the control video"
-        )},
     ),
     "CosmosTransformer3DModel": TinyFamily(
         cosmos_tiny.save_tiny_pipeline, "Cosmos2_5_TransferPipeline",

@@ -5,8 +5,8 @@ import torch
 from diffusers.models.controlnets import controlnet_cosmos
 from diffusers.models.transformers import transformer_cosmos
 
-from distill_pl.families import cosmos_padding_resize
-from distill_pl.families.cosmos_padding_resize import resize
+from distill_pl.families.cosmos_transfer import padding_resize as cosmos_padding_resize
+from distill_pl.families.cosmos_transfer.padding_resize import resize
 
 
 def test_nearest_resize_picks_source_pixels():

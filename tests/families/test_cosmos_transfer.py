@@ -11,7 +11,8 @@ from distill_pl.diffusion.flow import cosmos_guidance_to_w
 from distill_pl.diffusion.sampling import sample_with_scheduler
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.families.cosmos_transfer import COSMOS_TRANSFER_2_5_2B, CosmosTransferDenoiser
+from distill_pl.families.cosmos_transfer.adapter import CosmosTransferDenoiser
+from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.export.model_folders import load_scheduler

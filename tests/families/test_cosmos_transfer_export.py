@@ -12,8 +12,8 @@ from diffusers.schedulers import scheduling_flow_match_euler_discrete as euler_m
 from distill_pl.diffusion.sampling import few_step_sample, one_step_sample
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.families.cosmos_transfer import CosmosTransferDenoiser
-from distill_pl.families.cosmos_transfer import save_cosmos_student_pipeline
+from distill_pl.families.cosmos_transfer.adapter import CosmosTransferDenoiser
+from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.loading import ModelFolderError
 from tests.families import cosmos_tiny

@@ -67,3 +67,36 @@ def test_build_load_and_rebuild_from_a_state_dict(tmp_path):
     sigma = torch.tensor([0.5])
     with torch.no_grad():
         assert torch.equal(copy(x, sigma, cond), denoiser(x, sigma, cond))
+
+
+def test_every_family_is_one_package_and_its_published_configs_build():
+    """Each registry line points into a family package; the packages' ``configs.PUBLISHED``
+    name registered classes and build on the meta device."""
+    from distill_pl.families.registry import family_packages, published_configs
+
+    assert family_packages() == ["distill_pl.families.wan", "distill_pl.families.cosmos_transfer"]
+    published = published_configs()
+    assert list(published) == ["Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers", "Cosmos-Transfer2.5-2B"]
+    for class_name, config in published.values():
+        assert class_name in FAMILIES
+    class_name, config = published["Wan2.1-T2V-1.3B-Diffusers"]
+    net = build_denoiser(class_name, config, on_meta=True)
+    assert sum(p.numel() for p in net.parameters()) == 1_418_996_800
+
+
+def test_text_encoder_is_picked_by_model_type(tmp_path):
+    """A registered ``model_type`` gets its family's encoder (recipe and D from the config);
+    any other model the generic one."""
+    from distill_pl.families.cosmos_transfer.text_encoder import CosmosTextEncoder
+    from distill_pl.families.registry import text_embedding_dim, text_embedding_recipe, text_encoder_class, text_encoders
+    from distill_pl.models.text_encoder import TextEncoder
+
+    assert text_encoders() == {"qwen2_5_vl": "distill_pl.families.cosmos_transfer.text_encoder:CosmosTextEncoder"}
+    write_json(tmp_path / "t5/config.json", {"model_type": "t5", "d_model": 24})
+    write_json(tmp_path / "qwen/config.json", {"model_type": "qwen2_5_vl",
+                                                "text_config": {"hidden_size": 8, "num_hidden_layers": 3}})
+    assert text_encoder_class(tmp_path / "t5") is TextEncoder
+    assert text_encoder_class(tmp_path / "qwen") is CosmosTextEncoder
+    assert (text_embedding_dim(tmp_path / "t5"), text_embedding_dim(tmp_path / "qwen")) == (24, 24)
+    assert text_embedding_recipe(tmp_path / "t5").startswith("last_hidden_state")
+    assert text_embedding_recipe(tmp_path / "qwen").startswith("Cosmos2_5_TransferPipeline.encode_prompt")

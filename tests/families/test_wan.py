@@ -9,7 +9,8 @@ import torch
 
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.loading import ModelFolderError
-from distill_pl.families.wan import WanDenoiser
+from distill_pl.families.wan.adapter import WanDenoiser
+from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
 
 # 3 latent + 3 control channels, D = 2 heads x 8 = 16, patches (1, 2, 2)
 TINY = dict(
@@ -22,17 +23,6 @@ TINY = dict(
     freq_dim=16,
     ffn_dim=32,
     num_layers=2,
-)
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
 )
 
 
@@ -200,7 +190,7 @@ def rss_bytes() -> int:
 
 def test_real_size_config_on_meta():
     before = rss_bytes()
-    denoiser = WanDenoiser.from_config(WAN_1_3B, on_meta=True)
+    denoiser = WanDenoiser.from_config(WAN_2_1_T2V_1_3B, on_meta=True)
     assert rss_bytes() - before < 200e6  # 1.4e9 float32 parameters would be 5.7 GB
     assert all(t.is_meta for t in [*denoiser.parameters(), *denoiser.buffers()])
     count = sum(p.numel() for p in denoiser.parameters())

@@ -26,7 +26,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.export.model_folders import load_scheduler, save_teacher_folder
 from distill_pl.families.registry import build_denoiser, load_denoiser
-from distill_pl.families.wan import WanDenoiser
+from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.util.paths import resolve_path
 from distill_pl.training import kd_pairs
 from distill_pl.training.kd_pairs import KDPairGenerationModule

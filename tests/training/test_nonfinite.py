@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distill_pl.families.wan import WanDenoiser
+from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.models.finite_weights import NonFiniteWeightsError, check_finite
 from distill_pl.training.nonfinite import NonFinitePolicy, NonFiniteTrainingError
 from distill_pl.training.teacher import TeacherTrainingModule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill_pl.models.cosmos_text_encoder import CosmosTextEncoder, cosmos_text_encoder_dim
+from distill_pl.families.cosmos_transfer.text_encoder import CosmosTextEncoder, cosmos_text_encoder_dim
 from tests.families import cosmos_tiny
 
 PROMPTS = ["a robot arm lifts a blue cloth", "dance monkey"]

@@ -1,6 +1,6 @@
 """The :class:`Denoiser` adapter for diffusers' ``WanVACETransformer3DModel`` (Wan 2.1 VACE).
 
-Everything of :mod:`distill_pl.families.wan` holds (velocity, ``timestep = 1000 *
+Everything of :mod:`distill_pl.families.wan.adapter` holds (velocity, ``timestep = 1000 *
 sigma``, zero-padded text, token grid), except how control enters: the transformer's input is
 the latents alone, and the control is the VACE context ``control_hidden_states``
 [B, vace_in_channels, T', H', W'], which a side stream of ``vace_blocks`` turns into hints
@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from diffusers import WanVACETransformer3DModel
 from torch import Tensor, nn
 
+from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.families.wan import WanDenoiser
 
 PIPELINE_CLASS = "WanVACEPipeline"
 
@@ -69,6 +69,12 @@ class WanVACEDenoiser(WanDenoiser):
 
     class_name = "WanVACETransformer3DModel"
     transformer_class = WanVACETransformer3DModel
+    pipeline_class_name = PIPELINE_CLASS
+    control_input = (
+        "WanVACEPipeline(video=control frames, conditioning_scale=adapter_options['conditioning_scale']): "
+        "the control video as a list of T PIL RGB frames, (control + 1) * 127.5; no mask (the "
+        "pipeline's default, all ones: control everywhere), no reference images"
+    )
 
     def __init__(
         self,
@@ -165,7 +171,7 @@ class WanVACEDenoiser(WanDenoiser):
         ``transformer/`` and a flow-match Euler ``scheduler/`` with ``shift``, stochastic for
         more than one of ``noise_levels`` with a re-noising ``sampler`` (an earlier export in ``folder`` is replaced). How to
         call it (``conditioning_scale``, the levels of a K-step student) is in the module
-        docstring of :mod:`distill_pl.families.wan_vace`."""
+        docstring of :mod:`distill_pl.families.wan.vace`."""
         from distill_pl.diffusion.sampling import build_student_scheduler
         from distill_pl.families.pipeline_export import save_pipeline_folder
 

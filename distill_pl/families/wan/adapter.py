@@ -14,9 +14,14 @@ Conventions (checked against diffusers' ``WanPipeline`` with UniPC
   channel count;
 - tokens: the Conv3d patch embedding output [B, D, t, h, w] is flattened to [B, t*h*w, D]
   (frame-major, then rows, then columns); block features are reshaped back to that grid.
+
+A student whose teacher is a ``WanPipeline`` folder is exported as a full ``WanPipeline``
+folder (:meth:`WanDenoiser.save_student_pipeline`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -24,7 +29,8 @@ from torch import Tensor
 
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
+from distill_pl.models.loading import cast_parameters, find_diffusers_model_folder, parse_dtype
+from distill_pl.util.paths import resolve_path
 
 #: Linear layers of every Wan transformer block (diffusers' ``WanTransformerBlock``):
 #: self-attention ``attn1`` and text cross-attention ``attn2`` (q, k, v, out) and the FFN
@@ -52,6 +58,8 @@ class WanDenoiser(Denoiser):
     )
     #: the diffusers model class of the backbone
     transformer_class = WanTransformer3DModel
+    #: the ``_class_name`` of the diffusers pipeline folder a student is exported as
+    pipeline_class_name = "WanPipeline"
 
     def __init__(
         self,
@@ -72,7 +80,7 @@ class WanDenoiser(Denoiser):
         else:
             self.folder = None
             self.transformer = self.transformer_class(**config)
-            _cast_parameters(self.transformer, torch_dtype)
+            cast_parameters(self.transformer, torch_dtype)
         cfg = self.transformer.config
         self.latent_channels = cfg.out_channels
         self.control_channels = self._control_channels()
@@ -175,6 +183,26 @@ class WanDenoiser(Denoiser):
         """Write a diffusers transformer folder (config.json + safetensors)."""
         self.transformer.save_pretrained(folder, safe_serialization=True)
 
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
+    ) -> Path:
+        """With a ``teacher`` that is a ``WanPipeline`` folder (``model_index.json``), the full
+        ``WanPipeline`` folder of this student: the teacher's components (VAE, and the text
+        encoder and tokenizer where it has them) with the student's ``transformer/`` and a
+        flow-match Euler ``scheduler/`` with ``shift`` (stochastic for more than one of
+        ``noise_levels`` with a re-noising ``sampler``; an earlier export in ``folder`` is
+        replaced), which ``WanPipeline.from_pretrained`` loads. Otherwise (no teacher, or a
+        teacher that is a transformer folder) the default: ``transformer/`` and ``scheduler/``."""
+        from distill_pl.diffusion.sampling import build_student_scheduler
+        from distill_pl.families.pipeline_export import is_pipeline_folder, save_pipeline_folder
+
+        if teacher is None or not is_pipeline_folder(resolve_path(teacher), self.pipeline_class_name):
+            return super().save_student_pipeline(folder, teacher, shift, noise_levels, sampler)
+        return save_pipeline_folder(folder, self, teacher, self.pipeline_class_name,
+                                    build_student_scheduler(shift, len(noise_levels), sampler),
+                                    replace=True)
+
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The safetensors of ``path`` (a transformer folder or a folder with ``transformer/``)
         as ``transformer.*`` keys."""
@@ -186,13 +214,3 @@ class WanDenoiser(Denoiser):
             state.update(load_file(file))
         return {f"transformer.{k}": v for k, v in state.items()}
 
-
-def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast parameters to ``dtype`` except ``_keep_in_fp32_modules``, as ``from_pretrained`` does.
-
-    Buffers (the float32 RoPE tables) are left alone, as ``from_pretrained`` leaves them.
-    """
-    keep = model._keep_in_fp32_modules or []
-    for name, param in model.named_parameters():
-        if not any(module in name.split(".") for module in keep):
-            param.data = param.data.to(dtype)

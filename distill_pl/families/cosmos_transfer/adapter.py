@@ -36,63 +36,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from diffusers import CosmosControlNetModel, CosmosTransformer3DModel
 from torch import Tensor, nn
 
+from distill_pl.families.cosmos_transfer import padding_resize
+from distill_pl.families.cosmos_transfer.configs import CONTROLNET_CLASS, PIPELINE_CLASS, TRANSFORMER_CLASS
+from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.diffusion.student_scheduler import few_step_euler_scheduler
-from distill_pl.families import cosmos_padding_resize
-from distill_pl.families.pipeline_export import save_pipeline_folder
-from distill_pl.models.loading import ModelFolderError, find_diffusers_model_folder, parse_dtype
-from distill_pl.families.wan import _cast_parameters
+from distill_pl.models.loading import ModelFolderError, cast_parameters, find_diffusers_model_folder, parse_dtype
 from distill_pl.util.paths import resolve_path
 
-cosmos_padding_resize.install()
-
-TRANSFORMER_CLASS = "CosmosTransformer3DModel"
-CONTROLNET_CLASS = "CosmosControlNetModel"
-PIPELINE_CLASS = "Cosmos2_5_TransferPipeline"
-
-#: Cosmos-Transfer2.5-2B (general edge/depth/seg/blur ControlNets share it): ``from_config``'s
-#: ``{"transformer": ..., "controlnet": ...}`` as diffusers' conversion script
-#: (scripts/convert_cosmos_to_diffusers.py, "Cosmos-2.5-Transfer-General-2B") builds it; the
-#: released config.json files were not available to check against. Base 2.41 B + ControlNet
-#: 0.47 B parameters; 28 base blocks of width 2048, a ControlNet residual every 7 blocks, text
-#: D = 100352 (Qwen2.5-VL-7B, 28 layers x 3584) projected to 1024.
-COSMOS_TRANSFER_2_5_2B = {
-    "transformer": dict(
-        in_channels=16 + 1, out_channels=16, num_attention_heads=16, attention_head_dim=128,
-        num_layers=28, mlp_ratio=4.0, text_embed_dim=1024, adaln_lora_dim=256,
-        max_size=(128, 240, 240), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
-        concat_padding_mask=True, extra_pos_embed_type=None, use_crossattn_projection=True,
-        crossattn_proj_in_channels=100352, encoder_hidden_states_channels=1024,
-        controlnet_block_every_n=7, img_context_dim_in=1152, img_context_dim_out=2048,
-        img_context_num_tokens=256,
-    ),
-    "controlnet": dict(
-        n_controlnet_blocks=4, model_channels=2048, in_channels=130, latent_channels=18,
-        num_attention_heads=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024,
-        adaln_lora_dim=256, patch_size=(1, 2, 2), max_size=(128, 240, 240),
-        rope_scale=(1.0, 3.0, 3.0), extra_pos_embed_type=None, img_context_dim_in=1152,
-        img_context_dim_out=2048, use_crossattn_projection=True, crossattn_proj_in_channels=100352,
-        encoder_hidden_states_channels=1024,
-    ),
-}
-#: ``UniPCMultistepScheduler`` keyword arguments of the pipeline's ``scheduler/`` as diffusers'
-#: conversion script writes it for Cosmos 2.5 (flow prediction, Karras flow sigmas, shift 1):
-#: the teacher's N-step sampler (``sample_with_scheduler`` with it is the pipeline's loop)
-COSMOS_TRANSFER_2_5_SCHEDULER = dict(
-    use_karras_sigmas=True,
-    use_flow_sigmas=True,
-    prediction_type="flow_prediction",
-    sigma_max=200.0,
-    sigma_min=0.01,
-)
+padding_resize.install()
 
 #: Linear layers of every Cosmos block (diffusers' ``CosmosTransformerBlock``), in the base
 #: and in the ControlNet: self-attention ``attn1`` and text cross-attention ``attn2`` (q, k,
@@ -161,8 +119,8 @@ class CosmosTransferDenoiser(Denoiser):
             where = "config"
             self.transformer = CosmosTransformer3DModel(**config["transformer"])
             self.controlnet = CosmosControlNetModel(**config["controlnet"])
-            _cast_parameters(self.transformer, torch_dtype)
-            _cast_parameters(self.controlnet, torch_dtype)
+            cast_parameters(self.transformer, torch_dtype)
+            cast_parameters(self.controlnet, torch_dtype)
         check_transfer_pair(dict(self.transformer.config), dict(self.controlnet.config), where)
         cfg = self.transformer.config
         self.latent_channels = cfg.out_channels
@@ -494,43 +452,3 @@ def _class_name(config_file: Path) -> str | None:
 def _public(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
-
-def save_cosmos_student_pipeline(
-    folder: str | Path,
-    student: CosmosTransferDenoiser,
-    teacher_pipeline_folder: str | Path,
-    replace: bool = False,
-    noise_levels: Sequence[float] = (1.0,),
-    sampler: str = "renoise",
-) -> Path:
-    """Write ``folder`` (which must not exist yet; with ``replace``, an earlier export there is
-    replaced): ``model_index.json`` and every component of the teacher pipeline folder, with the
-    student's ``transformer/`` and ``controlnet/`` and a flow-match Euler ``scheduler/`` that
-    samples at ``noise_levels`` (the student's, decreasing from 1.0; ValueError before
-    anything is written when no such scheduler exists), stochastic for a re-noising ``sampler``.
-    Returns ``folder``.
-
-    The folder is the teacher's pipeline folder with the student's ``transformer/`` and
-    ``controlnet/`` and a ``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps(K)`` gives the
-    student's K noise levels (the pipeline takes no custom sigmas), see
-    :func:`~distill_pl.diffusion.student_scheduler.few_step_euler_scheduler`: for one step, plain
-    Euler from ``sigma = 1``, ``x - (1 - 0) v = eps - v(eps, 1)``, exactly the student's ``x_g``;
-    for K > 1 steps, ``stochastic_sampling`` (predict ``x0 = x - s_k v``, re-noise it to
-    ``s_{k+1}`` with fresh noise), the student's sampler
-    (:func:`~distill_pl.diffusion.sampling.few_step_sample`). The pipeline then gives the
-    student's output when called as
-
-        pipe = Cosmos2_5_TransferPipeline.from_pretrained(folder)
-        torch.manual_seed(seed)   # K > 1: the re-noise draws (see below)
-        pipe(controls=..., prompt=..., num_inference_steps=K, guidance_scale=1.0, ...)
-
-    (``guidance_scale <= 1`` turns the pipeline's CFG off; ``controls_conditioning_scale`` is the
-    student's ``control_scale``). The pipeline does not pass its ``generator`` to
-    ``scheduler.step``, so the K - 1 re-noise draws come from torch's global RNG; they are the
-    draws ``few_step_sample`` would take as ``renoise`` (the last step draws one more, multiplied
-    by the final sigma 0). Every other component (VAE, text encoder, tokenizer, the safety
-    checker's entry) is copied from the teacher folder unchanged
-    (:func:`~distill_pl.families.pipeline_export.save_pipeline_folder`).
-    """
-    return save_pipeline_folder(folder, student, teacher_pipeline_folder, PIPELINE_CLASS,
-                                few_step_euler_scheduler(noise_levels, sampler), replace=replace)

@@ -48,6 +48,9 @@ def chat(prompt: str) -> list[dict]:
 class CosmosTextEncoder:
     """Tokenizer + Qwen2.5-VL language model of a local folder, frozen, in eval mode.
 
+    Picked for a text encoder folder whose ``model_type`` is :data:`MODEL_TYPE` (this family's
+    ``configs.TEXT_ENCODERS``, read by :func:`~distill_pl.families.registry.text_encoders`).
+
     Args:
         path: the text encoder folder (or ``pkg://`` path).
         max_length: L, the padded (and truncated) token length (the pipeline's
@@ -56,6 +59,14 @@ class CosmosTextEncoder:
         dtype: the model's parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``); the
             embeddings are returned as float32.
     """
+
+    #: how the prompt becomes the embedding (``student.json``'s ``text_embedding``)
+    text_embedding = (
+        "Cosmos2_5_TransferPipeline.encode_prompt: the chat-wrapped prompt through Qwen2.5-VL, "
+        "every layer's hidden states normalised and concatenated, max_text_length tokens"
+    )
+    #: D of a folder's embeddings, from its config only
+    folder_dim = staticmethod(cosmos_text_encoder_dim)
 
     def __init__(
         self,
