@@ -174,3 +174,12 @@ def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
     assert rows["student_two"]["psnr"] != pytest.approx(rows["student_four"]["psnr"], rel=1e-3)
     table = (tmp_path / "eval" / "report.md").read_text()
     assert "Two student 2-step" in table and "Four student 4-step Euler" in table
+
+
+def test_the_tiny_config_adds_the_teacher_at_the_dmd2_guidance():
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    evaluation = yaml.safe_load((repo / "configs/tiny/eval.yaml").read_text())
+    dmd2 = yaml.safe_load((repo / "configs/tiny/dmd2.yaml").read_text())
+    assert evaluation["extra_reference_guidance"] == dmd2["model"]["init_args"]["guidance"] != evaluation["guidance"]
