@@ -71,7 +71,7 @@ def markdown_table(report: dict) -> str:
     for row in report["methods"]:
         lines.append(
             f"| {row['name']} | {row['nfe']} | {row['seconds_per_video']:.4f} | {row['speedup']:.1f}x "
-            f"| {row['nfe_ratio']:.0f}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
+            f"| {row['nfe_ratio']:.3g}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
             f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {row['edge_f1']:.3f} "
             f"| {' | '.join(_fd(row, key) for key, _ in columns)} | {row['diversity']:.3f} |"
         )
