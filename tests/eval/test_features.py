@@ -49,7 +49,9 @@ def test_motion_frechet_is_zero_for_identical_videos_and_sees_a_frozen_video():
     assert motion_frames(frozen).abs().max() == 0  # no change: all zeros (mid grey)
     assert motion_frames(torch.stack([-torch.ones(1, 3, 8, 8), torch.ones(1, 3, 8, 8)], 2)).min() == 1  # [-2, 2] -> [-1, 1]
 
-    frames = {name: video_frame_features(net, v) for name, v in (("real", real), ("moving", moving), ("frozen", frozen))}
+    frames = {name: video_frame_features(net, v).reshape(4, 4, -1) for name, v in (("real", real), ("moving", moving))}
+    frames["frozen"] = frames["moving"][:, :1].expand(-1, 4, -1)  # each frozen video: its moving one's first frame
+    frames = {name: f.flatten(0, 1) for name, f in frames.items()}
     motion = {name: video_motion_features(net, v) for name, v in (("real", real), ("moving", moving), ("frozen", frozen))}
     assert motion["real"].shape == (4 * 3, FEATURE_DIM)
     torch.testing.assert_close(motion["frozen"], motion["frozen"][:1].expand(12, -1))  # one grey frame's features
