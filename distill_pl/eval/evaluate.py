@@ -257,8 +257,8 @@ def score_methods(
       key of the method whose samples are the reference; default ``{"teacher": methods[0].key}``):
       the Fréchet distance of the method's frame features to a Gaussian fitted to the
       reference's, held fixed, and its bootstrap spread over the method's videos. For the
-      reference itself it is 0 by construction (not computed; computed, identical features
-      give 0 up to float rounding) and its spread is that of its own resampled videos;
+      reference itself it is set to 0 by construction (the formula on identical
+      features gives 0 up to float rounding) and its spread is that of its own resampled videos;
     - ``motion_frechet_distance`` and ``motion_frechet_distance_std``: the same distance to
       the real held-out clips on the features of frame differences
       (:func:`~distill_pl.eval.features.motion_frames`); None for single-frame videos. The floor
