@@ -9,7 +9,10 @@ teacher with ``teacher_steps`` steps and CFG (the reference), the teacher with e
 measured seconds per video, speed-up over the reference and its NFE ceiling, PSNR/SSIM
 against the reference from the same noise, canny-edge F1 against the control, a Fréchet
 distance of frame features to the real held-out clips (with real clips from the training
-part of the same videos as the floor) and the diversity across seeds.
+part of the same videos as the floor), the same distance to the reference teacher's samples
+(and, with ``extra_reference_guidance``, to a second teacher reference at that guidance, e.g.
+the one DMD2 trains with), a Fréchet distance of the features of frame differences to the
+real clips' (motion) and the diversity across seeds.
 
     distill-pl evaluate --config configs/tiny/eval.yaml
 
@@ -36,7 +39,7 @@ from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.eval import metrics
 from distill_pl.eval.features import NAME as FEATURE_NETWORK
-from distill_pl.eval.features import FrameFeatureNet, video_frame_features
+from distill_pl.eval.features import MOTION, FrameFeatureNet, video_frame_features, video_motion_features
 from distill_pl.eval.generated import load_videos, save_videos
 from distill_pl.eval.methods import Method, student_method, teacher_method
 from distill_pl.eval.metric_cache import MetricCache
@@ -100,6 +103,7 @@ def evaluate(
     scale: int = 4,
     timing_spread_limit: float = 0.5,
     denoiser_options: dict | None = None,
+    extra_reference_guidance: float | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.
 
@@ -122,6 +126,11 @@ def evaluate(
             median by more than this fraction.
         denoiser_options: the adapter's own options for the teacher and every student, as the
             stages took them (e.g. a ControlNet's ``control_scale``).
+        extra_reference_guidance: None, or a second CFG weight for the teacher's
+            ``teacher_steps``-step sampler (e.g. the guidance DMD2 trains with): adds that
+            row (key ``teacher_<steps>step_w<guidance>``, second in the report) and every
+            method's Fréchet distance to its samples. Ignored when equal to ``guidance``.
+            The other rows, their videos and their metrics are the same with or without it.
     """
     if samples_per_clip < 2:
         raise ValueError("samples_per_clip must be >= 2 (diversity compares samples of one clip)")
@@ -144,6 +153,15 @@ def evaluate(
     noise = torch.stack([_example_noise(latent_shape, seed, i) for i in range(num_examples)])
 
     methods = [teacher_method(teacher_net, scheduler, teacher_steps, guidance)]
+    if extra_reference_guidance is not None and extra_reference_guidance == guidance:
+        print(f"extra_reference_guidance {extra_reference_guidance:g} is the reference's guidance: no extra row")
+        extra_reference_guidance = None
+    if extra_reference_guidance is not None:
+        methods.append(teacher_method(teacher_net, scheduler, teacher_steps, extra_reference_guidance,
+                                      key_with_guidance=True))
+    references = {"teacher": methods[0].key}
+    if extra_reference_guidance is not None:
+        references["extra_teacher"] = methods[1].key
     methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
@@ -187,6 +205,7 @@ def evaluate(
         {m.key: dict(metric_settings, videos=video_settings[m.key], reference=video_settings[methods[0].key])
          for m in methods},
         dict(metric_settings, real=settings["data"], count=num_examples),
+        references, {m.key: video_settings[m.key] for m in methods},
     )
     results["warnings"] = timing_warnings(results["methods"], batch_seconds, timing_runs, timing_spread_limit)
     report = dict(
@@ -195,9 +214,12 @@ def evaluate(
             few_steps=few_steps, samples_per_clip=samples_per_clip, held_out_windows=windows,
             batch_size=batch_size, seed=seed, edge_tolerance_px=edge_tolerance,
             bootstrap_resamples=bootstrap_resamples, timing_spread_limit=timing_spread_limit,
+            extra_reference_guidance=extra_reference_guidance,
             canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
             frames=list(clips["video"].shape[2:]),
         ),
+        references={name: dict(key=key, name=next(m.name for m in methods if m.key == key))
+                    for name, key in references.items()},
         **results,
     )
     write_report(out_dir, report, methods, videos, clips, sheet_clips, fps, scale)
@@ -218,30 +240,81 @@ def score_methods(
     cache: MetricCache,
     method_settings: dict[str, dict],
     floor_settings: dict,
+    references: dict[str, str] | None = None,
+    video_settings: dict[str, dict] | None = None,
 ) -> dict:
     """The metrics of every method (the first is the reference) and of the real floor.
 
     Quality metrics come from ``cache`` when it holds them for the same settings
     (``method_settings[key]``: what the method's videos, the reference's videos and the metrics
     depend on; ``floor_settings`` for the floor), else they are computed and stored. The
-    feature network and the real clips (``real_train()``) are only loaded when needed.
+    feature network and the real clips (``real_train()``) are only loaded when needed, and
+    each video set's features are computed once per call.
+
+    Beside them, each in its own cache entry (so a new reference computes only its column):
+
+    - ``frechet_to_<name>`` and ``frechet_to_<name>_std`` for each of ``references`` (name ->
+      key of the method whose samples are the reference; default ``{"teacher": methods[0].key}``):
+      the Fréchet distance of the method's frame features to a Gaussian fitted to the
+      reference's, held fixed, and its bootstrap spread over the method's videos. For the
+      reference itself it is set to 0 by construction (the formula on identical
+      features gives 0 up to float rounding) and its spread is that of its own resampled videos;
+    - ``motion_frechet_distance`` and ``motion_frechet_distance_std``: the same distance to
+      the real held-out clips on the features of frame differences
+      (:func:`~distill_pl.eval.features.motion_frames`); None for single-frame videos. The floor
+      gets it too.
+
+    ``video_settings[key]``: what the videos of ``key`` were made with (default
+    ``method_settings``).
     """
+    references = references or {"teacher": methods[0].key}
+    video_settings = video_settings or method_settings
     windows = clips["video"].shape[0]
     reference = videos[methods[0].key]
+    moving = clips["video"].shape[2] >= 2
     lazy: dict = {}
+    memo: dict = {}
 
-    def real_stats():
-        if not lazy:
-            lazy["features"] = FrameFeatureNet()
-            lazy["real"] = metrics.gaussian_statistics(video_frame_features(lazy["features"], clips["video"]))
-        return lazy["features"], lazy["real"]
+    def network() -> FrameFeatureNet:
+        if "net" not in lazy:
+            lazy["net"] = FrameFeatureNet()
+        return lazy["net"]
 
-    def distance(v: Tensor) -> dict[str, float]:
-        """The Fréchet distance of videos ``v`` to the real clips, and its bootstrap spread."""
-        features, real = real_stats()
-        per_video = video_frame_features(features, v).reshape(v.shape[0], v.shape[2], -1)
-        return dict(frechet_distance=metrics.frechet_distance_to(per_video.flatten(0, 1), real),
-                    frechet_distance_std=metrics.bootstrap_frechet_std(per_video, real, bootstrap_resamples))
+    def per_video(v: Tensor, motion: bool = False) -> Tensor:
+        """Features [videos, frames (or frame differences), D]."""
+        f = (video_motion_features if motion else video_frame_features)(network(), v)
+        return f.reshape(v.shape[0], -1, f.shape[-1])
+
+    def features_of(key: str, motion: bool = False) -> Tensor:
+        if (key, motion) not in memo:
+            memo[key, motion] = per_video(videos[key], motion)
+        return memo[key, motion]
+
+    def real_stats(motion: bool = False) -> tuple[Tensor, Tensor]:
+        """The Gaussian of the real held-out clips' frame (or frame-difference) features."""
+        if ("real", motion) not in lazy:
+            lazy["real", motion] = metrics.gaussian_statistics(per_video(clips["video"], motion).flatten(0, 1))
+        return lazy["real", motion]
+
+    def stats_of(key: str) -> tuple[Tensor, Tensor]:
+        if ("stats", key) not in lazy:
+            lazy["stats", key] = metrics.gaussian_statistics(features_of(key).flatten(0, 1))
+        return lazy["stats", key]
+
+    def real_training() -> Tensor:
+        if "train" not in lazy:
+            lazy["train"] = real_train()
+        return lazy["train"]
+
+    def spread(per_video_features: Tensor, stats: tuple[Tensor, Tensor], name: str) -> dict[str, float]:
+        """The Fréchet distance of the features to ``stats`` and its bootstrap spread."""
+        return {name: metrics.frechet_distance_to(per_video_features.flatten(0, 1), stats),
+                f"{name}_std": metrics.bootstrap_frechet_std(per_video_features, stats, bootstrap_resamples)}
+
+    def motion_distance(per_video_features: Tensor | None) -> dict:
+        if per_video_features is None:
+            return dict(motion_frechet_distance=None, motion_frechet_distance_std=None)
+        return spread(per_video_features, real_stats(motion=True), "motion_frechet_distance")
 
     def quality(method: Method) -> dict:
         v = videos[method.key]
@@ -253,10 +326,24 @@ def score_methods(
             psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
             ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
             edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
-            **distance(v),
+            **spread(features_of(method.key), real_stats(), "frechet_distance"),
             diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
         )
 
+    def to_reference(key: str, name: str, reference_key: str) -> dict:
+        if key == reference_key:  # 0 by construction; the spread of its own resampled videos
+            own = spread(features_of(key), stats_of(key), f"frechet_to_{name}")
+            return {**own, f"frechet_to_{name}": 0.0}
+        return spread(features_of(key), stats_of(reference_key), f"frechet_to_{name}")
+
+    def cached(key: str, settings: dict, compute: Callable[[], dict]) -> dict:
+        values = cache.get(key, settings)
+        if values is None:
+            values = compute()
+            cache.put(key, settings, values)
+        return values
+
+    distribution_settings = dict(features=FEATURE_NETWORK, bootstrap_resamples=bootstrap_resamples)
     progress = ProgressLines("evaluate: metrics", len(methods) + 1, "rows", force=True)
     rows = []
     for method in methods:
@@ -267,6 +354,15 @@ def score_methods(
             progress.advance(1, f"computed {method.name}")
         else:
             progress.advance(1, f"{method.name} from {cache.path.name}")
+        values = dict(values)
+        for name, reference_key in references.items():
+            values.update(cached(
+                f"{method.key}:frechet_to_{name}",
+                dict(distribution_settings, videos=video_settings[method.key], reference=video_settings[reference_key]),
+                lambda: to_reference(method.key, name, reference_key)))
+        values.update(cached(
+            f"{method.key}:motion", dict(distribution_settings, videos=video_settings[method.key], motion=MOTION),
+            lambda: motion_distance(features_of(method.key, motion=True) if moving else None)))
         rows.append(dict(
             key=method.key,
             name=method.name,
@@ -279,9 +375,14 @@ def score_methods(
         rows[-1]["speedup_fraction_of_ceiling"] = rows[-1]["speedup"] / rows[-1]["nfe_ratio"]
     floor = cache.get("real_floor", floor_settings)
     if floor is None:
-        real = real_train()
-        floor = dict(name="real clips, training part of the same videos", **distance(real), num_videos=int(real.shape[0]))
+        real = real_training()
+        floor = dict(name="real clips, training part of the same videos",
+                     **spread(per_video(real), real_stats(), "frechet_distance"), num_videos=int(real.shape[0]))
         cache.put("real_floor", floor_settings, floor)
+    floor_motion = dict(distribution_settings, motion=MOTION,  # not the edge settings
+                        floor={k: v for k, v in floor_settings.items() if k not in ("edge_tolerance", "canny")})
+    floor = dict(floor, **cached("real_floor:motion", floor_motion,
+                                 lambda: motion_distance(per_video(real_training(), motion=True) if moving else None)))
     progress.advance(1, "real-clip floor")
     return dict(methods=rows, real_floor=floor)
 

@@ -8,7 +8,8 @@ plain state dict loaded with ``torch.load(weights_only=True)``). Nothing is down
 Each frame in [-1, 1] (the range the TF Lite models were trained on: (pixel - 127) / 128)
 is resized to 224x224 (bilinear) and mapped to the 1280 global-average-pooled channels
 of the network's last convolution. The features describe single frames: a distance on
-them measures what frames look like, not how they move.
+them measures what frames look like, not how they move. For motion, the same network is
+applied to frame differences (:func:`motion_frames`, :func:`video_motion_features`).
 """
 
 from __future__ import annotations
@@ -63,3 +64,21 @@ def video_frame_features(net: FrameFeatureNet, videos: Tensor) -> Tensor:
     """Videos [B, 3, T, H, W] -> features of every frame [B*T, 1280]."""
     b, c, t, h, w = videos.shape
     return net(videos.transpose(1, 2).reshape(b * t, c, h, w))
+
+
+MOTION = "frame differences (x[t+1] - x[t]) / 2, in [-1, 1], through the same frame features"
+
+
+def motion_frames(videos: Tensor) -> Tensor:
+    """Videos [B, 3, T, H, W] in [-1, 1] -> their frame differences [B, 3, T - 1, H, W],
+    ``(x[t + 1] - x[t]) / 2``: the difference, in [-2, 2], mapped linearly to the feature
+    network's input range [-1, 1] (no change = 0, mid grey). A frozen video gives zeros."""
+    if videos.ndim != 5 or videos.shape[2] < 2:
+        raise ValueError(f"motion needs videos [B, 3, T >= 2, H, W], got {list(videos.shape)}")
+    v = videos.float()
+    return (v[:, :, 1:] - v[:, :, :-1]) / 2
+
+
+def video_motion_features(net: FrameFeatureNet, videos: Tensor) -> Tensor:
+    """Videos [B, 3, T, H, W] -> features of every frame difference [B*(T-1), 1280]."""
+    return video_frame_features(net, motion_frames(videos))

@@ -31,8 +31,12 @@ class Method:
     sample: Sampler
 
 
-def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) -> Method:
-    """The teacher with ``steps`` steps of its own scheduler and CFG weight ``guidance``."""
+def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float, key_with_guidance: bool = False) -> Method:
+    """The teacher with ``steps`` steps of its own scheduler and CFG weight ``guidance``.
+
+    Its key is ``teacher_<steps>step``, or ``teacher_<steps>step_w<guidance>`` (``.`` as ``p``,
+    e.g. ``teacher_36step_w6``) with ``key_with_guidance``: a second teacher row with the same
+    steps at another guidance (the evaluation's extra reference)."""
     cfg = guidance != 1.0
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
@@ -40,7 +44,8 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float) ->
         return sample_with_scheduler(fn, noise, scheduler, steps, step_sigma=teacher.sampler_sigma)
 
     label = f"teacher {steps}-step" + (f" CFG w={guidance:g}" if cfg else "")
-    return Method(f"teacher_{steps}step", label, steps * (2 if cfg else 1), sample)
+    key = f"teacher_{steps}step" + (f"_w{guidance:g}".replace(".", "p").replace("-", "m") if key_with_guidance else "")
+    return Method(key, label, steps * (2 if cfg else 1), sample)
 
 
 def student_method(

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distill_pl.eval.features import MOTION
 from distill_pl.eval.features import NAME as FEATURE_NETWORK
 from distill_pl.eval.methods import Method
 from distill_pl.util.media import frame_grid, label_rows, upscale, write_mp4, write_png, write_text
@@ -38,23 +39,45 @@ def _fmt(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _fd(row: dict, name: str) -> str:
+    """A Fréchet distance column ``name`` of ``row`` as "value ± spread", "-" where absent."""
+    if row.get(name) is None:
+        return "-"
+    spread = row.get(f"{name}_std")
+    return f"{row[name]:.1f}" + ("" if spread is None else f" ± {spread:.1f}")
+
+
+def distance_columns(report: dict) -> list[tuple[str, str]]:
+    """(report key, column title) of the Fréchet distance columns: to the real clips, to each
+    teacher reference (the reference, then the extra one where set) and of the motion."""
+    s = report.get("settings", {})
+    columns = [("frechet_distance", "Fréchet to real clips")]
+    for name, title in (("teacher", "Fréchet to teacher"), ("extra_teacher", "Fréchet to extra teacher")):
+        guidance = s.get("guidance") if name == "teacher" else s.get("extra_reference_guidance")
+        if name in report.get("references", {"teacher": None}):
+            columns.append((f"frechet_to_{name}", title + ("" if guidance is None else f" w={guidance:g}")))
+    columns.append(("motion_frechet_distance", "motion Fréchet to real clips"))
+    return columns
+
+
 def markdown_table(report: dict) -> str:
     """The report's table: one row per method, then the real-clip floor."""
+    columns = distance_columns(report)
     lines = [
         "| method | NFE / video | s / video | speed-up | NFE ratio (ceiling) | speed-up / ceiling "
-        "| PSNR vs ref (dB) | SSIM vs ref | edge F1 | Fréchet distance | diversity |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| PSNR vs ref (dB) | SSIM vs ref | edge F1 | " + " | ".join(title for _, title in columns) + " | diversity |",
+        "|---|" + "---:|" * (9 + len(columns)),
     ]
     for row in report["methods"]:
         lines.append(
             f"| {row['name']} | {row['nfe']} | {row['seconds_per_video']:.4f} | {row['speedup']:.1f}x "
-            f"| {row['nfe_ratio']:.0f}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
+            f"| {row['nfe_ratio']:.3g}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
             f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {row['edge_f1']:.3f} "
-            f"| {row['frechet_distance']:.1f} ± {row['frechet_distance_std']:.1f} | {row['diversity']:.3f} |"
+            f"| {' | '.join(_fd(row, key) for key, _ in columns)} | {row['diversity']:.3f} |"
         )
     floor = report["real_floor"]
     lines.append(f"| {floor['name']} (floor) | - | - | - | - | - | - | - | - "
-                 f"| {floor['frechet_distance']:.1f} ± {floor['frechet_distance_std']:.1f} | - |")
+                 f"| {' | '.join(_fd(floor, key) for key, _ in columns)} | - |")
     return "\n".join(lines)
 
 
@@ -62,6 +85,10 @@ def markdown_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     ref = report["methods"][0]["name"]
     warnings = "".join(f"- **warning**: {w}\n" for w in report.get("warnings", []))
+    extra_ref = report.get("references", {}).get("extra_teacher")
+    extra = "" if extra_ref is None else (
+        f"\n  Fréchet to extra teacher: to the videos of {extra_ref['name']} (`extra_reference_guidance`,"
+        " e.g. the guidance the DMD2 stage trains with); its own row is 0 by construction.")
     return f"""# Evaluation report
 
 {markdown_table(report)}
@@ -86,6 +113,13 @@ def markdown_report(report: dict) -> str:
   standard deviation over {s['bootstrap_resamples']} bootstrap draws of the method's videos
   (real side fixed). Not FID or FVD: other network, frame-level, few samples (biased
   upwards; compare rows, not papers).
+- Fréchet to teacher: the same distance, with the reference's videos ({ref}) in place of
+  the real clips: how close a method's samples are to the teacher's distribution (what DMD
+  matches), not to the data. The reference row is 0 by construction; its "±" is the spread
+  of its own resampled videos, the level below which differences to it are noise.{extra}
+- Motion Fréchet: the same distance to the real held-out clips on frame differences,
+  {MOTION}: how things change from frame to frame, which single-frame features do not
+  see. A frozen video's differences are all mid grey. Floor: real training-part clips.
 - Diversity: mean pairwise RMS pixel distance (on [-1, 1]) between the
   {s['samples_per_clip']} samples of one window, averaged over windows.
 - Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']}

@@ -54,7 +54,7 @@ def timing_warnings(rows: list[dict], batch_seconds: dict[str, list[float]], tim
     for row in rows[1:]:
         if row["speedup_fraction_of_ceiling"] > 1.0:
             warnings.append(
-                f"{row['name']}: speed-up {row['speedup']:.1f}x exceeds its NFE ceiling {row['nfe_ratio']:.0f}x "
+                f"{row['name']}: speed-up {row['speedup']:.1f}x exceeds its NFE ceiling {row['nfe_ratio']:.3g}x "
                 f"({100 * row['speedup_fraction_of_ceiling']:.0f}%): load on the machine while timing, or work "
                 "outside the network calls (scheduler, CFG combination) in the reference's steps")
     for row in rows:

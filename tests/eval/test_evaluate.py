@@ -68,15 +68,31 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
         assert same[metric] == pytest.approx(teacher_1[metric], rel=1e-3), metric
     assert same["edge_f1"] == pytest.approx(teacher_1["edge_f1"], abs=5e-3)
     assert rows["student_random"]["psnr"] != pytest.approx(same["psnr"], rel=1e-3)
+    # distance to the reference teacher's samples: 0 for the reference itself (by construction),
+    # its spread that of its own resampled videos; the same for the same videos
+    assert rows["teacher_3step"]["frechet_to_teacher"] == 0.0 and rows["teacher_3step"]["frechet_to_teacher_std"] > 0
+    for metric in ("frechet_to_teacher", "motion_frechet_distance"):
+        assert same[metric] == pytest.approx(teacher_1[metric], rel=1e-3), metric
+    assert "frechet_to_extra_teacher" not in same and report["settings"]["extra_reference_guidance"] is None
     for row in rows.values():
         assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["diversity"] > 0
         assert 0 < row["frechet_distance_std"] < row["frechet_distance"]
+        assert 0 < row["motion_frechet_distance_std"] < row["motion_frechet_distance"]
         assert row["speedup_fraction_of_ceiling"] == pytest.approx(row["speedup"] / row["nfe_ratio"])
+    for row in list(rows.values())[1:]:  # 8 videos: the spread can exceed a small distance
+        assert row["frechet_to_teacher"] > 0 and row["frechet_to_teacher_std"] > 0
+    assert rows["student_random"]["frechet_to_teacher"] > 2 * teacher_1["frechet_to_teacher"]
+    assert report["real_floor"]["motion_frechet_distance"] > 0 and report["real_floor"]["motion_frechet_distance_std"] > 0
     assert report["real_floor"]["num_videos"] == 8  # 2 videos x 2 windows x 2 seeds
     assert report["settings"]["held_out_windows"] == 4 and report["machine"]["cpu_count"]
 
     table = (out / "report.md").read_text()
     assert "teacher 3-step" in table and "(floor)" in table and "Fréchet distance" in table
+    header = table.splitlines()[2]
+    for column in ("| Fréchet to real clips |", "| Fréchet to teacher w=1 |", "| motion Fréchet to real clips |"):
+        assert column in header
+    assert "Fréchet to extra teacher" not in header
+    assert "| teacher 3-step | 3 |" in table and "| 0.0 ± " in table
     sheet = Image.open(out / "contact_sheet.png")
     # rows: control, 4 methods, real clip; 3 windows of 3 frames each
     assert sheet.height == 6 * (16 + 2) * 4 - 2 * 4
@@ -93,23 +109,42 @@ def test_report_files_rows_and_resume(tmp_path, monkeypatch):
         return {}
 
     monkeypatch.setattr(evaluate_module, "generate_interleaved", generate_nothing)
-    for name in ("FrameFeatureNet", "video_frame_features", "real_training_clips"):
+    for name in ("FrameFeatureNet", "video_frame_features", "video_motion_features", "real_training_clips"):
         monkeypatch.setattr(evaluate_module, name, refuse)
     for name in ("psnr_per_video", "ssim_per_video", "edge_f1", "mean_pairwise_rms", "frechet_distance_to"):
         monkeypatch.setattr(evaluate_module.metrics, name, refuse)
     main(_args(tmp_path, teacher, students))
     assert json.loads((out / "report.json").read_text())["methods"] == report["methods"]
 
-    # a changed metric setting recomputes the metrics (from the same videos)
+    # a changed metric setting recomputes the metrics (from the same videos), and an extra
+    # teacher reference (CFG w=2) generates only its own videos and leaves the other rows alone
     monkeypatch.undo()
-    monkeypatch.setattr(evaluate_module, "generate_interleaved", generate_nothing)
+    generate = evaluate_module.generate_interleaved
+
+    def generate_the_extra_reference(methods, *args, **kwargs):
+        assert [m.key for m in methods] == ["teacher_3step_w2"]
+        return generate(methods, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate_interleaved", generate_the_extra_reference)
     calls = []
     features = evaluate_module.video_frame_features
     monkeypatch.setattr(evaluate_module, "video_frame_features", lambda *a: calls.append(1) or features(*a))
-    main([*_args(tmp_path, teacher, students), "--edge_tolerance", "0"])
-    rerun = {row["key"]: row for row in json.loads((out / "report.json").read_text())["methods"]}
-    assert len(calls) == 1 + 4 + 1  # the real held-out clips, 4 methods, the floor
-    assert rerun["student_same"]["psnr"] == rows["student_same"]["psnr"]
+    main([*_args(tmp_path, teacher, students), "--edge_tolerance", "0", "--extra_reference_guidance", "2.0"])
+    rerun_report = json.loads((out / "report.json").read_text())
+    rerun = {row["key"]: row for row in rerun_report["methods"]}
+    assert len(calls) == 1 + 5 + 1  # the real held-out clips, 5 methods (each once), the floor
+    assert list(rerun) == ["teacher_3step", "teacher_3step_w2", "teacher_1step", "student_same", "student_random"]
+    extra = rerun["teacher_3step_w2"]
+    assert extra["name"] == "teacher 3-step CFG w=2" and extra["nfe"] == 6
+    assert extra["frechet_to_extra_teacher"] == 0.0 and extra["frechet_to_teacher"] > 0 and extra["psnr"] is not None
+    for key, row in rows.items():  # the same videos: every value but the edge F1 (tolerance 0 now)
+        assert {k: v for k, v in rerun[key].items() if k not in ("edge_f1", "frechet_to_extra_teacher",
+                                                                 "frechet_to_extra_teacher_std")} == \
+            {k: v for k, v in row.items() if k != "edge_f1"}, key
+        assert rerun[key]["frechet_to_extra_teacher"] > 0 and rerun[key]["frechet_to_extra_teacher_std"] > 0
+    assert rerun_report["references"]["extra_teacher"]["key"] == "teacher_3step_w2"
+    header = (out / "report.md").read_text().splitlines()[2]
+    assert "| Fréchet to teacher w=1 | Fréchet to extra teacher w=2 |" in header
 
 
 def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
@@ -139,3 +174,12 @@ def test_few_step_students_get_rows_with_their_exported_steps(tmp_path):
     assert rows["student_two"]["psnr"] != pytest.approx(rows["student_four"]["psnr"], rel=1e-3)
     table = (tmp_path / "eval" / "report.md").read_text()
     assert "Two student 2-step" in table and "Four student 4-step Euler" in table
+
+
+def test_the_tiny_config_adds_the_teacher_at_the_dmd2_guidance():
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    evaluation = yaml.safe_load((repo / "configs/tiny/eval.yaml").read_text())
+    dmd2 = yaml.safe_load((repo / "configs/tiny/dmd2.yaml").read_text())
+    assert evaluation["extra_reference_guidance"] == dmd2["model"]["init_args"]["guidance"] != evaluation["guidance"]

@@ -117,3 +117,20 @@ def test_bootstrap_spread_of_the_frechet_distance():
     few = metrics.bootstrap_frechet_std(torch.randn(25, 4, 3, generator=g) + 1, reference, resamples=200)
     many = metrics.bootstrap_frechet_std(torch.randn(400, 4, 3, generator=g) + 1, reference, resamples=200)
     assert few > 0 and 2.5 < few / many < 6.5
+
+
+def test_distance_to_the_teachers_own_samples_is_zero_and_grows_with_a_shift():
+    """The report's distance to the teacher is ``frechet_distance_to`` against a Gaussian fitted to
+    the teacher's features: on the identical features it is 0 up to float rounding (the report
+    writes exactly 0 for the reference row), a shifted copy lies |shift|^2 away, and its
+    bootstrap spread is positive."""
+    g = torch.Generator().manual_seed(0)
+    for d in (64, 8):  # 48 frames: the N x N route (N <= D) and the D x D one
+        teacher = torch.randn(12, 4, d, generator=g) * torch.linspace(0.2, 2.0, d)  # 12 videos x 4 frames
+        stats = metrics.gaussian_statistics(teacher.flatten(0, 1))
+        scale = float(torch.trace(stats[1]))
+        assert metrics.frechet_distance_to(teacher.flatten(0, 1), stats) == pytest.approx(0.0, abs=1e-9 * scale)
+        shifted = [metrics.frechet_distance_to((teacher + c).flatten(0, 1), stats) for c in (0.1, 0.3, 1.0)]
+        assert shifted == pytest.approx([c * c * d for c in (0.1, 0.3, 1.0)], rel=1e-6)
+        assert shifted[0] < shifted[1] < shifted[2]
+        assert metrics.bootstrap_frechet_std(teacher + 0.3, stats, resamples=5) > 0
