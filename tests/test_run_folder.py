@@ -86,3 +86,53 @@ def test_two_runs_with_different_run_folders_share_no_file(tmp_path, monkeypatch
     assert exit_.value.code == 1
     assert "a/export already holds an exported model" in capsys.readouterr().err
     assert _files(tmp_path) == after_b
+
+
+def _tree(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_or_moved_run_folder_resumes_and_exports_inside_itself(tmp_path, monkeypatch):
+    """Fit in a; copy a to b without its export, resume b from its own last.ckpt with more
+    steps: b/export is written, a is untouched. Then move b to c: the same in c, and nothing
+    reappears at b. The checkpoint stores export_dir relative to its run folder."""
+    import shutil
+
+    import torch
+
+    from distill_pl.cli.run_folder import RUN_RELATIVE_KEY
+    from distill_pl.training.resume import checkpoint_step, resume_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    shared = ["--data.cache_dir", str(tmp_path / "cache")]
+    main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "a"), *shared])
+    saved = torch.load(tmp_path / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["export_dir"] == "export" and saved[RUN_RELATIVE_KEY] == ["export_dir"]
+    original = _tree(tmp_path / "a")
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/export")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "b", "--trainer.max_steps", "4",
+          "--ckpt_path", "b/checkpoints/last.ckpt", *shared])
+    assert (tmp_path / "b/export/transformer/diffusion_pytorch_model.safetensors").is_file()
+    assert checkpoint_step(Path(resume_checkpoint([tmp_path / "b/checkpoints"])))[0] == 4  # last-v1.ckpt
+    assert _tree(tmp_path / "a") == original
+
+    shutil.move(tmp_path / "b", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c/export")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "c", "--trainer.max_steps", "6",
+          "--ckpt_path", "last", *shared])
+    assert (tmp_path / "c/export/transformer/diffusion_pytorch_model.safetensors").is_file()
+    assert checkpoint_step(Path(resume_checkpoint([tmp_path / "c/checkpoints"])))[0] == 6
+    assert not (tmp_path / "b").exists()
+    assert _tree(tmp_path / "a") == original
+
+
+def test_an_output_path_outside_the_run_folder_is_not_taken_from_the_checkpoint():
+    from distill_pl.cli.run_folder import run_paths_of_checkpoint
+
+    config = _config(default_root_dir="runs/b")
+    assert run_paths_of_checkpoint({"export_dir": "export", "lr": 1.0}, ["export_dir"], config) == {
+        "export_dir": str(Path("runs/b/export")), "lr": 1.0}
+    assert run_paths_of_checkpoint({"export_dir": "/old/a/export", "lr": 1.0}, None, config) == {"lr": 1.0}

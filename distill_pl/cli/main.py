@@ -19,7 +19,7 @@ from distill_pl.cli.errors import ShortErrors, debug_requested, run_with_short_e
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.cli.harmless_messages import silence_harmless_messages
 from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
-from distill_pl.cli.run_folder import check_export_free, derive_run_paths
+from distill_pl.cli.run_folder import RUN_RELATIVE_KEY, RunRelativePaths, check_export_free, derive_run_paths, run_paths_of_checkpoint
 from distill_pl.training.resume import resolve_ckpt_path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -77,7 +77,7 @@ class DistillCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        defaults = []
+        defaults = [RunRelativePaths()]  # checkpoints store the run's output paths relative to it
         if (_RICH_AVAILABLE and config.get("enable_progress_bar") is not False
                 and not any(isinstance(c, ProgressBar) for c in configured)):
             defaults.append(StepProgressBar())
@@ -104,7 +104,9 @@ class DistillCLI(LightningCLI):
         LightningCLI would silently swap the model class to the checkpoint's (a KD checkpoint
         starts DMD2 through ``init_from``); then, as LightningCLI does, let the checkpoint's
         hyperparameters update the model's config. A checkpoint written before the package was
-        regrouped names its class by the old path: the new one is used."""
+        regrouped names its class by the old path: the new one is used. The run's output paths
+        (``export_dir``) are resolved against the current run folder, not taken as the
+        checkpoint recorded them (see :mod:`distill_pl.cli.run_folder`)."""
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -113,8 +115,11 @@ class DistillCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path")
         if not (ckpt and Path(ckpt).is_file()):
             return
-        hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")
+        hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
+        # the run's output paths: in the current run folder, not the one the checkpoint was written in
+        hparams = run_paths_of_checkpoint(hparams, checkpoint.get(RUN_RELATIVE_KEY), self.config[sub])
         if not hparams:
             return
         written_by = hparams.pop("_class_path", None)

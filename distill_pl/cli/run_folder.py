@@ -13,6 +13,13 @@ when unset), unless the config names it explicitly:
 
 A fit refuses to start when its export folder already holds an export (another run's, or
 this run's from an earlier launch) unless ``--overwrite_export true`` is given.
+
+A checkpoint stores the model's output paths inside the run folder (``export_dir``) relative
+to it (:class:`RunRelativePaths`), and a resume (``--ckpt_path``) resolves them against the
+current run folder (:func:`run_paths_of_checkpoint`): a copied or moved run folder resumes
+and exports inside itself and leaves the original untouched. An output path that a
+checkpoint holds otherwise (outside its run folder, or written before this rule) is not taken
+from it: the current config's stands.
 """
 
 from __future__ import annotations
@@ -21,10 +28,15 @@ import os
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import Callback
 
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 LOGGER_CLASSES = (TENSORBOARD_LOGGER, "lightning.pytorch.loggers.CSVLogger")
+#: the model's hyperparameters that are output paths of its run
+RUN_OUTPUT_HPARAMS = ("export_dir",)
+#: checkpoint key: the hyperparameters stored relative to the run folder
+RUN_RELATIVE_KEY = "run_relative_hyper_parameters"
 
 
 class ExportExistsError(FileExistsError):
@@ -72,3 +84,41 @@ def check_export_free(config: Namespace, overwrite: bool) -> None:
         f"{export_dir} already holds an exported model (from an earlier run); give this run its own "
         f"folder (--trainer.default_root_dir) or pass --overwrite_export true to replace it"
     )
+
+
+class RunRelativePaths(Callback):
+    """Stores the output paths of :data:`RUN_OUTPUT_HPARAMS` that lie in the run folder
+    (``trainer.default_root_dir``) relative to it in every checkpoint's ``hyper_parameters``
+    (the model's own ``hparams`` are unchanged), and lists them under :data:`RUN_RELATIVE_KEY`."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            return
+        root = Path(trainer.default_root_dir).resolve()
+        relative = []
+        for key in RUN_OUTPUT_HPARAMS:
+            value = hparams.get(key)
+            if not value:
+                continue
+            path = Path(value).resolve()
+            if path == root or root in path.parents:
+                hparams[key] = path.relative_to(root).as_posix()
+                relative.append(key)
+        checkpoint[RUN_RELATIVE_KEY] = relative
+
+
+def run_paths_of_checkpoint(hparams: dict, relative: list[str] | None, config: Namespace) -> dict:
+    """The checkpoint's ``hparams`` for a resume in the run folder of the parsed subcommand
+    ``config``: an output path stored relative to its run folder (listed in ``relative``) is
+    resolved against the current run folder; any other output path is left out, so the
+    current config's value stands."""
+    root = Path(run_folder(config.trainer))
+    hparams = dict(hparams)
+    for key in RUN_OUTPUT_HPARAMS:
+        if key not in hparams:
+            continue
+        value = hparams.pop(key)
+        if key in (relative or ()) and value:
+            hparams[key] = str(root / value)
+    return hparams
