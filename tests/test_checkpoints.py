@@ -53,7 +53,7 @@ def test_no_usable_checkpoint_is_an_error_unless_a_fresh_start_is_asked_for(tmp_
 
 CHILD = textwrap.dedent("""
     import io, sys, time, torch
-    from distill_pl import checkpoint_io
+    from distill_pl.training import checkpoint_io
 
     path = sys.argv[1]
     checkpoint_io.atomic_torch_save({"global_step": 1, "w": torch.ones(10)}, path)

@@ -136,3 +136,33 @@ def test_an_output_path_outside_the_run_folder_is_not_taken_from_the_checkpoint(
     assert run_paths_of_checkpoint({"export_dir": "export", "lr": 1.0}, ["export_dir"], config) == {
         "export_dir": str(Path("runs/b/export")), "lr": 1.0}
     assert run_paths_of_checkpoint({"export_dir": "/old/a/export", "lr": 1.0}, None, config) == {"lr": 1.0}
+
+
+def test_a_fit_whose_export_fails_midway_leaves_no_half_export_and_reruns(tmp_path, monkeypatch, capsys):
+    """ENOSPC while the teacher's export is written: one line naming the export folder, exit
+    1, nothing at a/export (nor a temp folder beside it); the rerun is not refused."""
+    import errno
+
+    import distill_pl.export.model_folders as model_folders
+
+    class FullDisk:
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    args = ["fit", "--config", config, "--trainer.default_root_dir", "a", "--data.cache_dir", "cache"]
+    real = model_folders.build_flow_scheduler
+    monkeypatch.setattr(model_folders, "build_flow_scheduler", lambda *a: FullDisk())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(err) <= 3 and "cannot write the model folder a/export: No space left on device" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoints", "version_0"]
+
+    monkeypatch.setattr(model_folders, "build_flow_scheduler", real)
+    main(args)
+    assert (tmp_path / "a/export/scheduler/scheduler_config.json").is_file()
