@@ -152,3 +152,51 @@ def test_ckpt_path_last_without_a_checkpoint_exits_unless_fresh_is_asked(tmp_pat
     assert "distill-pl: --ckpt_path last: no usable checkpoint in runs/tiny/teacher/checkpoints" in proc.stderr
     run_cli(["fit", "--config", str(config), "--ckpt_path", "last_or_fresh"], cwd=tmp_path)
     assert (tmp_path / "runs/tiny/teacher/checkpoints/last.ckpt").is_file()
+
+
+def _full_disk_open(monkeypatch, after: int = 1000):
+    """``open`` of distill_pl.training.checkpoint_io: files that fail with ENOSPC after
+    ``after`` bytes (torch then raises RuntimeError "... unexpected pos ...")."""
+    import errno
+    import io
+
+    from distill_pl.training import checkpoint_io
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            self.written = getattr(self, "written", 0) + len(data)
+            if self.written > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint_io, "open", lambda path, mode="r": FullDisk(path, mode), raising=False)
+
+
+def test_a_full_disk_during_a_save_is_a_checkpoint_save_error(tmp_path, monkeypatch):
+    save(tmp_path / "last.ckpt", 1)
+    _full_disk_open(monkeypatch)
+    with pytest.raises(CheckpointSaveError, match=f"cannot write checkpoint {tmp_path}/last.ckpt: "
+                                                  r"\[Errno 28\] No space left on device"):
+        save(tmp_path / "last.ckpt", 2, size=10_000)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_a_full_disk_during_a_fit_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    from distill_pl.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
+        _full_disk_open(monkeypatch)
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(config), "--data.cache_dir", "cache"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(err) <= 3, err
+    assert "error: CheckpointSaveError: cannot write checkpoint " in err[0], err
+    assert "No space left on device" in err[0], err
