@@ -200,3 +200,39 @@ def test_a_full_disk_during_a_fit_ends_in_one_line(tmp_path, monkeypatch, capsys
     assert len(err) <= 3, err
     assert "error: CheckpointSaveError: cannot write checkpoint " in err[0], err
     assert "No space left on device" in err[0], err
+
+
+def _bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (a file or folder that is no readable checkpoint, what the error says)."""
+    folder.mkdir()
+    (folder / "random.ckpt").write_bytes(bytes(range(256)) * 40)
+    (folder / "notes.ckpt").write_text("step: 4\nloss: 0.1\n")
+    truncate(save(folder / "torn.ckpt", 4, size=10_000))
+    (folder / "sharded").mkdir()
+    (folder / "sharded" / "__0_0.distcp").write_bytes(b"\0" * 64)
+    return {"random": (folder / "random.ckpt", "not a PyTorch checkpoint"),
+            "text": (folder / "notes.ckpt", "not a PyTorch checkpoint"),
+            "truncated": (folder / "torn.ckpt", "a truncated or torn checkpoint"),
+            "folder without meta.pt": (folder / "sharded", "a folder without meta.pt")}
+
+
+@pytest.mark.parametrize("command", ["fit", "export"])
+def test_an_unreadable_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, capsys, command):
+    """--ckpt_path (fit) and --ckpt (export) on random bytes, a text file, a truncated
+    checkpoint and a folder without meta.pt: exit 1, one line naming the file, no advice
+    about weights_only, before any model loads."""
+    from distill_pl.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
+    for name, (bad, says) in _bad_checkpoints(tmp_path / "bad").items():
+        args = (["fit", "--config", str(config), "--ckpt_path", str(bad)] if command == "fit"
+                else ["export", "--ckpt", str(bad), "--out", str(tmp_path / "out")])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1, (name, err)
+        assert len(err) <= 3 and str(bad) in err[0] and says in err[0], (name, err)
+        assert "weights_only" not in "\n".join(err), (name, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from distill_pl.cli.harmless_messages import silence_harmless_messages
 from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
 from distill_pl.cli.run_folder import RUN_RELATIVE_KEY, RunRelativePaths, check_export_free, derive_run_paths, run_paths_of_checkpoint
 from distill_pl.training.resume import resolve_ckpt_path
+from distill_pl.util.checkpoint_files import check_checkpoint, load_error
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -113,9 +114,15 @@ class DistillCLI(LightningCLI):
         derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
         resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.training.resume)
         ckpt = self.config[sub].get("ckpt_path")
-        if not (ckpt and Path(ckpt).is_file()):
+        if not ckpt:
             return
-        checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")
+        check_checkpoint(ckpt)  # one line naming a missing, torn or foreign file, before torch.load
+        if not Path(ckpt).is_file():
+            return
+        try:
+            checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")
+        except Exception as err:  # torn contents: torch's pickle, zip or storage errors
+            raise load_error(Path(ckpt), err) from None
         hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         # the run's output paths: in the current run folder, not the one the checkpoint was written in
