@@ -166,3 +166,62 @@ def test_a_fit_whose_export_fails_midway_leaves_no_half_export_and_reruns(tmp_pa
     monkeypatch.setattr(model_folders, "build_flow_scheduler", real)
     main(args)
     assert (tmp_path / "a/export/scheduler/scheduler_config.json").is_file()
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: creating a file in ``folder`` (or below it) fails with EACCES,
+    as in a read-only folder (the tests run as root, whom permissions do not stop)."""
+    import errno
+    import os
+
+    real_open, real_mkdir = os.open, os.mkdir
+    folders: list[Path] = []
+
+    def check(path):
+        target = Path(os.path.abspath(path))
+        if any(f == target.parent or f in target.parents for f in folders):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            check(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        check(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+    return lambda folder: folders.append(Path(os.path.abspath(folder)))
+
+
+def test_a_read_only_run_folder_is_one_line_naming_it(tmp_path, monkeypatch, capsys, read_only):
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    for root in ("ro", "ro/new/run"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", config, "--trainer.default_root_dir", root, "--data.cache_dir", "cache"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1 and len(err) <= 3, err
+        assert f"the run folder {root} is not writable" in err[0] and "Permission denied" in err[0], err
+    assert not any((tmp_path / "ro").iterdir())
+
+
+def test_a_read_only_prompt_cache_warns_and_training_goes_on(tmp_path, monkeypatch, caplog, read_only):
+    """A read-only (empty) cache folder: one warning naming it for the prompt cache (and one
+    for the bundled manifest, written to a temp folder instead); the fit runs and exports."""
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    (tmp_path / "cache").mkdir()
+    read_only(tmp_path / "cache")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "a", "--data.cache_dir", "cache"])
+    assert (tmp_path / "a/export/scheduler/scheduler_config.json").is_file()
+    assert not any((tmp_path / "cache").iterdir())
+    warnings = [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()]
+    assert sum("prompt cache folder cache is not writable (Permission denied): continuing without caching"
+               in w for w in warnings) == 1, warnings

@@ -19,7 +19,14 @@ from distill_pl.cli.errors import ShortErrors, debug_requested, run_with_short_e
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.cli.harmless_messages import silence_harmless_messages
 from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
-from distill_pl.cli.run_folder import RUN_RELATIVE_KEY, RunRelativePaths, check_export_free, derive_run_paths, run_paths_of_checkpoint
+from distill_pl.cli.run_folder import (
+    RUN_RELATIVE_KEY,
+    RunRelativePaths,
+    check_export_free,
+    check_run_folder_writable,
+    derive_run_paths,
+    run_paths_of_checkpoint,
+)
 from distill_pl.training.resume import resolve_ckpt_path
 from distill_pl.util.checkpoint_files import check_checkpoint, load_error
 
@@ -94,6 +101,7 @@ class DistillCLI(LightningCLI):
         derive_run_paths(config, self.subcommand)
         if self.subcommand is None:  # parsed for a benchmark or a test: nothing runs
             return
+        check_run_folder_writable(config)
         if self.subcommand == "fit":
             check_export_free(config, config.get("overwrite_export", False))
         data = VideoDataModule(**config.data.as_dict())

@@ -11,7 +11,8 @@ when unset), unless the config names it explicitly:
 - ``<run>/{train,val}/``: ``data.pairs_dir`` of a KD pair generation (``predict``, pairs mode)
   when it is null (also when a config is only parsed, without a subcommand).
 
-A fit refuses to start when its export folder already holds an export (another run's, or
+A run whose folder cannot be written (read-only) stops before any model loads, with one line
+naming it (:func:`check_run_folder_writable`). A fit refuses to start when its export folder already holds an export (another run's, or
 this run's from an earlier launch) unless ``--overwrite_export true`` is given.
 
 A checkpoint stores the model's output paths inside the run folder (``export_dir``) relative
@@ -25,6 +26,7 @@ from it: the current config's stands.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -72,6 +74,30 @@ def derive_run_paths(config: Namespace, subcommand: str | None) -> None:
     data = config.get("data")
     if subcommand in ("predict", None) and data is not None and data.get("mode") == "pairs" and data.get("pairs_dir") is None:
         data.pairs_dir = root
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be written."""
+
+
+def check_run_folder_writable(config: Namespace) -> None:
+    """Raise :class:`RunFolderError` naming the run folder of a parsed subcommand config when
+    a file cannot be created in it (or, while it does not exist yet, in the nearest existing
+    folder above it, where it would be made). Nothing is left behind."""
+    root = Path(run_folder(config.trainer))
+    folder = root
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distill_pl_write_check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if folder == root else f" (it would be made in {folder})"
+        error = RunFolderError(f"the run folder {root} is not writable{where}: {err.strerror or err}; "
+                               f"give a writable --trainer.default_root_dir")
+        error.errno = err.errno
+        raise error from None
 
 
 def check_export_free(config: Namespace, overwrite: bool) -> None:

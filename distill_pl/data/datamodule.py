@@ -79,6 +79,8 @@ two stages over precomputed VAE latents of the clips.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -235,7 +237,14 @@ class VideoDataModule(lightning.LightningDataModule):
         """The manifest to read, writing the bundled one first when none is given."""
         if self.hparams.manifest is not None:
             return Path(self.hparams.manifest)
-        return write_bundled_manifest(Path(self.hparams.cache_dir) / "bundled")
+        folder = getattr(self, "_bundled_folder", None) or Path(self.hparams.cache_dir) / "bundled"
+        try:
+            return write_bundled_manifest(folder)
+        except OSError as err:  # a read-only cache folder: the manifest goes to a temp folder
+            self._bundled_folder = Path(tempfile.gettempdir()) / f"distill_pl_bundled_{os.getuid()}"
+            log.warning("cache folder %s is not writable (%s): writing the bundled manifest to %s",
+                        folder, err.strerror or err, self._bundled_folder)
+            return write_bundled_manifest(self._bundled_folder)
 
     def prepare_data(self) -> None:
         self._manifest()

@@ -46,8 +46,10 @@ def _written_whole(folder: Path) -> Iterator[Path]:
     except ExportWriteError:
         raise
     except OSError as err:
-        raise ExportWriteError(err.errno, f"cannot write the model folder {folder}: "
-                                          f"{err.strerror or err} (nothing was left there)") from err
+        error = ExportWriteError(f"cannot write the model folder {folder}: {err.strerror or err} "
+                                 f"(nothing was left there)")
+        error.errno = err.errno
+        raise error from err
 
 
 def save_teacher_folder(
