@@ -18,6 +18,7 @@ from distill_pl.training.checkpoint_io import TRAINER_DEFAULTS
 from distill_pl.cli.errors import ShortErrors, debug_requested, run_with_short_errors, without_debug_flag
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.cli.harmless_messages import silence_harmless_messages
+from distill_pl.cli.settings import check_model_settings
 from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
 from distill_pl.cli.run_folder import (
     RUN_RELATIVE_KEY,
@@ -101,6 +102,7 @@ class DistillCLI(LightningCLI):
         derive_run_paths(config, self.subcommand)
         if self.subcommand is None:  # parsed for a benchmark or a test: nothing runs
             return
+        check_model_settings(config)  # before any model loads
         check_run_folder_writable(config)
         if self.subcommand == "fit":
             check_export_free(config, config.get("overwrite_export", False))

@@ -21,6 +21,7 @@ import torch
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.diffusion.sampling import sample_with_scheduler, student_sample
 from distill_pl.cli.function_parser import run_with_data
+from distill_pl.cli.settings import check_step_count
 from distill_pl.util.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.families.registry import load_denoiser
@@ -49,6 +50,7 @@ def sample_teacher(
 ) -> list[Path]:
     """Sample ``num_videos`` validation clips' controls and captions with the teacher (or the
     student) folder ``teacher``."""
+    check_step_count("--steps", steps)  # before any model loads
     denoiser = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
     is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
