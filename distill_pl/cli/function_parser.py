@@ -27,4 +27,5 @@ def run_with_data(function: Callable, prog: str, description: str, argv: list[st
     cfg = parser.instantiate(parser.parse_args(argv))
     if cfg["data"].reads_clips("validate"):
         cfg["data"].check_video_lengths()
+    cfg["data"].check_settings("validate")  # warnings: batch size, captions
     return function(**{k: v for k, v in cfg.items() if k != "config"})

@@ -109,6 +109,7 @@ class DistillCLI(LightningCLI):
         data = VideoDataModule(**config.data.as_dict())
         if data.reads_clips(self.subcommand):
             data.check_video_lengths()
+        data.check_settings(self.subcommand)  # warnings: batch size, captions
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last``; refuse a checkpoint of another stage before
