@@ -32,6 +32,8 @@ from distill_pl.training.resume import resolve_ckpt_path
 from distill_pl.util.checkpoint_files import check_checkpoint, load_error
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: ``--ckpt_path`` values that Lightning resolves itself (not files)
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 
 silence_harmless_messages()
 OTHER_COMMANDS = {
@@ -125,8 +127,8 @@ class DistillCLI(LightningCLI):
         derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
         resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.training.resume)
         ckpt = self.config[sub].get("ckpt_path")
-        if not ckpt:
-            return
+        if not ckpt or str(ckpt) in LIGHTNING_CKPT_NAMES or str(ckpt).startswith("registry") or "://" in str(ckpt):
+            return  # Lightning's own names and remote paths: Lightning resolves them
         check_checkpoint(ckpt)  # one line naming a missing, torn or foreign file, before torch.load
         if not Path(ckpt).is_file():
             return
