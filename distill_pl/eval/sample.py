@@ -104,4 +104,5 @@ def sample_teacher(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_with_data(sample_teacher, "distill-pl sample", __doc__, argv)
+    run_with_data(sample_teacher, "distill-pl sample", __doc__, argv,
+                  check=lambda flags: check_step_count("--steps", flags["steps"]))
