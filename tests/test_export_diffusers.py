@@ -245,8 +245,10 @@ def test_an_export_that_fails_midway_leaves_no_half_folder(tmp_path, monkeypatch
     assert not list((tmp_path / "runs").iterdir())  # neither the folder nor a temp folder beside it
 
     monkeypatch.setattr(sampling, "build_student_scheduler", real)
+    (tmp_path / "runs" / ".export.k1ll3d00" / "export" / "transformer").mkdir(parents=True)  # a killed export's
     export_student(folder, 3.0)
     assert student_noise_levels_of(folder) == (1.0,)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["export"]
     written = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert Path("transformer/diffusion_pytorch_model.safetensors") in written
 

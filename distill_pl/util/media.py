@@ -7,6 +7,7 @@ atomically (temp file in the same folder, then rename).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -120,9 +121,13 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     takes ``path``'s place: an absent or empty ``path`` by one rename (``path`` is then whole
     or absent, never half written); an existing ``path`` has each of the written entries
     replaced whole (the old entry moved aside first, then removed), its other entries kept.
-    On error the temporary folder is removed and ``path`` is left as it was."""
+    On error the temporary folder is removed and ``path`` is left as it was; one left by a
+    killed writer is removed by the next write of ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.is_dir() and len(stale.name) == len(path.name) + 10:  # ".<name>." + mkdtemp's 8 characters
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     target = staging / path.name
     try:
