@@ -208,12 +208,14 @@ def _bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
     (folder / "random.ckpt").write_bytes(bytes(range(256)) * 40)
     (folder / "notes.ckpt").write_text("step: 4\nloss: 0.1\n")
     truncate(save(folder / "torn.ckpt", 4, size=10_000))
+    torch.save(torch.ones(3), folder / "tensor.pt")
     (folder / "sharded").mkdir()
     (folder / "sharded" / "__0_0.distcp").write_bytes(b"\0" * 64)
     return {"random": (folder / "random.ckpt", "not a PyTorch checkpoint"),
             "text": (folder / "notes.ckpt", "not a PyTorch checkpoint"),
             "truncated": (folder / "torn.ckpt", "a truncated or torn checkpoint"),
-            "folder without meta.pt": (folder / "sharded", "a folder without meta.pt")}
+            "folder without meta.pt": (folder / "sharded", "a folder without meta.pt"),
+            "a tensor": (folder / "tensor.pt", "a torch file holding a Tensor, not a Lightning checkpoint")}
 
 
 @pytest.mark.parametrize("command", ["fit", "export"])

@@ -29,7 +29,7 @@ from distill_pl.cli.run_folder import (
     run_paths_of_checkpoint,
 )
 from distill_pl.training.resume import resolve_ckpt_path
-from distill_pl.util.checkpoint_files import check_checkpoint, load_error
+from distill_pl.util.checkpoint_files import check_checkpoint, check_lightning_checkpoint, load_error
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: ``--ckpt_path`` values that Lightning resolves itself (not files)
@@ -136,6 +136,7 @@ class DistillCLI(LightningCLI):
             checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")
         except Exception as err:  # torn contents: torch's pickle, zip or storage errors
             raise load_error(Path(ckpt), err) from None
+        check_lightning_checkpoint(checkpoint, Path(ckpt), key="global_step")
         hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         # the run's output paths: in the current run folder, not the one the checkpoint was written in

@@ -67,3 +67,12 @@ def load_error(file: Path, err: Exception, option: str = "--ckpt_path") -> Check
     detail = lines[0][:200] if lines and "weights_only" not in str(err) else type(err).__name__
     return CheckpointReadError(f"{option} {file}: cannot be read as a checkpoint ({detail}); "
                                f"a torn file, or not a checkpoint written by distill-pl")
+
+
+def check_lightning_checkpoint(checkpoint, file: Path, option: str = "--ckpt_path", key: str = "state_dict") -> dict:
+    """``checkpoint`` (what ``torch.load`` gave for ``file``) if it is a Lightning checkpoint
+    dict holding ``key``, else :class:`CheckpointReadError` naming the file."""
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
+        found = f"a dict without {key!r}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise CheckpointReadError(f"{option} {file}: a torch file holding {found}, not a Lightning checkpoint")
+    return checkpoint
