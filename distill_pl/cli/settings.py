@@ -48,3 +48,17 @@ def check_model_settings(config: Namespace) -> None:
         check_step_count(f"model.init_args.{key}", model_args.get(key))
     for key in GUIDANCE_WEIGHTS:
         warn_guidance(f"model.init_args.{key}", model_args.get(key))
+
+
+def check_evaluation_settings(flags: dict) -> None:
+    """``distill-pl evaluate``'s flags before the data and any model: ``--teacher_steps`` and
+    every ``--few_steps`` at least 1, ``--samples_per_clip`` and ``--batch_size`` at least 1;
+    ``--guidance`` below 1 warns."""
+    check_step_count("--teacher_steps", flags.get("teacher_steps"))
+    for steps in flags.get("few_steps") or []:
+        check_step_count("--few_steps", steps)
+    for key in ("samples_per_clip", "batch_size"):
+        value = flags.get(key)
+        if value is not None and value < 1:
+            raise SettingsError(f"--{key} must be at least 1 (got {value!r})")
+    warn_guidance("--guidance", flags.get("guidance"))

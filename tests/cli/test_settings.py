@@ -69,3 +69,23 @@ def test_a_batch_larger_than_the_data_warns_with_the_batch_it_gets(tmp_path, cap
     VideoDataModule(cache_dir=str(tmp_path / "cache"), batch_size=2, samples_per_epoch=6,
                     manifest=str(_manifest(tmp_path, ["a dog", "a cat"]))).check_settings("fit")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_evaluate_and_sample_settings_are_checked_before_the_data(tmp_path, monkeypatch, capsys, caplog):
+    """Step counts below 1 are one line naming the flag (the teacher folder does not exist and
+    is never looked at); a guidance below 1 warns."""
+    monkeypatch.chdir(tmp_path)
+    for command, flag in (("evaluate", "--teacher_steps"), ("evaluate", "--few_steps"), ("sample", "--steps")):
+        value = "[1, 0]" if flag == "--few_steps" else "0"
+        extra = ["--students", "{}"] if command == "evaluate" else []
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--teacher", str(tmp_path / "none"), "--out", "out", flag, value, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1 and len(err) == 2, err
+        assert f"{flag} must be a whole number of sampling steps, at least 1 (got 0)" in err[0], err
+
+    from distill_pl.cli.settings import check_evaluation_settings
+
+    check_evaluation_settings({"teacher_steps": 2, "few_steps": [1], "guidance": 0.5})
+    assert any("--guidance=0.5 is below 1" in r.getMessage() for r in caplog.records)
