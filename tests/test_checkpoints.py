@@ -152,3 +152,89 @@ def test_ckpt_path_last_without_a_checkpoint_exits_unless_fresh_is_asked(tmp_pat
     assert "distill-pl: --ckpt_path last: no usable checkpoint in runs/tiny/teacher/checkpoints" in proc.stderr
     run_cli(["fit", "--config", str(config), "--ckpt_path", "last_or_fresh"], cwd=tmp_path)
     assert (tmp_path / "runs/tiny/teacher/checkpoints/last.ckpt").is_file()
+
+
+def _full_disk_open(monkeypatch, after: int = 1000):
+    """``open`` of distill_pl.training.checkpoint_io: files that fail with ENOSPC after
+    ``after`` bytes (torch then raises RuntimeError "... unexpected pos ...")."""
+    import errno
+    import io
+
+    from distill_pl.training import checkpoint_io
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            self.written = getattr(self, "written", 0) + len(data)
+            if self.written > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint_io, "open", lambda path, mode="r": FullDisk(path, mode), raising=False)
+
+
+def test_a_full_disk_during_a_save_is_a_checkpoint_save_error(tmp_path, monkeypatch):
+    save(tmp_path / "last.ckpt", 1)
+    _full_disk_open(monkeypatch)
+    with pytest.raises(CheckpointSaveError, match=f"cannot write checkpoint {tmp_path}/last.ckpt: "
+                                                  r"\[Errno 28\] No space left on device"):
+        save(tmp_path / "last.ckpt", 2, size=10_000)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_a_full_disk_during_a_fit_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    from distill_pl.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
+        _full_disk_open(monkeypatch)
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(config), "--data.cache_dir", "cache"])
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(err) <= 3, err
+    assert "error: CheckpointSaveError: cannot write checkpoint " in err[0], err
+    assert "No space left on device" in err[0], err
+
+
+def _bad_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (a file or folder that is no readable checkpoint, what the error says)."""
+    folder.mkdir()
+    (folder / "random.ckpt").write_bytes(bytes(range(256)) * 40)
+    (folder / "notes.ckpt").write_text("step: 4\nloss: 0.1\n")
+    truncate(save(folder / "torn.ckpt", 4, size=10_000))
+    torch.save(torch.ones(3), folder / "tensor.pt")
+    (folder / "sharded").mkdir()
+    (folder / "sharded" / "__0_0.distcp").write_bytes(b"\0" * 64)
+    return {"random": (folder / "random.ckpt", "not a PyTorch checkpoint"),
+            "text": (folder / "notes.ckpt", "not a PyTorch checkpoint"),
+            "truncated": (folder / "torn.ckpt", "a truncated or torn checkpoint"),
+            "folder without meta.pt": (folder / "sharded", "a folder without meta.pt"),
+            "a tensor": (folder / "tensor.pt", "a torch file holding a Tensor, not a Lightning checkpoint")}
+
+
+@pytest.mark.parametrize("command", ["fit", "export"])
+def test_an_unreadable_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, capsys, command):
+    """--ckpt_path (fit) and --ckpt (export) on random bytes, a text file, a truncated
+    checkpoint and a folder without meta.pt: exit 1, one line naming the file, no advice
+    about weights_only, before any model loads."""
+    from distill_pl.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
+    for name, (bad, says) in _bad_checkpoints(tmp_path / "bad").items():
+        args = (["fit", "--config", str(config), "--ckpt_path", str(bad)] if command == "fit"
+                else ["export", "--ckpt", str(bad), "--out", str(tmp_path / "out")])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1, (name, err)
+        assert len(err) <= 3 and str(bad) in err[0] and says in err[0], (name, err)
+        assert "weights_only" not in "\n".join(err), (name, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

@@ -216,3 +216,50 @@ def test_one_step_export_records_its_single_level(tmp_path):
     assert student_noise_levels_of(tmp_path) == (1.0,)
     assert one_step_diffusers.load_scheduler_sigmas(tmp_path) == [1.0]
     assert not one_step_diffusers.load_student(tmp_path)[1].config.stochastic_sampling
+
+
+class _FullDisk:
+    """A scheduler whose save fails as on a full disk (after the transformer was written)."""
+
+    def save_pretrained(self, folder):
+        import errno
+
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "scheduler_config.json").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_an_export_that_fails_midway_leaves_no_half_folder(tmp_path, monkeypatch):
+    """ENOSPC while the scheduler is written: ExportWriteError naming the folder, nothing at
+    the folder's path nor beside it; the next export writes it whole. An export into a folder
+    that holds other files replaces its own entries and keeps the others; a failed one leaves
+    them as they were."""
+    import distill_pl.diffusion.sampling as sampling
+    from distill_pl.export.model_folders import ExportWriteError
+
+    folder = tmp_path / "runs" / "export"
+    real = sampling.build_student_scheduler
+    monkeypatch.setattr(sampling, "build_student_scheduler", lambda *args: _FullDisk())
+    with pytest.raises(ExportWriteError, match=rf"cannot write the model folder {folder}: No space left on device"):
+        export_student(folder, 3.0)
+    assert not list((tmp_path / "runs").iterdir())  # neither the folder nor a temp folder beside it
+
+    monkeypatch.setattr(sampling, "build_student_scheduler", real)
+    (tmp_path / "runs" / ".export.k1ll3d00" / "export" / "transformer").mkdir(parents=True)  # a killed export's
+    export_student(folder, 3.0)
+    assert student_noise_levels_of(folder) == (1.0,)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["export"]
+    written = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert Path("transformer/diffusion_pytorch_model.safetensors") in written
+
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr(sampling, "build_student_scheduler", lambda *args: _FullDisk())
+    with pytest.raises(ExportWriteError):
+        export_student(folder, 1.0)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == {
+        **written, Path("notes.txt"): b"mine"}
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["export"]
+    monkeypatch.setattr(sampling, "build_student_scheduler", real)
+    export_student(folder, 1.0)
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["shift"] == 1.0

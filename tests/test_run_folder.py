@@ -138,3 +138,140 @@ def test_resuming_a_run_in_its_own_folder_exports_again_but_another_run_may_not(
         assert exit_.value.code == 1
         assert "a/export already holds an exported model" in capsys.readouterr().err
     assert _files(tmp_path) == after
+
+
+def _tree(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_or_moved_run_folder_resumes_and_exports_inside_itself(tmp_path, monkeypatch):
+    """Fit in a; copy a to b without its export, resume b from its own last.ckpt with more
+    steps: b/export is written, a is untouched. Then move b to c: the same in c, and nothing
+    reappears at b. The checkpoint stores export_dir relative to its run folder."""
+    import shutil
+
+    import torch
+
+    from distill_pl.cli.run_folder import RUN_RELATIVE_KEY
+    from distill_pl.training.resume import checkpoint_step, resume_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    shared = ["--data.cache_dir", str(tmp_path / "cache")]
+    main(["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "a"), *shared])
+    saved = torch.load(tmp_path / "a/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["export_dir"] == "export" and saved[RUN_RELATIVE_KEY] == ["export_dir"]
+    original = _tree(tmp_path / "a")
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b/export")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "b", "--trainer.max_steps", "4",
+          "--ckpt_path", "b/checkpoints/last.ckpt", *shared])
+    assert (tmp_path / "b/export/transformer/diffusion_pytorch_model.safetensors").is_file()
+    assert checkpoint_step(Path(resume_checkpoint([tmp_path / "b/checkpoints"])))[0] == 4  # last-v1.ckpt
+    assert _tree(tmp_path / "a") == original
+
+    shutil.move(tmp_path / "b", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c/export")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "c", "--trainer.max_steps", "6",
+          "--ckpt_path", "last", *shared])
+    assert (tmp_path / "c/export/transformer/diffusion_pytorch_model.safetensors").is_file()
+    assert checkpoint_step(Path(resume_checkpoint([tmp_path / "c/checkpoints"])))[0] == 6
+    assert not (tmp_path / "b").exists()
+    assert _tree(tmp_path / "a") == original
+
+
+def test_a_checkpoint_gives_no_output_path_to_the_resume():
+    from distill_pl.cli.run_folder import without_run_outputs
+
+    assert without_run_outputs({"export_dir": "export", "lr": 1.0}) == {"lr": 1.0}
+    assert without_run_outputs({"export_dir": "/old/a/export", "lr": 1.0}) == {"lr": 1.0}
+
+
+def test_a_fit_whose_export_fails_midway_leaves_no_half_export_and_reruns(tmp_path, monkeypatch, capsys):
+    """ENOSPC while the teacher's export is written: one line naming the export folder, exit
+    1, nothing at a/export (nor a temp folder beside it); the rerun is not refused."""
+    import errno
+
+    import distill_pl.export.model_folders as model_folders
+
+    class FullDisk:
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    args = ["fit", "--config", config, "--trainer.default_root_dir", "a", "--data.cache_dir", "cache"]
+    real = model_folders.build_flow_scheduler
+    monkeypatch.setattr(model_folders, "build_flow_scheduler", lambda *a: FullDisk())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+    assert len(err) <= 3 and "cannot write the model folder a/export: No space left on device" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["checkpoints", "version_0"]
+
+    monkeypatch.setattr(model_folders, "build_flow_scheduler", real)
+    main(args)
+    assert (tmp_path / "a/export/scheduler/scheduler_config.json").is_file()
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: creating a file in ``folder`` (or below it) fails with EACCES,
+    as in a read-only folder (the tests run as root, whom permissions do not stop)."""
+    import errno
+    import os
+
+    real_open, real_mkdir = os.open, os.mkdir
+    folders: list[Path] = []
+
+    def check(path):
+        target = Path(os.path.abspath(path))
+        if any(f == target.parent or f in target.parents for f in folders):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            check(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        check(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+    return lambda folder: folders.append(Path(os.path.abspath(folder)))
+
+
+def test_a_read_only_run_folder_is_one_line_naming_it(tmp_path, monkeypatch, capsys, read_only):
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    for root in ("ro", "ro/new/run"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", config, "--trainer.default_root_dir", root, "--data.cache_dir", "cache"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 1 and len(err) <= 3, err
+        assert f"the run folder {root} is not writable" in err[0] and "Permission denied" in err[0], err
+    assert not any((tmp_path / "ro").iterdir())
+
+
+def test_a_read_only_prompt_cache_warns_and_training_goes_on(tmp_path, monkeypatch, caplog, read_only):
+    """A read-only (empty) cache folder: one warning naming it for the prompt cache (and one
+    for the bundled manifest, written to a temp folder instead); the fit runs and exports."""
+    monkeypatch.chdir(tmp_path)
+    config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))
+    (tmp_path / "cache").mkdir()
+    read_only(tmp_path / "cache")
+    main(["fit", "--config", config, "--trainer.default_root_dir", "a", "--data.cache_dir", "cache"])
+    assert (tmp_path / "a/export/scheduler/scheduler_config.json").is_file()
+    assert not any((tmp_path / "cache").iterdir())
+    warnings = [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()]
+    assert sum("prompt cache folder cache is not writable (Permission denied): continuing without caching"
+               in w for w in warnings) == 1, warnings

@@ -36,3 +36,33 @@ def test_a_student_folder_is_sampled_at_its_levels_and_with_its_sampler_without_
     assert calls == [([1.0, 0.5], "euler")]  # one batch of 2 videos, with the folder's sampler
     assert "a 2-step student, sampled at its noise levels without CFG" in capsys.readouterr().out
     assert (tmp_path / "out" / "sample_1.mp4") in written and (tmp_path / "out" / "grid.png") in written
+
+
+def test_sample_refuses_zero_steps_and_a_truncated_teacher_in_one_line(tmp_path, monkeypatch, capsys):
+    """``--steps 0``: one line before any model loads (the teacher folder is not even read);
+    a teacher folder whose safetensors file is truncated: one line naming the file."""
+    from distill_pl.cli.main import main
+    from distill_pl.export.model_folders import save_teacher_folder
+
+    monkeypatch.chdir(tmp_path)
+    teacher = save_teacher_folder(tmp_path / "teacher", build_denoiser("WanTransformer3DModel", TINY), "unipc", 1.0)
+    weights = teacher / "transformer/diffusion_pytorch_model.safetensors"
+    data = ["--data.cache_dir", str(tmp_path / "cache"), "--data.height", "32", "--data.width", "32",
+            "--data.num_frames", "8", "--data.frame_stride", "4"]
+
+    def fails(args: list[str]) -> list[str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["sample", "--out", str(tmp_path / "out"), *args, *data])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code != 0 and len(err) <= 3, err
+        return err
+
+    err = fails(["--teacher", str(tmp_path / "missing"), "--steps", "0"])
+    assert "--steps must be a whole number of sampling steps, at least 1 (got 0)" in err[0], err
+
+    data_bytes = weights.read_bytes()
+    weights.write_bytes(data_bytes[: len(data_bytes) // 2])
+    err = fails(["--teacher", str(teacher), "--steps", "2"])
+    assert f"{weights}: unreadable safetensors weights" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -18,11 +18,21 @@ from distill_pl.training.checkpoint_io import TRAINER_DEFAULTS
 from distill_pl.cli.errors import ShortErrors, debug_requested, run_with_short_errors, without_debug_flag
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.cli.harmless_messages import silence_harmless_messages
+from distill_pl.cli.settings import check_model_settings
 from distill_pl.cli.moved_paths import check_moved_class_paths, new_class_path
-from distill_pl.cli.run_folder import check_export_free, derive_run_paths
+from distill_pl.cli.run_folder import (
+    RunRelativePaths,
+    check_export_free,
+    check_run_folder_writable,
+    derive_run_paths,
+    without_run_outputs,
+)
 from distill_pl.training.resume import resolve_ckpt_path
+from distill_pl.util.checkpoint_files import check_checkpoint, check_lightning_checkpoint, load_error
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+#: ``--ckpt_path`` values that Lightning resolves itself (not files)
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 
 silence_harmless_messages()
 OTHER_COMMANDS = {
@@ -77,7 +87,7 @@ class DistillCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        defaults = []
+        defaults = [RunRelativePaths()]  # checkpoints store the run's output paths relative to it
         if (_RICH_AVAILABLE and config.get("enable_progress_bar") is not False
                 and not any(isinstance(c, ProgressBar) for c in configured)):
             defaults.append(StepProgressBar())
@@ -93,28 +103,43 @@ class DistillCLI(LightningCLI):
         derive_run_paths(config, self.subcommand)
         if self.subcommand is None:  # parsed for a benchmark or a test: nothing runs
             return
+        check_model_settings(config)  # before any model loads
+        check_run_folder_writable(config)
         if self.subcommand == "fit":
             check_export_free(config, config.get("overwrite_export", False))
         data = VideoDataModule(**config.data.as_dict())
         if data.reads_clips(self.subcommand):
             data.check_video_lengths()
+        data.check_settings(self.subcommand)  # warnings: batch size, captions
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path last``; refuse a checkpoint of another stage before
         LightningCLI would silently swap the model class to the checkpoint's (a KD checkpoint
         starts DMD2 through ``init_from``); then, as LightningCLI does, let the checkpoint's
         hyperparameters update the model's config. A checkpoint written before the package was
-        regrouped names its class by the old path: the new one is used."""
+        regrouped names its class by the old path: the new one is used. The run's output paths
+        (``export_dir``) are the current config's, not the checkpoint's (see
+        :mod:`distill_pl.cli.run_folder`)."""
         sub = self.config.get("subcommand")
         if not sub:
             return
         derive_run_paths(self.config[sub], sub)  # the checkpoint folder "last" is looked for in
         resolve_ckpt_path(self.config[sub])  # "last": the newest intact checkpoint (distill_pl.training.resume)
         ckpt = self.config[sub].get("ckpt_path")
-        if not (ckpt and Path(ckpt).is_file()):
+        if not ckpt or str(ckpt) in LIGHTNING_CKPT_NAMES or str(ckpt).startswith("registry") or "://" in str(ckpt):
+            return  # Lightning's own names and remote paths: Lightning resolves them
+        check_checkpoint(ckpt)  # one line naming a missing, torn or foreign file, before torch.load
+        if not Path(ckpt).is_file():
             return
-        hparams = torch.load(ckpt, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        try:
+            checkpoint = torch.load(ckpt, weights_only=True, map_location="cpu")
+        except Exception as err:  # torn contents: torch's pickle, zip or storage errors
+            raise load_error(Path(ckpt), err) from None
+        check_lightning_checkpoint(checkpoint, Path(ckpt), key="global_step")
+        hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
+        # the run's output paths: the current config's (its run folder), not the checkpoint's
+        hparams = without_run_outputs(hparams)
         if not hparams:
             return
         written_by = hparams.pop("_class_path", None)

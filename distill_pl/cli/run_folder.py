@@ -11,23 +11,38 @@ when unset), unless the config names it explicitly:
 - ``<run>/{train,val}/``: ``data.pairs_dir`` of a KD pair generation (``predict``, pairs mode)
   when it is null (also when a config is only parsed, without a subcommand).
 
+A run whose folder cannot be written (read-only) stops before any model loads, with one line
+naming it (:func:`check_run_folder_writable`).
+
 A fit refuses to start when its export folder already holds an export (another run's, or
 this run's from an earlier launch) unless ``--overwrite_export true`` is given, or unless it
 resumes this run: ``--ckpt_path`` names a checkpoint inside the run folder (``last``: the
 newest of ``<run>/checkpoints/``) and the export folder lies inside the run folder too, so
 the export there is this run's and the resumed fit writes it again.
+
+A checkpoint stores the model's output paths inside the run folder (``export_dir``) relative
+to it (:class:`RunRelativePaths`), and a resume (``--ckpt_path``) never takes them from the
+checkpoint (:func:`without_run_outputs`): they come from the current config, derived from the
+current run folder or set explicitly. So a copied or moved run folder resumes and exports
+inside itself and leaves the original untouched.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import Callback
 
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 LOGGER_CLASSES = (TENSORBOARD_LOGGER, "lightning.pytorch.loggers.CSVLogger")
+#: the model's hyperparameters that are output paths of its run
+RUN_OUTPUT_HPARAMS = ("export_dir",)
+#: checkpoint key: the hyperparameters stored relative to the run folder
+RUN_RELATIVE_KEY = "run_relative_hyper_parameters"
 
 
 class ExportExistsError(FileExistsError):
@@ -77,6 +92,30 @@ def resumes_own_run(config: Namespace, export_dir: str | Path) -> bool:
     return bool(ckpt_path) and _inside(ckpt_path, root) and _inside(export_dir, root)
 
 
+class RunFolderError(OSError):
+    """The run folder cannot be written."""
+
+
+def check_run_folder_writable(config: Namespace) -> None:
+    """Raise :class:`RunFolderError` naming the run folder of a parsed subcommand config when
+    a file cannot be created in it (or, while it does not exist yet, in the nearest existing
+    folder above it, where it would be made). Nothing is left behind."""
+    root = Path(run_folder(config.trainer))
+    folder = root
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".distill_pl_write_check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if folder == root else f" (it would be made in {folder})"
+        error = RunFolderError(f"the run folder {root} is not writable{where}: {err.strerror or err}; "
+                               f"give a writable --trainer.default_root_dir")
+        error.errno = err.errno
+        raise error from None
+
+
 def check_export_free(config: Namespace, overwrite: bool) -> None:
     """Refuse a fit whose ``export_dir`` already holds files, unless ``overwrite`` or the fit
     resumes the run that wrote them (:func:`resumes_own_run`)."""
@@ -91,3 +130,33 @@ def check_export_free(config: Namespace, overwrite: bool) -> None:
         f"folder (--trainer.default_root_dir), resume the run of that folder (--ckpt_path last) "
         f"or pass --overwrite_export true to replace it"
     )
+
+
+class RunRelativePaths(Callback):
+    """Stores the output paths of :data:`RUN_OUTPUT_HPARAMS` that lie in the run folder
+    (``trainer.default_root_dir``) relative to it in every checkpoint's ``hyper_parameters``
+    (the model's own ``hparams`` are unchanged), and lists them under :data:`RUN_RELATIVE_KEY`."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict):
+            return
+        root = Path(trainer.default_root_dir).resolve()
+        relative = []
+        for key in RUN_OUTPUT_HPARAMS:
+            value = hparams.get(key)
+            if not value:
+                continue
+            path = Path(value).resolve()
+            if path == root or root in path.parents:
+                hparams[key] = path.relative_to(root).as_posix()
+                relative.append(key)
+        checkpoint[RUN_RELATIVE_KEY] = relative
+
+
+def without_run_outputs(hparams: dict) -> dict:
+    """The checkpoint's ``hparams`` for a resume, without the run's output paths
+    (:data:`RUN_OUTPUT_HPARAMS`): those come from the current config, derived from the current
+    run folder (:func:`derive_run_paths`) or set explicitly, never from the run folder the
+    checkpoint was written in."""
+    return {k: v for k, v in hparams.items() if k not in RUN_OUTPUT_HPARAMS}

@@ -79,6 +79,8 @@ two stages over precomputed VAE latents of the clips.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -88,7 +90,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from distill_pl.data import clip_latents, pairs
+from distill_pl.data import checks, clip_latents, pairs
 from distill_pl.data.bundled import write_bundled_manifest
 from distill_pl.data.clip_latents import ClipLatentDataset
 from distill_pl.data.clips import ClipDataset, count_frames, minimum_video_frames
@@ -235,7 +237,14 @@ class VideoDataModule(lightning.LightningDataModule):
         """The manifest to read, writing the bundled one first when none is given."""
         if self.hparams.manifest is not None:
             return Path(self.hparams.manifest)
-        return write_bundled_manifest(Path(self.hparams.cache_dir) / "bundled")
+        folder = getattr(self, "_bundled_folder", None) or Path(self.hparams.cache_dir) / "bundled"
+        try:
+            return write_bundled_manifest(folder)
+        except OSError as err:  # a read-only cache folder: the manifest goes to a temp folder
+            self._bundled_folder = Path(tempfile.gettempdir()) / f"distill_pl_bundled_{os.getuid()}"
+            log.warning("cache folder %s is not writable (%s): writing the bundled manifest to %s",
+                        folder, err.strerror or err, self._bundled_folder)
+            return write_bundled_manifest(self._bundled_folder)
 
     def prepare_data(self) -> None:
         self._manifest()
@@ -271,9 +280,36 @@ class VideoDataModule(lightning.LightningDataModule):
                 f"{(h.num_frames - 1) * h.frame_stride + 1} frames in the first part and in the held-out last part)")
         if len(problems) == len(entries):
             raise ValueError(f"manifest {manifest}: no usable video: {rule}; {', '.join(problems)}")
+        self._usable_videos = len(entries) - len(problems)
         if problems:
             log.warning("manifest %s: %s; skipping %s", manifest, rule, ", ".join(problems))
         return needed
+
+    def check_settings(self, stage: str) -> None:
+        """Warn, before any model loads, about settings of ``stage`` that work but are probably
+        not meant: a batch size larger than the data, empty or too long captions (see
+        :mod:`distill_pl.data.checks`). Call :meth:`check_video_lengths` first for the val size."""
+        h = self.hparams
+        val_batch = ("val_batch_size", h.val_batch_size) if h.val_batch_size else ("batch_size", h.batch_size)
+        sizes = {}
+        if self.reads_clips(stage):
+            manifest = self._manifest()
+            entries = read_manifest(manifest)
+            checks.warn(checks.caption_warnings(entries, manifest, h.text_encoder, h.max_text_length))
+            if h.mode == "clips" and stage == "fit":
+                sizes["train"] = ("batch_size", h.batch_size, h.samples_per_epoch)
+            if h.mode == "clips" and stage in ("fit", "validate"):
+                videos = getattr(self, "_usable_videos", len(entries))
+                sizes["val"] = (*val_batch, videos * h.val_clips_per_video)
+        elif h.streaming_dir is None and stage in ("fit", "validate"):
+            for split, batch in (("train", ("batch_size", h.batch_size)), ("val", val_batch)):
+                if split == "train" and stage != "fit":
+                    continue
+                try:
+                    sizes[split] = (*batch, len(self._open_split(split)))
+                except Exception:  # missing or bad shards: setup reports them
+                    continue
+        checks.warn(checks.batch_size_warnings(sizes))
 
     def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
         """A :class:`ClipDataset` of ``split`` with this module's data settings."""

@@ -5,7 +5,9 @@ padding for the generic encoder; a family's own encoder may keep them, see
 :func:`distill_pl.families.registry.text_encoders`) and
 ``<sha1(prompt)>.mask`` [L] bool; metadata ``encoder`` (the encoder path as given), ``max_length`` and ``prompts`` (JSON object sha1 -> prompt). A file written for
 another encoder path or max_length, or one that cannot be read, is rebuilt from scratch.
-The encoder is loaded only when a requested prompt is missing.
+The encoder is loaded only when a requested prompt is missing. A cache folder that cannot be
+written (read-only, full) is warned about once, naming it, and the embeddings are kept in
+memory only: training goes on without caching them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PromptEmbeddingCache:
         self._encoder = None
         self._prompts: dict[str, str] = {}
         self._tensors: dict[str, Tensor] = {}
+        self._writable = True
         if self.cache_file.exists():
             self._read()
 
@@ -80,9 +83,18 @@ class PromptEmbeddingCache:
         self._prompts, self._tensors = prompts, tensors
 
     def _write(self) -> None:
-        """Write the whole cache atomically (temp file in the same folder, then rename)."""
-        with atomic_write(self.cache_file) as tmp:
-            save_file(self._tensors, str(tmp), metadata=self._metadata())
+        """Write the whole cache atomically (temp file in the same folder, then rename); a
+        folder that cannot be written is warned about (once) and left as it is."""
+        if not self._writable:
+            return
+        try:
+            with atomic_write(self.cache_file) as tmp:
+                save_file(self._tensors, str(tmp), metadata=self._metadata())
+        except OSError as err:
+            self._writable = False
+            log.warning("prompt cache folder %s is not writable (%s): continuing without caching the prompt "
+                        "embeddings (they are computed again by every run)",
+                        self.cache_file.parent, err.strerror or err)
 
     def _load_encoder(self):
         return load_text_encoder(self.encoder_path, self.max_length)

@@ -46,6 +46,7 @@ from distill_pl.eval.metric_cache import MetricCache
 from distill_pl.eval.timing import generate_interleaved, timing_warnings
 from distill_pl.eval.report import write_report
 from distill_pl.cli.function_parser import run_with_data
+from distill_pl.cli.settings import check_evaluation_settings
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.families.registry import load_denoiser
@@ -388,4 +389,4 @@ def score_methods(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_with_data(evaluate, "distill-pl evaluate", __doc__, argv)
+    run_with_data(evaluate, "distill-pl evaluate", __doc__, argv, check=check_evaluation_settings)

@@ -21,6 +21,7 @@ import torch
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.diffusion.sampling import sample_with_scheduler, student_sample
 from distill_pl.cli.function_parser import run_with_data
+from distill_pl.cli.settings import check_step_count, warn_guidance
 from distill_pl.util.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.families.registry import load_denoiser
@@ -49,9 +50,12 @@ def sample_teacher(
 ) -> list[Path]:
     """Sample ``num_videos`` validation clips' controls and captions with the teacher (or the
     student) folder ``teacher``."""
+    check_step_count("--steps", steps)  # before any model loads
+    is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
+    if not is_student:
+        warn_guidance("--guidance", guidance)
     denoiser = load_denoiser(teacher).eval()
     scheduler = load_scheduler(teacher)
-    is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
     levels = student_noise_levels_of(teacher) if is_student else None
     if is_student:
         print(f"{teacher}: a {len(levels)}-step student, sampled at its noise levels without CFG")
@@ -100,4 +104,5 @@ def sample_teacher(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_with_data(sample_teacher, "distill-pl sample", __doc__, argv)
+    run_with_data(sample_teacher, "distill-pl sample", __doc__, argv,
+                  check=lambda flags: check_step_count("--steps", flags["steps"]))

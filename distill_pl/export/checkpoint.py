@@ -25,6 +25,7 @@ import torch
 
 from distill_pl.models.sharding import denoiser_from_state_dict
 from distill_pl.models.student_init import EMA_PREFIX, STUDENT_PREFIX
+from distill_pl.util.checkpoint_files import SHARDED_METADATA, check_checkpoint, check_lightning_checkpoint, load_error
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -49,9 +50,14 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     from distill_pl.families.registry import build_denoiser, denoiser_config
     from distill_pl.export.model_folders import load_scheduler, save_student_folder, scheduler_shift
 
-    ckpt = Path(ckpt)
+    ckpt = check_checkpoint(ckpt, "--ckpt")  # one line naming a missing, torn or foreign file
     sharded = ckpt.is_dir()
-    meta = torch.load(ckpt / "meta.pt" if sharded else ckpt, map_location="cpu", weights_only=False, mmap=not sharded)
+    file = ckpt / SHARDED_METADATA if sharded else ckpt
+    try:
+        meta = torch.load(file, map_location="cpu", weights_only=False, mmap=not sharded)
+    except Exception as err:  # torn contents: torch's pickle, zip or storage errors
+        raise load_error(file, err, "--ckpt") from None
+    check_lightning_checkpoint(meta, file, "--ckpt", "global_step" if sharded else "state_dict")
     hparams = meta.get("hyper_parameters", {})
     teacher = teacher or hparams.get("teacher")
     if teacher is None:

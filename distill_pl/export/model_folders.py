@@ -13,15 +13,16 @@ reads both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from torch import nn
 
 from distill_pl.diffusion.sampling import SchedulerName, StudentSampler, build_flow_scheduler
 from distill_pl.diffusion.student_steps import student_noise_levels, unshift_sigma
-from distill_pl.util.media import write_text
+from distill_pl.util.media import atomic_folder, write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.finite_weights import check_finite
 from distill_pl.models.loading import ModelFolderError
@@ -30,17 +31,40 @@ from distill_pl.export.student_settings import STUDENT_SETTINGS, student_setting
 from distill_pl.util.paths import resolve_path
 
 
+class ExportWriteError(OSError):
+    """A model folder could not be written (disk full, folder not writable); nothing of it is
+    left at its path."""
+
+
+@contextlib.contextmanager
+def _written_whole(folder: Path) -> Iterator[Path]:
+    """:func:`~distill_pl.util.media.atomic_folder` of ``folder``: an OS error while writing
+    becomes an :class:`ExportWriteError` naming ``folder``."""
+    try:
+        with atomic_folder(folder) as staging:
+            yield staging
+    except ExportWriteError:
+        raise
+    except OSError as err:
+        error = ExportWriteError(f"cannot write the model folder {folder}: {err.strerror or err} "
+                                 f"(nothing was left there)")
+        error.errno = err.errno
+        raise error from err
+
+
 def save_teacher_folder(
     folder: str | Path, denoiser: Denoiser, scheduler: SchedulerName, shift: float
 ) -> Path:
     """Write the denoiser's components (``folder/transformer``, and any other model folder
-    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``; refuse
-    non-finite weights (:class:`~distill_pl.models.finite_weights.NonFiniteWeightsError`, nothing
-    written)."""
+    its adapter has, see ``Denoiser.save_components``) and ``folder/scheduler``, built beside
+    ``folder`` and renamed into place (a failure, e.g. a full disk, leaves no half folder:
+    :class:`ExportWriteError`); refuse non-finite weights
+    (:class:`~distill_pl.models.finite_weights.NonFiniteWeightsError`, nothing written)."""
     folder = Path(folder)
     check_finite(denoiser.state_dict(), f"the model folder {folder}")
-    denoiser.save_components(str(folder))
-    build_flow_scheduler(scheduler, shift).save_pretrained(str(folder / "scheduler"))
+    with _written_whole(folder) as staging:
+        denoiser.save_components(str(staging))
+        build_flow_scheduler(scheduler, shift).save_pretrained(str(staging / "scheduler"))
     return folder
 
 
@@ -67,7 +91,9 @@ def save_student_folder(
     at, decreasing from 1.0), ``sampler`` and ``scheduler_sigmas`` (the same before the shift:
     ``scheduler.set_timesteps(sigmas=...)`` with them reproduces the levels, since the
     scheduler shifts custom sigmas). One step from sigma = 1 is exactly
-    ``x_g = eps - v(eps, 1)``. Prints where it went.
+    ``x_g = eps - v(eps, 1)``. The folder is built beside ``folder`` and renamed into place:
+    a failure (a full disk) leaves no half folder (:class:`ExportWriteError`). Prints where it
+    went.
 
     With ``data_hparams`` (the training datamodule's ``hparams``) holding every key of
     :data:`~distill_pl.export.student_settings.STUDENT_SETTINGS`, also ``student.json``
@@ -79,14 +105,15 @@ def save_student_folder(
     check_finite(student.state_dict(), f"the student folder {folder}")
     if sampler not in ("renoise", "euler"):
         raise ValueError(f"unknown student sampler {sampler!r}; expected 'renoise' or 'euler'")
-    folder = Path(student.save_student_pipeline(str(folder), None if teacher is None else str(teacher), shift,
-                                                levels, sampler))
-    steps = {"noise_levels": list(levels), "sampler": sampler,
-             "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
-    write_text(folder / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
-    if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
-        settings = student_settings(data_hparams, student)
-        write_text(folder / "student.json", json.dumps(settings, indent=2) + "\n")
+    folder = Path(folder)
+    with _written_whole(folder) as staging:
+        student.save_student_pipeline(str(staging), None if teacher is None else str(teacher), shift, levels, sampler)
+        steps = {"noise_levels": list(levels), "sampler": sampler,
+                 "scheduler_sigmas": [unshift_sigma(s, shift) for s in levels]}
+        write_text(staging / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
+        if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
+            settings = student_settings(data_hparams, student)
+            write_text(staging / "student.json", json.dumps(settings, indent=2) + "\n")
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder
 

@@ -67,7 +67,10 @@ def _check_config(folder: Path, class_name: str, subfolder: str) -> None:
 
 
 def _check_weights(folder: Path) -> None:
-    if any(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        for file in files:
+            check_safetensors_file(file)
         return
     others = sorted(p.name for pattern in _OTHER_WEIGHT_PATTERNS for p in folder.glob(pattern))
     if others:
@@ -76,6 +79,22 @@ def _check_weights(folder: Path) -> None:
             "(re-save the model with save_pretrained(..., safe_serialization=True))"
         )
     raise ModelFolderError(f"{folder}: no *.safetensors weights")
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Raise :class:`ModelFolderError` naming ``file`` when its safetensors header does not
+    describe the file (a truncated or torn copy); only the header is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as error:  # SafetensorError (a Rust exception), OSError
+        lines = str(error).strip().splitlines()
+        raise ModelFolderError(
+            f"{file}: unreadable safetensors weights ({lines[0][:200] if lines else type(error).__name__}); "
+            "a truncated or torn copy? copy or export the model folder again"
+        ) from None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

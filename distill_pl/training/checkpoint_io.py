@@ -7,7 +7,9 @@ the folder is fsynced. A run killed at any moment leaves the previous file or th
 the final name, never a partial one (Lightning's own save writes the final name in place
 from a buffer, so a kill during it leaves a torn ``last.ckpt``). A save that fails (folder not
 writable, disk full) raises :class:`CheckpointSaveError` naming the path and the OS error
-and the run stops; the temp file is removed.
+and the run stops; the temp file is removed. (torch reports a failed write of its zip writer
+as ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos``, the OS error
+only in its context: that is a :class:`CheckpointSaveError` too.)
 
 Distributed (sharded) checkpoints of :class:`distill_pl.training.strategies.FSDP2Strategy` get the
 same guarantee from a staging folder that replaces the final folder when every rank is done.
@@ -44,6 +46,24 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, file)
     except OSError as err:
         raise CheckpointSaveError(f"cannot write checkpoint {path}: {err}") from err
+    except RuntimeError as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise CheckpointSaveError(f"cannot write checkpoint {path}: {reason}") from err
+
+
+def _write_failure(err: RuntimeError) -> str | None:
+    """Why torch's zip writer failed (the OS error it swallowed, e.g. a full disk), or None
+    when ``err`` is not a failed write."""
+    context = err.__context__
+    if isinstance(context, OSError):
+        return str(context)
+    text = str(err).strip()
+    if "inline_container" in text or "PytorchStreamWriter" in text:
+        first = text.splitlines()[0] if text else ""
+        return f"the write failed ({first[:200]}); is the disk full?"
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

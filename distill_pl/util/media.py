@@ -7,7 +7,9 @@ atomically (temp file in the same folder, then rename).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -110,6 +112,38 @@ def atomic_write(path: str | Path, durable: bool = False) -> Iterator[Path]:
             _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a folder path to write (not yet created) inside a temporary folder beside
+    ``path`` (``.<name>.<random>``, so the rename never crosses filesystems). On success it
+    takes ``path``'s place: an absent or empty ``path`` by one rename (``path`` is then whole
+    or absent, never half written); an existing ``path`` has each of the written entries
+    replaced whole (the old entry moved aside first, then removed), its other entries kept.
+    On error the temporary folder is removed and ``path`` is left as it was; one left by a
+    killed writer is removed by the next write of ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.is_dir() and len(stale.name) == len(path.name) + 10:  # ".<name>." + mkdtemp's 8 characters
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    target = staging / path.name
+    try:
+        yield target
+        target.mkdir(exist_ok=True)
+        if not path.is_dir() or not any(path.iterdir()):
+            os.replace(target, path)
+        else:
+            aside = staging / ".old"
+            aside.mkdir()
+            for entry in sorted(target.iterdir()):
+                if (path / entry.name).exists() or (path / entry.name).is_symlink():
+                    os.replace(path / entry.name, aside / entry.name)
+                os.replace(entry, path / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
