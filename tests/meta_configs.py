@@ -9,16 +9,18 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
 
 from distill_pl.cli.main import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 
 
 def write_model(root: Path, sub: str, config: dict) -> None:
-    """``root/sub``: a model folder with ``config.json`` and an empty safetensors file."""
+    """``root/sub``: a model folder with ``config.json`` and a safetensors file that holds no
+    tensor (a valid header: the folder passes the weights check, the model is built on meta)."""
     (root / sub).mkdir(parents=True)
     (root / sub / "config.json").write_text(json.dumps(config))
-    (root / sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    save_file({}, str(root / sub / "diffusion_pytorch_model.safetensors"))
 
 
 def wan_vae_config() -> dict:

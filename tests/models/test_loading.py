@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from safetensors.torch import save_file
 
 from distill_pl.models.loading import ModelFolderError, find_diffusers_model_folder, parse_dtype
 
@@ -13,7 +14,7 @@ def make_model_folder(folder, class_name=CLASS, weights="diffusion_pytorch_model
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"_class_name": class_name}))
     if weights:
-        (folder / weights).write_bytes(b"")
+        save_file({}, str(folder / weights))  # a valid header without tensors
     return folder
 
 
