@@ -239,7 +239,7 @@ def estimate_memory(
         gpu_gb: GPU memory in GiB (an "80 GB" H100 shows 79.6 GiB).
         devices: data-parallel devices in all (None: ``trainer.num_nodes x trainer.devices``;
             "auto" devices count as 1).
-        micro_batch: samples per forward (None: ``data.batch_size``; DMD2: divided by
+        micro_batch: samples per forward (None: ``data.batch_size`` divided by
             ``accumulate_micro_batches``).
         gradient_checkpointing: None: the config's setting.
         sharding: ``"fsdp"`` shards parameters, gradients and optimizer state over ``devices``.
@@ -266,7 +266,7 @@ def estimate_memory(
     student = built["student"]
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
-    loaded = micro_batch if stage == "KDModule" else max(micro_batch, data.batch_size)  # DMD2 splits its batch
+    loaded = max(micro_batch, data.batch_size)  # the loaded batch, split into micro-batches
     static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(stage, loaded, data, latent, text)
 
     # the forwards run in the compute dtype; float32 weights saved there stand for autocast's copies
