@@ -154,7 +154,10 @@ class StageModule(L.LightningModule):
             )
 
     # --- the training loop ----------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """One optimizer step of the phase of this step (see the module docstring); returns the
+        batch's loss (detached: the micro-batch losses weighted by their share), which
+        Lightning hands to ``on_train_batch_end`` as ``outputs["loss"]``."""
         step = self.global_step
         phase = self.phase(step)
         index, groups, max_norm = self.phase_optimizer(phase)
@@ -165,6 +168,7 @@ class StageModule(L.LightningModule):
         n = min(self.hparams.accumulate_micro_batches, size)
         bounds = [size * i // n for i in range(n + 1)]
         logs: dict[str, Tensor] = {}
+        total = torch.zeros(())
         finite = True
         with self.toggled_optimizer(optimizer):
             optimizer.zero_grad(set_to_none=True)
@@ -174,6 +178,7 @@ class StageModule(L.LightningModule):
                     micro = micro_batch(batch, rows)
                     loss, micro_logs = self.phase_loss(phase, micro, None if draws is None else draws.rows(rows))
                     weight = (hi - lo) / size
+                    total = weight * loss.detach() if lo == 0 else total + weight * loss.detach()
                     for k, v in micro_logs.items():
                         logs[k] = logs.get(k, 0.0) + weight * v.detach()
                     # decided jointly by all ranks, before backward
@@ -187,6 +192,7 @@ class StageModule(L.LightningModule):
             self.after_update(phase)
         self.nonfinite.record(applied, step, self.phase_name(phase))
         self._log_step(step, logs, norms, applied, size)
+        return total
 
     def _gradient_sync(self, last: bool):
         """Context of a micro-batch: DDP all-reduces (FSDP2 reduce-scatters) gradients only
