@@ -142,20 +142,21 @@ def test_bf16_mixed_activations_match_a_real_autocast_forward(checkpointing, tmp
 
 
 def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
-    """Two real KD steps as Lightning's automatic optimization runs them: forward, zero_grad,
-    backward, clipping, AdamW, EMA. The second one holds the first one's gradients and the
-    AdamW state, as every later step does."""
+    """Two real KD steps as the training loop (distill_pl/training/base.py) runs them:
+    gradients freed, forward, backward, clipping, AdamW, gradients freed, EMA. The second one
+    holds the AdamW state, as every later step does."""
     estimate = estimate_memory(TINY_KD)
     kd = KDModule(**init_args(TINY_KD))
     batch = tiny_batch(TINY_KD, kd=True)
     optimizer = kd.configure_optimizers()
 
     def step():
-        loss = kd.phase_loss(0, batch)[0]
         optimizer.zero_grad(set_to_none=True)
+        loss = kd.phase_loss(0, batch)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(kd.student.parameters(), 10.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         kd.student_ema.update(kd.student)
 
     before = live_bytes(kd.parameters(), kd.buffers(), batch.values())
