@@ -78,8 +78,10 @@ def check_kd_recipe(cli: ParsedCLI) -> None:
     h = cli.model.hparams
     assert (h.lr, tuple(h.betas), h.weight_decay) == (1e-5, (0.9, 0.999), 0.01)
     trainer = cli.config["trainer"]
-    assert global_batch(cli, trainer["accumulate_grad_batches"] * cli.datamodule.hparams.batch_size) == 64
-    assert trainer["max_steps"] == 10_000 and trainer["gradient_clip_val"] == 10
+    per_device = cli.datamodule.hparams.batch_size
+    assert global_batch(cli, per_device) == 64 and per_device == h.accumulate_micro_batches  # micro-batches of 1
+    assert trainer["max_steps"] == 10_000 and h.grad_clip == 10
+    assert trainer.get("accumulate_grad_batches", 1) == 1 and trainer.get("gradient_clip_val") is None
     assert trainer["precision"] == "bf16-mixed"
 
 

@@ -118,7 +118,7 @@ def test_activations_equal_saved_bytes_of_a_real_forward(checkpointing):
     estimate = estimate_memory(TINY_KD, gradient_checkpointing=checkpointing)
     kd = KDModule(**init_args(TINY_KD, gradient_checkpointing=checkpointing))
     batch = tiny_batch(TINY_KD, kd=True)
-    measured, _ = saved_tensor_bytes(lambda: kd.training_step(batch, 0), [*kd.parameters(), *kd.buffers()])
+    measured, _ = saved_tensor_bytes(lambda: kd.phase_loss(0, batch)[0], [*kd.parameters(), *kd.buffers()])
     assert estimate.phases["KD step"].activations == pytest.approx(measured, rel=0.01)
     assert measured > (40 if not checkpointing else 4) * 2**20
 
@@ -134,26 +134,27 @@ def test_bf16_mixed_activations_match_a_real_autocast_forward(checkpointing, tmp
     kd = KDModule(**init_args(TINY_KD, gradient_checkpointing=checkpointing))
     batch = tiny_batch(TINY_KD, kd=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):  # as Lightning's bf16-mixed
-        measured, _ = saved_tensor_bytes(lambda: kd.training_step(batch, 0), [*kd.parameters(), *kd.buffers()])
+        measured, _ = saved_tensor_bytes(lambda: kd.phase_loss(0, batch)[0], [*kd.parameters(), *kd.buffers()])
     assert estimate.weight_copies > 0
     assert estimate.activations + estimate.weight_copies == pytest.approx(measured, rel=0.05)
 
 
 def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
-    """Two real KD steps as Lightning's automatic optimization runs them: forward, zero_grad,
-    backward, clipping, AdamW, EMA. The second one holds the first one's gradients and the
-    AdamW state, as every later step does."""
+    """Two real KD steps as the training loop (distill_pl/training/base.py) runs them:
+    gradients freed, forward, backward, clipping, AdamW, gradients freed, EMA. The second one
+    holds the AdamW state, as every later step does."""
     estimate = estimate_memory(TINY_KD)
     kd = KDModule(**init_args(TINY_KD))
     batch = tiny_batch(TINY_KD, kd=True)
     optimizer = kd.configure_optimizers()
 
     def step():
-        loss = kd.training_step(batch, 0)
         optimizer.zero_grad(set_to_none=True)
+        loss = kd.phase_loss(0, batch)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(kd.student.parameters(), 10.0)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         kd.student_ema.update(kd.student)
 
     before = live_bytes(kd.parameters(), kd.buffers(), batch.values())

@@ -35,11 +35,11 @@ norms and modulation itself, so the saved tensors get autocast's dtypes, and the
 they save stand for autocast's copies. Both are checked against real CPU forwards in the tests.
 
 A phase's peak is parameters + AdamW state + buckets + batch + gradients + max(activations +
-weight copies, AdamW temporary). In KD (Lightning's automatic optimization) the previous
-step's gradients are freed only after the next forward, so they coexist with the activations
-at the end of the forward. DMD2 frees its gradients after each step and writes them while
-backward frees the activations, so there the sum over-counts what coexists; on the tiny models
-backward's own temporaries made up for that (measured peaks 1-2% above the estimate).
+weight copies, AdamW temporary). Every stage's training loop
+(:class:`~distill_pl.training.base.StageModule`) frees its gradients after each step and
+writes them while backward frees the activations, so the sum over-counts what coexists; on
+the tiny models backward's own temporaries made up for that (measured peaks within 0.5% (KD)
+and 1-2% (DMD2) of the estimate).
 
 ``sharding="fsdp"`` (FSDP2, every transformer block sharded, a bf16 ``MixedPrecisionPolicy``
 instead of autocast) divides parameters, AdamW state, gradients and the AdamW temporary of
@@ -225,7 +225,7 @@ def estimate_memory(
         gpu_gb: GPU memory in GiB (an "80 GB" H100 shows 79.6 GiB).
         devices: data-parallel devices in all (None: ``trainer.num_nodes x trainer.devices``;
             "auto" devices count as 1).
-        micro_batch: samples per forward (None: ``data.batch_size``; DMD2: divided by
+        micro_batch: samples per forward (None: ``data.batch_size`` divided by
             ``accumulate_micro_batches``).
         gradient_checkpointing: None: the config's setting.
         sharding: ``"fsdp"`` shards parameters, gradients and optimizer state over ``devices``.
@@ -252,7 +252,7 @@ def estimate_memory(
     student = built["student"]
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
-    loaded = micro_batch if stage == "KDModule" else max(micro_batch, data.batch_size)  # DMD2 splits its batch
+    loaded = max(micro_batch, data.batch_size)  # the loaded batch, split into micro-batches
     static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(stage, loaded, data, latent, text)
 
     # the forwards run in the compute dtype; float32 weights saved there stand for autocast's copies

@@ -72,21 +72,30 @@ def batch_pixels(batch: dict, name: str, autoencoder: VideoAutoencoder) -> Tenso
     return autoencoder.decode(batch[f"{name}_latents"].float())
 
 
-def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None) -> Conditioning:
+def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None,
+              drop: Tensor | None = None) -> Conditioning:
     """Replace each sample's text by the null (negative-prompt) text with probability ``p``.
 
-    Trains the unconditional branch that classifier-free guidance needs.
+    Trains the unconditional branch that classifier-free guidance needs. ``drop``: the
+    per-sample decisions [B] (bool) drawn beforehand (:func:`draw_text_drop`), else drawn here.
     """
     if p <= 0:
         return cond
     b = cond.batch_size
-    drop = (torch.rand(b, generator=generator) < p).to(cond.text_embeds.device)
+    if drop is None:
+        drop = draw_text_drop(b, p, generator)
+    drop = drop.to(cond.text_embeds.device)
     d3 = drop.view(b, 1, 1)
     embeds = torch.where(d3, null.text_embeds, cond.text_embeds)
     mask = None
     if cond.text_mask is not None and null.text_mask is not None:
         mask = torch.where(drop.view(b, 1), null.text_mask, cond.text_mask)
     return cond.with_text(embeds, mask)
+
+
+def draw_text_drop(batch_size: int, p: float, generator=None) -> Tensor:
+    """The per-sample text-dropout decisions [B] (bool, on the CPU) of :func:`drop_text`."""
+    return torch.rand(batch_size, generator=generator) < p
 
 
 def check_precomputed_latents(datamodule, vae_path: str | None) -> None:

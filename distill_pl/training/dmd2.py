@@ -1,9 +1,11 @@
 """DMD2: distribution matching distillation of a CFG teacher into a one- or few-step student.
 
 The loss math (the student's trained step, the critic and generator losses, the draws) is
-:class:`~distill_pl.methods.dmd2.DMD2Objective`; this module builds its networks and
-runs the plumbing: optimizers, alternation, micro-batches, gradient sync, the non-finite
-policy, logging, checkpoints, the grid and the export. Four networks:
+:class:`~distill_pl.methods.dmd2.DMD2Objective`; this module builds its networks, its
+optimizers and the alternation (which phase steps which optimizer), the grid and the
+export; the training loop itself (micro-batches, gradient sync, the non-finite policy,
+clipping, logging, checkpoint hooks) is the one of every stage,
+:class:`~distill_pl.training.base.StageModule`. Four networks:
 
 - ``student``: the generator, one step ``x_g = eps - S(eps, 1, c)`` or K steps at the noise
   levels ``student_sigmas`` with re-noising; initialised from a KD checkpoint
@@ -52,17 +54,12 @@ error, before any NaN reaches the weights or a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.distributed.tensor.experimental import implicit_replication
-from torch.nn.utils import clip_grads_with_norm_
 
 from distill_pl.data.resumable import data_parallel_layout
 from distill_pl.diffusion.sampling import one_step_sample
@@ -75,17 +72,12 @@ from distill_pl.models.guidance import velocity_fn
 from distill_pl.families.registry import load_denoiser
 from distill_pl.models.lora import add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
-from distill_pl.models.finite_weights import check_finite
-from distill_pl.models.sharding import gradient_sync, is_sharded, shard_stage_networks
+from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import export_student_of_run, load_scheduler, scheduler_shift
 from distill_pl.methods.dmd2 import DMD2Draws, DMD2Objective, TrainedStepInput, check_trained_step_input
 from distill_pl.training.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
-from distill_pl.training.nonfinite import (  # noqa: F401 (NonFiniteTrainingError: raised by the policy)
-    NonFinitePolicy,
-    NonFiniteTrainingError,
-    gradient_norm,
-    strategy_of,
-)
+from distill_pl.training.base import StageModule
+from distill_pl.training.nonfinite import NonFinitePolicy, NonFiniteTrainingError  # noqa: F401 (raised by the policy)
 from distill_pl.util.randomness import step_generator
 from distill_pl.models.student_init import load_student_weights
 
@@ -95,7 +87,7 @@ STATE_KEY = "dmd2"
 FROZEN_PREFIXES = ("teacher.", "autoencoder.")
 
 
-class DMD2Module(L.LightningModule):
+class DMD2Module(StageModule):
     """DMD2 step distillation (manual optimization, one optimizer step per training step).
 
     Args:
@@ -199,7 +191,6 @@ class DMD2Module(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.automatic_optimization = False
         if student_update_freq < 2:
             raise ValueError(f"student_update_freq must be >= 2 (critic steps + 1), got {student_update_freq}")
         if not 0.0 <= t_min < t_max <= 1.0:
@@ -245,10 +236,18 @@ class DMD2Module(L.LightningModule):
         self.autoencoder = build_autoencoder(vae_path, vae_dtype)
         self.negative_prompt = NegativePrompt()
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
-        self.step_metrics: dict[str, float] = {}
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)
+
+    stage_name = "DMD2"
+    nonfinite_key = STATE_KEY
+    progress_bar_logs = ("critic_loss", "generator_loss")
+    grad_clip_setting = "student_grad_clip / model.critic_grad_clip"
+
+    @property
+    def num_phases(self) -> int:
+        return self.hparams.student_update_freq
 
     # --- sharding (FSDP2) -------------------------------------------------------------------
     #: left out of checkpoints (also of distributed ones, see distill_pl.training.strategies)
@@ -274,12 +273,7 @@ class DMD2Module(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
         check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise ValueError(
-                f"DMD2 does not support precision={precision!r} (fp16 needs a gradient scaler, "
-                "which cannot skip non-finite steps the way this module does); use 32-true or bf16-mixed"
-            )
+        super().setup(stage)  # refuses fp16
         every = self.trainer.log_every_n_steps
         if every % self.hparams.student_update_freq == 0:
             rank_zero_warn(
@@ -336,42 +330,31 @@ class DMD2Module(L.LightningModule):
     def is_generator_phase(self, step: int | None = None) -> bool:
         return self.phase(step) == self.hparams.student_update_freq - 1
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        step = self.global_step
-        critic_opt, student_opt = self.optimizers()
-        generator_phase = self.is_generator_phase(step)
-        if generator_phase:
-            optimizer, groups, max_norm = student_opt, {"student": self.student}, self.hparams.student_grad_clip
-        else:
-            groups = {"fake_score": self.fake_score, "discriminator": self.discriminator}
-            optimizer, max_norm = critic_opt, self.hparams.critic_grad_clip
-        draws = self.step_draws(batch, step)
-        size = len(batch["text_embeds"])
-        n = min(self.hparams.accumulate_micro_batches, size)
-        bounds = [size * i // n for i in range(n + 1)]
-        logs: dict[str, Tensor] = {}
-        finite = True
-        with self.toggled_optimizer(optimizer):
-            optimizer.zero_grad(set_to_none=True)
-            for lo, hi in zip(bounds, bounds[1:]):
-                rows = slice(lo, hi)
-                with self._gradient_sync(last=hi == size):
-                    micro = {k: v[rows] for k, v in batch.items()}
-                    loss, micro_logs = self.micro_batch_loss(generator_phase, micro, draws.rows(rows))
-                    weight = (hi - lo) / size
-                    for k, v in micro_logs.items():
-                        logs[k] = logs.get(k, 0.0) + weight * v.detach()
-                    # decided jointly by all ranks, before backward
-                    finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-                    if not finite:
-                        break
-                    self.manual_backward(weight * loss)
-            applied, norms = self._update(optimizer, finite, groups, max_norm)
-        if applied and generator_phase and self.student_ema is not None:
+    def phase_name(self, phase: int) -> str:
+        return "student phase" if phase == self.hparams.student_update_freq - 1 else "critic phase"
+
+    def phase_optimizer(self, phase: int) -> tuple[int, dict[str, torch.nn.Module], float | None]:
+        """Critic phases: the critic optimizer (fake score + discriminator); the last phase of
+        the cycle: the student optimizer."""
+        if phase == self.hparams.student_update_freq - 1:
+            return 1, {"student": self.student}, self.hparams.student_grad_clip
+        return 0, {"fake_score": self.fake_score, "discriminator": self.discriminator}, self.hparams.critic_grad_clip
+
+    def phase_draws(self, phase: int, batch: dict, step: int) -> DMD2Draws:
+        return self.step_draws(batch, step)
+
+    def phase_loss(self, phase: int, batch: dict, draws: DMD2Draws) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.micro_batch_loss(phase == self.hparams.student_update_freq - 1, batch, draws)
+
+    def after_update(self, phase: int) -> None:
+        """The student's EMA, after each applied student step."""
+        if phase == self.hparams.student_update_freq - 1 and self.student_ema is not None:
             self.student_ema.update(self.student)
 
-        self._count_nonfinite(applied, step)
-        self._log_step(step, logs, norms, applied, size)
+    def sharded_networks(self) -> tuple[torch.nn.Module, ...]:
+        if is_sharded(self.student):
+            return (self.student, self.fake_score, self.discriminator)
+        return ()
 
     def step_draws(self, batch: dict, step: int) -> DMD2Draws:
         """The draws (:class:`~distill_pl.methods.dmd2.DMD2Draws`) of this rank's samples at
@@ -403,89 +386,6 @@ class DMD2Module(L.LightningModule):
         return objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond,
                                      level=out.level)
 
-    def _gradient_sync(self, last: bool):
-        """Context of a micro-batch: DDP all-reduces (FSDP2 reduce-scatters) gradients only
-        in the last one's backward."""
-        strategy = self.trainer.strategy
-        if is_sharded(self.student):
-            return gradient_sync((self.student, self.fake_score, self.discriminator), enabled=last)
-        if last or not isinstance(strategy, ParallelStrategy):
-            return contextlib.nullcontext()
-        return strategy.block_backward_sync()
-
-    def _log_step(self, step: int, logs: dict, norms: dict, applied: bool, batch_size: int) -> None:
-        """Log this step's metrics; ``self.step_metrics`` keeps them as floats.
-
-        ``train/phase``, ``train/update_skipped`` and ``train/nonfinite_steps`` exist in every
-        step and go through ``self.log``. The phase's own metrics (losses, logits, normaliser,
-        gradient norms) go to the loggers directly, at Lightning's logging steps: through
-        ``self.log`` Lightning would re-log a key's last value at every later step of the
-        epoch, so a critic loss would appear again at student steps. They still reach
-        ``callback_metrics`` and the progress bar (``logger=False``).
-        """
-        phase_metrics = {f"train/{k}": v.detach().float() for k, v in logs.items()}
-        phase_metrics.update({f"train/grad_norm_{k}": v for k, v in norms.items()})
-        common = {
-            "train/phase": float(self.phase(step)),
-            "train/update_skipped": float(not applied),
-            "train/nonfinite_steps": float(self.nonfinite_total),
-        }
-        self.step_metrics = {k: float(v) for k, v in {**phase_metrics, **common}.items()}
-        self.log_dict(common, on_step=True, on_epoch=False, batch_size=batch_size)
-        shown = {"train/critic_loss", "train/generator_loss"}
-        for key, value in phase_metrics.items():
-            self.log(key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key in shown,
-                     batch_size=batch_size)
-        if self.loggers and (step + 1) % self.trainer.log_every_n_steps == 0:
-            values = {k: self.step_metrics[k] for k in phase_metrics}
-            for logger in self.loggers:
-                logger.log_metrics(values, step=step)
-
-    def _update(
-        self, optimizer, finite: bool, groups: dict[str, torch.nn.Module], max_norm: float | None
-    ) -> tuple[bool, dict[str, Tensor]]:
-        """Gradient norms (+ clipping) of the accumulated gradients, one optimizer step.
-        Returns (applied, norms).
-
-        A non-finite loss (``finite`` False) or gradient skips the update: every gradient is
-        set to None before ``optimizer.step()``, which then changes nothing but still counts
-        as Lightning's step.
-        """
-        norms: dict[str, Tensor] = {}
-        if finite:
-            grads = {
-                name: [p.grad for p in module.parameters() if p.grad is not None]
-                for name, module in groups.items()
-            }
-            # sharded (DTensor) gradients: the norm of the full gradient, the same on every rank
-            norms = {name: gradient_norm(gs) for name, gs in grads.items()}
-            total = torch.stack(list(norms.values())).square().sum().sqrt()
-            finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
-            if finite and max_norm is not None:
-                params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
-                with implicit_replication():  # a plain total norm may scale DTensor gradients
-                    clip_grads_with_norm_(params, max_norm, total)
-        if not finite:
-            norms = {}
-            optimizer.zero_grad(set_to_none=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # frees the gradients until this optimizer's next step
-        return finite, norms
-
-    def _count_nonfinite(self, applied: bool, step: int) -> None:
-        what = "student" if self.is_generator_phase(step) else "critic"
-        self.nonfinite.record(applied, step, f"{what} phase")
-
-    @property
-    def nonfinite_total(self) -> int:
-        """Skipped (non-finite) updates of the run so far."""
-        return self.nonfinite.total
-
-    @property
-    def nonfinite_streak(self) -> int:
-        """Skipped updates in a row up to the last step."""
-        return self.nonfinite.streak
-
     def configure_optimizers(self):
         h = self.hparams
         critic = torch.optim.AdamW(
@@ -506,17 +406,9 @@ class DMD2Module(L.LightningModule):
         return [critic, student]
 
     # --- checkpoints -------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the frozen teacher and VAE (reloaded from their folders); keep the skip counters.
-        Non-finite weights are refused (:func:`~distill_pl.models.finite_weights.check_finite`)."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
-        check_finite(state, f"a DMD2 checkpoint at step {self.global_step}", strategy_of(self))
-        checkpoint[STATE_KEY] = self.nonfinite.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Accept only DMD2 checkpoints; put the current teacher's and VAE's weights back in.
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Accept only DMD2 checkpoints (the frozen teacher's and VAE's weights are then put
+        back in by :meth:`~distill_pl.training.base.StageModule.on_load_checkpoint`).
 
         Lightning calls this before it loads the state dict, so a KD checkpoint passed as
         ``--ckpt_path`` fails here with a message instead of a state-dict mismatch.
@@ -532,10 +424,6 @@ class DMD2Module(L.LightningModule):
                 "--model.init_from <path> (EMA weights by default, --model.init_from_ema false "
                 "for the raw ones) and no --ckpt_path."
             )
-        for prefix in FROZEN_PREFIXES:
-            for key, value in getattr(self, prefix[:-1]).state_dict().items():
-                state[prefix + key] = value
-        self.nonfinite.load_state_dict(checkpoint.get(STATE_KEY, {}))
 
     # --- monitoring --------------------------------------------------------------------------
     @torch.no_grad()
@@ -570,8 +458,7 @@ class DMD2Module(L.LightningModule):
         }
 
     # --- export ------------------------------------------------------------------------------
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir:
-            student = self.student_ema.module if self.student_ema is not None else self.student
-            export_student_of_run(self.trainer, student, self.hparams.export_dir, self.shift, self.student_levels,
-                                  self.hparams.teacher)
+    def export(self, export_dir: str) -> None:
+        student = self.student_ema.module if self.student_ema is not None else self.student
+        export_student_of_run(self.trainer, student, export_dir, self.shift, self.student_levels,
+                              self.hparams.teacher)

@@ -8,6 +8,8 @@ with the pair. The loss is :class:`~distill_pl.methods.kd.KDObjective`; this mod
 the optimizer, EMA, validation, grid, checkpoints and export.
 The teacher's network is not run in training (its outputs are stored); it is kept, frozen,
 for the validation baseline and the monitoring grid: the teacher's own one-step sample.
+The training loop (micro-batches, clipping, the non-finite policy, EMA, logging, checkpoint
+hooks) is the one of every stage, :class:`~distill_pl.training.base.StageModule`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import functools
 import inspect
 import json
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -33,13 +34,13 @@ from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.export.model_folders import export_student_of_run
-from distill_pl.models.sharding import shard_stage_networks
+from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import load_scheduler, scheduler_shift
 from distill_pl.methods.kd import KDObjective, kd_loss
 from distill_pl.util.paths import resolve_path
 from distill_pl.training.batch import batch_conditioning
-from distill_pl.models.finite_weights import check_finite
-from distill_pl.training.nonfinite import NonFinitePolicy, strategy_of
+from distill_pl.training.base import StageModule
+from distill_pl.training.nonfinite import NonFinitePolicy
 from distill_pl.models.student_init import load_student_weights
 
 #: frozen submodules that are rebuilt from their folders and never stored in checkpoints
@@ -48,7 +49,7 @@ FROZEN_PREFIXES = ("teacher.", "autoencoder.")
 NONFINITE_KEY = "nonfinite"
 
 
-class KDModule(L.LightningModule):
+class KDModule(StageModule):
     """One-step student trained by regression on stored teacher outputs.
 
     Args:
@@ -87,6 +88,11 @@ class KDModule(L.LightningModule):
         max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight,
             optimizer state or EMA moves) and counted; this many in a row stop the run with an
             error (:mod:`distill_pl.training.nonfinite`).
+        accumulate_micro_batches: micro-batches per optimizer step: each loaded batch (the data
+            batch size, per device) is split into this many, of sizes that differ by at most
+            one, each with its own forward and backward (gradient accumulation).
+        grad_clip: max total gradient norm of the student (None: no clipping; the norm is
+            logged either way as ``train/grad_norm_student``).
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
@@ -105,6 +111,9 @@ class KDModule(L.LightningModule):
 
     #: left out of checkpoints (also of distributed ones, see distill_pl.training.strategies)
     frozen_prefixes = FROZEN_PREFIXES
+    stage_name = "KD"
+    nonfinite_key = NONFINITE_KEY
+    log_sync_dist = True
 
     def __init__(
         self,
@@ -125,11 +134,14 @@ class KDModule(L.LightningModule):
         export_dir: str | None = None,
         max_nonfinite_steps: int = 20,
         denoiser_options: dict | None = None,
+        accumulate_micro_batches: int = 1,
+        grad_clip: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         self.nonfinite = NonFinitePolicy("KD", max_nonfinite_steps)
-        self._update_applied = False
         options = denoiser_options or {}
         self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
         if teacher_dtype == "float32":
@@ -171,6 +183,8 @@ class KDModule(L.LightningModule):
 
     # --- data contract ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self._trainer:
+            super().setup(stage)  # refuses fp16
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         metadata = getattr(datamodule, "pairs_metadata", None)
         if metadata is None:
@@ -332,29 +346,26 @@ class KDModule(L.LightningModule):
             return self.autoencoder.decode(latents.float()).float().clamp(-1.0, 1.0)
 
     # --- training -----------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def phase_optimizer(self, phase: int) -> tuple[int, dict[str, torch.nn.Module], float | None]:
+        return 0, {"student": self.student}, self.hparams.grad_clip
+
+    def phase_loss(self, phase: int, batch: dict, draws: None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The KD loss of a (micro-)batch of pairs (:class:`~distill_pl.methods.kd.KDObjective`)."""
         noise, target, cond = self.pair_inputs(batch)
         trajectory, trajectory_sigmas = batch.get("teacher_trajectory"), batch.get("trajectory_sigmas")
         if self.trajectory_columns is not None and trajectory is not None and trajectory_sigmas is not None:
             trajectory = trajectory[:, self.trajectory_columns]
             trajectory_sigmas = trajectory_sigmas[:, self.trajectory_columns]
         loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
-        self.log("train/loss", loss, prog_bar=True, batch_size=noise.shape[0], sync_dist=True)
-        return loss
+        return loss, {"loss": loss}
 
-    def on_before_backward(self, loss: Tensor) -> None:
-        self.nonfinite.observe_loss(loss)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """The non-finite policy: a non-finite loss or gradient drops the gradients."""
-        self._update_applied = self.nonfinite.guard_step(self, optimizer)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA update (only on real steps, not accumulation,
-        and not after a skipped non-finite step)."""
-        super().optimizer_step(*args, **kwargs)
-        if self.student_ema is not None and self._update_applied:
+    def after_update(self, phase: int) -> None:
+        """The EMA update, after every applied (not skipped) optimizer step."""
+        if self.student_ema is not None:
             self.student_ema.update(self.student)
+
+    def sharded_networks(self) -> tuple[torch.nn.Module, ...]:
+        return (self.student,) if is_sharded(self.student) else ()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(
@@ -401,29 +412,10 @@ class KDModule(L.LightningModule):
             f"teacher {steps} (GT)": self.decode(target),
         }
 
-    # --- checkpoints and export -----------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the frozen teacher and autoencoder (reloaded from their folders); keep the
-        non-finite counters; refuse non-finite weights."""
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
-            del state[key]
-        check_finite(state, f"a KD checkpoint at step {self.global_step}", strategy_of(self))
-        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Fill in the frozen modules' keys from this module, so strict loading still
-        reports any other missing or unexpected key."""
-        state = checkpoint["state_dict"]
-        for key, value in self.state_dict().items():
-            if key.startswith(FROZEN_PREFIXES):
-                state.setdefault(key, value)
-        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir:
-            export_student_of_run(self.trainer, self.eval_student, self.hparams.export_dir, self.shift,
-                                  self.student_levels, self.hparams.teacher, self.hparams.student_sampler)
+    # --- export (the checkpoint hooks are StageModule's) -----------------------------------
+    def export(self, export_dir: str) -> None:
+        export_student_of_run(self.trainer, self.eval_student, export_dir, self.shift,
+                              self.student_levels, self.hparams.teacher, self.hparams.student_sampler)
 
 
 def _frames(video: Tensor) -> Tensor:

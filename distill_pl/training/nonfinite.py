@@ -10,6 +10,9 @@ decay and its moments would still move the weights) but still counts as Lightnin
 any NaN reaches the weights. The decision is the same on every rank: loss checks are reduced
 across ranks, and the gradients checked are the all-reduced (or sharded, then gathered) ones.
 
+The loop that applies it is :class:`~distill_pl.training.base.StageModule`'s
+``training_step``; this class keeps the counters.
+
 Checkpoints and exports refuse non-finite weights
 (:func:`~distill_pl.models.finite_weights.check_finite`), whatever produced them, so no NaN
 tensor is ever written as a result.
@@ -17,9 +20,8 @@ tensor is ever written as a result.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.utils import get_total_norm
@@ -46,26 +48,6 @@ class NonFinitePolicy:
         self.max_consecutive = max_consecutive
         self.total = 0
         self.streak = 0
-        self._losses_finite = True  # of the backward passes since the last optimizer step
-
-    def observe_loss(self, loss: Tensor) -> None:
-        """Note one (micro-batch) loss that is about to be back-propagated."""
-        self._losses_finite &= bool(torch.isfinite(loss.detach()).all())
-
-    def guard_step(self, module, optimizer: torch.optim.Optimizer) -> bool:
-        """Before ``optimizer.step()`` of an automatically optimized stage (Lightning's
-        ``on_before_optimizer_step``): True if the losses observed since the last step and the
-        accumulated gradients are finite on every rank; else every gradient of ``optimizer``
-        is dropped, so the step changes nothing. Records the outcome (see :meth:`record`)."""
-        finite, self._losses_finite = self._losses_finite, True
-        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(gradient_norm(grads)))
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-        self.record(finite, module.global_step)
-        return finite
 
     def record(self, applied: bool, step: int, what: str | None = None) -> None:
         """Count an update that was applied or skipped at ``step`` (``what``: which update, in

@@ -1,10 +1,15 @@
-"""Teacher training: flow matching on real clips with control and text (CFG-ready)."""
+"""Teacher training: flow matching on real clips with control and text (CFG-ready).
+
+The training loop (micro-batches, clipping, the non-finite policy, the learning-rate warm-up's
+steps, logging, checkpoint hooks) is the one of every stage,
+:class:`~distill_pl.training.base.StageModule`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
 
@@ -16,16 +21,35 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.export.model_folders import save_teacher_folder
-from distill_pl.training.batch import batch_pixels, check_precomputed_latents, drop_text, encode_clip_batch
-from distill_pl.models.finite_weights import check_finite
-from distill_pl.training.nonfinite import NonFinitePolicy, strategy_of
-from distill_pl.util.randomness import randn, step_generator
+from distill_pl.training.base import StageModule
+from distill_pl.training.batch import (
+    batch_pixels,
+    check_precomputed_latents,
+    clip_latent_shape,
+    draw_text_drop,
+    drop_text,
+    encode_clip_batch,
+)
+from distill_pl.training.nonfinite import NonFinitePolicy
+from distill_pl.util.randomness import step_generator
 
 #: checkpoint key of the non-finite policy's counters
 NONFINITE_KEY = "nonfinite"
 
 
-class TeacherTrainingModule(L.LightningModule):
+@dataclass
+class TeacherDraws:
+    """A step's draws for the samples of a batch: text dropout (None: no dropout), sigma, noise."""
+
+    drop: Tensor | None
+    sigma: Tensor
+    eps: Tensor
+
+    def rows(self, rows: slice) -> "TeacherDraws":
+        return TeacherDraws(None if self.drop is None else self.drop[rows], self.sigma[rows], self.eps[rows])
+
+
+class TeacherTrainingModule(StageModule):
     """Trains ``denoiser`` with the flow-matching loss ``mean((v(x_sigma) - (eps - x0))^2)``.
 
     Args:
@@ -44,7 +68,17 @@ class TeacherTrainingModule(L.LightningModule):
         max_nonfinite_steps: a step with a non-finite loss or gradient is skipped (no weight
             or optimizer state moves) and counted; this many in a row stop the run with an
             error (:mod:`distill_pl.training.nonfinite`).
+        accumulate_micro_batches: micro-batches per optimizer step: each loaded batch (the data
+            batch size, per device) is split into this many, of sizes that differ by at most
+            one, each with its own forward and backward (gradient accumulation). The step's
+            draws are made for the whole batch, so they do not depend on it.
+        grad_clip: max total gradient norm of the denoiser (None: no clipping; the norm is
+            logged either way as ``train/grad_norm_denoiser``).
     """
+
+    stage_name = "teacher training"
+    checkpoint_name = "teacher"
+    nonfinite_key = NONFINITE_KEY
 
     def __init__(
         self,
@@ -62,9 +96,13 @@ class TeacherTrainingModule(L.LightningModule):
         export_dir: str | None = None,
         seed: int = 0,
         max_nonfinite_steps: int = 20,
+        accumulate_micro_batches: int = 1,
+        grad_clip: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser"])
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         self.nonfinite = NonFinitePolicy("teacher training", max_nonfinite_steps)
         self.denoiser = denoiser
         self.autoencoder = build_autoencoder(vae_path)
@@ -72,6 +110,7 @@ class TeacherTrainingModule(L.LightningModule):
 
     # --- conditioning -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # refuses fp16
         self.negative_prompt.set_from(getattr(self.trainer, "datamodule", None))
         check_precomputed_latents(getattr(self.trainer, "datamodule", None), self.hparams.vae_path)
 
@@ -83,15 +122,26 @@ class TeacherTrainingModule(L.LightningModule):
         return self.negative_prompt.conditioning(cond)
 
     # --- training -----------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def phase_optimizer(self, phase: int) -> tuple[int, dict[str, torch.nn.Module], float | None]:
+        return 0, {"denoiser": self.denoiser}, self.hparams.grad_clip
+
+    def phase_draws(self, phase: int, batch: dict, step: int) -> TeacherDraws:
+        """Text dropout, sigma and noise of the whole batch from ``step_generator(seed, step)``."""
+        g = step_generator(self.hparams.seed, step)
+        shape = clip_latent_shape(batch, self.autoencoder, self.denoiser.latent_channels)
+        p = self.hparams.text_dropout
+        drop = draw_text_drop(shape[0], p, generator=g) if p > 0 else None
+        sigma = sample_training_sigma(shape[0], self.hparams.shift, generator=g)
+        eps = torch.randn(shape, generator=g, device=g.device)
+        return TeacherDraws(drop, sigma, eps)
+
+    def phase_loss(self, phase: int, batch: dict, draws: TeacherDraws) -> tuple[Tensor, dict[str, Tensor]]:
+        """The flow-matching loss of a (micro-)batch of clips with its rows of the draws."""
         x0, cond = encode_clip_batch(batch, self.autoencoder, self.denoiser)
-        g = step_generator(self.hparams.seed, self.global_step)
-        cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout, generator=g)
-        sigma = sample_training_sigma(x0.shape[0], self.hparams.shift, generator=g).to(x0)
-        eps = randn(x0.shape, g, x0)
+        cond = drop_text(cond, self.null_conditioning(cond), self.hparams.text_dropout, drop=draws.drop)
+        sigma, eps = draws.sigma.to(x0), draws.eps.to(x0)
         loss = flow_matching_loss(lambda x, s: self.denoiser(x, s, cond), x0, eps, sigma)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
-        return loss
+        return loss, {"loss": loss}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Flow-matching loss at fixed sigmas and fixed noise, comparable across runs."""
@@ -140,24 +190,7 @@ class TeacherTrainingModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_before_backward(self, loss: Tensor) -> None:
-        self.nonfinite.observe_loss(loss)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """The non-finite policy: a non-finite loss or gradient drops the gradients."""
-        self.nonfinite.guard_step(self, optimizer)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the non-finite counters; refuse non-finite weights."""
-        check_finite(checkpoint["state_dict"], f"a teacher checkpoint at step {self.global_step}", strategy_of(self))
-        checkpoint[NONFINITE_KEY] = self.nonfinite.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite.load_state_dict(checkpoint.get(NONFINITE_KEY, {}))
-
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            folder = save_teacher_folder(
-                self.hparams.export_dir, self.denoiser, self.hparams.scheduler, self.hparams.shift
-            )
+    def export(self, export_dir: str) -> None:
+        if self.trainer.is_global_zero:
+            folder = save_teacher_folder(export_dir, self.denoiser, self.hparams.scheduler, self.hparams.shift)
             print(f"teacher exported to {Path(folder).resolve()}")

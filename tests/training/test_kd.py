@@ -133,13 +133,13 @@ def test_kd_loss_equals_hand_computed_value(teacher_dir):
     target[:, :, ::2] = -0.5  # half of the frames: error 0.5^2, the other half 1.5^2
     batch["teacher_output"] = target
     assert kd_loss(*kd.pair_inputs(batch)[:2]).item() == pytest.approx((0.25 + 2.25) / 2)
-    assert kd.training_step(batch, 0).item() == pytest.approx(1.25)
+    assert kd.phase_loss(0, batch)[0].item() == pytest.approx(1.25)
 
     kd = KDModule(teacher_dir)  # the real network: x_g = eps - v(eps, 1)
     batch = pairs_batch()
     v = kd.teacher(batch["noise"], torch.ones(2), cond_of(batch))
     expected = ((batch["noise"] - v - batch["teacher_output"]) ** 2).mean()
-    loss = kd.training_step(batch, 0)
+    loss = kd.phase_loss(0, batch)[0]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert all(p.grad is None for p in kd.teacher.parameters())
@@ -220,7 +220,7 @@ def test_grid_rows_are_student_teacher_control_and_teacher_output(teacher_dir):
 
 def test_fit_updates_ema_validates_and_exports(teacher_dir, tmp_path):
     batches = [pairs_batch(seed=i) for i in range(3)]
-    kd = KDModule(teacher_dir, lr=1e-3, ema_decay=0.5, export_dir=str(tmp_path / "export"))
+    kd = KDModule(teacher_dir, lr=1e-3, ema_decay=0.5, export_dir=str(tmp_path / "export"), grad_clip=10)
     weights = [kd.student.transformer.proj_out.weight.detach().clone()]
 
     class Record(L.Callback):
@@ -230,7 +230,7 @@ def test_fit_updates_ema_validates_and_exports(teacher_dir, tmp_path):
     trainer = L.Trainer(
         max_steps=2, accumulate_grad_batches=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        val_check_interval=2, gradient_clip_val=10, default_root_dir=tmp_path, callbacks=[Record()],
+        val_check_interval=2, default_root_dir=tmp_path, callbacks=[Record()],
     )
     trainer.fit(kd, datamodule=StubPairs(teacher_dir, batches))
     metrics = trainer.callback_metrics
@@ -515,7 +515,7 @@ def test_four_step_student_trains_on_the_teacher_trajectory_of_a_pairs_batch(tea
     g = torch.Generator().manual_seed(5)
     batch["teacher_trajectory"] = torch.randn(2, 3, 3, FRAMES, SIZE, SIZE, generator=g)
     batch["trajectory_sigmas"] = torch.tensor([[0.89, 0.74, 0.49], [0.9, 0.75, 0.5]])
-    loss = kd.training_step(batch, 0)
+    loss = kd.phase_loss(0, batch)[0]
     noise, target, cond = kd.pair_inputs(batch)
     expected = kd.objective().loss(noise, target, cond, batch["teacher_trajectory"], batch["trajectory_sigmas"])
     assert loss.item() == pytest.approx(expected.item())
@@ -528,7 +528,7 @@ def test_four_step_student_trains_on_the_teacher_trajectory_of_a_pairs_batch(tea
     torch.testing.assert_close(rows["student 4-step"], kd.decode(euler))
     del batch["teacher_trajectory"]
     with pytest.raises(ValueError, match="teacher_trajectory and trajectory_sigmas"):
-        kd.training_step(batch, 0)
+        kd.phase_loss(0, batch)[0]
 
 
 def test_tiny_kd_4step_config_trains_on_a_generated_trajectory_and_exports_an_euler_student(tmp_path):
