@@ -19,7 +19,7 @@ from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
                                 write_model)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers (the Wan
 #: package's published configs)

@@ -16,9 +16,9 @@ from distill_pl.training.kd import KDModule
 from distill_pl.training.kd_pairs import KDPairGenerationModule
 from tests.meta_configs import build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse
 from distill_pl.families.wan.configs import WAN_2_1_VACE_1_3B, WAN_2_1_VACE_14B, WAN_VACE_CLASS
-from tests.test_wan_configs import check_data, write_stand_in
+from tests.configs.test_wan_configs import check_data, write_stand_in
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: the T2V configs plus the VACE branch (the Wan package's published configs): hints after
 #: every 2nd (1.3B) / 5th (14B) block, a context of 2 x 16 latent + 64 mask channels

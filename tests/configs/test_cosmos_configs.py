@@ -19,7 +19,7 @@ from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
 from tests.meta_configs import (build_on_meta, check_dmd2_recipe, check_kd_recipe, num_params, parse, wan_vae_config,
                                 write_model)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/cosmos-transfer2.5-2b"
 FOLDER = "checkpoints/Cosmos-Transfer2.5-2B"
 #: text_encoder/config.json: Qwen2.5-VL-7B-Instruct (only what cosmos_text_encoder_dim reads matters)

@@ -19,7 +19,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.families.registry import build_denoiser
 from distill_pl.util.paths import resolve_path
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "one_step_diffusers.py"
+SCRIPT = Path(__file__).parents[2] / "scripts" / "one_step_diffusers.py"
 _spec = importlib.util.spec_from_file_location("one_step_diffusers", SCRIPT)
 one_step_diffusers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(one_step_diffusers)

@@ -20,7 +20,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.families.registry import build_denoiser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "benchmark_family.py"
 _spec = importlib.util.spec_from_file_location("benchmark_family", SCRIPT)
 benchmark = importlib.util.module_from_spec(_spec)

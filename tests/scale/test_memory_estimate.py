@@ -29,7 +29,7 @@ from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B, WAN_T2V_CLASS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_KD = "configs/tiny/kd.yaml"
 TINY_DMD2 = "configs/tiny/dmd2.yaml"
 
