@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distill_pl.families.wan import WanDenoiser
+from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.training.kd import KDModule
 from distill_pl.training.teacher import TeacherTrainingModule
 from tests.training.test_kd import StubPairs, pairs_batch, teacher_dir  # noqa: F401 (fixture)
