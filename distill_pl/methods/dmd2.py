@@ -166,6 +166,14 @@ class DMD2Objective:
         renoise = randn((1, k_steps - 1, *shape[1:]), generator, like)
         return DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
 
+    def draw_batch(self, generators: list[torch.Generator], shape: tuple[int, ...], like: Tensor,
+                   phase: int = 0) -> DMD2Draws:
+        """A batch's draws (``shape`` = [B, C, T, H, W]), sample ``j`` from ``generators[j]``
+        exactly as :meth:`draw` draws it (the rows of the per-sample draws, concatenated)."""
+        if len(generators) != shape[0]:
+            raise ValueError(f"draw_batch needs one generator per sample: {len(generators)} for shape {tuple(shape)}")
+        return DMD2Draws.cat([self.draw(g, (1, *shape[1:]), like, phase) for g in generators])
+
     # --- the student -------------------------------------------------------------------------
     def generate(self, eps: Tensor, cond: Conditioning, generator: torch.Generator | None = None,
                  renoise: list[Tensor] | None = None) -> Tensor:

@@ -362,9 +362,8 @@ class DMD2Module(StageModule):
         like = batch["text_embeds"]
         b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
-        objective, phase = self.objective, self.dmd_phase(step)
         generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
-        return DMD2Draws.cat([objective.draw(g, (1, *shape), like, phase) for g in generators])
+        return self.objective.draw_batch(generators, (b, *shape), like, self.dmd_phase(step))
 
     def micro_batch_loss(
         self, generator_phase: bool, batch: dict, draws: DMD2Draws
