@@ -85,6 +85,10 @@ from distill_pl.models.student_init import load_student_weights
 STATE_KEY = "dmd2"
 #: frozen submodules rebuilt from their folders, never stored in checkpoints
 FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+#: DMD2Module attributes the objective holds, by the objective's field name for each
+OBJECTIVE_ATTRIBUTES = {"student": "student", "teacher": "teacher", "fake_score": "fake_score",
+                        "discriminator": "discriminator", "feature_block": "feature_block", "shift": "shift",
+                        "student_levels": "student_sigmas"}
 
 
 class DMD2Module(StageModule):
@@ -239,6 +243,7 @@ class DMD2Module(StageModule):
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)
+        self.objective = self.build_objective()
 
     stage_name = "DMD2"
     nonfinite_key = STATE_KEY
@@ -302,9 +307,10 @@ class DMD2Module(StageModule):
         frames = 1 + (t - 1) // ae.temporal_compression
         return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
 
-    @property
-    def objective(self) -> DMD2Objective:
-        """The DMD2 objective over this module's current networks and loss settings."""
+    def build_objective(self) -> DMD2Objective:
+        """The DMD2 objective over this module's networks and loss settings (built once, in
+        ``__init__``, as ``self.objective``; a plain dataclass, so the networks' state-dict keys
+        stay those of the module's own attributes)."""
         h = self.hparams
         return DMD2Objective(
             student=self.student, teacher=self.teacher, fake_score=self.fake_score,
@@ -313,6 +319,14 @@ class DMD2Module(StageModule):
             student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
             shift=self.shift, t_min=h.t_min, t_max=h.t_max,
         )
+
+    def __setattr__(self, name: str, value) -> None:
+        """Re-assigning a network or setting the objective reads (e.g. a test swapping in toy
+        networks) re-points the objective at the new one."""
+        super().__setattr__(name, value)
+        objective = self.__dict__.get("objective")
+        if objective is not None and name in OBJECTIVE_ATTRIBUTES:
+            setattr(objective, OBJECTIVE_ATTRIBUTES[name], value)
 
     def dmd_phase(self, step: int) -> int:
         """The Phased DMD phase (the trained step) at training step ``step``: generator updates
