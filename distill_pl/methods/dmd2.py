@@ -280,13 +280,14 @@ class DMD2Objective:
         return loss, logs
 
     def generator_loss(
-        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning,
+        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning | None,
         level: Tensor | None = None, x0: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
 
         ``x0_real``: teacher with CFG ``w`` at ``(x_t, sigma)``; ``x0_fake``: fake score
-        without CFG; both without gradient. The GAN term's gradient flows through the
+        without CFG; both without gradient (at ``w = 1``, ``u + 1 (c - u) = c``: no
+        unconditional pass, ``uncond`` may be None; other ``w`` need it). The GAN term's gradient flows through the
         (not updated) feature network and head into ``x_g``. ``x_g`` at ``level`` (Phased
         DMD): ``x_t`` is diffused from there and the normaliser uses its clean estimate
         ``x0``. Returns (loss, logs).

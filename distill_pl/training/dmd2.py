@@ -294,6 +294,11 @@ class DMD2Module(StageModule):
     def null_conditioning(self, cond: Conditioning) -> Conditioning:
         return self.negative_prompt.conditioning(cond)
 
+    def guidance_uncond(self, cond: Conditioning) -> Conditioning | None:
+        """The teacher's unconditional branch: None at guidance 1 (``u + 1 (c - u) = c``, no
+        unconditional pass, so no negative prompt is needed), else :meth:`null_conditioning`."""
+        return None if self.hparams.guidance == 1 else self.null_conditioning(cond)
+
     @torch.no_grad()
     def conditioning(self, batch: dict) -> Conditioning:
         """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
@@ -392,7 +397,7 @@ class DMD2Module(StageModule):
                 x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
         if generator_phase:
             out = objective.trained_step(draws, cond, x_real)
-            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.null_conditioning(cond),
+            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.guidance_uncond(cond),
                                             level=out.level, x0=out.x0)
         with torch.no_grad():
             out = objective.trained_step(draws, cond, x_real)
@@ -461,7 +466,7 @@ class DMD2Module(StageModule):
         g = torch.Generator(device="cpu").manual_seed(seed)
         eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
-        teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
+        teacher = velocity_fn(self.teacher, cond, self.guidance_uncond(cond), w)
         steps = len(self.student_levels)
         return {
             f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),

@@ -37,3 +37,45 @@ def test_draw_batch_equals_the_per_sample_draws_bit_for_bit(kwargs, phase):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
     with pytest.raises(ValueError, match="one generator per sample"):
         obj.draw_batch(generators()[:2], SHAPE, torch.zeros(()), phase)
+
+
+class Affine(nn.Module):
+    """``v = w * x + sigma + mean text`` (one parameter); counts its calls and their batch sizes;
+    ``feature_block`` also returns ``x`` as the features."""
+
+    def __init__(self, w: float = 0.3):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+        self.calls: list[tuple[int, bool]] = []  # (batch, with features)
+
+    def forward(self, x, sigma, cond, feature_block=None):
+        self.calls.append((x.shape[0], feature_block is not None))
+        v = self.w * x + sigma.reshape(-1, 1, 1, 1, 1) + cond.text_embeds.mean(dim=(1, 2)).reshape(-1, 1, 1, 1, 1)
+        return v if feature_block is None else (v, x)
+
+
+class Raises(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the discriminator must not be called")
+
+
+def loss_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_g = torch.randn(SHAPE, generator=g)
+    sigma = torch.rand(SHAPE[0], generator=g) * 0.9 + 0.05
+    return x_g, sigma, torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+
+
+def test_generator_loss_at_guidance_one_needs_no_unconditional_embedding():
+    teacher = Affine(0.5)
+    obj = DMD2Objective(Affine(), teacher, Affine(0.2), Raises(), feature_block=0, guidance=1.0, gan_weight=0.0)
+    x_g, sigma, noise, _, _ = loss_inputs()
+    uncond = Conditioning(torch.full((SHAPE[0], 1, 1), 5.0), COND.text_mask)
+    with_uncond, logs_u = obj.generator_loss(x_g, sigma, noise, COND, uncond)
+    without, logs_n = obj.generator_loss(x_g, sigma, noise, COND, None)
+    assert torch.equal(with_uncond, without)
+    assert all(torch.equal(logs_u[k], logs_n[k]) for k in logs_u)
+    assert teacher.calls == [(SHAPE[0], False)] * 2  # the conditional pass only
+    guided = DMD2Objective(Affine(), teacher, Affine(0.2), Raises(), feature_block=0, guidance=3.0, gan_weight=0.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        guided.generator_loss(x_g, sigma, noise, COND, None)

@@ -47,3 +47,12 @@ def test_the_objective_is_built_once_over_the_modules_networks(teacher_dir):
     assert module.objective is obj and obj.discriminator is head
     assert (obj.feature_block, obj.shift) == (0, 1.0)
     assert any(k.startswith("discriminator.") for k in module.state_dict())
+
+
+def test_guidance_one_needs_no_negative_prompt(teacher_dir):
+    from distill_pl.models.conditioning import Conditioning
+
+    cond = Conditioning(torch.zeros(2, 3, 384), torch.ones(2, 3, dtype=torch.bool))
+    assert DMD2Module(str(teacher_dir), guidance=1.0).guidance_uncond(cond) is None
+    with pytest.raises(RuntimeError, match="negative-prompt"):  # none set: w != 1 needs one
+        DMD2Module(str(teacher_dir), guidance=3.0).guidance_uncond(cond)
