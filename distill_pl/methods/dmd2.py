@@ -240,14 +240,20 @@ class DMD2Objective:
         ``x_t = add_noise(x_g, noise, sigma)`` (``x_g`` at ``level``: diffused from there,
         and the fake score's target is the subinterval one); the real clip is noised to the
         same sigma with its own noise. Fake and real go through the feature network in one
-        batch. Returns (loss, logs).
+        batch. With every GAN weight 0 (``critic_gan_weight`` and ``gan_weight``) the
+        discriminator is not used: no features, no real clip through a network, the loss is the
+        fake score's alone (the discriminator gets no gradient). Returns (loss, logs).
         """
         x_g = x_g.detach()
         b = x_g.shape[0]
         x_t = self._noised(x_g, level, sigma, noise)
-        x_t_real = add_noise(x_real, noise_real, sigma)
-        both = Conditioning.cat([cond, cond])
-        if self.discriminator_on == "fake_score":
+        use_discriminator = self.critic_gan_weight != 0 or self.gan_weight != 0
+        if use_discriminator:
+            x_t_real = add_noise(x_real, noise_real, sigma)
+            both = Conditioning.cat([cond, cond])
+        if not use_discriminator:
+            v_fake = self.fake_score(x_t, sigma, cond)
+        elif self.discriminator_on == "fake_score":
             v, features = self.fake_score(
                 torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
             )
@@ -264,6 +270,8 @@ class DMD2Objective:
             target, weight = subinterval_flow_target(x_t.float(), sigma.float(), x_g.float(), level.float())
             per_sample = (v_fake.float() - target).square().flatten(1).mean(dim=1)
             fake_score_loss = (weight * per_sample).mean()
+        if not use_discriminator:
+            return fake_score_loss, {"critic_loss": fake_score_loss, "fake_score_loss": fake_score_loss}
         logits = self.discriminator(features)
         logits_fake, logits_real = logits[:b], logits[b:]
         discriminator_loss = gan_discriminator_loss(logits_real, logits_fake)

@@ -79,3 +79,31 @@ def test_generator_loss_at_guidance_one_needs_no_unconditional_embedding():
     guided = DMD2Objective(Affine(), teacher, Affine(0.2), Raises(), feature_block=0, guidance=3.0, gan_weight=0.0)
     with pytest.raises(ValueError, match="unconditional"):
         guided.generator_loss(x_g, sigma, noise, COND, None)
+
+
+class MeanLogit(nn.Module):
+    def forward(self, features):
+        return features.flatten(1).mean(dim=1)
+
+
+@pytest.mark.parametrize("discriminator_on", ["fake_score", "teacher"])
+def test_critic_without_gan_weights_computes_no_features_and_the_same_fake_score_loss(discriminator_on):
+    x_g, sigma, noise, noise_real, x_real = loss_inputs(1)
+    teacher, fake_score = Affine(0.5), Affine(0.2)
+    obj = DMD2Objective(Affine(), teacher, fake_score, Raises(), feature_block=0, gan_weight=0.0,
+                        critic_gan_weight=0.0, discriminator_on=discriminator_on)
+    loss, logs = obj.critic_loss(x_g, x_real, sigma, noise, noise_real, COND)
+    assert teacher.calls == [] and fake_score.calls == [(SHAPE[0], False)]  # no features, fake only
+    assert set(logs) == {"critic_loss", "fake_score_loss"} and loss is logs["fake_score_loss"]
+    loss.backward()
+    assert fake_score.w.grad is not None
+    # the same fake-score loss as with the discriminator computed (and weighted 0)
+    reference = DMD2Objective(Affine(), Affine(0.5), Affine(0.2), MeanLogit(), feature_block=0, gan_weight=1e-3,
+                              critic_gan_weight=0.0, discriminator_on=discriminator_on)
+    ref_loss, ref_logs = reference.critic_loss(x_g, x_real, sigma, noise, noise_real, COND)
+    torch.testing.assert_close(logs["fake_score_loss"], ref_logs["fake_score_loss"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    # a discriminator that is needed is still called
+    with pytest.raises(AssertionError, match="must not be called"):
+        DMD2Objective(Affine(), Affine(0.5), Affine(0.2), Raises(), feature_block=0, gan_weight=0.0,
+                      critic_gan_weight=1.0).critic_loss(x_g, x_real, sigma, noise, noise_real, COND)
