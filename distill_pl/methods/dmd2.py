@@ -183,9 +183,13 @@ class DMD2Objective:
 
     def trained_step(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None = None) -> StudentOutput:
         """The trained step of each sample (gradient through that step only; see the module
-        docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1."""
+        docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1.
+        Phased DMD: every sample must be in one phase (one ``draws.step``), else ValueError."""
         levels = torch.tensor(self.student_sigmas, dtype=draws.eps.dtype, device=draws.eps.device)
         k = draws.step
+        if self.phased and len(k) > 1 and bool((k != k[0]).any()):
+            raise ValueError(f"Phased DMD trains one phase per batch, but its draws mix the steps "
+                             f"{sorted(set(k.tolist()))}: draw the whole batch in one phase")
         x = self._step_input(draws, cond, x_real)
         s_k = levels[k]
         x0 = x0_from_velocity(x, s_k, self.student(x, s_k, cond))

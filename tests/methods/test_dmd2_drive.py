@@ -107,3 +107,19 @@ def test_critic_without_gan_weights_computes_no_features_and_the_same_fake_score
     with pytest.raises(AssertionError, match="must not be called"):
         DMD2Objective(Affine(), Affine(0.5), Affine(0.2), Raises(), feature_block=0, gan_weight=0.0,
                       critic_gan_weight=1.0).critic_loss(x_g, x_real, sigma, noise, noise_real, COND)
+
+
+def test_phased_trained_step_refuses_a_batch_that_mixes_phases():
+    student = Affine()
+    obj = DMD2Objective(student, Raises(), Raises(), Raises(), feature_block=0, student_sigmas=LEVELS, phased=True)
+    draws = obj.draw_batch(generators(), SHAPE, torch.zeros(()), phase=1)
+    assert obj.trained_step(draws, COND).level is not None  # one phase: fine
+    draws.step = torch.tensor([1, 2, 1])
+    student.calls.clear()
+    with pytest.raises(ValueError, match="one phase per batch") as error:
+        obj.trained_step(draws, COND)
+    assert "\n" not in str(error.value) and "[1, 2]" in str(error.value)
+    assert student.calls == []  # refused before any forward
+    # without Phased DMD a batch mixes steps freely
+    mixed = DMD2Objective(Affine(), Raises(), Raises(), Raises(), feature_block=0, student_sigmas=LEVELS)
+    mixed.trained_step(draws, COND)
