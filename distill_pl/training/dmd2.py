@@ -40,7 +40,7 @@ Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of 
 batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
 noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
 ``step_generator(seed, global_step, stream=that index)``
-(:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw`), so they depend neither on the
+(:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw_batch`, one generator per sample), so they depend neither on the
 number of devices nor on the micro-batches (with ``data.rank_split: litdata`` the global
 batches themselves depend on the number of devices).
 
