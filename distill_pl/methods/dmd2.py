@@ -166,6 +166,14 @@ class DMD2Objective:
         renoise = randn((1, k_steps - 1, *shape[1:]), generator, like)
         return DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
 
+    def draw_batch(self, generators: list[torch.Generator], shape: tuple[int, ...], like: Tensor,
+                   phase: int = 0) -> DMD2Draws:
+        """A batch's draws (``shape`` = [B, C, T, H, W]), sample ``j`` from ``generators[j]``
+        exactly as :meth:`draw` draws it (the rows of the per-sample draws, concatenated)."""
+        if len(generators) != shape[0]:
+            raise ValueError(f"draw_batch needs one generator per sample: {len(generators)} for shape {tuple(shape)}")
+        return DMD2Draws.cat([self.draw(g, (1, *shape[1:]), like, phase) for g in generators])
+
     # --- the student -------------------------------------------------------------------------
     def generate(self, eps: Tensor, cond: Conditioning, generator: torch.Generator | None = None,
                  renoise: list[Tensor] | None = None) -> Tensor:
@@ -175,9 +183,13 @@ class DMD2Objective:
 
     def trained_step(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None = None) -> StudentOutput:
         """The trained step of each sample (gradient through that step only; see the module
-        docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1."""
+        docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1.
+        Phased DMD: every sample must be in one phase (one ``draws.step``), else ValueError."""
         levels = torch.tensor(self.student_sigmas, dtype=draws.eps.dtype, device=draws.eps.device)
         k = draws.step
+        if self.phased and len(k) > 1 and bool((k != k[0]).any()):
+            raise ValueError(f"Phased DMD trains one phase per batch, but its draws mix the steps "
+                             f"{sorted(set(k.tolist()))}: draw the whole batch in one phase")
         x = self._step_input(draws, cond, x_real)
         s_k = levels[k]
         x0 = x0_from_velocity(x, s_k, self.student(x, s_k, cond))
@@ -232,14 +244,20 @@ class DMD2Objective:
         ``x_t = add_noise(x_g, noise, sigma)`` (``x_g`` at ``level``: diffused from there,
         and the fake score's target is the subinterval one); the real clip is noised to the
         same sigma with its own noise. Fake and real go through the feature network in one
-        batch. Returns (loss, logs).
+        batch. With every GAN weight 0 (``critic_gan_weight`` and ``gan_weight``) the
+        discriminator is not used: no features, no real clip through a network, the loss is the
+        fake score's alone (the discriminator gets no gradient). Returns (loss, logs).
         """
         x_g = x_g.detach()
         b = x_g.shape[0]
         x_t = self._noised(x_g, level, sigma, noise)
-        x_t_real = add_noise(x_real, noise_real, sigma)
-        both = Conditioning.cat([cond, cond])
-        if self.discriminator_on == "fake_score":
+        use_discriminator = self.critic_gan_weight != 0 or self.gan_weight != 0
+        if use_discriminator:
+            x_t_real = add_noise(x_real, noise_real, sigma)
+            both = Conditioning.cat([cond, cond])
+        if not use_discriminator:
+            v_fake = self.fake_score(x_t, sigma, cond)
+        elif self.discriminator_on == "fake_score":
             v, features = self.fake_score(
                 torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
             )
@@ -256,6 +274,8 @@ class DMD2Objective:
             target, weight = subinterval_flow_target(x_t.float(), sigma.float(), x_g.float(), level.float())
             per_sample = (v_fake.float() - target).square().flatten(1).mean(dim=1)
             fake_score_loss = (weight * per_sample).mean()
+        if not use_discriminator:
+            return fake_score_loss, {"critic_loss": fake_score_loss, "fake_score_loss": fake_score_loss}
         logits = self.discriminator(features)
         logits_fake, logits_real = logits[:b], logits[b:]
         discriminator_loss = gan_discriminator_loss(logits_real, logits_fake)
@@ -272,13 +292,14 @@ class DMD2Objective:
         return loss, logs
 
     def generator_loss(
-        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning,
+        self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning | None,
         level: Tensor | None = None, x0: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
 
         ``x0_real``: teacher with CFG ``w`` at ``(x_t, sigma)``; ``x0_fake``: fake score
-        without CFG; both without gradient. The GAN term's gradient flows through the
+        without CFG; both without gradient (at ``w = 1``, ``u + 1 (c - u) = c``: no
+        unconditional pass, ``uncond`` may be None; other ``w`` need it). The GAN term's gradient flows through the
         (not updated) feature network and head into ``x_g``. ``x_g`` at ``level`` (Phased
         DMD): ``x_t`` is diffused from there and the normaliser uses its clean estimate
         ``x0``. Returns (loss, logs).

@@ -40,7 +40,7 @@ Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of 
 batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
 noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
 ``step_generator(seed, global_step, stream=that index)``
-(:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw`), so they depend neither on the
+(:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw_batch`, one generator per sample), so they depend neither on the
 number of devices nor on the micro-batches (with ``data.rank_split: litdata`` the global
 batches themselves depend on the number of devices).
 
@@ -85,6 +85,10 @@ from distill_pl.models.student_init import load_student_weights
 STATE_KEY = "dmd2"
 #: frozen submodules rebuilt from their folders, never stored in checkpoints
 FROZEN_PREFIXES = ("teacher.", "autoencoder.")
+#: DMD2Module attributes the objective holds, by the objective's field name for each
+OBJECTIVE_ATTRIBUTES = {"student": "student", "teacher": "teacher", "fake_score": "fake_score",
+                        "discriminator": "discriminator", "feature_block": "feature_block", "shift": "shift",
+                        "student_levels": "student_sigmas"}
 
 
 class DMD2Module(StageModule):
@@ -239,6 +243,7 @@ class DMD2Module(StageModule):
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)
+        self.objective = self.build_objective()
 
     stage_name = "DMD2"
     nonfinite_key = STATE_KEY
@@ -289,6 +294,11 @@ class DMD2Module(StageModule):
     def null_conditioning(self, cond: Conditioning) -> Conditioning:
         return self.negative_prompt.conditioning(cond)
 
+    def guidance_uncond(self, cond: Conditioning) -> Conditioning | None:
+        """The teacher's unconditional branch: None at guidance 1 (``u + 1 (c - u) = c``, no
+        unconditional pass, so no negative prompt is needed), else :meth:`null_conditioning`."""
+        return None if self.hparams.guidance == 1 else self.null_conditioning(cond)
+
     @torch.no_grad()
     def conditioning(self, batch: dict) -> Conditioning:
         """Text (+ mask) of the batch, and its control encoded like the clips; a denoiser
@@ -302,9 +312,10 @@ class DMD2Module(StageModule):
         frames = 1 + (t - 1) // ae.temporal_compression
         return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
 
-    @property
-    def objective(self) -> DMD2Objective:
-        """The DMD2 objective over this module's current networks and loss settings."""
+    def build_objective(self) -> DMD2Objective:
+        """The DMD2 objective over this module's networks and loss settings (built once, in
+        ``__init__``, as ``self.objective``; a plain dataclass, so the networks' state-dict keys
+        stay those of the module's own attributes)."""
         h = self.hparams
         return DMD2Objective(
             student=self.student, teacher=self.teacher, fake_score=self.fake_score,
@@ -313,6 +324,14 @@ class DMD2Module(StageModule):
             student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
             shift=self.shift, t_min=h.t_min, t_max=h.t_max,
         )
+
+    def __setattr__(self, name: str, value) -> None:
+        """Re-assigning a network or setting the objective reads (e.g. a test swapping in toy
+        networks) re-points the objective at the new one."""
+        super().__setattr__(name, value)
+        objective = self.__dict__.get("objective")
+        if objective is not None and name in OBJECTIVE_ATTRIBUTES:
+            setattr(objective, OBJECTIVE_ATTRIBUTES[name], value)
 
     def dmd_phase(self, step: int) -> int:
         """The Phased DMD phase (the trained step) at training step ``step``: generator updates
@@ -362,9 +381,8 @@ class DMD2Module(StageModule):
         like = batch["text_embeds"]
         b, *shape = clip_latent_shape(batch, self.autoencoder, self.student.latent_channels)
         rank, replicas = data_parallel_layout(self.trainer)
-        objective, phase = self.objective, self.dmd_phase(step)
         generators = [step_generator(self.hparams.seed, step, stream=rank + replicas * j) for j in range(b)]
-        return DMD2Draws.cat([objective.draw(g, (1, *shape), like, phase) for g in generators])
+        return self.objective.draw_batch(generators, (b, *shape), like, self.dmd_phase(step))
 
     def micro_batch_loss(
         self, generator_phase: bool, batch: dict, draws: DMD2Draws
@@ -379,7 +397,7 @@ class DMD2Module(StageModule):
                 x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
         if generator_phase:
             out = objective.trained_step(draws, cond, x_real)
-            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.null_conditioning(cond),
+            return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.guidance_uncond(cond),
                                             level=out.level, x0=out.x0)
         with torch.no_grad():
             out = objective.trained_step(draws, cond, x_real)
@@ -448,7 +466,7 @@ class DMD2Module(StageModule):
         g = torch.Generator(device="cpu").manual_seed(seed)
         eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
-        teacher = velocity_fn(self.teacher, cond, self.null_conditioning(cond), w)
+        teacher = velocity_fn(self.teacher, cond, self.guidance_uncond(cond), w)
         steps = len(self.student_levels)
         return {
             f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),
