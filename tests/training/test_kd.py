@@ -422,6 +422,7 @@ def test_killed_kd_run_resumes_exactly(pairs_workdir, full_kd_run, tmp_path):
                                    rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.slow  # ~35 s of KD; the policy itself is tested in tests/training/test_nonfinite.py
 def test_kd_that_diverges_stops_with_the_error_and_exports_nothing(tmp_path):
     """configs/tiny/kd.yaml with lr 10 for 10 steps, on 2-step pairs of teachers/tiny: the
     loss overflows to NaN within a few steps; the non-finite steps are skipped, the run stops
