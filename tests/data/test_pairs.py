@@ -233,3 +233,26 @@ def test_pairs_mode_checks_the_config_against_the_shards(tmp_path):
         pairs_datamodule(tmp_path)
     with pytest.raises(ValueError, match="needs pairs_dir"):
         VideoDataModule(mode="pairs")
+
+
+def test_nonfinite_row_warns_naming_shard_and_row(tmp_path):
+    import json
+    import warnings
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    layout = make_split(tmp_path, num_examples=8, shard_size=4)
+    path = layout.path(1)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[pairs.METADATA_KEY])
+    tensors["teacher_output"][2, 0, 0, 0, 0] = float("nan")
+    write_shard(path, tensors, meta)
+    dataset = PairShardDataset(layout.folder)
+    with pytest.warns(UserWarning, match=r"shard_00001.safetensors: row 2 \(example 6\) .*non-finite.*teacher_output"):
+        item = dataset[6]
+    assert torch.isnan(item["teacher_output"]).any()  # still returned: the KD step skips it as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset[5]
