@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -91,7 +91,8 @@ class UnreadableShardError(ShardError):
 
 
 def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], metadata_key: str) -> Path:
-    """Write one shard atomically: ``.<name>.tmp`` in the same folder, fsync, rename.
+    """Write one shard atomically: ``.<name>.tmp`` in the same folder, fsync, rename. An OS
+    error (a full disk) raises :class:`ShardWriteError` naming the shard, the temp file removed.
 
     ``tensors`` are stored as they are (moved to the CPU, made contiguous); ``metadata`` is
     any JSON-serialisable dict, stored under ``metadata_key``.
@@ -106,10 +107,26 @@ def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # safetensors creates files 0600; shards are shared data
         os.replace(temp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line naming the shard
+        temp.unlink(missing_ok=True)
+        raise ShardWriteError(f"cannot write shard {path}: {_reason(err)}") from err
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     return path
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written (disk full, folder not writable); the message names the
+    shard and the reason. No partial shard is left."""
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    # safetensors wraps the OS error: "Error while serializing: IoError(Os { code: 28, ..., message: "No space left on device" })"
+    found = re.search(r'message: "([^"]+)"', str(err))
+    return found.group(1) if found else str(err)
 
 
 def _umask() -> int:

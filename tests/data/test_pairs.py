@@ -256,3 +256,32 @@ def test_nonfinite_row_warns_naming_shard_and_row(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dataset[5]
+
+
+@pytest.mark.parametrize("where", ["save_file", "fsync"])
+def test_a_full_disk_is_one_error_naming_the_shard(tmp_path, monkeypatch, where):
+    """ENOSPC while a shard is written: a ShardWriteError (an OSError, which the CLI prints as
+    one line) naming the shard, no temp file left; not safetensors' SafetensorError."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from distill_pl.cli.errors import project_error
+
+    layout = ShardLayout(tmp_path, 4, 4)
+    if where == "save_file":
+        def full(tensors, filename, metadata=None):
+            open(filename, "wb").write(b"partial")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        monkeypatch.setattr(shards, "save_file", full)
+    else:
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(shards.os, "fsync", full)
+    with pytest.raises(shards.ShardWriteError) as raised:
+        make_shard(layout, 0)
+    assert str(raised.value) == f"cannot write shard {layout.path(0)}: No space left on device"
+    assert isinstance(raised.value, OSError) and project_error(raised.value) is raised.value
+    assert list(tmp_path.iterdir()) == []
