@@ -50,7 +50,7 @@ class PairShardWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = sum(len(loader.dataset) for loader in trainer.predict_dataloaders)
         rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
-        self._progress = ProgressLines(f"KD pairs{rank}", total, "examples")
+        self._progress = ProgressLines(f"{_what(trainer)}{rank}", total, "examples")
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict, batch_indices,
@@ -89,6 +89,12 @@ class PairShardWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._buffers:
             unfinished = ", ".join(f"{split}/shard {k}" for split, k in sorted(self._buffers))
-            rank_zero_warn(f"KD pair generation ended before these shards were complete: {unfinished}; "
+            rank_zero_warn(f"{_what(trainer)} generation ended before these shards were complete: {unfinished}; "
                            "they were not written (rerun to generate them)")
             self._buffers = {}
+
+
+def _what(trainer: L.Trainer) -> str:
+    """What the run writes, for its messages: ``KD pairs`` or ``clip latents``."""
+    mode = getattr(getattr(trainer.datamodule, "hparams", None), "mode", None)
+    return "clip latents" if mode == "latents" else "KD pairs"

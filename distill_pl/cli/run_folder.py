@@ -9,7 +9,7 @@ when unset), unless the config names it explicitly:
 - ``<run>/export/``: ``model.init_args.export_dir`` of a fit when it is null (the student or
   teacher as a diffusers folder, written at the end of fit);
 - ``<run>/{train,val}/``: ``data.pairs_dir`` of a KD pair generation (``predict``, pairs mode)
-  when it is null (also when a config is only parsed, without a subcommand).
+  or ``data.latents_dir`` of a clip latent precompute (``predict``, latents mode) when it is null (also when a config is only parsed, without a subcommand).
 
 A run whose folder cannot be written (read-only) stops before any model loads, with one line
 naming it (:func:`check_run_folder_writable`).
@@ -76,8 +76,10 @@ def derive_run_paths(config: Namespace, subcommand: str | None) -> None:
     if subcommand == "fit" and model_args is not None and "export_dir" in model_args and model_args.export_dir is None:
         model_args.export_dir = str(Path(root) / "export")
     data = config.get("data")
-    if subcommand in ("predict", None) and data is not None and data.get("mode") == "pairs" and data.get("pairs_dir") is None:
-        data.pairs_dir = root
+    if subcommand in ("predict", None) and data is not None:
+        key = {"pairs": "pairs_dir", "latents": "latents_dir"}.get(data.get("mode"))
+        if key is not None and data.get(key) is None:
+            data[key] = root
 
 
 def _inside(path: str | Path, folder: str | Path) -> bool:

@@ -30,7 +30,10 @@ pool (with a progress bar for large manifests) and its last frame this split can
 decoded, not only its header; unusable videos (missing, unreadable, too short for a window of
 the split) are skipped, each logged on ``distill_pl.data`` with its reason, and listed in
 ``skipped``. ``probe="lazy"``: nothing is opened at construction; a video is probed when an
-item first needs it, and an unusable one is then a read fault (below).
+item first needs it, and an unusable one is then a read fault (below). ``known_unusable``
+({path: reason}, e.g. the files the start-up check
+:meth:`~distill_pl.data.datamodule.VideoDataModule.check_video_lengths` reported): left out
+in both modes without being opened or reported again, and listed in ``skipped``.
 
 Read faults: an item whose video cannot be read (or, lazily probed, is unusable) is replaced
 by the window of another video drawn from ``np.random.default_rng([seed, epoch, i, k])``
@@ -48,7 +51,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import decord
 import numpy as np
@@ -180,6 +183,7 @@ class ClipDataset(Dataset):
         probe_workers: int = 8,
         max_open_videos: int = 8,
         max_bad_read_fraction: float = 0.1,
+        known_unusable: Mapping[str, str] | None = None,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
@@ -212,6 +216,9 @@ class ClipDataset(Dataset):
         self.span = (num_frames - 1) * frame_stride + 1
         self.skipped: list[tuple[str, str]] = []
         entries = read_manifest(manifest)
+        known = dict(known_unusable or {})
+        self.skipped = [(str(e.path), known[str(e.path)]) for e in entries if str(e.path) in known]
+        entries = [e for e in entries if str(e.path) not in known]  # reported already: not opened again
         self.videos: list[VideoPart | ManifestEntry] = []
         if probe == "lazy":
             self.videos = list(entries)
@@ -225,7 +232,7 @@ class ClipDataset(Dataset):
         if not self.videos:
             reasons = "; ".join(f"{path}: {reason}" for path, reason in self.skipped)
             raise ValueError(f"manifest {self.manifest}: no usable video for split '{split}' ({reasons})")
-        if self.skipped:
+        if len(self.skipped) > len(known):  # only news: the known ones were reported where found
             log.warning(
                 "%s (%s split): skipped %d of %d videos",
                 self.manifest, split, len(self.skipped), len(self.skipped) + len(self.videos),

@@ -108,6 +108,10 @@ from distill_pl.families.registry import text_embedding_dim
 
 log = logging.getLogger("distill_pl.data")
 
+#: {(manifest, its mtime, num_frames, frame_stride, val_fraction): {video path: reason}}: the
+#: videos check_video_lengths found unusable (and logged), left out of the clip data sets after it
+_CHECKED_VIDEOS: dict[tuple, dict[str, str]] = {}
+
 
 class CaptionEmbeddingCollate:
     """Collates items and adds ``text_embeds`` / ``text_mask`` looked up by caption (picklable)."""
@@ -258,8 +262,10 @@ class VideoDataModule(lightning.LightningDataModule):
         window in both the train part and the held-out part; returns the minimum frame count.
 
         Raises ValueError naming the manifest, the minimum for these settings and every
-        video's frame count when no video reaches it; videos below it are logged (and later
-        skipped, see :class:`ClipDataset`).
+        video's frame count when no video reaches it; videos below it (or unreadable) are
+        logged once here and left out of the clip data sets of these settings, which neither
+        open nor report them again (``ClipDataset(known_unusable=...)``, in this process,
+        both probing modes).
         """
         h = self.hparams
         if not 0 < h.val_fraction < 1 or h.num_frames < 1 or h.frame_stride < 1:
@@ -268,19 +274,22 @@ class VideoDataModule(lightning.LightningDataModule):
         needed = minimum_video_frames(h.num_frames, h.frame_stride, h.val_fraction)
         manifest = self._manifest()
         entries = read_manifest(manifest)
-        problems = []
+        problems, unusable = [], {}
         for entry in entries:
             total, reason = count_frames(entry.path)
             if total is None:
                 problems.append(f"{entry.path.name}: {reason}")
+                unusable[str(entry.path)] = reason
             elif total < needed:
                 problems.append(f"{entry.path.name}: {total} frames")
+                unusable[str(entry.path)] = f"too short: {total} frames, needs {needed}"
         rule = (f"each video needs at least {needed} frames for num_frames={h.num_frames}, "
                 f"frame_stride={h.frame_stride}, val_fraction={h.val_fraction} (a window of "
                 f"{(h.num_frames - 1) * h.frame_stride + 1} frames in the first part and in the held-out last part)")
         if len(problems) == len(entries):
             raise ValueError(f"manifest {manifest}: no usable video: {rule}; {', '.join(problems)}")
         self._usable_videos = len(entries) - len(problems)
+        _CHECKED_VIDEOS[self._check_key(manifest)] = unusable
         if problems:
             log.warning("manifest %s: %s; skipping %s", manifest, rule, ", ".join(problems))
         return needed
@@ -311,11 +320,21 @@ class VideoDataModule(lightning.LightningDataModule):
                     continue
         checks.warn(checks.batch_size_warnings(sizes))
 
-    def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
-        """A :class:`ClipDataset` of ``split`` with this module's data settings."""
+    def _check_key(self, manifest: Path) -> tuple:
         h = self.hparams
+        try:
+            changed = manifest.stat().st_mtime_ns
+        except OSError:
+            changed = None
+        return str(manifest), changed, h.num_frames, h.frame_stride, h.val_fraction
+
+    def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
+        """A :class:`ClipDataset` of ``split`` with this module's data settings (without the
+        videos :meth:`check_video_lengths` reported unusable for them)."""
+        h = self.hparams
+        manifest = self._manifest()
         return ClipDataset(
-            self._manifest(),
+            manifest,
             num_frames=h.num_frames,
             frame_stride=h.frame_stride,
             height=h.height,
@@ -331,6 +350,7 @@ class VideoDataModule(lightning.LightningDataModule):
             probe=h.probe,
             max_open_videos=h.max_open_videos,
             max_bad_read_fraction=h.max_bad_read_fraction,
+            known_unusable=_CHECKED_VIDEOS.get(self._check_key(manifest)),
         )
 
     def _embed(self, captions: list[str]) -> None:

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +359,8 @@ class PairShardDataset(Dataset):
         ``text_embeds`` / ``text_mask`` (its table row), ``seed``, ``index``, ``start``, the
         trajectory if any; version 1: the tensors of :data:`V1_EXAMPLE_TENSORS` but
         ``start``), ``caption`` and, for version 2, ``path``, ``noise_sha256`` and
-        ``video_sha256`` (the digest of that video)."""
+        ``video_sha256`` (the digest of that video). A row holding non-finite values warns,
+        naming the shard file, the row and the tensors."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} KD pairs")
         path, row = self.files[index // self.shard_size], index % self.shard_size
@@ -370,6 +372,11 @@ class PairShardDataset(Dataset):
             raise ShardError(f"{path}: cannot read row {row} ({err})") from None
         if int(stored["index"]) != index:
             raise ShardError(f"{path}: row {row} holds example {int(stored['index'])}, expected {index}")
+        nonfinite = [name for name, value in stored.items()
+                     if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if nonfinite:  # the KD step on it is skipped (non-finite loss); say where the bad values are
+            warnings.warn(f"{path}: row {row} (example {index}) holds non-finite values in "
+                          f"{', '.join(sorted(nonfinite))}; a training step on it will be skipped", stacklevel=2)
         stored["caption"] = metadata["captions"][row]
         if self.version == 2:
             video_path = metadata["paths"][row]

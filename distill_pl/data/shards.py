@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -84,8 +85,14 @@ class ShardError(ValueError):
     """A shard file is unreadable, incomplete or does not match (the message names the file)."""
 
 
+class UnreadableShardError(ShardError):
+    """A shard file is unreadable (corrupt, truncated) or holds fewer rows than its layout:
+    unfinished work, which a rerun of the generation regenerates."""
+
+
 def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any], metadata_key: str) -> Path:
-    """Write one shard atomically: ``.<name>.tmp`` in the same folder, fsync, rename.
+    """Write one shard atomically: ``.<name>.tmp`` in the same folder, fsync, rename. An OS
+    error (a full disk) raises :class:`ShardWriteError` naming the shard, the temp file removed.
 
     ``tensors`` are stored as they are (moved to the CPU, made contiguous); ``metadata`` is
     any JSON-serialisable dict, stored under ``metadata_key``.
@@ -100,10 +107,26 @@ def write_shard(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # safetensors creates files 0600; shards are shared data
         os.replace(temp, path)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line naming the shard
+        temp.unlink(missing_ok=True)
+        raise ShardWriteError(f"cannot write shard {path}: {_reason(err)}") from err
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     return path
+
+
+class ShardWriteError(OSError):
+    """A shard could not be written (disk full, folder not writable); the message names the
+    shard and the reason. No partial shard is left."""
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    # safetensors wraps the OS error: "Error while serializing: IoError(Os { code: 28, ..., message: "No space left on device" })"
+    found = re.search(r'message: "([^"]+)"', str(err))
+    return found.group(1) if found else str(err)
 
 
 def _umask() -> int:
@@ -122,7 +145,7 @@ def read_shard_header(path: str | Path, metadata_key: str) -> tuple[dict[str, An
             raw = (f.metadata() or {}).get(metadata_key)
             tensors = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types
-        raise ShardError(f"{path}: not a readable safetensors file, corrupt or truncated ({err})") from None
+        raise UnreadableShardError(f"{path}: not a readable safetensors file, corrupt or truncated ({err})") from None
     if raw is None:
         raise ShardError(f"{path}: no '{metadata_key}' metadata; not a shard of this kind")
     try:
@@ -143,7 +166,7 @@ def check_rows(path: Path, metadata: dict) -> None:
     layout = ShardLayout(path.parent, metadata["num_examples"], metadata["shard_size"])
     count, expected = metadata["count"], len(layout.examples(k))
     if count != expected or metadata["first_index"] != k * layout.shard_size:
-        raise ShardError(
+        raise UnreadableShardError(
             f"{path}: incomplete shard: {count} examples from {metadata['first_index']}, expected "
             f"{expected} from {k * layout.shard_size} (num_examples {layout.num_examples}, "
             f"shard_size {layout.shard_size})"
@@ -171,15 +194,22 @@ def metadata_differences(found: dict, expected: dict) -> list[str]:
 
 
 def finished_shards(layout: ShardLayout, expected: dict, read_checked_header: Callable[[Path], dict]) -> set[int]:
-    """Shards of ``layout`` already written, after checking each one: ShardError naming the
-    file when a shard is unreadable, incomplete (``read_checked_header(path)``, the format's
-    reader, raises) or was made with other settings (a key of ``expected`` differs)."""
+    """Shards of ``layout`` already written, after checking each one (``read_checked_header(path)``,
+    the format's reader, raises ShardError). A shard that is unreadable or incomplete
+    (:class:`UnreadableShardError`: truncated, corrupt) is unfinished work like a missing one:
+    a warning names it and it is left out, so the rerun regenerates it (the atomic write
+    replaces it). ShardError naming the file when a shard is otherwise malformed or was made
+    with other settings (a key of ``expected`` differs)."""
     done = set()
     for k in range(layout.num_shards):
         path = layout.path(k)
         if not path.is_file():
             continue
-        metadata = read_checked_header(path)
+        try:
+            metadata = read_checked_header(path)
+        except UnreadableShardError as err:
+            warnings.warn(f"{err}; regenerating it", stacklevel=2)
+            continue
         differences = metadata_differences(metadata, expected)
         if differences:
             raise ShardError(

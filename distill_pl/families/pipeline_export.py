@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distill_pl.util.media import write_text
+from distill_pl.util.media import follow_umask, write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.util.paths import resolve_path
@@ -58,6 +58,7 @@ def save_pipeline_folder(
         scheduler.save_pretrained(str(staging / "scheduler"))
         index["scheduler"] = ["diffusers", type(scheduler).__name__]
         write_text(staging / "model_index.json", json.dumps(index, indent=2) + "\n")
+        follow_umask(staging)  # mkdtemp makes it 0700, safetensors writes 0600 files
         if earlier:  # the old export moves aside first: folder is always a whole pipeline
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             os.replace(folder, old / folder.name)

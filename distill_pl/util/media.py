@@ -87,6 +87,25 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give ``root`` and everything under it the modes the umask gives new entries: files
+    :func:`default_file_mode` (keeping those of their execute bits the umask allows), folders
+    0o777 less the umask. For trees written by libraries that create files 0600
+    (safetensors) or folders 0700 (``tempfile.mkdtemp``). Symbolic links are left alone."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    file_mode, folder_mode = 0o666 & ~mask, 0o777 & ~mask
+    root = Path(root)
+    entries = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            os.chmod(entry, folder_mode)
+        elif entry.is_file():
+            os.chmod(entry, file_mode | (entry.stat().st_mode & 0o111 & folder_mode))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary file in ``path``'s folder to write; on success it replaces
@@ -133,6 +152,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     try:
         yield target
         target.mkdir(exist_ok=True)
+        follow_umask(target)  # safetensors writes 0600 files
         if not path.is_dir() or not any(path.iterdir()):
             os.replace(target, path)
         else:

@@ -35,6 +35,15 @@ def test_unset_paths_derive_from_the_run_folder():
     assert predict.data.pairs_dir == "runs/pairs" and predict.trainer.logger is False
     assert predict.model.init_args.export_dir is None
 
+    latents = _config(default_root_dir="runs/latents", logger=False)
+    latents.data = Namespace(mode="latents", latents_dir=None)
+    derive_run_paths(latents, "predict")
+    assert latents.data.latents_dir == "runs/latents"
+    fit_on_latents = _config(default_root_dir="runs/mine")
+    fit_on_latents.data = Namespace(mode="latents", latents_dir=None)
+    derive_run_paths(fit_on_latents, "fit")
+    assert fit_on_latents.data.latents_dir is None  # a fit reads its latents from where the config says
+
     explicit = _config(default_root_dir="runs/mine")
     explicit.trainer.callbacks[0].init_args.dirpath = "elsewhere"
     explicit.model.init_args.export_dir = "students/s"
@@ -275,3 +284,29 @@ def test_a_read_only_prompt_cache_warns_and_training_goes_on(tmp_path, monkeypat
     warnings = [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()]
     assert sum("prompt cache folder cache is not writable (Permission denied): continuing without caching"
                in w for w in warnings) == 1, warnings
+
+
+def test_the_tiny_latents_config_writes_into_its_run_folder():
+    """configs/tiny/clip_latents.yaml: --trainer.default_root_dir moves the latent shards too."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "tiny" / "clip_latents.yaml").read_text())
+    assert config["data"]["latents_dir"] is None
+    parsed = Namespace(trainer=Namespace(default_root_dir="runs/other", logger=False, callbacks=[]),
+                       model=Namespace(class_path="x.Latents", init_args=Namespace()),
+                       data=Namespace(mode=config["data"]["mode"], latents_dir=None))
+    derive_run_paths(parsed, "predict")
+    assert parsed.data.latents_dir == "runs/other"
+
+
+def test_the_shard_writer_names_what_it_writes(capsys):
+    from types import SimpleNamespace
+
+    from distill_pl.callbacks.shard_writer import PairShardWriter
+
+    for mode, what in (("latents", "clip latents"), ("pairs", "KD pairs")):
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams=SimpleNamespace(mode=mode)),
+                                  predict_dataloaders=[], global_rank=0, world_size=1)
+        writer = PairShardWriter()
+        writer.on_predict_start(trainer, None)
+        assert writer._progress.what == what

@@ -206,3 +206,29 @@ def test_kill_and_resume_over_a_truncated_video_stays_exact(tmp_path, zeroed_tai
     assert sorted(resumed) == list(range(saved, 8))
     for step, value in resumed.items():
         assert value == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("probe", ["eager", "lazy"])
+def test_videos_the_start_up_check_skipped_are_not_used_nor_reported_again(tmp_path, caplog, monkeypatch, probe):
+    """check_video_lengths opens each file once and reports the unusable ones once; the clip
+    data sets of the same settings leave them out (lazy probing too) without opening them."""
+    from distill_pl.data import clips
+    from distill_pl.data.datamodule import VideoDataModule
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    manifest = manifest_of(tmp_path, [CLIPS / "carphone_pristine.mp4", broken])
+    data = VideoDataModule(cache_dir=str(tmp_path / "cache"), manifest=str(manifest), probe=probe,
+                           num_frames=4, frame_stride=4, height=16, width=16, samples_per_epoch=4)
+    opened = []
+    real = clips.open_video
+    monkeypatch.setattr(clips, "open_video", lambda path: opened.append(Path(path)) or real(path))
+    with caplog.at_level(logging.WARNING, logger="distill_pl.data"):
+        data.check_video_lengths()
+        assert opened.count(broken) == 1
+        train = data.clip_dataset("train")
+    assert opened.count(broken) == 1  # not opened again
+    assert [str(v.path) for v in train.videos] == [str(CLIPS / "carphone_pristine.mp4")]
+    assert [path for path, _ in train.skipped] == [str(broken)]
+    assert sum(str(broken.name) in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert train[0]["path"] == str(CLIPS / "carphone_pristine.mp4") and train.read_failures == {}

@@ -146,8 +146,9 @@ def test_corrupt_shard_names_the_file(tmp_path, damage):
     path.write_bytes({"truncate": data[: len(data) - 100], "garbage": b"\x00" * 64, "empty": b""}[damage])
     with pytest.raises(ValueError, match="shard_00001.safetensors.*(corrupt|truncated)"):
         PairShardDataset(layout.folder)
-    with pytest.raises(ValueError, match="shard_00001.safetensors"):
-        finished_shards(layout, {})
+    # a rerun of the generation regenerates it, as it would a missing shard, with a warning naming it
+    with pytest.warns(UserWarning, match="shard_00001.safetensors.*regenerating it"):
+        assert finished_shards(layout, {}) == {0, 2}
 
 
 def test_other_frame_count_names_the_file(tmp_path):
@@ -232,3 +233,55 @@ def test_pairs_mode_checks_the_config_against_the_shards(tmp_path):
         pairs_datamodule(tmp_path)
     with pytest.raises(ValueError, match="needs pairs_dir"):
         VideoDataModule(mode="pairs")
+
+
+def test_nonfinite_row_warns_naming_shard_and_row(tmp_path):
+    import json
+    import warnings
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    layout = make_split(tmp_path, num_examples=8, shard_size=4)
+    path = layout.path(1)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[pairs.METADATA_KEY])
+    tensors["teacher_output"][2, 0, 0, 0, 0] = float("nan")
+    write_shard(path, tensors, meta)
+    dataset = PairShardDataset(layout.folder)
+    with pytest.warns(UserWarning, match=r"shard_00001.safetensors: row 2 \(example 6\) .*non-finite.*teacher_output"):
+        item = dataset[6]
+    assert torch.isnan(item["teacher_output"]).any()  # still returned: the KD step skips it as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset[5]
+
+
+@pytest.mark.parametrize("where", ["save_file", "fsync"])
+def test_a_full_disk_is_one_error_naming_the_shard(tmp_path, monkeypatch, where):
+    """ENOSPC while a shard is written: a ShardWriteError (an OSError, which the CLI prints as
+    one line) naming the shard, no temp file left; not safetensors' SafetensorError."""
+    import errno
+    import os
+
+    from safetensors import SafetensorError
+
+    from distill_pl.cli.errors import project_error
+
+    layout = ShardLayout(tmp_path, 4, 4)
+    if where == "save_file":
+        def full(tensors, filename, metadata=None):
+            open(filename, "wb").write(b"partial")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        monkeypatch.setattr(shards, "save_file", full)
+    else:
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(shards.os, "fsync", full)
+    with pytest.raises(shards.ShardWriteError) as raised:
+        make_shard(layout, 0)
+    assert str(raised.value) == f"cannot write shard {layout.path(0)}: No space left on device"
+    assert isinstance(raised.value, OSError) and project_error(raised.value) is raised.value
+    assert list(tmp_path.iterdir()) == []

@@ -263,3 +263,37 @@ def test_an_export_that_fails_midway_leaves_no_half_folder(tmp_path, monkeypatch
     export_student(folder, 1.0)
     assert (folder / "notes.txt").read_text() == "mine"
     assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["shift"] == 1.0
+
+
+def _modes(folder: Path) -> dict:
+    import stat
+
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600 and mkdtemp its folders 0700: an export (student
+    folder, pipeline folder) gives every file and folder the umask's modes."""
+    import os
+
+    from diffusers import FlowMatchEulerDiscreteScheduler as Scheduler
+
+    from distill_pl.families.pipeline_export import save_pipeline_folder
+
+    old = os.umask(0o022)
+    try:
+        student = export_student(tmp_path / "student", 3.0)
+        teacher = tmp_path / "teacher"
+        (teacher / "vae").mkdir(parents=True)
+        (teacher / "vae" / "config.json").write_text("{}")
+        (teacher / "model_index.json").write_text(json.dumps(
+            {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+        save_pipeline_folder(tmp_path / "pipeline", student, teacher, "WanPipeline", Scheduler())
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "student", tmp_path / "pipeline"):
+        modes = _modes(folder)
+        assert modes["transformer/diffusion_pytorch_model.safetensors"] == 0o644
+        assert {mode for path, mode in modes.items() if (folder / path).is_file()} == {0o644}, modes
+        assert {mode for path, mode in modes.items() if (folder / path).is_dir()} == {0o755}, modes
