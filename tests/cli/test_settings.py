@@ -89,3 +89,13 @@ def test_evaluate_and_sample_settings_are_checked_before_the_data(tmp_path, monk
 
     check_evaluation_settings({"teacher_steps": 2, "few_steps": [1], "guidance": 0.5})
     assert any("--guidance=0.5 is below 1" in r.getMessage() for r in caplog.records)
+
+
+def test_long_captions_refused_when_asked(tmp_path):
+    from distill_pl.data.datamodule import VideoDataModule
+
+    manifest = _manifest(tmp_path, ["a very long caption " * 8, "a dog"])
+    data = VideoDataModule(cache_dir=str(tmp_path / "cache"), manifest=str(manifest), long_captions="refuse")
+    with pytest.raises(ValueError, match=r"1 of 2 captions in .* are longer than data.max_text_length=16 tokens"
+                                         r".*data.long_captions is 'refuse'"):
+        data.check_settings("fit")
