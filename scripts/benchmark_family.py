@@ -92,6 +92,7 @@ from distill_pl.scale.benchmarking import synchronize
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import build_flow_scheduler, one_step_sample, sample_with_scheduler
 from distill_pl.scale.flops import count_flops, peak_bf16_tflops
+from distill_pl.models.autoencoder import latent_grid
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.discriminator import DiscriminatorHead
@@ -270,7 +271,7 @@ def latent_shape(batch: int, channels: int, frames: int, height: int, width: int
             f"frames {frames} must be 1 + a multiple of {ct}; height {height} and width {width} "
             f"multiples of {2 * ch} (VAE x patch)"
         )
-    return batch, channels, 1 + (frames - 1) // ct, height // ch, width // cw
+    return batch, channels, *latent_grid(frames, height, width, ct, ch)
 
 
 def tokens_per_video(patch_size, latent: tuple[int, ...]) -> int:

@@ -14,6 +14,14 @@ from torch import Tensor, nn
 from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
 
 
+def latent_grid(frames: int, height: int, width: int, temporal_compression: int,
+                spatial_compression: int) -> tuple[int, int, int]:
+    """(T', H', W') of the latents of ``frames`` frames of ``height`` x ``width`` pixels:
+    ``T' = 1 + (T - 1) // temporal_compression`` (frames past ``1 + k * temporal_compression``
+    are dropped), ``H' = H // spatial_compression``, ``W' = W // spatial_compression``."""
+    return 1 + (frames - 1) // temporal_compression, height // spatial_compression, width // spatial_compression
+
+
 class VideoAutoencoder(nn.Module):
     """``encode(video) -> latents`` and ``decode(latents) -> video``.
 
@@ -29,6 +37,10 @@ class VideoAutoencoder(nn.Module):
     temporal_compression: int
     #: height and width are divided by this
     spatial_compression: int
+
+    def latent_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(T', H', W') of the latents of ``frames`` frames of ``height`` x ``width`` pixels."""
+        return latent_grid(frames, height, width, self.temporal_compression, self.spatial_compression)
 
     def encode(self, video: Tensor) -> Tensor:
         raise NotImplementedError

@@ -67,6 +67,7 @@ from torch.overrides import TorchFunctionMode
 from distill_pl.cli.main import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
+from distill_pl.models.autoencoder import latent_grid
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.models.denoiser import Denoiser
@@ -356,7 +357,7 @@ def _vae_config(vae_path: str) -> dict:
 
 def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:
     temporal, spatial = (vae["scale_factor_temporal"], vae["scale_factor_spatial"]) if vae else (1, 1)
-    return 1 + (data.num_frames - 1) // temporal, data.height // spatial, data.width // spatial
+    return latent_grid(data.num_frames, data.height, data.width, temporal, spatial)
 
 
 def _batch_bytes(stage: str, b: int, data, latent: tuple[int, ...], text: tuple[int, int]) -> int:

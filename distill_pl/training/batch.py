@@ -59,8 +59,7 @@ def clip_latent_shape(batch: dict, autoencoder: VideoAutoencoder, channels: int)
     if "video_latents" in batch:
         return tuple(batch["video_latents"].shape)
     b, _, t, h, w = batch["video"].shape
-    return (b, channels, 1 + (t - 1) // autoencoder.temporal_compression,
-            h // autoencoder.spatial_compression, w // autoencoder.spatial_compression)
+    return (b, channels, *autoencoder.latent_grid(t, h, w))
 
 
 @torch.no_grad()

@@ -308,9 +308,7 @@ class DMD2Module(StageModule):
     def latent_shape(self, video: Tensor) -> tuple[int, ...]:
         """Shape of the latents of ``video`` [B, 3, T, H, W] (without encoding it)."""
         b, _, t, h, w = video.shape
-        ae = self.autoencoder
-        frames = 1 + (t - 1) // ae.temporal_compression
-        return b, self.student.latent_channels, frames, h // ae.spatial_compression, w // ae.spatial_compression
+        return b, self.student.latent_channels, *self.autoencoder.latent_grid(t, h, w)
 
     def build_objective(self) -> DMD2Objective:
         """The DMD2 objective over this module's networks and loss settings (built once, in

@@ -292,10 +292,7 @@ class KDModule(StageModule):
         keys = ("num_frames", "height", "width")
         if not all(k in metadata for k in keys):
             return None
-        ae = self.autoencoder
-        frames, height, width = (int(metadata[k]) for k in keys)
-        return [1 + (frames - 1) // ae.temporal_compression,
-                height // ae.spatial_compression, width // ae.spatial_compression]
+        return list(self.autoencoder.latent_grid(*(int(metadata[k]) for k in keys)))
 
     def set_negative_prompt(self, embeds: Tensor, mask: Tensor) -> None:
         """The [1, L, D] embedding (+ [1, L] mask) of the teacher's unconditional CFG branch."""

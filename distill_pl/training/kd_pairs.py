@@ -40,12 +40,7 @@ from distill_pl.training.batch import batch_conditioning
 def latent_shape(autoencoder: VideoAutoencoder, video_shape: tuple[int, ...]) -> tuple[int, ...]:
     """[C, T', H', W'] of the latents of a video [3, T, H, W] (the video's own shape in pixel space)."""
     _, frames, height, width = video_shape
-    return (
-        autoencoder.latent_channels,
-        1 + (frames - 1) // autoencoder.temporal_compression,
-        height // autoencoder.spatial_compression,
-        width // autoencoder.spatial_compression,
-    )
+    return (autoencoder.latent_channels, *autoencoder.latent_grid(frames, height, width))
 
 
 class KDPairGenerationModule(L.LightningModule):
