@@ -5,6 +5,8 @@
 - The project's own errors (bad folders, manifests, shards, settings: ``ValueError`` and
   ``OSError`` raised by ``distill_pl`` code, wherever Lightning or jsonargparse wrapped them)
   print their message. Exit 1.
+- An ``OSError`` about a named file or folder (a read-only or full disk, a missing file),
+  wherever it was raised, prints its message, which names the path. Exit 1.
 
 ``--debug`` (anywhere on the command line) or ``DISTILL_PL_DEBUG=1`` restores the full
 usage text and traceback. Other exceptions (bugs) always keep their traceback.
@@ -129,12 +131,16 @@ def _raised_by_project(tb: TracebackType | None) -> bool:
 def project_error(err: BaseException) -> BaseException | None:
     """The first error of ``err``'s chain (itself, its causes and the contexts it does not
     suppress) that ``distill_pl`` code raised as a ValueError, an OSError or one of its own
-    error classes: a message meant for the user."""
+    error classes, or that the system raised about a named file or folder (an OSError with a
+    ``filename``: permission denied, disk full, no such file), wherever it was raised: a
+    message meant for the user."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         own_class = type(err).__module__.startswith("distill_pl.")
-        if (own_class or isinstance(err, (ValueError, OSError))) and _raised_by_project(err.__traceback__):
+        about_a_file = isinstance(err, OSError) and err.filename is not None
+        if about_a_file or ((own_class or isinstance(err, (ValueError, OSError)))
+                            and _raised_by_project(err.__traceback__)):
             return err
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None

@@ -129,3 +129,26 @@ def test_a_malformed_manifest_line_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()[-2:]
     assert lines[0].startswith(f"distill-pl fit: error: manifest {manifest}, line 2: invalid JSON"), lines
+
+
+def test_an_os_error_about_a_file_is_one_line_wherever_it_is_raised(tmp_path, capsys):
+    """A read-only folder met inside a library (here: raised outside distill_pl) is one line
+    naming the path; an OSError about no file, raised outside distill_pl, keeps its traceback."""
+    from distill_pl.cli.errors import run_with_short_errors
+
+    folder = tmp_path / "read_only"
+
+    def refused():
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    with pytest.raises(SystemExit) as exit_:
+        run_with_short_errors(refused, "distill-pl sample", debug=False)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == f"distill-pl sample: error: [Errno 13] Permission denied: '{folder}'"
+
+    def bug():
+        raise OSError("something broke")
+
+    with pytest.raises(OSError, match="something broke"):
+        run_with_short_errors(bug, "distill-pl sample", debug=False)
