@@ -49,6 +49,7 @@ def test_a_config_with_an_old_class_path_is_one_line_naming_the_new_one(tmp_path
     assert f"{old}: {OLD_TEACHER} has moved to {NEW_TEACHER}" in err[0]
 
 
+@pytest.mark.slow  # CLI fits (10-30 s): keeps the default suite under 10 minutes
 def test_a_checkpoint_naming_the_old_class_path_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = str(fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2))

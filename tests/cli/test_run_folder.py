@@ -121,6 +121,7 @@ def test_two_runs_with_different_run_folders_share_no_file(tmp_path, monkeypatch
     assert _files(tmp_path) == after_b
 
 
+@pytest.mark.slow  # CLI fits (10-30 s): keeps the default suite under 10 minutes
 def test_resuming_a_run_in_its_own_folder_exports_again_but_another_run_may_not(tmp_path, monkeypatch, capsys):
     """A fit, then ``--ckpt_path last`` in the same run folder with more steps: accepted, and the
     export is written again; a fit into another run folder whose export_dir is the first run's
@@ -153,6 +154,7 @@ def _tree(folder: Path) -> dict[Path, bytes]:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # CLI fits (10-30 s): keeps the default suite under 10 minutes
 def test_a_copied_or_moved_run_folder_resumes_and_exports_inside_itself(tmp_path, monkeypatch):
     """Fit in a; copy a to b without its export, resume b from its own last.ckpt with more
     steps: b/export is written, a is untouched. Then move b to c: the same in c, and nothing
@@ -197,6 +199,7 @@ def test_a_checkpoint_gives_no_output_path_to_the_resume():
     assert without_run_outputs({"export_dir": "/old/a/export", "lr": 1.0}) == {"lr": 1.0}
 
 
+@pytest.mark.slow  # CLI fits (10-30 s): keeps the default suite under 10 minutes
 def test_a_fit_whose_export_fails_midway_leaves_no_half_export_and_reruns(tmp_path, monkeypatch, capsys):
     """ENOSPC while the teacher's export is written: one line naming the export folder, exit
     1, nothing at a/export (nor a temp folder beside it); the rerun is not refused."""

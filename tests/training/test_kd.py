@@ -532,6 +532,7 @@ def test_four_step_student_trains_on_the_teacher_trajectory_of_a_pairs_batch(tea
         kd.phase_loss(0, batch)[0]
 
 
+@pytest.mark.slow  # CLI fits (10-30 s): keeps the default suite under 10 minutes
 def test_tiny_kd_4step_config_trains_on_a_generated_trajectory_and_exports_an_euler_student(tmp_path):
     """configs/tiny/kd_4step.yaml on pairs generated with the teacher's states at its levels
     (8 teacher steps): it fits, and its export records
