@@ -149,6 +149,23 @@ class Denoiser(nn.Module):
                 f"got {list(cond.text_mask.shape)}"
             )
 
+    def run_with_feature_tap(self, run, feature_block: int | None, x_t: Tensor):
+        """``run()`` (the backbone's velocity) in ``x_t``'s dtype; with ``feature_block``, also the
+        hidden states of that block of :attr:`blocks` as a grid (:meth:`tokens_to_grid`), taken by
+        a forward hook that is removed before backward (so checkpointing's recomputation does not
+        fire it again). ValueError for a block outside ``0 .. num_blocks - 1``."""
+        if feature_block is None:
+            return run().to(x_t.dtype)
+        if not 0 <= feature_block < self.num_blocks:
+            raise ValueError(f"feature_block={feature_block}: valid blocks are 0..{self.num_blocks - 1}")
+        captured: list[Tensor] = []
+        hook = self.blocks[feature_block].register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            velocity = run()
+        finally:
+            hook.remove()
+        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+
     def tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
         """[B, N, D] block tokens -> [B, D, t, h, w] features on the token grid of latents of
         ``shape`` [B, C, T, H, W] (t = T / pt, ...), the inverse of the patch embedding's

@@ -221,23 +221,7 @@ class CosmosTransferDenoiser(Denoiser):
             **common,
         )[0]
         kwargs = dict(hidden_states=latents, block_controlnet_hidden_states=residuals, **common)
-        if feature_block is None:
-            return self.transformer(**kwargs)[0].to(x_t.dtype)
-
-        if not 0 <= feature_block < self.num_blocks:
-            raise ValueError(
-                f"feature_block={feature_block}: valid blocks are 0..{self.num_blocks - 1}"
-            )
-        captured: list[Tensor] = []
-        # Removed before backward, so checkpointing's recomputation does not fire it again.
-        hook = self.blocks[feature_block].register_forward_hook(
-            lambda module, args, output: captured.append(output)
-        )
-        try:
-            velocity = self.transformer(**kwargs)[0]
-        finally:
-            hook.remove()
-        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+        return self.run_with_feature_tap(lambda: self.transformer(**kwargs)[0], feature_block, x_t)
 
     def _encoder_hidden_states(self, text: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """``text``, or ``(text, zero image context)`` for a model with ``img_context_dim_in``."""

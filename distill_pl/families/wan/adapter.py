@@ -122,23 +122,7 @@ class WanDenoiser(Denoiser):
             return_dict=False,
             **self._transformer_inputs(cond),
         )
-        if feature_block is None:
-            return self.transformer(**kwargs)[0].to(x_t.dtype)
-
-        if not 0 <= feature_block < self.num_blocks:
-            raise ValueError(
-                f"feature_block={feature_block}: valid blocks are 0..{self.num_blocks - 1}"
-            )
-        captured: list[Tensor] = []
-        # Removed before backward, so checkpointing's recomputation does not fire it again.
-        hook = self.transformer.blocks[feature_block].register_forward_hook(
-            lambda module, args, output: captured.append(output)
-        )
-        try:
-            velocity = self.transformer(**kwargs)[0]
-        finally:
-            hook.remove()
-        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+        return self.run_with_feature_tap(lambda: self.transformer(**kwargs)[0], feature_block, x_t)
 
     def _control_channels(self) -> int:
         """Control by channel concatenation: ``in_channels - out_channels``."""
