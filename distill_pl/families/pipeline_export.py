@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distill_pl.util.media import follow_umask, write_text
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.loading import ModelFolderError
+from distill_pl.models.loading import ModelFolderError, read_json
 from distill_pl.util.paths import resolve_path
 
 
@@ -86,13 +86,9 @@ def _model_index(teacher: Path, pipeline_class: str) -> dict:
             f"{teacher}: no model_index.json; the student pipeline is built from the teacher's "
             f"{pipeline_class} folder (VAE, text encoder, tokenizer)"
         )
-    try:
-        index = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFolderError(f"{file}: not valid JSON ({error})") from error
-    if not isinstance(index, dict) or index.get("_class_name") != pipeline_class:
-        found = index.get("_class_name") if isinstance(index, dict) else None
-        raise ModelFolderError(f"{file}: a {found!r} pipeline, expected {pipeline_class!r}")
+    index = read_json(file)
+    if index.get("_class_name") != pipeline_class:
+        raise ModelFolderError(f"{file}: a {index.get('_class_name')!r} pipeline, expected {pipeline_class!r}")
     return index
 
 
