@@ -83,7 +83,8 @@ def resume_checkpoint(folders: list[Path], allow_fresh: bool = False) -> str | N
             "Pass --ckpt_path last_or_fresh to start a new run when there is none, or no --ckpt_path."
         )
     chosen = max(steps, key=lambda p: (steps[p], p.stat().st_mtime, p.name.startswith(LAST)))
-    newest = max(found, key=lambda p: p.stat().st_mtime)
+    # Lightning writes last.ckpt just after the step's own file: on equal (coarse) mtimes it is the newer.
+    newest = max(found, key=lambda p: (p.stat().st_mtime, p.name.startswith(LAST)))
     if newest in problems:
         warnings.warn(
             f"--ckpt_path last: the newest checkpoint {newest} cannot be read ({problems[newest]}); "
