@@ -25,6 +25,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -65,7 +66,8 @@ class CollapseMonitor(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module, batch) -> tuple[float, float]:
         """(diversity, saturation) of the student's samples of ``batch``."""
-        samples = pl_module.student_samples(batch, self.seed).float()
+        # a training batch is still in host memory (the training step moves micro-batches)
+        samples = pl_module.student_samples(move_data_to_device(batch, pl_module.device), self.seed).float()
         diversity = float(samples.std(dim=0).mean()) if samples.shape[0] > 1 else float("nan")
         saturation = float((samples.abs() >= self.saturation_level).float().mean())
         return diversity, saturation

@@ -10,7 +10,9 @@
 2. the stage draws the phase's random numbers for the whole batch
    (:meth:`~StageModule.phase_draws`, an object with ``rows(slice)`` or None);
 3. the batch is split into ``accumulate_micro_batches`` micro-batches (sizes differing by at
-   most one); each gets its forward (:meth:`~StageModule.phase_loss`, a loss that is a mean
+   most one); each is moved to the device only when it runs (a loaded training batch stays
+   in host memory, :meth:`~StageModule.transfer_batch_to_device`, so a batch of N
+   micro-batches costs the device one micro-batch) and gets its forward (:meth:`~StageModule.phase_loss`, a loss that is a mean
    over samples, so the micro-batch losses weighted by their share of the batch sum to the
    batch loss) and ``manual_backward``; gradients are all-reduced (DDP) or reduce-scattered
    (FSDP2) in the backward of the last micro-batch only;
@@ -41,6 +43,7 @@ import contextlib
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import ParallelStrategy
 from torch import Tensor
 from torch.distributed.tensor.experimental import implicit_replication
@@ -154,6 +157,14 @@ class StageModule(L.LightningModule):
             )
 
     # --- the training loop ----------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """A training batch stays in host memory: :meth:`training_step` moves each micro-batch
+        (and its rows of the draws) to the device when it runs it. Validation and prediction
+        batches move whole, as Lightning moves them."""
+        if self._trainer is not None and self.trainer.training:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         """One optimizer step of the phase of this step (see the module docstring); returns the
         batch's loss (detached: the micro-batch losses weighted by their share), which
@@ -175,8 +186,9 @@ class StageModule(L.LightningModule):
             for lo, hi in zip(bounds, bounds[1:]):
                 rows = slice(lo, hi)
                 with self._gradient_sync(last=hi == size):
-                    micro = micro_batch(batch, rows)
-                    loss, micro_logs = self.phase_loss(phase, micro, None if draws is None else draws.rows(rows))
+                    micro = move_data_to_device(micro_batch(batch, rows), self.device)
+                    micro_draws = None if draws is None else move_data_to_device(draws.rows(rows), self.device)
+                    loss, micro_logs = self.phase_loss(phase, micro, micro_draws)
                     weight = (hi - lo) / size
                     total = weight * loss.detach() if lo == 0 else total + weight * loss.detach()
                     for k, v in micro_logs.items():

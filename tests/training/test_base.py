@@ -82,3 +82,28 @@ def test_teacher_micro_batches_give_the_full_batch_update_and_the_warmup_steps(t
     one, several = (dict(m.denoiser.named_parameters()) for m in runs)
     for key in one:
         torch.testing.assert_close(several[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_batch_reaches_the_device_one_micro_batch_at_a_time(teacher_dir, monkeypatch):
+    """The loaded batch stays in host memory (Lightning's transfer leaves it alone during
+    training); the step moves each micro-batch (and its draws) when it runs it. Validation
+    batches still move whole."""
+    import distill_pl.training.base as base
+
+    moved: list[int] = []
+
+    def recording_move(data, device):
+        if isinstance(data, dict):
+            moved.append(len(data["text_embeds"]))
+        return base_move(data, device)
+
+    base_move = base.move_data_to_device
+    monkeypatch.setattr(base, "move_data_to_device", recording_move)
+    kd = KDModule(teacher_dir, lr=1e-3, accumulate_micro_batches=3)
+    fit(kd, StubPairs(teacher_dir, [pairs_batch(n=4, seed=i) for i in range(2)]))
+    assert moved == [1, 1, 2, 1, 1, 2]  # 2 steps of 3 micro-batches, never the batch of 4
+    batch = pairs_batch(n=4, seed=0)
+    kd.trainer.state.stage = "train"
+    assert kd.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    kd.trainer.state.stage = "validate"  # outside the training loop the whole batch moves
+    assert kd.transfer_batch_to_device(batch, torch.device("cpu"), 0) is not batch
