@@ -331,7 +331,8 @@ class VideoDataModule(lightning.LightningDataModule):
             changed = manifest.stat().st_mtime_ns
         except OSError:
             changed = None
-        return str(manifest), changed, h.num_frames, h.frame_stride, h.val_fraction
+        # absolute: the check and the data sets may name it from different working paths
+        return os.path.abspath(manifest), changed, h.num_frames, h.frame_stride, h.val_fraction
 
     def clip_dataset(self, split: Literal["train", "val"], samples_per_epoch: int | None = None) -> ClipDataset:
         """A :class:`ClipDataset` of ``split`` with this module's data settings (without the

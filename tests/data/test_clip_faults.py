@@ -232,3 +232,19 @@ def test_videos_the_start_up_check_skipped_are_not_used_nor_reported_again(tmp_p
     assert [path for path, _ in train.skipped] == [str(broken)]
     assert sum(str(broken.name) in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
     assert train[0]["path"] == str(CLIPS / "carphone_pristine.mp4") and train.read_failures == {}
+
+
+def test_the_start_up_check_applies_however_the_manifest_is_named(tmp_path, monkeypatch):
+    """The CLI's check and the trainer's data module may name the manifest differently
+    (absolute / relative to the working folder): every process must leave out the same videos,
+    or data-parallel ranks would read different data sets than one process."""
+    from distill_pl.data.datamodule import VideoDataModule
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    manifest = manifest_of(tmp_path, [CLIPS / "carphone_pristine.mp4", broken])
+    settings = dict(num_frames=4, frame_stride=4, height=16, width=16, samples_per_epoch=4, probe="lazy")
+    VideoDataModule(cache_dir=str(tmp_path / "cache"), manifest=str(manifest), **settings).check_video_lengths()
+    monkeypatch.chdir(tmp_path)
+    relative = VideoDataModule(cache_dir="cache", manifest=manifest.name, **settings)
+    assert [path for path, _ in relative.clip_dataset("train").skipped] == [str(broken)]
