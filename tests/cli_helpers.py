@@ -106,6 +106,17 @@ def edited_config(source: str | Path, dest: Path, edit) -> Path:
     return dest
 
 
+def fit_short_run(work: Path, source: str, dest: str, edit, run: Path, steps: int) -> Path:
+    """``distill-pl fit`` in ``work`` of ``source`` (a config relative to the repo) written to
+    ``work / dest`` after ``edit(config)``; checks that the run's last checkpoint
+    (``run/checkpoints/last.ckpt``) is at step ``steps`` and returns ``run``."""
+    import torch
+
+    run_cli(["fit", "--config", str(edited_config(source, work / dest, edit))], cwd=work)
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == steps
+    return run
+
+
 def scalar_events(log_dir: Path, tag: str) -> dict[int, float]:
     """{step: value} of a TensorBoard scalar over all event files below ``log_dir``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -16,7 +16,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from tests.cli_helpers import edited_config, evaluate_tiny_runs, pipeline_export_settings, run_cli
-from tests.cli_helpers import short_dmd2_trainer, short_kd_trainer
+from tests.cli_helpers import fit_short_run, short_dmd2_trainer, short_kd_trainer
 from tests.families import cosmos_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,9 +73,7 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
         cfg["model"]["init_args"]["denoiser_options"]["control_scale"] = 0.5
         small_data(cfg)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/kd.yaml", work / "kd.yaml", kd))], cwd=work)
-    kd_run = work / RUNS / "kd"
-    assert torch.load(kd_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    kd_run = fit_short_run(work, f"{CONFIGS}/kd.yaml", "kd.yaml", kd, work / RUNS / "kd", steps=2)
     assert list(kd_run.rglob("grids/step000002_*.png"))
 
     def dmd2(cfg):
@@ -84,9 +82,7 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
         cfg["model"]["init_args"]["denoiser_options"].update(control_scale=0.5, freeze_control_branch=True)
         small_data(cfg, samples_per_epoch=8)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/dmd2.yaml", work / "d.yaml", dmd2))], cwd=work)
-    dmd2_run = work / RUNS / "dmd2"
-    assert torch.load(dmd2_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    dmd2_run = fit_short_run(work, f"{CONFIGS}/dmd2.yaml", "d.yaml", dmd2, work / RUNS / "dmd2", steps=5)
 
     # both exports are whole Cosmos2_5_TransferPipeline folders with the student's options
     kd_export, dmd2_export = kd_run / "export", dmd2_run / "export"

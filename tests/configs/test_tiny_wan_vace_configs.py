@@ -20,7 +20,7 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from tests.cli_helpers import REPO, edited_config, evaluate_tiny_runs, pipeline_export_settings, run_cli
-from tests.cli_helpers import short_dmd2_trainer, short_kd_trainer
+from tests.cli_helpers import fit_short_run, short_dmd2_trainer, short_kd_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,9 +85,7 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
         with_scale(cfg)
         small_data(cfg)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/kd.yaml", work / "kd.yaml", kd))], cwd=work)
-    kd_run = work / RUNS / "kd"
-    assert torch.load(kd_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    kd_run = fit_short_run(work, f"{CONFIGS}/kd.yaml", "kd.yaml", kd, work / RUNS / "kd", steps=2)
     assert list(kd_run.rglob("grids/step000002_*.png"))
 
     def dmd2(cfg):
@@ -96,9 +94,7 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
         with_scale(cfg)
         small_data(cfg, samples_per_epoch=8)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/dmd2.yaml", work / "d.yaml", dmd2))], cwd=work)
-    dmd2_run = work / RUNS / "dmd2"
-    assert torch.load(dmd2_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    dmd2_run = fit_short_run(work, f"{CONFIGS}/dmd2.yaml", "d.yaml", dmd2, work / RUNS / "dmd2", steps=5)
 
     # both exports are whole WanVACEPipeline folders with the student's options
     kd_export, dmd2_export = kd_run / "export", dmd2_run / "export"
