@@ -6,8 +6,6 @@ frames (2 latent frames) keep it short."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,9 +13,10 @@ from distill_pl.data.pairs import read_shard_header
 from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.families.registry import folder_class_name, load_denoiser
+from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
-from tests.cli_helpers import edited_config, evaluate_tiny_runs, run_cli
+from tests.cli_helpers import edited_config, evaluate_tiny_runs, pipeline_export_settings, run_cli
+from tests.cli_helpers import fit_short_run, short_dmd2_trainer, short_kd_trainer
 from tests.families import cosmos_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,38 +69,25 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     assert meta["denoiser_options"] == {"control_scale": 0.5}
 
     def kd(cfg):
-        t = cfg["trainer"]
-        t.update(max_steps=2, val_check_interval=2, limit_val_batches=1)
-        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+        short_kd_trainer(cfg["trainer"], 2)
         cfg["model"]["init_args"]["denoiser_options"]["control_scale"] = 0.5
         small_data(cfg)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/kd.yaml", work / "kd.yaml", kd))], cwd=work)
-    kd_run = work / RUNS / "kd"
-    assert torch.load(kd_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+    kd_run = fit_short_run(work, f"{CONFIGS}/kd.yaml", "kd.yaml", kd, work / RUNS / "kd", steps=2)
     assert list(kd_run.rglob("grids/step000002_*.png"))
 
     def dmd2(cfg):
-        t = cfg["trainer"]
-        t["max_steps"] = 5
-        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
-        t["callbacks"][1]["init_args"]["every_n_steps"] = 5
+        short_dmd2_trainer(cfg["trainer"], 5)
         cfg["model"]["init_args"].update(discriminator_hidden=8)
         cfg["model"]["init_args"]["denoiser_options"].update(control_scale=0.5, freeze_control_branch=True)
         small_data(cfg, samples_per_epoch=8)
 
-    run_cli(["fit", "--config", str(edited_config(f"{CONFIGS}/dmd2.yaml", work / "d.yaml", dmd2))], cwd=work)
-    dmd2_run = work / RUNS / "dmd2"
-    assert torch.load(dmd2_run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    dmd2_run = fit_short_run(work, f"{CONFIGS}/dmd2.yaml", "d.yaml", dmd2, work / RUNS / "dmd2", steps=5)
 
     # both exports are whole Cosmos2_5_TransferPipeline folders with the student's options
     kd_export, dmd2_export = kd_run / "export", dmd2_run / "export"
     for export in (kd_export, dmd2_export):
-        index = json.loads((export / "model_index.json").read_text())
-        assert index["_class_name"] == "Cosmos2_5_TransferPipeline"
-        assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-        assert folder_class_name(export) == "CosmosTransformer3DModel"
-        settings = json.loads((export / "student.json").read_text())
+        settings = pipeline_export_settings(export, "Cosmos2_5_TransferPipeline", "CosmosTransformer3DModel")
         assert settings["adapter_options"]["control_scale"] == 0.5
     # a frozen control branch: DMD2's student (EMA of it) keeps the KD student's ControlNet
     kd_student, dmd2_student = load_denoiser(kd_export), load_denoiser(dmd2_export)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
@@ -128,15 +127,6 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
         loss.backward()
         opt.step()
     return before, distance()
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one thread is faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_four_step_dmd_student_ends_closer_to_the_mixture_than_the_one_step_student(one_thread):

@@ -1,9 +1,5 @@
 """Precomputed clip latents: the predict run (contents, kill + rerun), and data.mode latents."""
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,8 @@ from distill_pl.data.shards import ShardError
 from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.training.batch import check_precomputed_latents, encode_clip_batch
-from tests.training.test_kd_pairs import REPO, cache_dir, cli_command, shard_files  # noqa: F401 (fixture)
+from tests.cli_helpers import kill_at_first_shard
+from tests.training.test_kd_pairs import REPO, cache_dir, shard_files  # noqa: F401 (fixture)
 
 CONFIG = REPO / "configs" / "tiny" / "clip_latents.yaml"
 DATA = dict(num_examples=6, shard_size=1, batch_size=1, num_frames=5, frame_stride=2, height=16, width=16,
@@ -76,22 +73,7 @@ def test_shards_hold_the_vae_latents_of_the_clips_and_controls(precomputed, vae_
 def test_killed_precompute_completes_bit_identical_on_rerun(precomputed, vae_folder, cache_dir, tmp_path):
     out = tmp_path / "latents"
     args = cli_args(vae_folder, out, cache_dir)
-    log = open(tmp_path / "killed_run.log", "w+")
-    process = subprocess.Popen([*cli_command(), *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(out.rglob("shard_*.safetensors")):
-            assert process.poll() is None, (tmp_path / "killed_run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard after 300 s"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    kill_at_first_shard(args, out, tmp_path / "killed_run.log")
     killed, expected = shard_files(out), shard_files(precomputed)
     assert 0 < len(killed) < len(expected) == 10, "the run finished before it was killed"
     assert all(data == expected[name] for name, data in killed.items())

@@ -440,19 +440,18 @@ def test_toy_dmd2_run_moves_student_mean_and_spread_to_cfg_teacher(teacher_dir):
 
 
 # --- configs through the real CLI -------------------------------------------------------------
-def tiny_config(dest: Path, teacher_dir: Path, max_steps: int) -> Path:
-    from tests.cli_helpers import edited_config
+def tiny_config(dest: Path, teacher_dir: Path, max_steps: int, source: str = "configs/tiny/dmd2.yaml") -> Path:
+    """``source`` (a tiny DMD2 config) written to ``dest`` for a short CPU run on ``teacher_dir``:
+    ``max_steps`` steps, a checkpoint and a grid every 5, 4 frames of 16x16, batches of 2."""
+    from tests.cli_helpers import edited_config, short_dmd2_trainer
 
     def edit(cfg):
-        t = cfg["trainer"]
-        t["max_steps"] = max_steps
-        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
-        t["callbacks"][1]["init_args"]["every_n_steps"] = 5
+        short_dmd2_trainer(cfg["trainer"], max_steps, every=5)
         cfg["model"]["init_args"].update(teacher=str(teacher_dir), discriminator_hidden=8, feature_block=1)
         cfg["data"].update(num_frames=4, frame_stride=2, height=16, width=16, batch_size=2, val_batch_size=2,
                            samples_per_epoch=8, max_text_length=8)
 
-    return edited_config("configs/tiny/dmd2.yaml", dest, edit)
+    return edited_config(source, dest, edit)
 
 
 def test_tiny_config_fits_from_kd_checkpoint(teacher_dir, kd_checkpoint, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.export.model_folders import student_noise_levels_of
 from distill_pl.training.dmd2 import DMD2Module
-from tests.training.test_dmd2 import FAST, StepRecorder, dm, kd_checkpoint, teacher_dir, trainer  # noqa: F401 (fixtures)
+from tests.training.test_dmd2 import FAST, StepRecorder, dm, kd_checkpoint, teacher_dir, tiny_config, trainer  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIGMAS = [1.0, 0.75, 0.5, 0.25]
@@ -46,18 +46,9 @@ def test_phased_dmd_needs_its_schedule(teacher_dir):
 
 @pytest.mark.slow
 def test_tiny_4step_config_fits_from_kd_checkpoint_and_exports_4_steps(teacher_dir, kd_checkpoint, tmp_path):
-    from tests.cli_helpers import edited_config, run_cli, scalar_events
+    from tests.cli_helpers import run_cli, scalar_events
 
-    def edit(cfg):
-        t = cfg["trainer"]
-        t["max_steps"] = 5
-        t["callbacks"][0]["init_args"]["every_n_train_steps"] = 5
-        t["callbacks"][1]["init_args"]["every_n_steps"] = 5
-        cfg["model"]["init_args"].update(teacher=str(teacher_dir), discriminator_hidden=8, feature_block=1)
-        cfg["data"].update(num_frames=4, frame_stride=2, height=16, width=16, batch_size=2, val_batch_size=2,
-                           samples_per_epoch=8, max_text_length=8)
-
-    config = edited_config("configs/tiny/dmd2_4step.yaml", tmp_path / "dmd2_4step.yaml", edit)
+    config = tiny_config(tmp_path / "dmd2_4step.yaml", teacher_dir, max_steps=5, source="configs/tiny/dmd2_4step.yaml")
     run_cli(["fit", "--config", str(config), "--model.init_from", str(kd_checkpoint[0])], cwd=tmp_path)
     run_dir = tmp_path / "runs/tiny/dmd2_4step"
     assert sorted(scalar_events(run_dir, "train/generator_loss")) == [4]

@@ -4,10 +4,7 @@ import contextlib
 import io
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +27,7 @@ from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.util.paths import resolve_path
 from distill_pl.training import kd_pairs
 from distill_pl.training.kd_pairs import KDPairGenerationModule
+from tests.cli_helpers import cli_command, kill_at_first_shard
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "tiny" / "kd_pairs.yaml"
@@ -231,30 +229,10 @@ def test_rerun_with_other_settings_names_the_finished_shard(generated, teacher, 
         lightning_main(cli_args(teacher, out, cache_dir, guidance=5.0))
 
 
-def cli_command() -> list[str]:
-    script = Path(sys.executable).parent / "distill-pl"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "distill_pl.cli.main"]
-
-
 def test_killed_generation_completes_bit_identical_on_rerun(generated, teacher, cache_dir, tmp_path):
     out = tmp_path / "pairs"
     args = cli_args(teacher, out, cache_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in this process (see one_thread)
-    log = open(tmp_path / "killed_run.log", "w+")
-    process = subprocess.Popen([*cli_command(), *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(out.rglob("shard_*.safetensors")):
-            assert process.poll() is None, (tmp_path / "killed_run.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no shard after 300 s"
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+    kill_at_first_shard(args, out, tmp_path / "killed_run.log")
     killed = shard_files(out)
     assert 0 < len(killed) < 5, "the run finished before it was killed; the test needs a slower generation"
     expected = shard_files(generated)
