@@ -88,11 +88,23 @@ def conditioning(batch: int, value: float) -> Conditioning:
     return Conditioning(torch.full((batch, 1, 1), value), torch.ones(batch, 1, dtype=torch.bool))
 
 
+def reference_samples() -> torch.Tensor:
+    """2000 fixed samples [2000, 2] of the data (the teacher's distribution)."""
+    return data(2000, torch.Generator().manual_seed(99))
+
+
+@torch.no_grad()
+def evaluation_samples(generate) -> torch.Tensor:
+    """2000 samples [2000, 2] of a student's ``generate(noise, cond, generator)`` from fixed noise."""
+    return generate(torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)), conditioning(2000, 1.0),
+                    torch.Generator().manual_seed(8))
+
+
 def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, batch: int = 256, seed: int = 0,
           trained_step_input: str = "backward_simulation", phased: bool = False, teacher: nn.Module | None = None,
           guidance: float = 1.0, **decoupled):
-    """Energy distances (before, after) of a student with ``levels`` trained by DMD2Objective
-    (``teacher``: MixtureTeacher() by default; ``decoupled``: the objective's Decoupled DMD
+    """Energy distances (before, after) of a student with ``levels`` trained by DMD2Objective,
+    and the objective (its trained student: ``objective.generate``) (``teacher``: MixtureTeacher() by default; ``decoupled``: the objective's Decoupled DMD
     settings, its own schedule's draws drawn after the others)."""
     student, fake_score = copy.deepcopy(init), copy.deepcopy(init)
     objective = DMD2Objective(
@@ -105,14 +117,10 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
     g = torch.Generator().manual_seed(seed + 1)
     cond, uncond = conditioning(batch, 1.0), conditioning(batch, 0.0)
     k = len(levels)
-    reference = data(2000, torch.Generator().manual_seed(99))
+    reference = reference_samples()
 
     def distance() -> float:
-        eval_cond = conditioning(2000, 1.0)
-        with torch.no_grad():
-            x = objective.generate(torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)), eval_cond,
-                                   torch.Generator().manual_seed(8))
-        return energy_distance(x, reference)
+        return energy_distance(evaluation_samples(objective.generate), reference)
 
     before = distance()
     bounds = subinterval_bounds(levels)
@@ -151,7 +159,7 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return before, distance()
+    return before, distance(), objective
 
 
 @pytest.fixture
@@ -166,9 +174,9 @@ def one_thread():
 def test_four_step_dmd_student_ends_closer_to_the_mixture_than_the_one_step_student(one_thread):
     init = flow_matching_init()
     four = (1.0, 0.75, 0.5, 0.25)
-    before_1, after_1 = train(init, (1.0,), GENERATOR_UPDATES, batch=128)
-    before_4, after_4 = train(init, four, GENERATOR_UPDATES, batch=128)
-    _, after_phased = train(init, four, GENERATOR_UPDATES, batch=128, phased=True)
+    before_1, after_1, _ = train(init, (1.0,), GENERATOR_UPDATES, batch=128)
+    before_4, after_4, _ = train(init, four, GENERATOR_UPDATES, batch=128)
+    _, after_phased, _ = train(init, four, GENERATOR_UPDATES, batch=128, phased=True)
     print(f"energy distance to the data: 1-step {before_1:.4f} -> {after_1:.4f}, 4-step {before_4:.4f} -> "
           f"{after_4:.4f} (backward simulation), {after_phased:.4f} (Phased DMD)")
     assert after_1 < 0.5 * before_1 and after_4 < 0.5 * before_4  # both move toward the data
