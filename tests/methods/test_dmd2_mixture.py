@@ -103,9 +103,10 @@ def evaluation_samples(generate) -> torch.Tensor:
 def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, batch: int = 256, seed: int = 0,
           trained_step_input: str = "backward_simulation", phased: bool = False, teacher: nn.Module | None = None,
           guidance: float = 1.0, **decoupled):
-    """Energy distances (before, after) of a student with ``levels`` trained by DMD2Objective,
-    and the objective (its trained student: ``objective.generate``) (``teacher``: MixtureTeacher() by default; ``decoupled``: the objective's Decoupled DMD
-    settings, its own schedule's draws drawn after the others)."""
+    """(before, after, objective): the energy distances to the data of a student with ``levels``
+    trained by DMD2Objective, and that objective (its trained student: ``objective.generate``).
+    ``teacher``: MixtureTeacher() by default; ``decoupled``: the objective's Decoupled DMD
+    settings (its own schedule's draws are drawn after the others)."""
     student, fake_score = copy.deepcopy(init), copy.deepcopy(init)
     objective = DMD2Objective(
         student, teacher or MixtureTeacher(), fake_score, nn.Linear(student.head.in_features, 1), feature_block=0,
