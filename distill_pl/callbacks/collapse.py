@@ -2,7 +2,8 @@
 
 Every ``every_n_steps`` training steps the callback asks the module for one-step student
 samples of the current batch (``pl_module.student_samples(batch, seed)``: pixels
-[B, 3, T, H, W] in [-1, 1], from fixed noise) and logs:
+[B, 3, T, H, W] in [-1, 1], from fixed noise; the first ``max_samples`` samples of the batch
+when set, which bounds the cost of a check on large batches) and logs:
 
 - ``collapse/diversity``: the per-pixel standard deviation across the batch, averaged
   (0 when every sample is the same video, whatever the prompts and controls);
@@ -29,6 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from distill_pl.training.base import micro_batch
 from distill_pl.training.resume import checkpoint_step
 
 
@@ -47,9 +49,12 @@ class CollapseMonitor(L.Callback):
         action: Literal["stop", "rollback"] = "stop",
         max_rollbacks: int = 2,
         seed: int = 0,
+        max_samples: int | None = None,
     ) -> None:
         if action not in ("stop", "rollback"):
             raise ValueError(f"action must be 'stop' or 'rollback', not {action!r}")
+        if max_samples is not None and max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2 (diversity is a spread across samples), got {max_samples}")
         self.every_n_steps = every_n_steps
         self.min_diversity = min_diversity
         self.max_saturation = max_saturation
@@ -58,6 +63,7 @@ class CollapseMonitor(L.Callback):
         self.action = action
         self.max_rollbacks = max_rollbacks
         self.seed = seed
+        self.max_samples = max_samples
         self.collapsed_since: int | None = None
         self.streak = 0
         self.rollbacks = 0
@@ -65,7 +71,9 @@ class CollapseMonitor(L.Callback):
 
     @torch.no_grad()
     def measure(self, pl_module, batch) -> tuple[float, float]:
-        """(diversity, saturation) of the student's samples of ``batch``."""
+        """(diversity, saturation) of the student's samples of ``batch`` (its first ``max_samples``)."""
+        if self.max_samples is not None:
+            batch = micro_batch(batch, slice(0, self.max_samples))
         # a training batch is still in host memory (the training step moves micro-batches)
         samples = pl_module.student_samples(move_data_to_device(batch, pl_module.device), self.seed).float()
         diversity = float(samples.std(dim=0).mean()) if samples.shape[0] > 1 else float("nan")

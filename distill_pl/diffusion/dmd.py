@@ -21,6 +21,18 @@ and with ``dx_t / dx_g = (1 - sigma)`` the gradient of the noised KL divergence 
 ``sigma^2 / ((1 - sigma)^2 k)`` in place of the factor above. Gradient DESCENT on
 :func:`dmd_loss` moves ``x_g`` by ``-grad``, toward ``x0_real`` and away from ``x0_fake``:
 it descends ``KL(p_fake || p_real)``.
+
+Decoupled DMD. With the teacher's CFG clean estimate ``x0_cfg = x0_u + w (x0_c - x0_u)``
+(``x0_c`` / ``x0_u``: its conditional / unconditional clean estimates, guidance ``w`` in
+``u + w (c - u)``) the difference the DMD gradient follows splits into two terms,
+
+    x0_cfg - x0_fake = (x0_c - x0_fake)  +  (w - 1) (x0_c - x0_u),
+                       distribution matching (DM)   CFG augmentation (CA)
+
+(the score form: ``-(s_c^real - s_c^fake)`` and ``(w - 1) (s_c^real - s_u^real)``).
+:func:`decoupled_dmd_terms` gives both as normalised gradients (each with its own ``k``):
+``dm = (x0_fake - x0_c) / k_dm`` and ``ca = (w - 1) (x0_u - x0_c) / k_ca``; with both
+evaluated at one ``x_t`` and ``k_dm = k_ca = k``, ``dm + ca`` is :func:`dmd_gradient`.
 """
 
 from __future__ import annotations
@@ -56,6 +68,28 @@ def dmd_gradient(x0_fake: Tensor, x0_real: Tensor, normaliser: Tensor) -> Tensor
     """
     diff = x0_fake.detach().float() - x0_real.detach().float()
     return diff / _per_sample(normaliser.float(), diff)
+
+
+def decoupled_dmd_terms(
+    x0_fake: Tensor, x0_cond_dm: Tensor, normaliser_dm: Tensor,
+    x0_cond_ca: Tensor, x0_uncond_ca: Tensor, normaliser_ca: Tensor, guidance: float,
+) -> tuple[Tensor, Tensor]:
+    """The two normalised terms of Decoupled DMD (see the module docstring), float32, [B, ...].
+
+    DM: ``(x0_fake - x0_cond_dm) / k_dm`` from the fake score's and the teacher's conditional
+    clean estimates at the DM term's ``x_t``; CA: ``(guidance - 1) (x0_uncond_ca - x0_cond_ca)
+    / k_ca`` from the teacher's two clean estimates at the CA term's ``x_t`` (zero at
+    ``guidance = 1``). ``normaliser_*``: ``k`` [B] of each term (:func:`dmd_normaliser`).
+    Returns (dm, ca); the gradient of Decoupled DMD is ``dm_weight * dm + ca_weight * ca``.
+    """
+    dm = dmd_gradient(x0_fake, x0_cond_dm, normaliser_dm)
+    ca = (guidance - 1.0) * dmd_gradient(x0_uncond_ca, x0_cond_ca, normaliser_ca)
+    return dm, ca
+
+
+def per_sample_norm(x: Tensor) -> Tensor:
+    """The L2 norm of each sample over its non-batch dims: [B, ...] -> [B] float32."""
+    return x.detach().float().flatten(1).norm(dim=1)
 
 
 def dmd_loss(x_g: Tensor, grad: Tensor) -> Tensor:

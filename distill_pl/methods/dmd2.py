@@ -35,6 +35,36 @@ with the subinterval target of
 :func:`~distill_pl.diffusion.student_steps.subinterval_flow_target` (score matching within the
 subinterval). The DMD gradient acts on the state ``x_{s_{k+1}}``; its normaliser is the mean
 ``|x0 - x0_real|`` of the step's clean estimate.
+
+Decoupled DMD (``decoupled=True``): the DMD gradient is ``dm_weight * dm + ca_weight * ca``,
+its distribution-matching and CFG-augmentation terms
+(:func:`~distill_pl.diffusion.dmd.decoupled_dmd_terms`), each term at its own noise level:
+``sigma`` from ``t ~ U[dm_t_min, dm_t_max]`` for DM and ``U[ca_t_min, ca_t_max]`` for CA
+(mapped to ``sigma`` as the shared ``t`` is; None: the shared ``t_min`` / ``t_max``). The
+choices where the split leaves room:
+
+- each term at its own sigma has its own noised input ``x_t = (1 - sigma) x_g + sigma n``
+  with its own noise ``n``; the fake score runs at the DM term's ``x_t`` only (the CA term
+  needs no fake score), the teacher's two branches at each term's ``x_t``;
+- each term's normaliser is today's, at its own ``x_t``: ``k = mean |x_g - x0_cfg|`` with
+  ``x0_cfg`` the teacher's CFG clean estimate there (so the DM term costs an unconditional
+  teacher branch beside the conditional one it uses);
+- the weights default to 1;
+- with both ranges the shared one (the default) no extra sigma or noise is drawn: both terms
+  use the step's ``sigma`` and ``noise``, and ``dm_weight = ca_weight = 1`` gives the DMD
+  gradient of ``decoupled=False`` up to float rounding (the teacher's clean estimates are
+  combined after, not before, the velocity-to-x0 conversion). Otherwise
+  (:attr:`DMD2Objective.decoupled_schedule`) each sample draws ``sigma_dm, noise_dm,
+  sigma_ca, noise_ca`` after all its other draws, so the other draws stay those of the
+  coupled objective; the critic and the GAN term keep the shared ``sigma`` and ``noise``.
+
+The generator loss logs, beside the losses: ``dmd_grad_norm`` (mean over samples of the L2
+norm of the DMD gradient), ``teacher_fake_x0_gap`` (mean ``|x0_real - x0_fake|``, at the DM
+term's ``x_t``), ``fake_score_loss_fresh`` (the fake score's flow-matching loss on the
+current student's samples, which it has not been trained on: the no-gradient fake-score pass
+the DMD term needs anyway, scored against the flow-matching target; no extra forward) and,
+with ``decoupled``, ``dmd_dm_norm`` and ``dmd_ca_norm`` (the same norm of each unweighted
+term).
 """
 
 from __future__ import annotations
@@ -46,18 +76,26 @@ import torch
 from torch import Tensor, nn
 
 from distill_pl.diffusion.dmd import (
+    decoupled_dmd_terms,
     dmd_gradient,
     dmd_loss,
     dmd_normaliser,
     gan_discriminator_loss,
     gan_generator_loss,
+    per_sample_norm,
 )
-from distill_pl.diffusion.flow import add_noise, expand_like, velocity, x0_from_velocity
+from distill_pl.diffusion.flow import (
+    add_noise,
+    classifier_free_guidance,
+    expand_like,
+    velocity,
+    x0_from_velocity,
+)
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import few_step_sample
 from distill_pl.diffusion.student_steps import diffuse_from, subinterval_bounds, subinterval_flow_target
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.guidance import branch_velocities, velocity_fn
 from distill_pl.util.randomness import randn
 
 TrainedStepInput = Literal["backward_simulation", "noised_real"]
@@ -82,7 +120,9 @@ class DMD2Draws:
     the real sample at ``sigma``. step [B] int64: the trained student step. renoise
     [B, K-1, C, T, H, W]: the fresh noises of the student's chain (re-noising to
     ``s_1 .. s_{K-1}``; with ``noised_real`` the noise of the real clip at ``s_k`` is
-    ``renoise[:, k-1]``).
+    ``renoise[:, k-1]``). sigma_dm, sigma_ca [B] and noise_dm, noise_ca [B, C, T, H, W]: the
+    noise levels and noises of the two terms of Decoupled DMD under its own schedule (None
+    otherwise; see the module docstring).
     """
 
     eps: Tensor
@@ -91,13 +131,19 @@ class DMD2Draws:
     noise_real: Tensor
     step: Tensor
     renoise: Tensor
+    sigma_dm: Tensor | None = None
+    noise_dm: Tensor | None = None
+    sigma_ca: Tensor | None = None
+    noise_ca: Tensor | None = None
 
     def rows(self, rows: slice) -> "DMD2Draws":
-        return DMD2Draws(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+        return DMD2Draws(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                            for f in fields(self)})
 
     @staticmethod
     def cat(draws: list["DMD2Draws"]) -> "DMD2Draws":
-        return DMD2Draws(**{f.name: torch.cat([getattr(d, f.name) for d in draws]) for f in fields(DMD2Draws)})
+        return DMD2Draws(**{f.name: None if getattr(draws[0], f.name) is None
+                            else torch.cat([getattr(d, f.name) for d in draws]) for f in fields(DMD2Draws)})
 
 
 @dataclass
@@ -118,6 +164,8 @@ class DMD2Objective:
     ``student_sigmas`` are the student's noise levels (already shifted); ``shift``, ``t_min``,
     ``t_max`` give ``sigma = shift(t)``, ``t ~ U[t_min, t_max]``; ``critic_gan_weight`` weighs
     the discriminator loss in the critic loss, ``gan_weight`` the GAN term of the generator.
+    ``decoupled``, ``dm_weight``, ``ca_weight``, ``dm_t_min``, ``dm_t_max``, ``ca_t_min``,
+    ``ca_t_max``: Decoupled DMD (module docstring; the ranges None: ``t_min`` / ``t_max``).
     """
 
     student: nn.Module
@@ -135,27 +183,56 @@ class DMD2Objective:
     shift: float = 1.0
     t_min: float = 0.02
     t_max: float = 0.98
+    decoupled: bool = False
+    dm_weight: float = 1.0
+    ca_weight: float = 1.0
+    dm_t_min: float | None = None
+    dm_t_max: float | None = None
+    ca_t_min: float | None = None
+    ca_t_max: float | None = None
 
     def __post_init__(self) -> None:
         check_trained_step_input(self.trained_step_input, self.phased)
+        own = (self.dm_weight, self.ca_weight, self.dm_t_min, self.dm_t_max, self.ca_t_min, self.ca_t_max)
+        if not self.decoupled and own != (1.0, 1.0, None, None, None, None):
+            raise ValueError("dm_weight, ca_weight and the dm_/ca_ t ranges are settings of Decoupled DMD: "
+                             "set decoupled (decoupled_dmd) to use them")
+        for name, (lo, hi) in {"dm": self.dm_t_range, "ca": self.ca_t_range}.items():
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"need 0 <= {name}_t_min < {name}_t_max <= 1, got {lo}, {hi}")
 
     @property
     def num_steps(self) -> int:
         return len(self.student_sigmas)
 
+    @property
+    def dm_t_range(self) -> tuple[float, float]:
+        """The DM term's ``t`` range (``t_min`` / ``t_max`` where unset)."""
+        return (self.t_min if self.dm_t_min is None else self.dm_t_min,
+                self.t_max if self.dm_t_max is None else self.dm_t_max)
+
+    @property
+    def ca_t_range(self) -> tuple[float, float]:
+        """The CA term's ``t`` range (``t_min`` / ``t_max`` where unset)."""
+        return (self.t_min if self.ca_t_min is None else self.ca_t_min,
+                self.t_max if self.ca_t_max is None else self.ca_t_max)
+
+    @property
+    def decoupled_schedule(self) -> bool:
+        """Decoupled DMD with a term range other than the shared one: the terms draw their own
+        sigma and noise."""
+        shared = (self.t_min, self.t_max)
+        return self.decoupled and (self.dm_t_range != shared or self.ca_t_range != shared)
+
     # --- draws -----------------------------------------------------------------------------
     def draw(self, generator: torch.Generator, shape: tuple[int, ...], like: Tensor, phase: int = 0) -> DMD2Draws:
         """One sample's draws (``shape`` = [1, C, T, H, W]) from ``generator``, in the order
-        eps, sigma, noise, noise_real, then (K > 1) the trained step and the re-noising noises.
+        eps, sigma, noise, noise_real, then (K > 1) the trained step and the re-noising noises,
+        then (:attr:`decoupled_schedule`) sigma_dm, noise_dm, sigma_ca, noise_ca.
         ``phase``: the Phased DMD subinterval being trained (ignored otherwise)."""
         k_steps = self.num_steps
         eps = randn(shape, generator, like)
-        if self.phased:
-            lo, hi = subinterval_bounds(self.student_sigmas)[phase]
-            u = sample_training_sigma(1, 1.0, self.t_min, self.t_max, generator=generator)
-            sigma = (lo + (hi - lo) * u).to(like)
-        else:
-            sigma = sample_training_sigma(1, self.shift, self.t_min, self.t_max, generator=generator).to(like)
+        sigma = self._draw_sigma(generator, like, phase, self.t_min, self.t_max)
         noise, noise_real = randn(shape, generator, like), randn(shape, generator, like)
         if k_steps == 1:
             step = torch.zeros(1, dtype=torch.long, device=like.device)
@@ -164,7 +241,22 @@ class DMD2Objective:
         else:
             step = torch.randint(k_steps, (1,), generator=generator, device=generator.device).to(like.device)
         renoise = randn((1, k_steps - 1, *shape[1:]), generator, like)
-        return DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
+        draws = DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
+        if self.decoupled_schedule:
+            draws.sigma_dm = self._draw_sigma(generator, like, phase, *self.dm_t_range)
+            draws.noise_dm = randn(shape, generator, like)
+            draws.sigma_ca = self._draw_sigma(generator, like, phase, *self.ca_t_range)
+            draws.noise_ca = randn(shape, generator, like)
+        return draws
+
+    def _draw_sigma(self, generator: torch.Generator, like: Tensor, phase: int, t_min: float, t_max: float) -> Tensor:
+        """One noise level [1] from ``t ~ U[t_min, t_max]``: shifted, or under Phased DMD mapped
+        into the subinterval of ``phase``."""
+        if self.phased:
+            lo, hi = subinterval_bounds(self.student_sigmas)[phase]
+            u = sample_training_sigma(1, 1.0, t_min, t_max, generator=generator)
+            return (lo + (hi - lo) * u).to(like)
+        return sample_training_sigma(1, self.shift, t_min, t_max, generator=generator).to(like)
 
     def draw_batch(self, generators: list[torch.Generator], shape: tuple[int, ...], like: Tensor,
                    phase: int = 0) -> DMD2Draws:
@@ -268,12 +360,7 @@ class DMD2Objective:
                 _, features = self.teacher(
                     torch.cat([x_t, x_t_real]), sigma.repeat(2), both, feature_block=self.feature_block
                 )
-        if level is None:
-            fake_score_loss = torch.mean((v_fake.float() - velocity(x_g, noise).float()) ** 2)
-        else:
-            target, weight = subinterval_flow_target(x_t.float(), sigma.float(), x_g.float(), level.float())
-            per_sample = (v_fake.float() - target).square().flatten(1).mean(dim=1)
-            fake_score_loss = (weight * per_sample).mean()
+        fake_score_loss = self._fake_score_loss(v_fake, x_g, x_t, sigma, noise, level)
         if not use_discriminator:
             return fake_score_loss, {"critic_loss": fake_score_loss, "fake_score_loss": fake_score_loss}
         logits = self.discriminator(features)
@@ -291,9 +378,36 @@ class DMD2Objective:
         }
         return loss, logs
 
+    @staticmethod
+    def _fake_score_loss(v_fake: Tensor, x_g: Tensor, x_t: Tensor, sigma: Tensor, noise: Tensor,
+                         level: Tensor | None) -> Tensor:
+        """The fake score's flow-matching loss, given its velocity ``v_fake`` at ``x_t`` (``x_g``
+        diffused to ``sigma`` with ``noise``; at ``level``: the subinterval target)."""
+        if level is None:
+            return torch.mean((v_fake.float() - velocity(x_g, noise).float()) ** 2)
+        target, weight = subinterval_flow_target(x_t.float(), sigma.float(), x_g.float(), level.float())
+        per_sample = (v_fake.float() - target).square().flatten(1).mean(dim=1)
+        return (weight * per_sample).mean()
+
+    @torch.no_grad()
+    def _teacher_x0(self, x_t: Tensor, sigma: Tensor, cond: Conditioning,
+                    uncond: Conditioning | None) -> tuple[Tensor, Tensor]:
+        """(x0_cond, x0_uncond): the teacher's clean estimates of its two CFG branches at
+        ``(x_t, sigma)``, in one batched call; at guidance 1 both are the conditional one (no
+        unconditional pass)."""
+        if self.guidance == 1:
+            x0_cond = x0_from_velocity(x_t, sigma, self.teacher(x_t, sigma, cond))
+            return x0_cond, x0_cond
+        if uncond is None:
+            raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
+        v_cond, v_uncond = branch_velocities(self.teacher, cond, uncond)(x_t, sigma)
+        return x0_from_velocity(x_t, sigma, v_cond), x0_from_velocity(x_t, sigma, v_uncond)
+
     def generator_loss(
         self, x_g: Tensor, sigma: Tensor, noise: Tensor, cond: Conditioning, uncond: Conditioning | None,
         level: Tensor | None = None, x0: Tensor | None = None,
+        sigma_dm: Tensor | None = None, noise_dm: Tensor | None = None,
+        sigma_ca: Tensor | None = None, noise_ca: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_G = L_DMD + gan_weight * softplus(-D(features of x_t)))``.
 
@@ -302,25 +416,53 @@ class DMD2Objective:
         unconditional pass, ``uncond`` may be None; other ``w`` need it). The GAN term's gradient flows through the
         (not updated) feature network and head into ``x_g``. ``x_g`` at ``level`` (Phased
         DMD): ``x_t`` is diffused from there and the normaliser uses its clean estimate
-        ``x0``. Returns (loss, logs).
+        ``x0``. Decoupled DMD's own schedule: ``sigma_dm`` / ``sigma_ca`` [B] and ``noise_dm`` /
+        ``noise_ca`` (shape of ``x_g``) place its DM and CA terms (None: ``sigma``, ``noise``);
+        the GAN term stays at ``(sigma, noise)``. Returns (loss, logs) (module docstring).
         """
         x_t = self._noised(x_g, level, sigma, noise)
-        x_t_const = x_t.detach()
+        s_dm, n_dm = (sigma, noise) if sigma_dm is None else (sigma_dm, noise_dm)
+        x_t_dm = (x_t if sigma_dm is None else self._noised(x_g, level, s_dm, n_dm)).detach()
         with torch.no_grad():
-            teacher = velocity_fn(self.teacher, cond, uncond, self.guidance)
-            x0_real = x0_from_velocity(x_t_const, sigma, teacher(x_t_const, sigma))
+            if self.decoupled:
+                x0_cond, x0_uncond = self._teacher_x0(x_t_dm, s_dm, cond, uncond)
+                x0_real = classifier_free_guidance(x0_uncond, x0_cond, self.guidance)
+                if sigma_ca is None:
+                    x0_cond_ca, x0_uncond_ca, x0_real_ca = x0_cond, x0_uncond, x0_real
+                else:
+                    x0_cond_ca, x0_uncond_ca = self._teacher_x0(self._noised(x_g, level, sigma_ca, noise_ca),
+                                                                sigma_ca, cond, uncond)
+                    x0_real_ca = classifier_free_guidance(x0_uncond_ca, x0_cond_ca, self.guidance)
+            else:
+                teacher = velocity_fn(self.teacher, cond, uncond, self.guidance)
+                x0_real = x0_from_velocity(x_t_dm, s_dm, teacher(x_t_dm, s_dm))
         use_gan = self.gan_weight != 0
         if use_gan:
             v_fake, features = self._features_for_discriminator(x_t, sigma, cond)
-        if not use_gan or v_fake is None:
+        if not use_gan or v_fake is None or sigma_dm is not None:
             with torch.no_grad():
-                v_fake = self.fake_score(x_t_const, sigma, cond)
-        x0_fake = x0_from_velocity(x_t_const, sigma, v_fake.detach())
-        del v_fake  # frees the part of the fake score's graph the GAN term does not need
+                v_fake = self.fake_score(x_t_dm, s_dm, cond)
+        v_fake = v_fake.detach()  # frees the part of the fake score's graph the GAN term does not need
+        x0_fake = x0_from_velocity(x_t_dm, s_dm, v_fake)
 
-        normaliser = dmd_normaliser(x_g if level is None else x0, x0_real)
-        loss_dmd = dmd_loss(x_g, dmd_gradient(x0_fake, x0_real, normaliser))
-        logs = {"dmd_loss": loss_dmd, "dmd_normaliser": normaliser.mean()}
+        reference = x_g if level is None else x0
+        normaliser = dmd_normaliser(reference, x0_real)
+        if self.decoupled:
+            dm, ca = decoupled_dmd_terms(x0_fake, x0_cond, normaliser, x0_cond_ca, x0_uncond_ca,
+                                         dmd_normaliser(reference, x0_real_ca), self.guidance)
+            grad = self.dm_weight * dm + self.ca_weight * ca
+        else:
+            grad = dmd_gradient(x0_fake, x0_real, normaliser)
+        loss_dmd = dmd_loss(x_g, grad)
+        logs = {
+            "dmd_loss": loss_dmd,
+            "dmd_normaliser": normaliser.mean(),
+            "dmd_grad_norm": per_sample_norm(grad).mean(),
+            "teacher_fake_x0_gap": (x0_real.float() - x0_fake.float()).abs().mean(),
+            "fake_score_loss_fresh": self._fake_score_loss(v_fake, x_g.detach(), x_t_dm, s_dm, n_dm, level),
+        }
+        if self.decoupled:
+            logs.update(dmd_dm_norm=per_sample_norm(dm).mean(), dmd_ca_norm=per_sample_norm(ca).mean())
         loss = loss_dmd
         if use_gan:
             logits_fake = self.discriminator(features)

@@ -34,11 +34,22 @@ def velocity_fn(
             raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
         return lambda x_t, sigma: denoiser(x_t, sigma, cond)
 
-    both = Conditioning.cat([cond, uncond])
+    branches = branch_velocities(denoiser, cond, uncond)
 
     def guided(x_t: Tensor, sigma: Tensor) -> Tensor:
-        v = denoiser(x_t.repeat(2, *[1] * (x_t.ndim - 1)), sigma.repeat(2), both)
-        v_cond, v_uncond = v.chunk(2)
+        v_cond, v_uncond = branches(x_t, sigma)
         return classifier_free_guidance(v_uncond, v_cond, guidance)
 
     return guided
+
+
+def branch_velocities(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning):
+    """``fn(x_t, sigma) -> (v_cond, v_uncond)``, the two CFG branches in one batched call."""
+    both = Conditioning.cat([cond, uncond])
+
+    def branches(x_t: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        v = denoiser(x_t.repeat(2, *[1] * (x_t.ndim - 1)), sigma.repeat(2), both)
+        v_cond, v_uncond = v.chunk(2)
+        return v_cond, v_uncond
+
+    return branches

@@ -38,7 +38,8 @@ check act on the accumulated gradient.
 
 Randomness: sample ``j`` of a rank's batch is sample ``rank + replicas * j`` of the global
 batch (the layout of :class:`~distill_pl.data.resumable.EpochShuffleSampler`); its student
-noise, ``t``, fresh noises and (K > 1) trained step and re-noising noises come from
+noise, ``t``, fresh noises, (K > 1) trained step and re-noising noises and (Decoupled DMD
+with its own schedule) the terms' noise levels and noises come from
 ``step_generator(seed, global_step, stream=that index)``
 (:meth:`~distill_pl.methods.dmd2.DMD2Objective.draw_batch`, one generator per sample), so they depend neither on the
 number of devices nor on the micro-batches (with ``data.rank_split: litdata`` the global
@@ -151,6 +152,14 @@ class DMD2Module(StageModule):
             (its noise levels).
         seed: seeds the discriminator head's initialisation and the step-keyed draws
             (student noise, t, fresh noise, trained step, re-noising noise) of every step.
+        decoupled_dmd: Decoupled DMD (see :mod:`distill_pl.methods.dmd2`): the DMD gradient
+            as its distribution-matching (DM) and CFG-augmentation (CA) terms, weighted by
+            ``dm_weight`` and ``ca_weight`` (default 1 each: the DMD gradient). False (the
+            default): the DMD gradient as one term; the other decoupled settings must be unset.
+        dm_t_min, dm_t_max, ca_t_min, ca_t_max: the ``t`` range (then the shift, as for
+            ``t_min`` / ``t_max``) of each term's own noise level; None: ``t_min`` / ``t_max``.
+            With both ranges the shared one, both terms use the step's sigma and noise (no
+            extra draws: the random stream of the coupled run).
     """
 
     def __init__(
@@ -192,6 +201,13 @@ class DMD2Module(StageModule):
         export_dir: str | None = None,
         seed: int = 0,
         denoiser_options: dict | None = None,
+        decoupled_dmd: bool = False,
+        dm_weight: float = 1.0,
+        ca_weight: float = 1.0,
+        dm_t_min: float | None = None,
+        dm_t_max: float | None = None,
+        ca_t_min: float | None = None,
+        ca_t_max: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -320,7 +336,8 @@ class DMD2Module(StageModule):
             discriminator=self.discriminator, feature_block=self.feature_block, guidance=h.guidance,
             gan_weight=h.gan_weight, critic_gan_weight=h.critic_gan_weight, discriminator_on=h.discriminator_on,
             student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
-            shift=self.shift, t_min=h.t_min, t_max=h.t_max,
+            shift=self.shift, t_min=h.t_min, t_max=h.t_max, decoupled=h.decoupled_dmd, dm_weight=h.dm_weight,
+            ca_weight=h.ca_weight, dm_t_min=h.dm_t_min, dm_t_max=h.dm_t_max, ca_t_min=h.ca_t_min, ca_t_max=h.ca_t_max,
         )
 
     def __setattr__(self, name: str, value) -> None:
@@ -396,7 +413,8 @@ class DMD2Module(StageModule):
         if generator_phase:
             out = objective.trained_step(draws, cond, x_real)
             return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.guidance_uncond(cond),
-                                            level=out.level, x0=out.x0)
+                                            level=out.level, x0=out.x0, sigma_dm=draws.sigma_dm,
+                                            noise_dm=draws.noise_dm, sigma_ca=draws.sigma_ca, noise_ca=draws.noise_ca)
         with torch.no_grad():
             out = objective.trained_step(draws, cond, x_real)
         return objective.critic_loss(out.sample, x_real, draws.sigma, draws.noise, draws.noise_real, cond,

@@ -29,10 +29,20 @@ GENERATOR_UPDATES = 300
 
 
 class MixtureTeacher(nn.Module):
-    """The exact velocity of the mixture (no parameters)."""
+    """The exact velocity of the mixture (no parameters). ``uncond_std``: a CFG teacher whose
+    unconditional branch (rows whose text embedding is 0) is the mixture of the same means with
+    this std; None: one distribution, whatever the conditioning."""
+
+    def __init__(self, uncond_std: float | None = None):
+        super().__init__()
+        self.uncond_std = uncond_std
 
     def forward(self, x, sigma, cond, feature_block=None):
-        v = velocity_from_x0(x, sigma, mixture_x0(x, sigma, MEANS, STD))
+        x0 = mixture_x0(x, sigma, MEANS, STD)
+        if self.uncond_std is not None:
+            conditional = cond.text_embeds.flatten(1)[:, :1] != 0
+            x0 = torch.where(conditional, x0, mixture_x0(x, sigma, MEANS, self.uncond_std))
+        v = velocity_from_x0(x, sigma, x0)
         return v if feature_block is None else (v, x)
 
 
@@ -72,28 +82,45 @@ def flow_matching_init(steps: int = 400, batch: int = 256, seed: int = 0) -> Vel
     return net
 
 
+def conditioning(batch: int, value: float) -> Conditioning:
+    """A [batch, 1, 1] text embedding of ``value`` (0: the unconditional branch of MixtureTeacher)."""
+    return Conditioning(torch.full((batch, 1, 1), value), torch.ones(batch, 1, dtype=torch.bool))
+
+
+def reference_samples() -> torch.Tensor:
+    """2000 fixed samples [2000, 2] of the data (the teacher's distribution)."""
+    return data(2000, torch.Generator().manual_seed(99))
+
+
+@torch.no_grad()
+def evaluation_samples(generate) -> torch.Tensor:
+    """2000 samples [2000, 2] of a student's ``generate(noise, cond, generator)`` from fixed noise."""
+    return generate(torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)), conditioning(2000, 1.0),
+                    torch.Generator().manual_seed(8))
+
+
 def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, batch: int = 256, seed: int = 0,
-          trained_step_input: str = "backward_simulation", phased: bool = False):
-    """Energy distances (before, after) of a student with ``levels`` trained by DMD2Objective."""
+          trained_step_input: str = "backward_simulation", phased: bool = False, teacher: nn.Module | None = None,
+          guidance: float = 1.0, **decoupled):
+    """(before, after, objective): the energy distances to the data of a student with ``levels``
+    trained by DMD2Objective, and that objective (its trained student: ``objective.generate``).
+    ``teacher``: MixtureTeacher() by default; ``decoupled``: the objective's Decoupled DMD
+    settings (its own schedule's draws are drawn after the others)."""
     student, fake_score = copy.deepcopy(init), copy.deepcopy(init)
     objective = DMD2Objective(
-        student, MixtureTeacher(), fake_score, nn.Linear(student.head.in_features, 1), feature_block=0, guidance=1.0,
-        gan_weight=0.0, critic_gan_weight=0.0, student_sigmas=levels, trained_step_input=trained_step_input,
-        phased=phased,
+        student, teacher or MixtureTeacher(), fake_score, nn.Linear(student.head.in_features, 1), feature_block=0,
+        guidance=guidance, gan_weight=0.0, critic_gan_weight=0.0, student_sigmas=levels,
+        trained_step_input=trained_step_input, phased=phased, **decoupled,
     )
     opt_g = torch.optim.Adam(student.parameters(), lr=1e-3)
     opt_f = torch.optim.Adam(fake_score.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(seed + 1)
-    cond = Conditioning(torch.zeros(batch, 1, 1), torch.ones(batch, 1, dtype=torch.bool))
+    cond, uncond = conditioning(batch, 1.0), conditioning(batch, 0.0)
     k = len(levels)
-    reference = data(2000, torch.Generator().manual_seed(99))
+    reference = reference_samples()
 
     def distance() -> float:
-        eval_cond = Conditioning(torch.zeros(2000, 1, 1), torch.ones(2000, 1, dtype=torch.bool))
-        with torch.no_grad():
-            x = objective.generate(torch.randn(2000, 2, generator=torch.Generator().manual_seed(7)), eval_cond,
-                                   torch.Generator().manual_seed(8))
-        return energy_distance(x, reference)
+        return energy_distance(evaluation_samples(objective.generate), reference)
 
     before = distance()
     bounds = subinterval_bounds(levels)
@@ -111,6 +138,11 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
             step=torch.full((batch,), phase) if phased else torch.randint(k, (batch,), generator=g),
             renoise=torch.randn(batch, k - 1, 2, generator=g),
         )
+        if objective.decoupled_schedule:
+            for term, (t_lo, t_hi) in (("dm", objective.dm_t_range), ("ca", objective.ca_t_range)):
+                t = sample_training_sigma(batch, 1.0, t_lo, t_hi, generator=g)
+                setattr(draws, f"sigma_{term}", lo + (hi - lo) * t if phased else t)
+                setattr(draws, f"noise_{term}", torch.randn(batch, 2, generator=g))
         x_real = data(batch, g)
         if step % 5 < 4:
             with torch.no_grad():
@@ -120,21 +152,22 @@ def train(init: VelocityMLP, levels: tuple[float, ...], generator_updates: int, 
             opt = opt_f
         else:
             out = objective.trained_step(draws, cond, x_real)
-            loss, _ = objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, cond, level=out.level,
-                                               x0=out.x0)
+            loss, _ = objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, uncond, level=out.level,
+                                               x0=out.x0, sigma_dm=draws.sigma_dm, noise_dm=draws.noise_dm,
+                                               sigma_ca=draws.sigma_ca, noise_ca=draws.noise_ca)
             opt = opt_g
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return before, distance()
+    return before, distance(), objective
 
 
 def test_four_step_dmd_student_ends_closer_to_the_mixture_than_the_one_step_student(one_thread):
     init = flow_matching_init()
     four = (1.0, 0.75, 0.5, 0.25)
-    before_1, after_1 = train(init, (1.0,), GENERATOR_UPDATES, batch=128)
-    before_4, after_4 = train(init, four, GENERATOR_UPDATES, batch=128)
-    _, after_phased = train(init, four, GENERATOR_UPDATES, batch=128, phased=True)
+    before_1, after_1, _ = train(init, (1.0,), GENERATOR_UPDATES, batch=128)
+    before_4, after_4, _ = train(init, four, GENERATOR_UPDATES, batch=128)
+    _, after_phased, _ = train(init, four, GENERATOR_UPDATES, batch=128, phased=True)
     print(f"energy distance to the data: 1-step {before_1:.4f} -> {after_1:.4f}, 4-step {before_4:.4f} -> "
           f"{after_4:.4f} (backward simulation), {after_phased:.4f} (Phased DMD)")
     assert after_1 < 0.5 * before_1 and after_4 < 0.5 * before_4  # both move toward the data

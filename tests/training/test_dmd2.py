@@ -442,11 +442,12 @@ def test_toy_dmd2_run_moves_student_mean_and_spread_to_cfg_teacher(teacher_dir):
 # --- configs through the real CLI -------------------------------------------------------------
 def tiny_config(dest: Path, teacher_dir: Path, max_steps: int, source: str = "configs/tiny/dmd2.yaml") -> Path:
     """``source`` (a tiny DMD2 config) written to ``dest`` for a short CPU run on ``teacher_dir``:
-    ``max_steps`` steps, a checkpoint and a grid every 5, 4 frames of 16x16, batches of 2."""
+    ``max_steps`` steps, a checkpoint, a grid and a collapse check every 5, 4 frames of 16x16, batches of 2."""
     from tests.cli_helpers import edited_config, short_dmd2_trainer
 
     def edit(cfg):
         short_dmd2_trainer(cfg["trainer"], max_steps, every=5)
+        cfg["trainer"]["callbacks"][3]["init_args"]["every_n_steps"] = 5  # the collapse monitor
         cfg["model"]["init_args"].update(teacher=str(teacher_dir), discriminator_hidden=8, feature_block=1)
         cfg["data"].update(num_frames=4, frame_stride=2, height=16, width=16, batch_size=2, val_batch_size=2,
                            samples_per_epoch=8, max_text_length=8)
@@ -467,6 +468,16 @@ def test_tiny_config_fits_from_kd_checkpoint(teacher_dir, kd_checkpoint, tmp_pat
     assert scalar_events(run_dir, "train/phase") == {s: float(s % 5) for s in range(10)}
     assert sorted(scalar_events(run_dir, "train/generator_loss")) == [4, 9]
     assert len(scalar_events(run_dir, "train/critic_loss")) == 8
+    # training health: the generator's scalars at its steps, the collapse monitor's (on in the
+    # config) from its checks. This test's teacher has random weights: its student's pixels all
+    # saturate (measured 2026-12-07: saturation 1.0, diversity 0.79, fresh fake-score loss ~2.2e4),
+    # which 2 checks (< patience 3) do not stop
+    health = {tag: scalar_events(run_dir, f"train/{tag}")
+              for tag in ("dmd_grad_norm", "teacher_fake_x0_gap", "fake_score_loss_fresh")}
+    collapse = {tag: scalar_events(run_dir, f"collapse/{tag}") for tag in ("diversity", "saturation")}
+    assert all(sorted(values) == [4, 9] and all(v > 0 for v in values.values()) for values in health.values())
+    assert collapse["diversity"] and all(0 < v for v in collapse["diversity"].values())
+    assert collapse["saturation"] and all(0 <= v <= 1 for v in collapse["saturation"].values())
     assert list(run_dir.rglob("grids/step000005_0.png")) and list(run_dir.rglob("grids/step000010_1.png"))
     assert ckpt["hyper_parameters"]["init_from"] == str(kd_path)
     # the export is the EMA student of the last checkpoint, loadable as a diffusers folder
