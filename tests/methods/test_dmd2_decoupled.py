@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from distill_pl.methods.dmd2 import DMD2Objective
-from tests.methods.test_dmd2_mixture import (  # noqa: F401 (one_thread: a fixture)
+from tests.methods.test_dmd2_mixture import (
     MixtureTeacher,
     VelocityMLP,
     conditioning,
     flow_matching_init,
-    one_thread,
     train,
 )
 

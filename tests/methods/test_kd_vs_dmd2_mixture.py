@@ -22,14 +22,13 @@ import torch
 from distill_pl.diffusion.sampling import euler_step_sample
 from distill_pl.methods.kd import KDObjective
 from tests.gaussian_flow import energy_distance
-from tests.methods.test_dmd2_mixture import (  # noqa: F401 (one_thread: a fixture)
+from tests.methods.test_dmd2_mixture import (
     MEANS,
     STD,
     MixtureTeacher,
     conditioning,
     evaluation_samples,
     flow_matching_init,
-    one_thread,
     reference_samples,
     train,
 )
