@@ -3,8 +3,9 @@
 ``tests/scale/estimate_peaks.json`` holds, per config (``configs/*/kd*.yaml`` and
 ``configs/*/dmd2*.yaml``, the pair-generation configs left out) and per set of arguments
 (the config's own; for the real-size Wan2.1 and Cosmos configs also ``devices=8,
-sharding="fsdp"``), each phase's peak and the total in bytes per device. A change to how the estimate builds its networks or runs its phases must
-leave every number as it is; a deliberate change of the estimate re-records the file:
+sharding="fsdp"``), each phase's peak and the total in bytes per device. A change to how
+the estimate builds its networks or runs its phases must leave every number as it is; a
+deliberate change of the estimate re-records the file:
 
     PYTHONPATH=. .venv/bin/python -m tests.scale.test_estimate_golden
 
