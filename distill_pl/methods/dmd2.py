@@ -373,9 +373,9 @@ class DMD2Roles(Roles):
         middle block), ``discriminator_hidden``, ``ema_decay``, ``seed``).
 
         The fake score is made once in float32; student and (float32) teacher are its copies,
-        a teacher in another dtype is made in it. A LoRA fake score's base is the teacher's
-        float32 copy or, in another ``teacher_dtype``, a copy of the teacher; its adapters
-        are drawn from ``seed``, and so is the discriminator head's initialisation (the
+        a teacher in another dtype is made in it. A LoRA fake score's base is that float32
+        network or, in another ``teacher_dtype``, a copy of the teacher; its adapters are
+        drawn from ``seed``, and so is the discriminator head's initialisation (the
         global RNG is left as it was). ``initialise_student(student)`` (e.g. loading
         ``init_from``) runs before the EMA copies the student. ``compute_dtype``: see
         :func:`~distill_pl.methods.roles.build_dtype`. ValueError for a ``feature_block``

@@ -305,9 +305,10 @@ class DMD2Module(StageModule):
         return b, self.student.latent_channels, *self.autoencoder.latent_grid(t, h, w)
 
     def build_objective(self) -> DMD2Objective:
-        """The DMD2 objective over this module's networks and loss settings (built once, in
-        ``__init__``, as ``self.objective``; a plain dataclass, so the networks' state-dict keys
-        stay those of the module's own attributes)."""
+        """The DMD2 objective over this module's networks and loss settings
+        (:func:`~distill_pl.methods.dmd2.dmd2_objective`, as the memory estimate builds it;
+        built once, in ``__init__``, as ``self.objective``; a plain dataclass, so the networks'
+        state-dict keys stay those of the module's own attributes)."""
         return dmd2_objective(self, self.hparams, self.student_levels, self.shift)
 
     def __setattr__(self, name: str, value) -> None:
