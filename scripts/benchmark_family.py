@@ -12,8 +12,12 @@ of 93 frames at 704x1280 (latents 16 x 24 x 88 x 160, same VAE; 84,480 tokens pe
 512 text tokens of D = 100352 (Qwen2.5-VL-7B, 28 layers x 3584), ``Conditioning.control``
 = control latents of the latents' shape [B, 16, T, H, W], ``control_scale`` 1.0.
 
-Random weights built directly on the device through the family registry (``build_denoiser``,
-no download), batch 1, per-block gradient checkpointing on (base and ControlNet blocks).
+The networks are the methods' own (``distill_pl.methods``: ``KDRoles`` for ``kd``: student
+and bf16 teacher; ``DMD2Roles`` for the DMD2 phases: student, bf16 teacher, fake score,
+discriminator head; no EMA), built by the method with random weights directly on the device
+from the family registry's denoisers (``config_denoisers``, no download); one method's
+networks at a time (the KD networks are freed before the DMD2 ones are built). Batch 1,
+per-block gradient checkpointing on (base and ControlNet blocks).
 Latents are [B, C, T, H, W], sigma [B] in [0, 1], text [B, L, D]; the control (Cosmos) is
 shared by the conditional and unconditional branch. Phases:
 
@@ -27,8 +31,8 @@ shared by the conditional and unconditional branch. Phases:
   loss + 1e-3 x GAN loss; backward; AdamW step on the student.
 
 The losses are the project's objectives (``distill_pl.methods``: ``KDObjective``,
-``DMD2Objective``, CFG ``w`` of the family's DMD2 config: 6 for both) on denoisers built
-through the family registry, what the stages run without Lightning, micro-batching,
+``DMD2Objective`` from ``dmd2_objective``, CFG ``w`` of the family's DMD2 config: 6 for
+both) on those networks, what the stages run without Lightning, micro-batching,
 gradient clipping or logging. Each step runs on fixed random inputs; noise levels are drawn
 with the shift of the family's teacher scheduler (Wan 3, Cosmos 1).
 
@@ -41,8 +45,8 @@ data batch: ``scripts/gpu_report.sh`` runs that family in bf16-true on one 80 GB
 Timing: median of ``--steps`` after ``--warmup`` (run on ``--warmup_frames``-frame videos if
 given), each step between two device syncs.
 Peak memory: ``torch.cuda.max_memory_allocated``, reset before each phase (it includes the
-resident weights and optimizer state of every network built so far). FLOPs: counted with
-``FlopCounterMode`` on copies of the networks on the meta device (same shapes, no memory;
+resident weights of the phase's method and the optimizer state of its phases run so far).
+FLOPs: counted with ``FlopCounterMode`` on copies of the networks on the meta device (same shapes, no memory;
 see ``distill_pl/scale/flops.py``): model FLOPs with checkpointing off, and the recomputation as
 the difference with it on. One forward's count is also given in closed form for Wan
 (``distill_pl.families.wan.flops.wan_forward_flops``); for Cosmos only the counted FLOPs are reported (no closed form).
@@ -95,15 +99,14 @@ from distill_pl.scale.flops import count_flops, peak_bf16_tflops
 from distill_pl.models.autoencoder import latent_grid
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.discriminator import DiscriminatorHead
 from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
 from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
 from distill_pl.families.wan.flops import wan_forward_flops
-from distill_pl.families.registry import build_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.export.model_folders import scheduler_shift
-from distill_pl.methods.dmd2 import DMD2Objective
-from distill_pl.methods.kd import KDObjective
+from distill_pl.methods.dmd2 import DMD2Roles, dmd2_objective
+from distill_pl.methods.kd import KDObjective, KDRoles
+from distill_pl.methods.roles import Roles, config_denoisers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_cosmos_transfer as tiny_cosmos  # noqa: E402  (scripts/: the tiny Cosmos sizes)
@@ -167,22 +170,24 @@ FAMILIES = {
 }
 
 PHASES = ("kd", "dmd2_critic", "dmd2_generator")
+#: benchmarked phase -> (the roles of its method, the method's phase)
+METHOD_PHASES = {"kd": (KDRoles, "KD step"), "dmd2_critic": (DMD2Roles, "critic"),
+                 "dmd2_generator": (DMD2Roles, "generator")}
 GAN_WEIGHT = 1e-3
 
 
-@dataclass
-class Nets:
-    """The networks of a DMD2 step; KD uses only the student. ``guidance``: DMD2's CFG w."""
-
-    student: Denoiser
-    guidance: float
-    fake_score: Denoiser | None = None
-    teacher: Denoiser | None = None
-    discriminator: DiscriminatorHead | None = None
-
-    @property
-    def feature_block(self) -> int:
-        return self.student.num_blocks // 2
+def method_settings(family: Family, checkpointing: bool) -> dict:
+    """The KD and DMD2 settings of the benchmarked steps, by the stages' argument names: a bf16
+    teacher, no EMA, a full fake score, the discriminator on the fake score's middle block,
+    the family's DMD2 guidance."""
+    return {
+        "teacher_dtype": "bfloat16", "gradient_checkpointing": checkpointing, "ema_decay": None,
+        "fake_score_lora_rank": None, "fake_score_lora_alpha": None, "fake_score_lora_targets": None,
+        "feature_block": None, "discriminator_hidden": 256, "seed": 0,
+        "guidance": family.dmd2_guidance, "gan_weight": GAN_WEIGHT, "critic_gan_weight": 1.0,
+        "discriminator_on": "fake_score", "trained_step_input": "backward_simulation", "phased_dmd": False,
+        "t_min": 0.02, "t_max": 0.98,
+    }
 
 
 @dataclass
@@ -201,56 +206,41 @@ class Inputs:
 
 
 # --- the three steps' losses: the stages' own ------------------------------------------
-def kd_step_loss(nets: Nets, d: Inputs) -> Tensor:
-    return KDObjective(nets.student).loss(d.eps, d.target, d.cond)
+def kd_step_loss(roles: KDRoles, settings: dict, d: Inputs) -> Tensor:
+    return KDObjective(roles.student).loss(d.eps, d.target, d.cond)
 
 
-def _dmd2(nets: Nets) -> DMD2Objective:
-    return DMD2Objective(nets.student, nets.teacher, nets.fake_score, nets.discriminator, nets.feature_block,
-                         guidance=nets.guidance, gan_weight=GAN_WEIGHT, critic_gan_weight=1.0,
-                         discriminator_on="fake_score")
-
-
-def critic_loss(nets: Nets, d: Inputs) -> Tensor:
-    losses = _dmd2(nets)
+def critic_loss(roles: DMD2Roles, settings: dict, d: Inputs) -> Tensor:
+    losses = dmd2_objective(roles, settings)
     with torch.no_grad():
         x_g = losses.generate(d.eps, d.cond)
     return losses.critic_loss(x_g, d.x_real, d.sigma, d.noise, d.noise_real, d.cond)[0]
 
 
-def generator_loss(nets: Nets, d: Inputs) -> Tensor:
-    losses = _dmd2(nets)
+def generator_loss(roles: DMD2Roles, settings: dict, d: Inputs) -> Tensor:
+    losses = dmd2_objective(roles, settings)
     return losses.generator_loss(losses.generate(d.eps, d.cond), d.sigma, d.noise, d.cond, d.uncond)[0]
 
 
 LOSSES = {"kd": kd_step_loss, "dmd2_critic": critic_loss, "dmd2_generator": generator_loss}
 
 
-def set_trainable(nets: Nets, phase: str) -> None:
+def set_trainable(roles: Roles, phase: str) -> None:
     """Gradients for the networks the phase's optimizer updates only (as Lightning's
-    ``toggle_optimizer`` does); the teacher never gets any."""
-    critic = phase == "dmd2_critic"
-    nets.student.requires_grad_(not critic)
-    for net in (nets.fake_score, nets.discriminator):
-        if net is not None:
-            net.requires_grad_(critic)
+    ``toggle_optimizer`` does; which ones, the method's roles say); the teacher never gets any."""
+    trained = roles.phases[METHOD_PHASES[phase][1]]
+    for name in roles.trained:
+        getattr(roles, name).requires_grad_(name in trained)
 
 
 # --- building -----------------------------------------------------------------------------
-def build_net(family: Family, config: dict, device, dtype: str, checkpointing: bool) -> Denoiser:
-    """One denoiser of the family through the registry, random weights on ``device``."""
+def build_roles(method: type[Roles], family: Family, config: dict, settings: dict, device,
+                compute_dtype: str | None = None) -> Roles:
+    """The method's networks built by the method from the family's architecture, random
+    weights on ``device`` (``compute_dtype``: the trained networks in it instead of float32)."""
     with torch.device(device):
-        return build_denoiser(family.class_name, config, dtype=dtype, gradient_checkpointing=checkpointing,
-                              **family.adapter_options)
-
-
-def add_dmd2_nets(nets: Nets, family: Family, config: dict, device, dtype: str, checkpointing: bool) -> None:
-    """Fake score (trainable ``dtype``), discriminator head on its features, teacher (bf16)."""
-    nets.fake_score = build_net(family, config, device, dtype, checkpointing)
-    with torch.device(device):
-        nets.discriminator = DiscriminatorHead(nets.fake_score.feature_dim).to(getattr(torch, dtype))
-    nets.teacher = build_net(family, config, device, "bfloat16", checkpointing)
-    nets.teacher.eval().requires_grad_(False)
+        return method.from_settings(settings, config_denoisers(family.class_name, config, family.adapter_options),
+                                    compute_dtype=compute_dtype)
 
 
 def make_inputs(net: Denoiser, latent: tuple[int, ...], text_len: int, shift: float, device) -> Inputs:
@@ -319,18 +309,19 @@ def time_sampler_steps(run, warmup: int, timed: int, device: torch.device) -> li
     return [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
 
 
-def measure_phase(phase, nets, optimizer, inputs, device, precision, warmup, steps, warmup_inputs=None) -> dict:
+def measure_phase(phase, roles, settings, optimizer, inputs, device, precision, warmup, steps,
+                  warmup_inputs=None) -> dict:
     """Median seconds of ``steps`` timed steps on ``inputs`` after ``warmup`` untimed ones (on
     ``warmup_inputs`` if given: a shorter video warms kernels and allocates the AdamW state
     for less time), and the peak memory of all of them."""
-    set_trainable(nets, phase)
+    set_trainable(roles, phase)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
     )
 
     def step(d: Inputs = inputs):
         with autocast:
-            loss = LOSSES[phase](nets, d)
+            loss = LOSSES[phase](roles, settings, d)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -343,15 +334,15 @@ def measure_phase(phase, nets, optimizer, inputs, device, precision, warmup, ste
     return {"s_per_step": statistics.median(times), "times": times, "peak_gib": peak}
 
 
-def count_phase_flops(phase: str, meta_nets: Nets, inputs: Inputs, checkpointing: bool) -> dict:
+def count_phase_flops(phase: str, meta_roles: Roles, settings: dict, inputs: Inputs, checkpointing: bool) -> dict:
     """Model FLOPs (checkpointing off) and recomputed FLOPs (the extra with it on) of a step."""
-    set_trainable(meta_nets, phase)
+    set_trainable(meta_roles, phase)
 
     def counted(enabled: bool) -> int:
-        for net in (meta_nets.student, meta_nets.fake_score, meta_nets.teacher):
-            if net is not None:
+        for net in meta_roles.networks().values():
+            if isinstance(net, Denoiser):
                 net.set_gradient_checkpointing(enabled)
-        return count_flops(lambda: LOSSES[phase](meta_nets, inputs).backward())
+        return count_flops(lambda: LOSSES[phase](meta_roles, settings, inputs).backward())
 
     model = counted(False)
     total = counted(True) if checkpointing else model
@@ -380,6 +371,13 @@ def largest_that_fits(phase: str, measure, args, channels: int, optimizers):
         torch.cuda.empty_cache()
     print(f"{phase}: out of memory even at 1 frame; skipped", flush=True)
     return None
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect the freed networks and return a CUDA device's cached blocks to it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -439,48 +437,48 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     config = family.tiny_config if args.tiny else family.config
     checkpointing = not args.no_checkpointing
-    dtype = "float32" if args.precision == "bf16-mixed" else "bfloat16"
+    compute_dtype = None if args.precision == "bf16-mixed" else "bfloat16"  # bf16-true: bf16 trained weights
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     peak, peak_source = peak_of(device, name, args.peak_tflops)
     shift = scheduler_shift(family.scheduler())
+    settings = method_settings(family, checkpointing)
     torch.manual_seed(0)
 
-    nets = Nets(build_net(family, config, device, dtype, checkpointing), family.dmd2_guidance)
-    meta_nets = Nets(build_net(family, config, "meta", "bfloat16", checkpointing), family.dmd2_guidance)
-    channels = nets.student.latent_channels
-    student_opt = torch.optim.AdamW(nets.student.parameters(), lr=1e-6, weight_decay=0.01)
-    critic_opt = None
+    roles = meta_roles = optimizers = None
     rows = []
     for phase in args.phases:
-        if phase != "kd" and nets.fake_score is None:
-            add_dmd2_nets(nets, family, config, device, dtype, checkpointing)
-            add_dmd2_nets(meta_nets, family, config, "meta", "bfloat16", checkpointing)
-            critic_opt = torch.optim.AdamW(
-                [*nets.fake_score.parameters(), *nets.discriminator.parameters()], lr=1e-6, weight_decay=0.01
-            )
-        optimizer = critic_opt if phase == "dmd2_critic" else student_opt
-        optimizers = [opt for opt in (student_opt, critic_opt) if opt is not None]
+        method, method_phase = METHOD_PHASES[phase]
+        if not isinstance(roles, method):  # this method's networks; the previous method's are freed first
+            roles = optimizers = None
+            free_memory(device)
+            roles = build_roles(method, family, config, settings, device, compute_dtype)
+            meta_roles = build_roles(method, family, config, settings, "meta", "bfloat16")
+            optimizers = {name: torch.optim.AdamW([p for role in trained for p in getattr(roles, role).parameters()],
+                                                  lr=1e-6, weight_decay=0.01)
+                          for name, trained in roles.phases.items()}
+        channels = roles.student.latent_channels
+        optimizer = optimizers[method_phase]
 
         def measure(latent):
-            inputs = make_inputs(nets.student, latent, args.text_len, shift, device)
+            inputs = make_inputs(roles.student, latent, args.text_len, shift, device)
             small = None
             if args.warmup_frames:
                 small_latent = latent_shape(args.batch_size, channels, args.warmup_frames, args.height, args.width)
-                small = make_inputs(nets.student, small_latent, args.text_len, shift, device)
-            return measure_phase(phase, nets, optimizer, inputs, device, args.precision, args.warmup, args.steps,
-                                 small)
+                small = make_inputs(roles.student, small_latent, args.text_len, shift, device)
+            return measure_phase(phase, roles, settings, optimizer, inputs, device, args.precision, args.warmup,
+                                 args.steps, small)
 
-        fitted = largest_that_fits(phase, measure, args, channels, optimizers)
+        fitted = largest_that_fits(phase, measure, args, channels, list(optimizers.values()))
         if fitted is None:
             continue
         frames, latent, result = fitted
-        meta_inputs = make_inputs(meta_nets.student, latent, args.text_len, shift, "meta")
-        flops = count_phase_flops(phase, meta_nets, meta_inputs, checkpointing)
+        meta_inputs = make_inputs(meta_roles.student, latent, args.text_len, shift, "meta")
+        flops = count_phase_flops(phase, meta_roles, settings, meta_inputs, checkpointing)
         tflop = flops["model_flops"] / 1e12
         achieved = tflop / result["s_per_step"]
         rows.append({
             "phase": phase, "frames": frames, "height": args.height, "width": args.width,
-            "latent": list(latent), "tokens_per_video": tokens_per_video(nets.student.patch_size, latent),
+            "latent": list(latent), "tokens_per_video": tokens_per_video(roles.student.patch_size, latent),
             **result, **flops, "model_tflop_per_step": tflop, "achieved_tflops": achieved,
             "mfu": achieved / peak if peak else None,
         })
@@ -488,30 +486,28 @@ def main(argv=None) -> dict:
 
     sampling = None
     if args.sampling:
-        del nets, student_opt, critic_opt
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        roles = optimizers = None
+        free_memory(device)
         sampling = measure_sampling(family, config, args, device, channels)
         print(f"sampling: teacher {sampling['teacher_s_per_video']:.2f} s/video "
               f"({sampling['teacher_s_per_video_from']}), student {sampling['student_s_per_video']:.3f} s/video ({sampling['speedup']:.1f}x)", flush=True)
     forward_latent = latent_shape(1, channels, args.frames, args.height, args.width)
-    forward_inputs = make_inputs(meta_nets.student, forward_latent, args.text_len, shift, "meta")
+    forward_inputs = make_inputs(meta_roles.student, forward_latent, args.text_len, shift, "meta")
     with torch.no_grad():
-        counted = count_flops(lambda: meta_nets.student(forward_inputs.eps, forward_inputs.sigma, forward_inputs.cond))
+        counted = count_flops(lambda: meta_roles.student(forward_inputs.eps, forward_inputs.sigma, forward_inputs.cond))
     closed = family.closed_form(config, forward_latent, args.text_len) if family.closed_form else None
     report = {
         "family": family.name, "tiny": args.tiny,
         "device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": f"tiny {family.model} (2 blocks)" if args.tiny else f"{family.model}, random weights",
-        "params_per_network": sum(p.numel() for p in meta_nets.student.parameters()),
+        "params_per_network": sum(p.numel() for p in meta_roles.student.parameters()),
         "adapter_options": family.adapter_options,
         "precision": args.precision, "gradient_checkpointing": checkpointing,
-        "batch_size": args.batch_size, "text_len": args.text_len, "text_dim": meta_nets.student.text_dim,
+        "batch_size": args.batch_size, "text_len": args.text_len, "text_dim": meta_roles.student.text_dim,
         "requested": {"frames": args.frames, "height": args.height, "width": args.width,
                       "latent": list(forward_latent),
-                      "tokens_per_video": tokens_per_video(meta_nets.student.patch_size, forward_latent)},
+                      "tokens_per_video": tokens_per_video(meta_roles.student.patch_size, forward_latent)},
         "peak_tflops": peak, "peak_source": peak_source,
         "forward_flops": {"counted": counted, "closed_form": closed},
         "warmup": args.warmup, "warmup_frames": args.warmup_frames, "steps": args.steps,
@@ -527,8 +523,8 @@ def main(argv=None) -> dict:
 @torch.no_grad()
 def measure_sampling(family: Family, config: dict, args, device: torch.device, channels: int) -> dict:
     """Seconds per video of the teacher's CFG sampler and of the one-step student (bf16)."""
-    teacher = build_net(family, config, device, "bfloat16", False).eval().requires_grad_(False)
-    student = build_net(family, config, device, "bfloat16", False).eval().requires_grad_(False)
+    roles = build_roles(KDRoles, family, config, method_settings(family, False), device, "bfloat16")
+    teacher, student = roles.teacher, roles.student.eval().requires_grad_(False)
     latent = latent_shape(1, channels, args.frames, args.height, args.width)
     d = make_inputs(teacher, latent, args.text_len, scheduler_shift(family.scheduler()), device)
     eps = d.eps.bfloat16()

@@ -69,8 +69,9 @@ term).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -94,8 +95,13 @@ from distill_pl.diffusion.flow import (
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import few_step_sample
 from distill_pl.diffusion.student_steps import diffuse_from, subinterval_bounds, subinterval_flow_target
+from distill_pl.methods.roles import DenoiserFactory, Roles, build_dtype
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.discriminator import DiscriminatorHead
+from distill_pl.models.ema import EMA
 from distill_pl.models.guidance import branch_velocities, velocity_fn
+from distill_pl.models.lora import add_lora
 from distill_pl.util.randomness import randn
 
 TrainedStepInput = Literal["backward_simulation", "noised_real"]
@@ -471,3 +477,124 @@ class DMD2Objective:
             logs.update(gan_loss=loss_gan, generator_logits_fake=logits_fake.mean())
         logs["generator_loss"] = loss
         return loss, logs
+
+
+class DMD2Roles(Roles):
+    """DMD2's networks (see the module docstring): ``student`` (float32), ``teacher`` (frozen,
+    eval mode, in ``teacher_dtype``, no gradient checkpointing), ``fake_score`` (a float32
+    copy of the teacher, or with ``fake_score_lora_rank`` the teacher's weights frozen in
+    ``teacher_dtype`` with float32 LoRA adapters), ``discriminator`` (a
+    :class:`~distill_pl.models.discriminator.DiscriminatorHead` on block ``feature_block``'s
+    features) and ``student_ema`` (an EMA of the student, or None). The critic phase trains
+    the fake score (its adapters only, with LoRA) and the discriminator, the generator phase
+    the student."""
+
+    phases = {"critic": ("fake_score", "discriminator"), "generator": ("student",)}
+
+    def __init__(self, student: Denoiser, teacher: Denoiser, fake_score: Denoiser, discriminator: DiscriminatorHead,
+                 student_ema: EMA | None, feature_block: int, dtypes: dict[str, str]) -> None:
+        super().__init__(dtypes)
+        self.student = student
+        self.teacher = teacher
+        self.fake_score = fake_score
+        self.discriminator = discriminator
+        self.student_ema = student_ema
+        self.feature_block = feature_block
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Mapping,
+        make: DenoiserFactory,
+        compute_dtype: str | None = None,
+        initialise_student: Callable[[Denoiser], object] | None = None,
+    ) -> "DMD2Roles":
+        """The roles on the current device from DMD2's settings (``DMD2Module``'s arguments by
+        name; read: ``teacher_dtype``, ``gradient_checkpointing``, ``fake_score_lora_rank``,
+        ``fake_score_lora_alpha``, ``fake_score_lora_targets``, ``feature_block`` (None: the
+        middle block), ``discriminator_hidden``, ``ema_decay``, ``seed``).
+
+        The fake score is made once in float32; student and (float32) teacher are its copies,
+        a teacher in another dtype is made in it. A LoRA fake score's base is that float32
+        network or, in another ``teacher_dtype``, a copy of the teacher; its adapters are
+        drawn from ``seed``, and so is the discriminator head's initialisation (the
+        global RNG is left as it was). ``initialise_student(student)`` (e.g. loading
+        ``init_from``) runs before the EMA copies the student. ``compute_dtype``: see
+        :func:`~distill_pl.methods.roles.build_dtype`. ValueError for a ``feature_block``
+        outside the teacher's blocks.
+        """
+        teacher_dtype, checkpointing = settings["teacher_dtype"], settings["gradient_checkpointing"]
+        lora_rank, seed = settings["fake_score_lora_rank"], settings["seed"]
+        fake_score = make(build_dtype("float32", compute_dtype), checkpointing)
+        student = copy.deepcopy(fake_score)
+        if teacher_dtype == "float32":
+            teacher = copy.deepcopy(fake_score)
+        else:
+            teacher = make(build_dtype(teacher_dtype, compute_dtype), False)
+        teacher.set_gradient_checkpointing(False)
+        teacher.eval().requires_grad_(False)
+        if lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
+            if teacher_dtype != "float32":
+                fake_score = copy.deepcopy(teacher).train()
+                fake_score.set_gradient_checkpointing(checkpointing)
+            add_lora(fake_score, lora_rank, settings["fake_score_lora_alpha"], settings["fake_score_lora_targets"],
+                     seed=seed)
+        if initialise_student is not None:
+            initialise_student(student)
+
+        blocks = teacher.num_blocks
+        feature_block = blocks // 2 if settings["feature_block"] is None else settings["feature_block"]
+        if not 0 <= feature_block < blocks:
+            raise ValueError(f"feature_block={settings['feature_block']}: valid blocks are 0..{blocks - 1}")
+        with torch.random.fork_rng(devices=[]):  # the head's init depends on `seed` only
+            torch.manual_seed(seed)
+            discriminator = DiscriminatorHead(teacher.feature_dim, settings["discriminator_hidden"])
+        head_dtype = build_dtype("float32", compute_dtype)
+        if head_dtype != "float32":
+            discriminator = discriminator.to(getattr(torch, head_dtype))
+        ema = EMA(student, settings["ema_decay"]) if settings["ema_decay"] is not None else None
+        dtypes = {"student": "float32", "teacher": teacher_dtype,
+                  "fake_score": "float32" if lora_rank is None else teacher_dtype,
+                  "discriminator": "float32", "student_ema": "float32"}
+        return cls(student, teacher, fake_score, discriminator, ema, feature_block, dtypes)
+
+    def phase_losses(self, settings: Mapping, latents: Callable[[], Tensor], sigma: Tensor,
+                     cond: Conditioning) -> dict[str, Callable[[], Tensor]]:
+        """Phase -> its loss on given inputs, for measuring a step (the objective of
+        :func:`dmd2_objective`, one student step): the critic loss of the student's sample
+        ``x_g`` and a real clip, the generator loss of the student's sample from ``eps``;
+        ``latents()`` gives each a new [B, C, T, H, W] tensor, ``sigma`` [B] the noise level.
+        The conditioning doubles as the unconditional one."""
+        objective = dmd2_objective(self, settings)
+        eps, x_g = latents(), latents()
+        return {
+            "critic": lambda: objective.critic_loss(x_g, latents(), sigma, eps, latents(), cond),
+            "generator": lambda: objective.generator_loss(objective.generate(eps, cond), sigma, latents(), cond, cond),
+        }
+
+
+#: DMD2Objective's Decoupled DMD fields -> DMD2Module's setting names
+DECOUPLED_SETTINGS = {"decoupled": "decoupled_dmd", "dm_weight": "dm_weight", "ca_weight": "ca_weight",
+                      "dm_t_min": "dm_t_min", "dm_t_max": "dm_t_max", "ca_t_min": "ca_t_min", "ca_t_max": "ca_t_max"}
+
+
+def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...] = (1.0,),
+                   shift: float = 1.0) -> DMD2Objective:
+    """The :class:`DMD2Objective` over ``networks`` (anything holding ``student``, ``teacher``,
+    ``fake_score``, ``discriminator`` and ``feature_block`` as attributes: a
+    :class:`DMD2Roles`, or the stage module that took them over) with DMD2's loss settings
+    (``DMD2Module``'s arguments by name: ``guidance``, ``gan_weight``, ``critic_gan_weight``,
+    ``discriminator_on``, ``trained_step_input``, ``phased_dmd``, ``t_min``, ``t_max``; the
+    Decoupled DMD ones, ``decoupled_dmd``, ``dm_weight``, ``ca_weight``, ``dm_t_min/max``,
+    ``ca_t_min/max``, where given), the student's noise levels (already shifted) and the
+    teacher's timestep shift."""
+    decoupled = {field: settings[name] for field, name in DECOUPLED_SETTINGS.items() if name in settings}
+    return DMD2Objective(
+        student=networks.student, teacher=networks.teacher, fake_score=networks.fake_score,
+        discriminator=networks.discriminator, feature_block=networks.feature_block,
+        guidance=settings["guidance"], gan_weight=settings["gan_weight"],
+        critic_gan_weight=settings["critic_gan_weight"], discriminator_on=settings["discriminator_on"],
+        student_sigmas=student_sigmas, trained_step_input=settings["trained_step_input"],
+        phased=settings["phased_dmd"], shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
+    )
+

@@ -19,14 +19,19 @@ step's is exactly that clean estimate. ``L_KD`` is the mean over the K steps of
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from distill_pl.diffusion.flow import expand_like
 from distill_pl.diffusion.sampling import StudentSampler, student_sample
+from distill_pl.methods.roles import DenoiserFactory, Roles, build_dtype
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.ema import EMA
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
@@ -89,3 +94,59 @@ class KDObjective:
             stepped = x + expand_like(r_next - r, x) * v.float()
             losses.append(kd_loss(stepped, states[k + 1]))
         return torch.stack(losses).mean()
+
+
+class KDRoles(Roles):
+    """KD's networks: ``student`` (trained, float32), ``teacher`` (frozen, eval mode, in
+    ``teacher_dtype``; its outputs are stored in the pairs, it runs for validation and the
+    grid) and ``student_ema`` (an :class:`~distill_pl.models.ema.EMA` of the student, or None).
+    One phase: the KD step trains the student. Each sample of a batch (a KD pair) carries
+    its noise and the teacher's output."""
+
+    phases = {"KD step": ("student",)}
+    batch_latents = 2
+
+    def __init__(self, student: Denoiser, teacher: Denoiser, student_ema: EMA | None, dtypes: dict[str, str]) -> None:
+        super().__init__(dtypes)
+        self.student = student
+        self.teacher = teacher
+        self.student_ema = student_ema
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Mapping,
+        make: DenoiserFactory,
+        compute_dtype: str | None = None,
+        initialise_student: Callable[[Denoiser], object] | None = None,
+    ) -> "KDRoles":
+        """The roles on the current device from KD's settings (``KDModule``'s arguments by
+        name; read: ``teacher_dtype``, ``gradient_checkpointing``, ``ema_decay``).
+
+        The teacher is made once; a float32 teacher's student is its copy, else the student
+        is made in float32. ``initialise_student(student)`` (e.g. loading ``student_init``)
+        runs before the EMA copies the student. ``compute_dtype``: see
+        :func:`~distill_pl.methods.roles.build_dtype`.
+        """
+        teacher_dtype = settings["teacher_dtype"]
+        teacher = make(build_dtype(teacher_dtype, compute_dtype), False).eval().requires_grad_(False)
+        if teacher_dtype == "float32":
+            student = copy.deepcopy(teacher).requires_grad_(True)
+        else:  # keep the student's master weights in float32
+            student = make(build_dtype("float32", compute_dtype), False)
+        if initialise_student is not None:
+            initialise_student(student)
+        student.set_gradient_checkpointing(settings["gradient_checkpointing"])
+        student.train()
+        ema = EMA(student, settings["ema_decay"]) if settings["ema_decay"] is not None else None
+        dtypes = {"student": "float32", "teacher": teacher_dtype, "student_ema": "float32"}
+        return cls(student, teacher, ema, dtypes)
+
+    def phase_losses(self, settings: Mapping, latents: Callable[[], Tensor], sigma: Tensor,
+                     cond: Conditioning) -> dict[str, Callable[[], Tensor]]:
+        """Phase -> its loss on given inputs, for measuring a step: the one-step student's
+        ``L_KD`` from noise ``latents()`` to a target ``latents()`` (each call a new [B, C, T,
+        H, W] tensor). ``settings`` and ``sigma`` [B] are not used (KD draws no noise level)."""
+        objective = KDObjective(self.student)
+        noise, target = latents(), latents()
+        return {"KD step": lambda: objective.loss(noise, target, cond)}

@@ -2,10 +2,12 @@
 
     distill-pl estimate-memory --config configs/wan2.1-t2v-14b/kd.yaml --devices 8 --sharding fsdp
 
-Nothing is allocated and no weight is read. Every network of the stage is built on the meta
-device from the teacher folder's ``transformer/config.json`` (or, when the folder is not on
-disk, the published config of the Wan or Cosmos-Transfer2.5 model it is named after), and
-the step's forward passes run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
+Nothing is allocated and no weight is read. The stage's method builds its networks (its
+roles: :class:`~distill_pl.methods.kd.KDRoles`, :class:`~distill_pl.methods.dmd2.DMD2Roles`,
+which also say which phase trains which) on the meta device from the config's settings and
+the teacher folder's ``transformer/config.json`` (or, when the folder is not on disk, the
+published config of the Wan or Cosmos-Transfer2.5 model it is named after), and the step's
+forward passes run on meta tensors of the configured shapes. Per device, in GiB (2^30 bytes):
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
@@ -23,16 +25,18 @@ the step's forward passes run on meta tensors of the configured shapes. Per devi
   checkpointed blocks); and the AdamW step's temporary: torch's default (foreach) AdamW on a
   GPU allocates one copy of the trainable parameters (``sqrt`` of the second moments).
 
-Activations are computed, not modelled: the phase's forward (KD: the student's one-step
-sample and loss; DMD2: ``DMD2Module.critic_loss`` / ``generator_loss`` themselves) runs on
-meta tensors inside ``saved_tensors_hooks`` and the bytes of the saved tensors are summed,
-once per storage (:func:`saved_tensor_bytes`). Two things make the meta pass match a GPU:
-SDPA on meta would fall back to the math kernel and save the attention matrix, so
-:class:`FusedAttention` runs it as the flash-attention op; and under bf16-mixed the pass
-runs bfloat16 copies of the float32 networks (built as the bf16 teacher is, diffusers'
-float32-kept modules included): autocast computes Wan's matmuls in bf16 and Wan upcasts its
-norms and modulation itself, so the saved tensors get autocast's dtypes, and the weights
-they save stand for autocast's copies. Both are checked against real CPU forwards in the tests.
+Activations are computed, not modelled: the phase's forward, the method's own
+(``phase_losses`` of its roles; KD: the student's one-step sample and loss; DMD2: the critic
+and generator losses of :class:`~distill_pl.methods.dmd2.DMD2Objective`, built as the stage
+builds it, with one student step) runs on meta tensors inside ``saved_tensors_hooks`` and
+the bytes of the saved tensors are summed, once per storage (:func:`saved_tensor_bytes`).
+Two things make the meta pass match a GPU: SDPA on meta would fall back to the math kernel
+and save the attention matrix, so :class:`FusedAttention` runs it as the flash-attention op;
+and under bf16-mixed the pass runs bfloat16 copies of the float32 networks (the method's
+roles built again with ``compute_dtype``: as the bf16 teacher is, diffusers' float32-kept
+modules included): autocast computes Wan's matmuls in bf16 and Wan upcasts its norms and
+modulation itself, so the saved tensors get autocast's dtypes, and the weights they save
+stand for autocast's copies. Both are checked against real CPU forwards in the tests.
 
 A phase's peak is parameters + AdamW state + buckets + batch + gradients + max(activations +
 weight copies, AdamW temporary). Every stage's training loop
@@ -69,12 +73,10 @@ from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
 from distill_pl.models.autoencoder import latent_grid
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.models.denoiser import Denoiser
-from distill_pl.families.registry import build_denoiser, denoiser_config, published_configs
-from distill_pl.models.lora import add_lora
-from distill_pl.methods.dmd2 import DMD2Objective
-from distill_pl.methods.kd import KDObjective
+from distill_pl.families.registry import denoiser_config, published_configs
+from distill_pl.methods.dmd2 import DMD2Roles
+from distill_pl.methods.kd import KDRoles
+from distill_pl.methods.roles import Roles, config_denoisers
 from distill_pl.util.paths import resolve_path
 
 GIB = 2**30
@@ -83,6 +85,8 @@ GIB = 2**30
 #: (``configs.PUBLISHED``), used when the teacher folder is not on disk: folder name ->
 #: (transformer class name, ``from_config``'s config)
 PUBLISHED_TRANSFORMER_CONFIGS = published_configs()
+#: stage class name -> the roles of its method (the networks, their dtypes, which phase trains which)
+STAGE_ROLES: dict[str, type[Roles]] = {"KDModule": KDRoles, "DMD2Module": DMD2Roles}
 #: Lightning precision -> the dtype the networks compute in
 COMPUTE_DTYPES = {"32-true": "float32", "32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
@@ -138,17 +142,6 @@ def saved_tensor_bytes(
         fn()
     activations = sum(s.nbytes() for k, s in saved.items() if k not in state_keys)
     return activations, sum(s.nbytes() for k, s in saved.items() if k in copied_keys)
-
-
-@dataclass
-class Network:
-    """A network of a stage: ``build(dtype)`` makes it on the meta device; ``dtype`` is its
-    parameter dtype in training."""
-
-    build: Callable[[str], nn.Module]
-    dtype: str
-    trainable: bool
-    sharded: bool = True
 
 
 @dataclass
@@ -234,8 +227,8 @@ def estimate_memory(
     """
     cfg = _parse(config)
     stage = cfg.model.class_path.rsplit(".", 1)[-1]
-    if stage not in ("KDModule", "DMD2Module"):
-        raise ValueError(f"estimate-memory handles KDModule and DMD2Module configs, {config} trains {stage}")
+    if stage not in STAGE_ROLES:
+        raise ValueError(f"estimate-memory handles {' and '.join(STAGE_ROLES)} configs, {config} trains {stage}")
     args, data, precision = dict(cfg.model.init_args), cfg.data, str(cfg.trainer.precision)
     if precision not in COMPUTE_DTYPES:
         raise ValueError(f"precision {precision!r}: estimate-memory knows {', '.join(COMPUTE_DTYPES)}")
@@ -247,25 +240,34 @@ def estimate_memory(
         gradient_checkpointing = args["gradient_checkpointing"]
     class_name, transformer, source = _transformer_config(args["teacher"])
     vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
-    networks = _networks(stage, args, class_name, transformer, vae, gradient_checkpointing)
-    built = {name: net.build(net.dtype) for name, net in networks.items()}
-    static, trainable = _state_bytes(networks, built, devices, sharding)
+    method = STAGE_ROLES[stage]
+    settings = {**args, "gradient_checkpointing": gradient_checkpointing}
+    make = config_denoisers(class_name, transformer, args.get("denoiser_options"), on_meta=True)
+    with torch.device("meta"):  # the method's networks in their training dtypes
+        roles = method.from_settings(settings, make)
+    built, dtypes = roles.networks(), dict(roles.dtypes)
+    if vae is not None:
+        dtypes["vae"] = args.get("vae_dtype", "float32")
+        built["vae"] = _autoencoder(vae, dtypes["vae"])
+    static, trainable = _state_bytes(built, dtypes, roles.trained, devices, sharding)
     student = built["student"]
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
     loaded = max(micro_batch, data.batch_size)  # the loaded batch, split into micro-batches
-    static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(stage, loaded, data, latent, text)
+    static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(method, loaded, data, latent, text)
 
     # the forwards run in the compute dtype; float32 weights saved there stand for autocast's copies
     compute = COMPUTE_DTYPES[precision]
-    passes = {name: net.build(compute if net.dtype == "float32" else net.dtype)
-              for name, net in networks.items() if name in ("student", "teacher", "fake_score", "discriminator")}
+    with torch.device("meta"):
+        compute_roles = method.from_settings(settings, make, compute_dtype=compute)
+    passes = compute_roles.networks()
     state = [t for module in passes.values() for t in (*module.parameters(), *module.buffers())]
     copied = [p for name, module in passes.items() for p in module.parameters()
-              if sharding == "none" and networks[name].dtype != compute]
+              if sharding == "none" and dtypes[name] != compute]
     learnable = {id(p) for module in passes.values() for p in module.parameters() if p.requires_grad}
     phases = {}
-    for phase, (names, forward) in _phase_forwards(stage, args, passes, micro_batch, latent, text).items():
+    for phase, forward in _phase_losses(compute_roles, settings, micro_batch, latent, text).items():
+        names = compute_roles.phases[phase]
         for name, module in passes.items():
             for p in module.parameters():  # the phase's networks; a LoRA fake score's base stays frozen
                 p.requires_grad_(name in names and id(p) in learnable)
@@ -287,21 +289,24 @@ def estimate_memory(
     return MemoryEstimate(header, static, phases, gpu_gb, margin)
 
 
-def _state_bytes(networks: dict[str, Network], built: dict[str, nn.Module], devices: int, sharding: str):
-    """(rows of parameters, AdamW state and DDP buckets; bytes of each trainable network), per device."""
+def _state_bytes(built: dict[str, nn.Module], dtypes: dict[str, str], trained: tuple[str, ...], devices: int,
+                 sharding: str):
+    """(rows of parameters, AdamW state and DDP buckets; bytes of each trained network), per
+    device. Every network but the VAE is sharded under FSDP."""
     shard = devices if sharding == "fsdp" else 1
     rows, trainable = {}, {}
-    for name, net in networks.items():
-        divide = shard if net.sharded else 1
-        params = [p for p in built[name].parameters() if p.requires_grad] if net.trainable else []
-        size = parameter_bytes(built[name]) // divide
-        if net.trainable and len(params) < len(list(built[name].parameters())):  # LoRA: frozen base + adapters
+    for name, module in built.items():
+        divide = 1 if name == "vae" else shard
+        is_trained = name in trained
+        params = [p for p in module.parameters() if p.requires_grad] if is_trained else []
+        size = parameter_bytes(module) // divide
+        if is_trained and len(params) < len(list(module.parameters())):  # LoRA: frozen base + adapters
             adapters = sum(p.numel() * p.element_size() for p in params) // divide
-            rows[f"{name}: {net.dtype} frozen base"] = size - adapters
+            rows[f"{name}: {dtypes[name]} frozen base"] = size - adapters
             rows[f"{name}: LoRA adapters, trainable"] = size = adapters
         else:
-            rows[f"{name}: {net.dtype}{', trainable' if net.trainable else ''}"] = size
-        if net.trainable:
+            rows[f"{name}: {dtypes[name]}{', trainable' if is_trained else ''}"] = size
+        if is_trained:
             trainable[name] = size
             master = 4 * sum(p.numel() for p in params if p.dtype != torch.float32) // divide
             rows[f"{name}: AdamW moments{' + float32 master' if master else ''}"] = 2 * size + master
@@ -360,82 +365,32 @@ def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:
     return latent_grid(data.num_frames, data.height, data.width, temporal, spatial)
 
 
-def _batch_bytes(stage: str, b: int, data, latent: tuple[int, ...], text: tuple[int, int]) -> int:
-    """float32 video + control pixels (both data modes), KD's noise + teacher output, text + mask."""
+def _batch_bytes(method: type[Roles], b: int, data, latent: tuple[int, ...], text: tuple[int, int]) -> int:
+    """float32 video + control pixels (both data modes), the method's latents of each sample
+    (KD: noise + teacher output), text + mask."""
     pixels = 2 * 3 * data.num_frames * data.height * data.width
-    latents = 2 * math.prod(latent) if stage == "KDModule" else 0
+    latents = method.batch_latents * math.prod(latent)
     return b * (4 * (pixels + latents + math.prod(text)) + text[0])
 
 
-def _networks(stage: str, args: dict, class_name: str, transformer: dict, vae: dict | None,
-              checkpointing: bool) -> dict[str, Network]:
-    """The stage's networks as its module builds them (student, teacher, ...; see stages/)."""
-    def denoiser(gradient_checkpointing: bool) -> Callable[[str], nn.Module]:
-        def build(dtype: str) -> Denoiser:
-            return build_denoiser(class_name, transformer, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                                  on_meta=True, **(args.get("denoiser_options") or {}))
-        return build
-
-    def lora_denoiser(dtype: str) -> Denoiser:
-        with torch.device("meta"):
-            return add_lora(denoiser(checkpointing)(dtype), args["fake_score_lora_rank"],
-                            args["fake_score_lora_alpha"], args["fake_score_lora_targets"])
-
-    def head(dtype: str) -> DiscriminatorHead:
-        feature_dim = denoiser(False)("float32").feature_dim
-        with torch.device("meta"):
-            return DiscriminatorHead(feature_dim, args["discriminator_hidden"]).to(getattr(torch, dtype))
-
-    def autoencoder(dtype: str) -> nn.Module:
-        with torch.device("meta"):
-            model = AutoencoderKLWan.from_config(vae)
-        return model if dtype == "float32" else model.to(getattr(torch, dtype))
-
-    nets = {"student": Network(denoiser(checkpointing), "float32", True),
-            "teacher": Network(denoiser(False), args["teacher_dtype"], False)}
-    if stage == "DMD2Module":
-        if args["fake_score_lora_rank"] is None:
-            nets["fake_score"] = Network(denoiser(checkpointing), "float32", True)
-        else:  # frozen base in the teacher's dtype, float32 adapters (as DMD2Module builds it)
-            nets["fake_score"] = Network(lora_denoiser, args["teacher_dtype"], True)
-        nets["discriminator"] = Network(head, "float32", True)
-    if args["ema_decay"] is not None:
-        nets["student_ema"] = Network(denoiser(False), "float32", False)
-    if vae is not None:
-        nets["vae"] = Network(autoencoder, args.get("vae_dtype", "float32"), False, sharded=False)
-    return nets
+def _autoencoder(vae: dict, dtype: str) -> nn.Module:
+    """The VAE of config ``vae`` on the meta device, parameters in ``dtype``."""
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(vae)
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
-def _phase_forwards(stage: str, args: dict, nets: dict[str, nn.Module], b: int, latent: tuple, text: tuple):
-    """phase -> (its trainable networks, its forward on meta inputs, returning the loss)."""
+def _phase_losses(roles: Roles, settings: dict, b: int, latent: tuple, text: tuple) -> dict[str, Callable[[], Tensor]]:
+    """phase -> the method's forward of that phase on meta inputs, returning the loss:
+    latents [b, *latent] (a new tensor each), sigma [b], text [b, *text] + mask and the
+    student's control channels at the latent grid."""
     def meta(*shape, dtype=torch.float32) -> Tensor:
         return torch.zeros(*shape, dtype=dtype, device="meta")
 
-    control = nets["student"].control_channels
+    control = roles.student.control_channels
     cond = Conditioning(meta(b, *text), meta(b, text[0], dtype=torch.bool),
                         meta(b, control, *latent[1:]) if control else None)
-    sigma, noise, x = meta(b), meta(b, *latent), meta(b, *latent)
-    if stage == "KDModule":
-        objective = KDObjective(nets["student"])
-
-        def kd_step() -> Tensor:
-            return objective.loss(noise, x, cond)
-
-        return {"KD step": (["student"], kd_step)}
-    # DMD2's own phase losses: the objective over the meta networks
-    feature_block = nets["teacher"].num_blocks // 2 if args["feature_block"] is None else args["feature_block"]
-    objective = DMD2Objective(
-        nets["student"], nets["teacher"], nets["fake_score"], nets["discriminator"], feature_block,
-        guidance=args["guidance"], gan_weight=args["gan_weight"], critic_gan_weight=args["critic_gan_weight"],
-        discriminator_on=args["discriminator_on"],
-    )
-    return {
-        "critic": (["fake_score", "discriminator"],
-                   lambda: objective.critic_loss(x, meta(b, *latent), sigma, noise, meta(b, *latent), cond)),
-        "generator": (["student"],
-                      lambda: objective.generator_loss(objective.generate(noise, cond), sigma, meta(b, *latent),
-                                                       cond, cond)),
-    }
+    return roles.phase_losses(settings, lambda: meta(b, *latent), meta(b), cond)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """DMD2: distribution matching distillation of a CFG teacher into a one- or few-step student.
 
 The loss math (the student's trained step, the critic and generator losses, the draws) is
-:class:`~distill_pl.methods.dmd2.DMD2Objective`; this module builds its networks, its
+:class:`~distill_pl.methods.dmd2.DMD2Objective` and the networks are built by
+:class:`~distill_pl.methods.dmd2.DMD2Roles` from this module's settings (loaded from the
+teacher folder); this module keeps them as its own attributes and builds its
 optimizers and the alternation (which phase steps which optimizer), the grid and the
 export; the training loop itself (micro-batches, gradient sync, the non-finite policy,
 clipping, logging, checkpoint hooks) is the one of every stage,
@@ -55,7 +57,6 @@ error, before any NaN reaches the weights or a checkpoint.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -67,15 +68,20 @@ from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.discriminator import DiscriminatorHead
-from distill_pl.models.ema import EMA
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
-from distill_pl.families.registry import load_denoiser
-from distill_pl.models.lora import add_lora
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import export_student_of_run, load_scheduler, scheduler_shift
-from distill_pl.methods.dmd2 import DMD2Draws, DMD2Objective, TrainedStepInput, check_trained_step_input
+from distill_pl.methods.dmd2 import (
+    DMD2Draws,
+    DMD2Objective,
+    DMD2Roles,
+    TrainedStepInput,
+    check_trained_step_input,
+    dmd2_objective,
+)
+from distill_pl.methods.roles import folder_denoisers
 from distill_pl.training.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
 from distill_pl.training.base import StageModule
 from distill_pl.training.nonfinite import NonFinitePolicy, NonFiniteTrainingError  # noqa: F401 (raised by the policy)
@@ -224,35 +230,23 @@ class DMD2Module(StageModule):
         check_trained_step_input(trained_step_input, phased_dmd)
 
         self.shift = scheduler_shift(load_scheduler(teacher))
-        options = denoiser_options or {}
-        self.fake_score = load_denoiser(teacher, gradient_checkpointing=gradient_checkpointing, **options)
-        self.student = copy.deepcopy(self.fake_score)
-        if teacher_dtype == "float32":
-            self.teacher = copy.deepcopy(self.fake_score)
-        else:
-            self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options)
-        self.teacher.set_gradient_checkpointing(False)
-        self.teacher.eval().requires_grad_(False)
-        if fake_score_lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
-            if teacher_dtype != "float32":
-                self.fake_score = copy.deepcopy(self.teacher).train()
-                self.fake_score.set_gradient_checkpointing(gradient_checkpointing)
-            add_lora(self.fake_score, fake_score_lora_rank, fake_score_lora_alpha,
-                     fake_score_lora_targets, seed=seed)
-        if init_from is not None:
-            source = load_student_weights(self.student, init_from, use_ema=init_from_ema)
-            rank_zero_info(f"DMD2 student initialised from {source}")
-        else:
-            rank_zero_info("DMD2 student initialised from the teacher (no init_from given)")
 
-        blocks = self.teacher.num_blocks
-        self.feature_block = blocks // 2 if feature_block is None else feature_block
-        if not 0 <= self.feature_block < blocks:
-            raise ValueError(f"feature_block={feature_block}: valid blocks are 0..{blocks - 1}")
-        with torch.random.fork_rng(devices=[]):  # the head's init depends on `seed` only
-            torch.manual_seed(seed)
-            self.discriminator = DiscriminatorHead(self.teacher.feature_dim, discriminator_hidden)
-        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        def initialise_student(student: Denoiser) -> None:
+            if init_from is not None:
+                source = load_student_weights(student, init_from, use_ema=init_from_ema)
+                rank_zero_info(f"DMD2 student initialised from {source}")
+            else:
+                rank_zero_info("DMD2 student initialised from the teacher (no init_from given)")
+
+        roles = DMD2Roles.from_settings(self.hparams, folder_denoisers(teacher, denoiser_options),
+                                        initialise_student=initialise_student)
+        # the networks are this module's own attributes, in this order: the checkpoints' keys
+        self.fake_score = roles.fake_score
+        self.student = roles.student
+        self.teacher = roles.teacher
+        self.feature_block = roles.feature_block
+        self.discriminator = roles.discriminator
+        self.student_ema = roles.student_ema
         self.autoencoder = build_autoencoder(vae_path, vae_dtype)
         self.negative_prompt = NegativePrompt()
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
@@ -327,18 +321,11 @@ class DMD2Module(StageModule):
         return b, self.student.latent_channels, *self.autoencoder.latent_grid(t, h, w)
 
     def build_objective(self) -> DMD2Objective:
-        """The DMD2 objective over this module's networks and loss settings (built once, in
-        ``__init__``, as ``self.objective``; a plain dataclass, so the networks' state-dict keys
-        stay those of the module's own attributes)."""
-        h = self.hparams
-        return DMD2Objective(
-            student=self.student, teacher=self.teacher, fake_score=self.fake_score,
-            discriminator=self.discriminator, feature_block=self.feature_block, guidance=h.guidance,
-            gan_weight=h.gan_weight, critic_gan_weight=h.critic_gan_weight, discriminator_on=h.discriminator_on,
-            student_sigmas=self.student_levels, trained_step_input=h.trained_step_input, phased=h.phased_dmd,
-            shift=self.shift, t_min=h.t_min, t_max=h.t_max, decoupled=h.decoupled_dmd, dm_weight=h.dm_weight,
-            ca_weight=h.ca_weight, dm_t_min=h.dm_t_min, dm_t_max=h.dm_t_max, ca_t_min=h.ca_t_min, ca_t_max=h.ca_t_max,
-        )
+        """The DMD2 objective over this module's networks and loss settings
+        (:func:`~distill_pl.methods.dmd2.dmd2_objective`, as the memory estimate builds it;
+        built once, in ``__init__``, as ``self.objective``; a plain dataclass, so the networks'
+        state-dict keys stay those of the module's own attributes)."""
+        return dmd2_objective(self, self.hparams, self.student_levels, self.shift)
 
     def __setattr__(self, name: str, value) -> None:
         """Re-assigning a network or setting the objective reads (e.g. a test swapping in toy
@@ -371,8 +358,13 @@ class DMD2Module(StageModule):
         """Critic phases: the critic optimizer (fake score + discriminator); the last phase of
         the cycle: the student optimizer."""
         if phase == self.hparams.student_update_freq - 1:
-            return 1, {"student": self.student}, self.hparams.student_grad_clip
-        return 0, {"fake_score": self.fake_score, "discriminator": self.discriminator}, self.hparams.critic_grad_clip
+            return 1, self.phase_networks("generator"), self.hparams.student_grad_clip
+        return 0, self.phase_networks("critic"), self.hparams.critic_grad_clip
+
+    def phase_networks(self, phase: str) -> dict[str, torch.nn.Module]:
+        """The networks :class:`~distill_pl.methods.dmd2.DMD2Roles` says ``phase`` ("critic",
+        "generator") trains, by role name."""
+        return {name: getattr(self, name) for name in DMD2Roles.phases[phase]}
 
     def phase_draws(self, phase: int, batch: dict, step: int) -> DMD2Draws:
         return self.step_draws(batch, step)

@@ -4,8 +4,9 @@ For each stored pair (noise ``eps``, text, control, teacher output ``x_teacher``
 :mod:`distill_pl.data.pairs`) a one-step student generates from pure noise,
 ``x_g = eps - S(eps, 1, c)``, and the loss is ``L_KD = mean((x_g - x_teacher)^2)``; a
 K-step student (``student_sigmas``) regresses each step on the teacher's trajectory stored
-with the pair. The loss is :class:`~distill_pl.methods.kd.KDObjective`; this module runs
-the optimizer, EMA, validation, grid, checkpoints and export.
+with the pair. The loss is :class:`~distill_pl.methods.kd.KDObjective` and the networks are
+built by :class:`~distill_pl.methods.kd.KDRoles` (loaded from the teacher folder, kept as this
+module's own attributes); this module runs the optimizer, EMA, validation, grid, checkpoints and export.
 The teacher's network is not run in training (its outputs are stored); it is kept, frozen,
 for the validation baseline and the monitoring grid: the teacher's own one-step sample.
 The training loop (micro-batches, clipping, the non-finite policy, EMA, logging, checkpoint
@@ -14,7 +15,6 @@ hooks) is the one of every stage, :class:`~distill_pl.training.base.StageModule`
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 
@@ -28,14 +28,13 @@ from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.ema import EMA
-from distill_pl.families.registry import load_denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.export.model_folders import export_student_of_run
 from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import load_scheduler, scheduler_shift
-from distill_pl.methods.kd import KDObjective, kd_loss
+from distill_pl.methods.kd import KDObjective, KDRoles, kd_loss
+from distill_pl.methods.roles import folder_denoisers
 from distill_pl.training.batch import batch_conditioning
 from distill_pl.training.base import StageModule
 from distill_pl.training.nonfinite import NonFinitePolicy
@@ -140,17 +139,14 @@ class KDModule(StageModule):
         if accumulate_micro_batches < 1:
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}")
         self.nonfinite = NonFinitePolicy("KD", max_nonfinite_steps)
-        options = denoiser_options or {}
-        self.teacher = load_denoiser(teacher, dtype=teacher_dtype, **options).eval().requires_grad_(False)
-        if teacher_dtype == "float32":
-            self.student = copy.deepcopy(self.teacher).requires_grad_(True)
-        else:  # keep the student's master weights in float32
-            self.student = load_denoiser(teacher, **options)
-        if student_init is not None:
-            load_student_weights(self.student, student_init)
-        self.student.set_gradient_checkpointing(gradient_checkpointing)
-        self.student.train()
-        self.student_ema = EMA(self.student, ema_decay) if ema_decay is not None else None
+        initialise_student = None if student_init is None else (
+            lambda student: load_student_weights(student, student_init))
+        roles = KDRoles.from_settings(self.hparams, folder_denoisers(teacher, denoiser_options),
+                                      initialise_student=initialise_student)
+        # the networks are this module's own attributes, in this order: the checkpoints' keys
+        self.teacher = roles.teacher
+        self.student = roles.student
+        self.student_ema = roles.student_ema
         self.autoencoder = build_autoencoder(vae_path)
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)

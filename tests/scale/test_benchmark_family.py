@@ -112,7 +112,7 @@ def test_family_constants_are_the_configs(name):
     assert (pairs["guidance"], pairs["num_steps"]) == (family.sample_guidance, family.sample_steps)
     assert dmd2["guidance"] == family.dmd2_guidance and dmd2["gan_weight"] == benchmark.GAN_WEIGHT
     layers = family.config.get("num_layers") or family.config["transformer"]["num_layers"]
-    assert dmd2["feature_block"] == layers // 2  # Nets.feature_block
+    assert dmd2["feature_block"] == layers // 2  # DMD2Roles' feature block, method_settings' None
     assert (pairs.get("denoiser_options") or {}) == family.adapter_options
 
 
@@ -126,10 +126,10 @@ def test_cosmos_2b_size():
 def test_out_of_memory_retries_with_fewer_frames(monkeypatch, capsys, one_thread):
     real = benchmark.measure_phase
 
-    def fails_above_one_latent_frame(phase, nets, optimizer, inputs, *args):
+    def fails_above_one_latent_frame(phase, roles, settings, optimizer, inputs, *args):
         if inputs.eps.shape[2] > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(phase, nets, optimizer, inputs, *args)
+        return real(phase, roles, settings, optimizer, inputs, *args)
 
     monkeypatch.setattr(benchmark, "measure_phase", fails_above_one_latent_frame)
     report = benchmark.main(["--device", "cpu", "--tiny", "--phases", "kd", "--warmup", "0", "--steps", "1"])
