@@ -116,6 +116,15 @@ class Denoiser(nn.Module):
         the blocks by default; an adapter adds its side branches' blocks."""
         return list(self.blocks)
 
+    def compile_blocks(self, **compile_options) -> None:
+        """Regional compilation: each of :attr:`fsdp_units` (the repeated blocks, side branches
+        included) is compiled on its own with ``torch.compile(**compile_options)``, as diffusers'
+        ``compile_repeated_blocks`` does for the models that declare their repeated blocks; the
+        rest of the network stays eager. Compiling is lazy: each block compiles at its first call
+        (and again for new input shapes)."""
+        for unit in self.fsdp_units:
+            unit.compile(**compile_options)
+
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
