@@ -81,6 +81,8 @@ class StageModule(L.LightningModule):
     progress_bar_logs: tuple[str, ...] = ("loss",)
     #: reduce the phase metrics across ranks when logging (``self.log(sync_dist=...)``)
     log_sync_dist: bool = False
+    #: the networks (attribute names) that the ``compile`` setting compiles
+    compiled_networks: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,6 +149,14 @@ class StageModule(L.LightningModule):
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val}: {type(self).__name__} clips gradients "
                 f"itself; set model.{self.grad_clip_setting} and leave trainer.gradient_clip_val out"
             )
+
+    def on_fit_start(self) -> None:
+        """``compile: true``: regional compilation of :attr:`compiled_networks`
+        (:meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`), after the strategy has
+        sharded them (``configure_model``); each block compiles at its first call."""
+        if self.hparams.get("compile"):
+            for name in self.compiled_networks:
+                getattr(self, name).compile_blocks()
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)

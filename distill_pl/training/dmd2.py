@@ -166,6 +166,9 @@ class DMD2Module(StageModule):
             ``t_min`` / ``t_max``) of each term's own noise level; None: ``t_min`` / ``t_max``.
             With both ranges the shared one, both terms use the step's sigma and noise (no
             extra draws: the random stream of the coupled run).
+        compile: regional compilation (``torch.compile`` of each transformer block, see
+            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student, the teacher and the fake score, at the
+            start of fit (after any sharding); the first steps then take the compile time.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class DMD2Module(StageModule):
         dm_t_max: float | None = None,
         ca_t_min: float | None = None,
         ca_t_max: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -257,6 +261,7 @@ class DMD2Module(StageModule):
 
     stage_name = "DMD2"
     nonfinite_key = STATE_KEY
+    compiled_networks = ("student", "teacher", "fake_score")
     progress_bar_logs = ("critic_loss", "generator_loss")
     grad_clip_setting = "student_grad_clip / model.critic_grad_clip"
 

@@ -90,6 +90,9 @@ class KDModule(StageModule):
             one, each with its own forward and backward (gradient accumulation).
         grad_clip: max total gradient norm of the student (None: no clipping; the norm is
             logged either way as ``train/grad_norm_student``).
+        compile: regional compilation (``torch.compile`` of each transformer block, see
+            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student (the network KD's steps run), at the
+            start of fit (after any sharding); the first steps then take the compile time.
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
@@ -110,6 +113,7 @@ class KDModule(StageModule):
     frozen_prefixes = FROZEN_PREFIXES
     stage_name = "KD"
     nonfinite_key = NONFINITE_KEY
+    compiled_networks = ("student",)
     log_sync_dist = True
 
     def __init__(
@@ -133,6 +137,7 @@ class KDModule(StageModule):
         denoiser_options: dict | None = None,
         accumulate_micro_batches: int = 1,
         grad_clip: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -74,11 +74,15 @@ class TeacherTrainingModule(StageModule):
             draws are made for the whole batch, so they do not depend on it.
         grad_clip: max total gradient norm of the denoiser (None: no clipping; the norm is
             logged either way as ``train/grad_norm_denoiser``).
+        compile: regional compilation (``torch.compile`` of each transformer block, see
+            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the denoiser, at the
+            start of fit (after any sharding); the first steps then take the compile time.
     """
 
     stage_name = "teacher training"
     checkpoint_name = "teacher"
     nonfinite_key = NONFINITE_KEY
+    compiled_networks = ("denoiser",)
 
     def __init__(
         self,
@@ -98,6 +102,7 @@ class TeacherTrainingModule(StageModule):
         max_nonfinite_steps: int = 20,
         accumulate_micro_batches: int = 1,
         grad_clip: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["denoiser"])

@@ -107,3 +107,15 @@ def test_a_training_batch_reaches_the_device_one_micro_batch_at_a_time(teacher_d
     assert kd.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
     kd.trainer.state.stage = "validate"  # outside the training loop the whole batch moves
     assert kd.transfer_batch_to_device(batch, torch.device("cpu"), 0) is not batch
+
+
+def test_compile_compiles_the_stages_trained_blocks_at_fit_start(teacher_dir):
+    """``compile: true`` compiles each block of the stage's networks (lazily: nothing runs
+    here); off by default. The numbers are the eager ones: tests/families/test_conformance.py
+    (slow set) compares a compiled network with its eager copy."""
+    for setting in (False, True):
+        kd = KDModule(teacher_dir, ema_decay=0.5, compile=setting)
+        kd.on_fit_start()
+        compiled = [unit._compiled_call_impl is not None for unit in kd.student.fsdp_units]
+        assert compiled == [setting] * len(kd.student.fsdp_units) and compiled
+        assert all(unit._compiled_call_impl is None for unit in kd.teacher.fsdp_units)  # KD's steps do not run it
