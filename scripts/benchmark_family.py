@@ -404,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "state for a fraction of a step's time); default: the measured size")
     p.add_argument("--peak_tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each phase with regional compilation (every block of student, teacher and "
+                        "fake score compiled, Denoiser.compile_blocks) at the eager run's size; prints eager/compiled")
     p.add_argument("--sampling", action="store_true", help="also time teacher N-step CFG vs student 1-step sampling")
     p.add_argument("--sample_steps", type=int, help="teacher sampling steps, CFG (default: the kd_pairs config's, 36)")
     p.add_argument("--teacher_timed_steps", type=int, default=0,
@@ -417,6 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.sample_steps is None:
         args.sample_steps = family.sample_steps
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the blocks compile in the warm-up steps)")
     if args.teacher_timed_steps and args.teacher_warmup_steps + args.teacher_timed_steps >= args.sample_steps:
         p.error("--teacher_warmup_steps + --teacher_timed_steps must be fewer than --sample_steps")
     return args
@@ -459,10 +464,10 @@ def main(argv=None) -> dict:
         channels = roles.student.latent_channels
         optimizer = optimizers[method_phase]
 
-        def measure(latent):
+        def measure(latent, warm_small: bool = True):
             inputs = make_inputs(roles.student, latent, args.text_len, shift, device)
             small = None
-            if args.warmup_frames:
+            if args.warmup_frames and warm_small:
                 small_latent = latent_shape(args.batch_size, channels, args.warmup_frames, args.height, args.width)
                 small = make_inputs(roles.student, small_latent, args.text_len, shift, device)
             return measure_phase(phase, roles, settings, optimizer, inputs, device, args.precision, args.warmup,
@@ -472,6 +477,13 @@ def main(argv=None) -> dict:
         if fitted is None:
             continue
         frames, latent, result = fitted
+        if args.compile:  # the same size again, compiled (compiling in the warm-up steps)
+            for network in (roles.student, roles.teacher, getattr(roles, "fake_score", None)):
+                if network is not None:
+                    network.compile_blocks()
+            compiled = measure(latent, warm_small=False)  # compiled for the timed size
+            result["compiled_s_per_step"] = compiled["s_per_step"]
+            result["compile_speedup"] = result["s_per_step"] / compiled["s_per_step"]
         meta_inputs = make_inputs(meta_roles.student, latent, args.text_len, shift, "meta")
         flops = count_phase_flops(phase, meta_roles, settings, meta_inputs, checkpointing)
         tflop = flops["model_flops"] / 1e12
@@ -574,6 +586,9 @@ def print_table(r: dict) -> None:
     print(f"one forward at the requested size: {fwd['counted'] / 1e12:.4g} TFLOP counted, {closed}")
     head = ("phase", "video FxHxW", "latent CxTxHxW", "tokens", "s/step", "peak GiB",
             "TFLOP/step", "recompute", "TFLOP/s", "MFU")
+    compiled = any("compiled_s_per_step" in p for p in r["phases"])
+    if compiled:
+        head = (*head, "compiled s/step", "eager/compiled")
     lines = [head]
     for p in r["phases"]:
         lines.append((
@@ -582,12 +597,16 @@ def print_table(r: dict) -> None:
             "n/a" if p["peak_gib"] is None else f"{p['peak_gib']:.1f}",
             f"{p['model_tflop_per_step']:.4g}", f"{p['recompute_flops'] / 1e12:.4g}",
             f"{p['achieved_tflops']:.4g}", "n/a" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%",
+            *((f"{p['compiled_s_per_step']:.3f}", f"{p['compile_speedup']:.2f}x") if compiled else ()),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
     print("TFLOP/step: model FLOPs (forward + backward, no recomputation); recompute: what checkpointing adds; "
           "MFU = TFLOP/step / s/step / peak. Discriminator head included; no gradient clipping.")
+    if compiled:
+        print("compiled: every block of student, teacher and fake score compiled (regional compilation), timed "
+              "after the warm-up steps that compile them; eager/compiled > 1 means compiling pays")
     if r.get("sampling"):
         smp = r["sampling"]
         print(f"sampling {smp['frames']}x{smp['height']}x{smp['width']}: teacher {smp['teacher_steps']} steps CFG "
