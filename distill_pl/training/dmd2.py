@@ -191,7 +191,7 @@ class DMD2Module(StageModule):
         phase_generator_steps: int | None = None,
         export_dir: str | None = None,
         seed: int = 0,
-        denoiser_options: dict | None = None,
+        denoiser_options: dict[str, object] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
