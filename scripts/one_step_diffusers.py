@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"{args.student} records adapter_options {settings['adapter_options']}: call its diffusers "
                      f"pipeline (model_index.json) with them, as docs/families.md shows; this script runs "
                      f"a plain WanTransformer3DModel")
+    if settings.get("control") not in (None, "canny"):  # its read_control makes canny edges only
+        parser.error(f"{args.student} takes a {settings['control']} control; this script makes canny controls only")
     transformer, scheduler = load_student(args.student)
     transformer.to(args.device)
     config = transformer.config
