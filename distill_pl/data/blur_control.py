@@ -15,8 +15,9 @@ default strength ("medium"), each frame on its own, in pixel units 0..255:
    bicubic with antialiasing (torch's cubic, a = -0.75); then clamped to the value range.
 
 Where ours differs: it runs in float32 at the training size, with no rounding to uint8
-between the steps (theirs: uint8 frames through OpenCV at the input video's size); a step
-that leaves fewer than 1 pixel keeps 1; on a frame smaller than the bilateral window, taps
+between the steps (theirs: uint8 frames through OpenCV at the input video's size); the area
+downsize is torch's (for an odd size OpenCV's weighs partial pixels); a step that leaves
+fewer than 1 pixel keeps 1; on a frame smaller than the bilateral window, taps
 farther than one reflection are left out.
 
 Frames are processed in chunks of at most :data:`BLUR_CHUNK_BYTES` of working memory;
