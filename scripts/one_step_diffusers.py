@@ -222,9 +222,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
+    settings = student_settings(args.student)
+    if settings.get("adapter_options"):  # options of a family's pipeline (VACE, Cosmos): not a plain transformer
+        parser.error(f"{args.student} records adapter_options {settings['adapter_options']}: call its diffusers "
+                     f"pipeline (model_index.json) with them, as docs/families.md shows; this script runs "
+                     f"a plain WanTransformer3DModel")
+    if settings.get("control") not in (None, "canny"):  # its read_control makes canny edges only
+        parser.error(f"{args.student} takes a {settings['control']} control; this script makes canny controls only")
     transformer, scheduler = load_student(args.student)
     transformer.to(args.device)
-    settings = student_settings(args.student)
     config = transformer.config
     if config.out_channels != 3:
         raise ValueError(f"{args.student}: {config.out_channels} output channels, not a pixel-space student")

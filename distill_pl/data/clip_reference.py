@@ -3,8 +3,9 @@
 A shard that references a clip keeps the video's sha256 (:func:`~distill_pl.util.hashing.file_sha256`). Reading
 re-derives the clip exactly as :class:`~distill_pl.data.clips.ClipDataset` made it: frames
 ``start + frame_stride * arange(num_frames)`` decoded with decord, resized and center
-cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the canny control computed at that
-size (:func:`~distill_pl.data.control.canny_control`). A referenced file whose content changed
+cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the control computed at that
+size (:class:`~distill_pl.data.controls.ControlSettings`: canny edges or a blur; a control
+video of the manifest is not referenced, so pairs cannot be made with ``control: video``). A referenced file whose content changed
 since the shard was written is refused (:class:`ChangedVideoError` naming it).
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from distill_pl.data.clips import open_video, resize_center_crop
-from distill_pl.data.control import canny_control
+from distill_pl.data.controls import ControlSettings
 from distill_pl.util.hashing import file_sha256
 
 
@@ -30,19 +31,19 @@ class ChangedVideoError(ValueError):
 
 @dataclass(frozen=True)
 class ClipSettings:
-    """How a clip is cut from its video (the data settings of the shard that references it)."""
+    """How a clip is cut from its video and its control made (the data settings of the shard
+    that references it)."""
 
     num_frames: int
     frame_stride: int
     height: int
     width: int
-    canny_low: float
-    canny_high: float
+    controls: ControlSettings
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "ClipSettings":
-        return cls(*(metadata[key] for key in ("num_frames", "frame_stride", "height", "width",
-                                               "canny_low", "canny_high")))
+        return cls(*(metadata[key] for key in ("num_frames", "frame_stride", "height", "width")),
+                   ControlSettings.from_metadata(metadata))
 
 
 class ReferencedClips:
@@ -109,7 +110,7 @@ class ReferencedClips:
         if path not in self._cache:
             total = len(self._reader(path))
             frames = torch.cat([self._frames(path, list(range(i, min(i + 32, total)))) for i in range(0, total, 32)], 1)
-            self._cache[path] = (frames, canny_control(frames, self.settings.canny_low, self.settings.canny_high))
+            self._cache[path] = (frames, self.settings.controls.compute(frames))
             self._readers.pop(path, None)
         return self._cache[path]
 
@@ -121,4 +122,4 @@ class ReferencedClips:
             frames, control = self._cached(path)
             return frames[:, indices].contiguous(), control[:, indices].contiguous()
         video = self._frames(path, indices)
-        return video, canny_control(video, s.canny_low, s.canny_high)
+        return video, s.controls.compute(video)

@@ -1,4 +1,4 @@
-"""Short clips cut from the videos of a manifest, with their canny control.
+"""Short clips cut from the videos of a manifest, with their control (canny edges by default).
 
 Temporal split: in every video of F frames the last ``round(F * val_fraction)`` frames are
 held out for validation. A window is ``num_frames`` frames ``frame_stride`` apart, spanning
@@ -15,9 +15,11 @@ val windows inside the held-out part, so train and val never share a frame.
 
 Frames are decoded with decord, resized (bilinear, antialiased) so the shorter side covers
 (height, width), center cropped and mapped to [-1, 1]. Frames are converted to float and
-resized in chunks of at most ``RESIZE_CHUNK_BYTES`` of float32 source pixels, and canny runs
-over chunks of frames too, so memory stays bounded at any source resolution (per-frame
-operations: the result does not depend on the chunking).
+resized in chunks of at most ``RESIZE_CHUNK_BYTES`` of float32 source pixels, and the control
+(:class:`~distill_pl.data.controls.ControlSettings`: canny edges, a blur, or a control video of
+the manifest read with the clip's window) is made over chunks of frames too, so memory stays
+bounded at any source resolution (per-frame operations: the result does not depend on the
+chunking).
 
 With ``cache_frames`` each video is decoded once per process, resized and kept in memory with
 its control, and clips are sliced from that cache: the bundled clips take a few MB at 32x32,
@@ -27,8 +29,9 @@ item) for data sets that do not fit in memory. Open readers are bounded: at most
 
 Probing (``probe="eager"``, the default): at construction every video is opened in a thread
 pool (with a progress bar for large manifests) and its last frame this split can need is
-decoded, not only its header; unusable videos (missing, unreadable, too short for a window of
-the split) are skipped, each logged on ``distill_pl.data`` with its reason, and listed in
+decoded, not only its header; with ``control: video`` its control video is checked against it
+(:func:`~distill_pl.data.control_videos.check_control_video`: a mismatch is an error naming
+both files); unusable videos (missing, unreadable, too short for a window of the split) are skipped, each logged on ``distill_pl.data`` with its reason, and listed in
 ``skipped``. ``probe="lazy"``: nothing is opened at construction; a video is probed when an
 item first needs it, and an unusable one is then a read fault (below). ``known_unusable``
 ({path: reason}, e.g. the files the start-up check
@@ -60,7 +63,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill_pl.data.control import canny_control
+from distill_pl.data.control_videos import check_control_video, control_video_path, video_format
+from distill_pl.data.controls import ControlName, ControlSettings
 from distill_pl.data.manifest import ManifestEntry, read_manifest
 
 log = logging.getLogger("distill_pl.data")
@@ -145,19 +149,21 @@ def resize_center_crop(frames: Tensor, height: int, width: int) -> Tensor:
 
 @dataclass(frozen=True)
 class VideoPart:
-    """The part of a video a split draws windows from: starts in [first, last_start]."""
+    """The part of a video a split draws windows from: starts in [first, last_start];
+    ``control``: its control video (``control: video``), else None."""
 
     path: Path
     caption: str
     first: int
     last_start: int
+    control: Path | None = None
 
 
 class ClipDataset(Dataset):
-    """Clips [3, T, H, W] in [-1, 1] with canny control, cut from the videos of ``manifest``.
+    """Clips [3, T, H, W] in [-1, 1] with their control, cut from the videos of ``manifest``.
 
-    Items are dicts: ``video`` [3, T, H, W] float32, ``control`` [3, T, H, W] (see
-    :func:`canny_control`), ``caption`` str, ``path`` str (the video's absolute path from the
+    Items are dicts: ``video`` [3, T, H, W] float32, ``control`` [3, T, H, W] in [-1, 1] (the
+    ``control`` setting, see :mod:`distill_pl.data.controls`), ``caption`` str, ``path`` str (the video's absolute path from the
     manifest), ``start`` int (first frame index). Frame indices are
     ``start + frame_stride * arange(num_frames)``. ``videos`` lists the candidate videos
     (:class:`VideoPart` when probed eagerly, :class:`ManifestEntry` when lazily); see the
@@ -178,6 +184,8 @@ class ClipDataset(Dataset):
         seed: int = 0,
         canny_low: float = 0.2,
         canny_high: float = 0.4,
+        control: ControlName = "edge",
+        control_key: str | None = None,
         cache_frames: bool = True,
         probe: Literal["eager", "lazy"] = "eager",
         probe_workers: int = 8,
@@ -207,8 +215,7 @@ class ClipDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.val_clips_per_video = val_clips_per_video
         self.seed = seed
-        self.canny_low = canny_low
-        self.canny_high = canny_high
+        self.controls = ControlSettings(control, canny_low, canny_high, control_key)
         self.cache_frames = cache_frames
         self.max_open_videos = max_open_videos
         self.max_bad_read_fraction = max_bad_read_fraction
@@ -253,28 +260,33 @@ class ClipDataset(Dataset):
     # --- probing ---------------------------------------------------------------------------
     def _probe_all(self, entries: list[ManifestEntry], workers: int) -> list[tuple[VideoPart | None, str]]:
         """:meth:`_probe` of every entry, in a thread pool, with a progress bar for long manifests."""
-        probe = lambda entry: self._probe(entry.path, entry.caption)  # noqa: E731
         if len(entries) < 2 or workers <= 1:
-            return [probe(e) for e in entries]
+            return [self._probe(e) for e in entries]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(probe, entries)
+            results = pool.map(self._probe, entries)
             if len(entries) >= PROGRESS_MIN_VIDEOS:
                 from tqdm import tqdm
 
                 results = tqdm(results, total=len(entries), desc=f"probing videos ({self.split})", unit="video")
             return list(results)
 
-    def _probe(self, path: Path, caption: str) -> tuple[VideoPart | None, str]:
+    def _probe(self, entry: ManifestEntry) -> tuple[VideoPart | None, str]:
         """The video's usable part for this split, or None and the reason it is unusable.
         Decodes the last frame the split can need (a truncated file often still opens and
-        decodes its first frames)."""
+        decodes its first frames). A control video that does not match it raises ValueError
+        naming both files."""
+        path = entry.path
+        control = None if self.controls.computed else control_video_path(entry, self.controls.control_key, self.manifest)
         if not path.is_file():
             return None, "file not found"
         try:
             reader = open_video(path)
             total = len(reader)
+            clip_format = video_format(reader) if control is not None else None
         except Exception as err:  # decord raises its own error types
             return None, f"unreadable video: {_first_line(err)}"
+        if control is not None:
+            check_control_video(path, clip_format, control, open_video)
         boundary = total - round(total * self.val_fraction)
         first, end = (0, boundary) if self.split == "train" else (boundary, total)
         if end - first < self.span:
@@ -285,7 +297,7 @@ class ClipDataset(Dataset):
             return None, f"unreadable video: frame {end - 1} of {total}: {_first_line(err)}"
         finally:
             del reader
-        return VideoPart(path, caption, first, end - self.span), ""
+        return VideoPart(path, entry.caption, first, end - self.span, control), ""
 
     def part(self, i: int) -> VideoPart | None:
         """The usable part of video ``i`` (probed on first use when probing is lazy; None if
@@ -295,7 +307,7 @@ class ClipDataset(Dataset):
             return video
         self._check_process()
         if i not in self._parts:
-            part, reason = self._probe(video.path, video.caption)
+            part, reason = self._probe(video)
             self._parts[i] = part
             if part is None:
                 self._report(video.path, reason)
@@ -378,23 +390,32 @@ class ClipDataset(Dataset):
             self._readers.pop(path, None)
             raise VideoReadError(f"cannot read frames {indices[0]}..{indices[-1]} of {path}: {_first_line(err)}") from None
 
+    def _frames(self, path: Path, indices: list[int]) -> Tensor:
+        """Frames ``indices`` of ``path`` resized and cropped: [3, len(indices), H, W] in
+        [-1, 1], decoded 32 at a time."""
+        chunks = [resize_center_crop(self._read(path, indices[i : i + 32]), self.height, self.width)
+                  for i in range(0, len(indices), 32)]
+        return torch.cat(chunks, dim=1)
+
+    def _with_control(self, video: VideoPart, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """(clip frames, control) [3, len(indices), H, W] of frames ``indices`` of ``video``:
+        the control computed from the frames, or the same frames of its control video."""
+        frames = self._frames(video.path, indices)
+        if self.controls.computed:
+            return frames, self.controls.compute(frames)
+        return frames, self._frames(video.control, indices)
+
     def _cached(self, video: VideoPart) -> tuple[Tensor, Tensor]:
         """(clip frames [3, F, H, W], control [3, F, H, W]) of the whole split part, decoded
         once (a failure is remembered too)."""
         self._check_process()
         if video.path not in self._cache:
-            end = video.last_start + self.span
             try:
-                chunks = [
-                    resize_center_crop(self._read(video.path, list(range(i, min(i + 32, end)))), self.height, self.width)
-                    for i in range(video.first, end, 32)
-                ]
+                self._cache[video.path] = self._with_control(video, list(range(video.first, video.last_start + self.span)))
             except VideoReadError as err:
                 self._cache[video.path] = str(err)
-            else:
-                frames = torch.cat(chunks, dim=1)
-                self._cache[video.path] = (frames, canny_control(frames, self.canny_low, self.canny_high))
             self._readers.pop(video.path, None)
+            self._readers.pop(video.control, None)
         cached = self._cache[video.path]
         if isinstance(cached, str):
             raise VideoReadError(cached)
@@ -406,8 +427,7 @@ class ClipDataset(Dataset):
             frames, control = self._cached(video)
             local = [i - video.first for i in indices]
             return frames[:, local], control[:, local]
-        clip = resize_center_crop(self._read(video.path, indices), self.height, self.width)
-        return clip, canny_control(clip, self.canny_low, self.canny_high)
+        return self._with_control(video, indices)
 
     def _report(self, path: Path, reason: str) -> None:
         """Log a failing file once per process."""

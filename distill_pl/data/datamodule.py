@@ -1,9 +1,11 @@
-"""VideoDataModule: batches of real clips, their canny control and prompt embeddings, or KD pairs.
+"""VideoDataModule: batches of real clips, their control and prompt embeddings, or KD pairs.
 
 Mode ``"clips"`` serves :class:`ClipDataset` windows. Batches are dicts:
 
 - ``video``       [B, 3, T, H, W] float32 in [-1, 1]
-- ``control``     [B, 3, T, H, W] float32, -1 / +1 canny edges (see :func:`canny_control`)
+- ``control``     [B, 3, T, H, W] float32 in [-1, 1]: the ``control`` setting's video (``edge``:
+  -1 / +1 canny edges, ``blur``, or ``video``: the manifest's control videos; see
+  :mod:`distill_pl.data.controls`)
 - ``caption``     list[str];  ``path`` list[str];  ``start`` [B] long (first frame index)
 - ``text_embeds`` [B, L, D] float32 (zero at padding), ``text_mask`` [B, L] bool
 
@@ -94,6 +96,7 @@ from distill_pl.data import checks, clip_latents, pairs
 from distill_pl.data.bundled import write_bundled_manifest
 from distill_pl.data.clip_latents import ClipLatentDataset
 from distill_pl.data.clips import ClipDataset, count_frames, minimum_video_frames
+from distill_pl.data.controls import ControlName, ControlSettings
 from distill_pl.data.manifest import read_manifest
 from distill_pl.data.pairs import (
     SPLITS,
@@ -174,6 +177,12 @@ class VideoDataModule(lightning.LightningDataModule):
         num_frames, frame_stride, height, width, val_fraction, samples_per_epoch,
             val_clips_per_video, canny_low, canny_high, cache_frames, probe, max_open_videos,
             max_bad_read_fraction: see :class:`ClipDataset` (sampling, probing, read faults).
+        control: the control video of each clip: ``"edge"`` (canny edges, the default),
+            ``"blur"`` (the clip blurred as Cosmos-Transfer2.5's "vis" control) or ``"video"``
+            (the control video the manifest names under ``controls[control_key]``; not with
+            KD pairs, whose shards re-derive the control from the clip); see
+            :mod:`distill_pl.data.controls`.
+        control_key: with ``control: video``, the key of the manifest's ``controls``.
         batch_size: train batch size per device (and generation batch size); val_batch_size:
             None = batch_size.
         num_workers: DataLoader workers (0 = main process).
@@ -206,6 +215,8 @@ class VideoDataModule(lightning.LightningDataModule):
         val_clips_per_video: int = 2,
         canny_low: float = 0.2,
         canny_high: float = 0.4,
+        control: ControlName = "edge",
+        control_key: str | None = None,
         cache_frames: bool = True,
         probe: Literal["eager", "lazy"] = "eager",
         max_open_videos: int = 8,
@@ -231,6 +242,10 @@ class VideoDataModule(lightning.LightningDataModule):
             raise ValueError("data mode 'latents' needs latents_dir (the folder of the precomputed clip latents)")
         if rank_split not in ("strided", "litdata"):
             raise ValueError(f"unknown data.rank_split {rank_split!r} (expected 'strided' or 'litdata')")
+        ControlSettings(control, canny_low, canny_high, control_key)  # a bad value: one line, before any model
+        if mode == "pairs" and control == "video":
+            raise ValueError("data.control: video cannot make KD pairs (their shards re-derive the control from the "
+                             "clip); use control: edge or blur, or data.mode: clips or latents")
         if streaming_dir and mode == "clips":
             raise ValueError("data.streaming_dir streams KD pairs or clip latents: set data.mode: pairs or latents")
         self.save_hyperparameters()
@@ -352,6 +367,8 @@ class VideoDataModule(lightning.LightningDataModule):
             seed=h.seed,
             canny_low=h.canny_low,
             canny_high=h.canny_high,
+            control=h.control,
+            control_key=h.control_key,
             cache_frames=h.cache_frames,
             probe=h.probe,
             max_open_videos=h.max_open_videos,
@@ -466,8 +483,9 @@ class VideoDataModule(lightning.LightningDataModule):
                              f"{train.files[0]} ({'; '.join(differences)})")
         h = self.hparams
         wanted = {"num_frames": h.num_frames, "height": h.height, "width": h.width,
-                  "text_encoder": h.text_encoder, "max_text_length": h.max_text_length}
-        differences = metadata_differences({k: shared.get(k) for k in wanted}, wanted)
+                  "text_encoder": h.text_encoder, "max_text_length": h.max_text_length, "control": h.control}
+        found = {**{k: shared.get(k) for k in wanted}, "control": shared.get("control", "edge")}
+        differences = metadata_differences(found, wanted)
         if differences:
             raise ShardError(
                 f"{train.files[0]}: the KD pairs do not match the data config "
@@ -482,7 +500,8 @@ class VideoDataModule(lightning.LightningDataModule):
         train, val = self._open_split("train"), self._open_split("val")
         settings = self.clip_settings()
         for dataset in (train, val):
-            differences = metadata_differences(dataset.metadata, settings)
+            found = {"control": "edge", "control_key": None, **dataset.metadata}  # edge shards record no control
+            differences = metadata_differences(found, {"control": "edge", "control_key": None, **settings})
             if differences:
                 raise ShardError(
                     f"{dataset.files[0]}: the precomputed latents do not match the data config "
@@ -535,6 +554,7 @@ class VideoDataModule(lightning.LightningDataModule):
             "val_clips_per_video": h.val_clips_per_video,
             "canny_low": h.canny_low,
             "canny_high": h.canny_high,
+            **ControlSettings(h.control, h.canny_low, h.canny_high, h.control_key).metadata(),
             "text_encoder": h.text_encoder,
             "max_text_length": h.max_text_length,
             "negative_prompt": h.negative_prompt,

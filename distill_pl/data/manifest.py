@@ -1,15 +1,18 @@
 """JSONL manifests of captioned videos.
 
-One JSON object per line: ``{"path": "clips/a.mp4", "caption": "a dog running"}``. A relative
-``path`` is relative to the manifest's folder; absolute paths are accepted. Blank lines are
-ignored. ``write_manifest`` writes paths relative to the manifest's folder.
+One JSON object per line: ``{"path": "clips/a.mp4", "caption": "a dog running"}``, optionally
+with the clip's precomputed control videos by name, ``"controls": {"depth": "depth/a.mp4"}``
+(read with the data setting ``control: video``, ``control_key: depth``; see
+:mod:`distill_pl.data.control_videos`). A relative path is relative to the manifest's folder;
+absolute paths are accepted. Blank lines are ignored. ``write_manifest`` writes paths relative
+to the manifest's folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill_pl.util.media import atomic_write
@@ -17,10 +20,12 @@ from distill_pl.util.media import atomic_write
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    """A video file (absolute, normalised path) and its caption."""
+    """A video file (absolute, normalised path), its caption and its control videos by name
+    (absolute, normalised paths)."""
 
     path: Path
     caption: str
+    controls: dict[str, Path] = field(default_factory=dict)
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
@@ -45,19 +50,29 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
                     raise ValueError(f"{where}: missing or non-string key '{key}'")
             if not record["path"]:
                 raise ValueError(f"{where}: empty 'path'")
-            video = manifest.parent / Path(record["path"]).expanduser()
-            entries.append(ManifestEntry(Path(os.path.normpath(video)), record["caption"]))
+            controls = record.get("controls", {})
+            if not isinstance(controls, dict) or not all(isinstance(v, str) and v for v in controls.values()):
+                raise ValueError(f"{where}: 'controls' must map names to video paths, e.g. {{\"depth\": \"depth/a.mp4\"}}")
+            entries.append(ManifestEntry(_absolute(manifest, record["path"]), record["caption"],
+                                         {name: _absolute(manifest, path) for name, path in controls.items()}))
     if not entries:
         raise ValueError(f"manifest {manifest} has no entries")
     return entries
 
 
+def _absolute(manifest: Path, path: str) -> Path:
+    """``path`` of a manifest line as an absolute, normalised path (relative: to the manifest's folder)."""
+    return Path(os.path.normpath(manifest.parent / Path(path).expanduser()))
+
+
 def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> Path:
     """Write ``entries`` to ``path`` atomically (temp file + rename); return the path."""
     manifest = Path(os.path.abspath(Path(path).expanduser()))
+    relative = lambda path: os.path.relpath(path, manifest.parent)  # noqa: E731
     lines = [
         json.dumps(
-            {"path": os.path.relpath(e.path, manifest.parent), "caption": e.caption},
+            {"path": relative(e.path), "caption": e.caption,
+             **({"controls": {name: relative(p) for name, p in e.controls.items()}} if e.controls else {})},
             ensure_ascii=False,
         )
         + "\n"

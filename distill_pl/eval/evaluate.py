@@ -103,7 +103,7 @@ def evaluate(
     fps: int = 8,
     scale: int = 4,
     timing_spread_limit: float = 0.5,
-    denoiser_options: dict | None = None,
+    denoiser_options: dict[str, object] | None = None,
     extra_reference_guidance: float | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.

@@ -2,7 +2,8 @@
 
 A teacher folder is sampled with ``steps`` steps of its scheduler and CFG ``guidance``; a
 student folder (one with ``student_steps.json``) with its own noise levels, no CFG (Euler
-re-noising, the re-noising noise seeded like the noise).
+re-noising, the re-noising noise seeded like the noise), loaded with the adapter options its
+``student.json`` records (e.g. Cosmos' ``control_scale``).
 
 Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``,
 ``side_by_side_<i>.mp4`` (control | sample | ground truth, left to right) and ``grid_<i>.png``
@@ -29,6 +30,7 @@ from distill_pl.models.guidance import negative_conditioning, velocity_fn
 from distill_pl.export.model_folders import (
     STUDENT_STEPS_FILE,
     load_scheduler,
+    student_adapter_options_of,
     student_noise_levels_of,
     student_sampler_of,
 )
@@ -54,7 +56,7 @@ def sample_teacher(
     is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
     if not is_student:
         warn_guidance("--guidance", guidance)
-    denoiser = load_denoiser(teacher).eval()
+    denoiser = load_denoiser(teacher, **student_adapter_options_of(teacher)).eval()
     scheduler = load_scheduler(teacher)
     levels = student_noise_levels_of(teacher) if is_student else None
     if is_student:

@@ -70,6 +70,8 @@ def save_teacher_folder(
 
 #: file of a student folder with its noise levels
 STUDENT_STEPS_FILE = "student_steps.json"
+#: an exported student's data settings and adapter options (:mod:`distill_pl.export.student_settings`)
+STUDENT_SETTINGS_FILE = "student.json"
 
 
 def save_student_folder(
@@ -113,7 +115,7 @@ def save_student_folder(
         write_text(staging / STUDENT_STEPS_FILE, json.dumps(steps, indent=2) + "\n")
         if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
             settings = student_settings(data_hparams, student)
-            write_text(staging / "student.json", json.dumps(settings, indent=2) + "\n")
+            write_text(staging / STUDENT_SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder
 
@@ -156,6 +158,20 @@ def student_sampler_of(folder: str | Path) -> StudentSampler:
     if sampler not in ("renoise", "euler"):
         raise ModelFolderError(f"{path}: unknown sampler {sampler!r} (expected 'renoise' or 'euler')")
     return sampler
+
+
+def student_adapter_options_of(folder: str | Path) -> dict:
+    """The adapter options an exported student was trained with (``student.json``'s
+    ``adapter_options``, e.g. Cosmos' ``control_scale``), for ``load_denoiser``; {} for a
+    folder without them (a teacher, a family without options, an export without
+    ``student.json``)."""
+    path = resolve_path(folder) / STUDENT_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    options = json.loads(path.read_text()).get("adapter_options") or {}
+    if not isinstance(options, dict):
+        raise ModelFolderError(f"{path}: adapter_options is not a JSON object ({options!r})")
+    return options
 
 
 def load_scheduler(folder: str | Path):

@@ -1,9 +1,10 @@
 """``student.json``: what a user needs to build an exported student's conditioning without
 the project's code: the text encoder (a plain local path) and how the prompt is embedded, and
-the control video's recipe (frame sampling, resize and crop, canny, values and channels).
+the control video's recipe (frame sampling, resize and crop, the control modality with its
+filter or its source, values and channels).
 
 The values are those the data code uses (:mod:`distill_pl.data.clips`,
-:mod:`distill_pl.data.control`): the settings the run's data module was given plus the
+:mod:`distill_pl.data.controls`): the settings the run's data module was given plus the
 constants of the control code.
 """
 
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from distill_pl.data.blur_control import BLUR_RECIPE
 from distill_pl.data.control import CANNY_KERNEL_SIZE, CANNY_SIGMA, EDGE_THRESHOLD
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.util.paths import resolve_path
 
 #: the data settings (``VideoDataModule`` arguments) that ``student.json`` records: the
 #: text encoder and its padded length, the clip size and frame stride, the canny thresholds
+#: (``control`` and ``control_key`` too when the run sets them: a run before they existed is an
+#: edge run)
 STUDENT_SETTINGS = (
     "text_encoder", "max_text_length", "num_frames", "frame_stride", "height", "width",
     "canny_low", "canny_high",
@@ -27,8 +31,10 @@ def student_settings(data_hparams: Mapping, student: Denoiser) -> dict:
     """The content of ``student.json``: the :data:`STUDENT_SETTINGS` of ``data_hparams`` (the
     training data module's ``hparams``), ``text_encoder`` resolved to a plain local folder
     (the configured value, e.g. a ``pkg://`` path, kept as ``text_encoder_configured``),
-    ``text_embedding`` (how the prompt becomes the embedding), ``control`` (``"canny"``, or
-    None for a student without control), ``control_preprocessing`` (the recipe, below) and
+    ``text_embedding`` (how the prompt becomes the embedding), ``control`` (the modality:
+    ``"canny"`` for the data setting ``control: edge``, ``"blur"`` or ``"video"``, with
+    ``control_key``; None for a student without control), ``control_preprocessing`` (the
+    recipe, below) and
     ``control_input`` (how the family takes it) when there is a control, and the student's
     ``adapter_options`` if it has any."""
     from distill_pl.families.registry import text_embedding_recipe
@@ -38,7 +44,10 @@ def student_settings(data_hparams: Mapping, student: Denoiser) -> dict:
     settings["text_encoder"] = str(resolve_path(configured).resolve())
     settings["text_encoder_configured"] = configured
     settings["text_embedding"] = text_embedding_recipe(settings["text_encoder"])
-    settings["control"] = "canny" if student.control_channels else None
+    modality = data_hparams.get("control") or "edge"
+    settings["control"] = ("canny" if modality == "edge" else modality) if student.control_channels else None
+    if student.control_channels and modality == "video":
+        settings["control_key"] = data_hparams["control_key"]
     if student.control_channels:
         settings["control_preprocessing"] = control_preprocessing(data_hparams)
         described = type(student).__dict__.get("control_input")
@@ -50,11 +59,15 @@ def student_settings(data_hparams: Mapping, student: Denoiser) -> dict:
 
 
 def control_preprocessing(data_hparams: Mapping) -> dict:
-    """The control recipe of :class:`~distill_pl.data.clips.ClipDataset` and
-    :func:`~distill_pl.data.control.canny_control` with this run's values."""
+    """The control recipe of :class:`~distill_pl.data.clips.ClipDataset` with this run's
+    values: the frame window and resize (the clip's and the control's), then ``canny``
+    (:func:`~distill_pl.data.control.canny_control`), ``blur``
+    (:func:`~distill_pl.data.blur_control.blur_control`) or ``video`` (the manifest's control
+    video, :mod:`distill_pl.data.control_videos`)."""
+    modality = data_hparams.get("control") or "edge"
     num_frames, stride = int(data_hparams["num_frames"]), int(data_hparams["frame_stride"])
     height, width = int(data_hparams["height"]), int(data_hparams["width"])
-    return {
+    recipe = {
         "frames": {
             "num_frames": num_frames,
             "frame_stride": stride,
@@ -73,6 +86,18 @@ def control_preprocessing(data_hparams: Mapping) -> dict:
             "crop": "center: top = (H - height) // 2, left = (W - width) // 2",
             "to_range": "x / 127.5 - 1, clamped to [-1, 1]",
         },
+    }
+    if modality == "blur":
+        return {**recipe, "blur": BLUR_RECIPE, "values": "[-1, 1]", "channels": 3,
+                "layout": "[B, 3, T, H, W]: each RGB frame blurred"}
+    if modality == "video":
+        return {**recipe, "video": {
+            "key": data_hparams["control_key"],
+            "source": "the video the manifest names under controls[key]: the clip's frame count, size and fps",
+            "frames": "the clip's indices, resized and cropped like the clip",
+        }, "values": "[-1, 1]", "channels": 3, "layout": "[B, 3, T, H, W]: the control video's RGB frames"}
+    return {
+        **recipe,
         "canny": {
             "grey": "kornia.color.rgb_to_grayscale((frame + 1) / 2), the frame in [0, 1]",
             "function": "kornia.filters.canny",

@@ -209,7 +209,7 @@ class DMD2Module(StageModule):
         phase_generator_steps: int | None = None,
         export_dir: str | None = None,
         seed: int = 0,
-        denoiser_options: dict | None = None,
+        denoiser_options: dict[str, object] | None = None,
         decoupled_dmd: bool = False,
         dm_weight: float = 1.0,
         ca_weight: float = 1.0,

@@ -134,7 +134,7 @@ class KDModule(StageModule):
         student_sampler: StudentSampler = "euler",
         export_dir: str | None = None,
         max_nonfinite_steps: int = 20,
-        denoiser_options: dict | None = None,
+        denoiser_options: dict[str, object] | None = None,
         accumulate_micro_batches: int = 1,
         grad_clip: float | None = None,
         compile: bool = False,

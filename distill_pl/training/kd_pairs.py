@@ -83,7 +83,7 @@ class KDPairGenerationModule(L.LightningModule):
         dtype: str = "float32",
         storage_dtype: str = "bfloat16",
         trajectory_sigmas: list[float] | None = None,
-        denoiser_options: dict | None = None,
+        denoiser_options: dict[str, object] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

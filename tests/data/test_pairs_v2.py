@@ -83,6 +83,17 @@ def write_split(folder: Path, clips: ClipDataset, num_examples: int = 6, shard_s
     return layout, all_rows
 
 
+def test_v2_blur_control_is_re_derived_from_the_reference(tmp_path, clips):
+    blur = ClipDataset(clips.manifest, FRAMES, STRIDE, SIZE, SIZE, split="train", val_fraction=0.25,
+                       cache_frames=False, control="blur")
+    layout, _ = write_split(tmp_path / "train", blur, control="blur", control_key=None)
+    for ds in (PairShardDataset(layout.folder), PairShardDataset(layout.folder, cache_frames=True)):
+        assert ds.metadata["control"] == "blur"
+        for i in (5, 0):
+            assert torch.equal(ds[i]["control"], blur[i]["control"])
+    assert not torch.equal(blur[0]["control"], clips[0]["control"])
+
+
 def test_v2_round_trip(tmp_path, clips):
     layout, rows = write_split(tmp_path / "train", clips)
     meta, tensors = read_shard_header(layout.path(0))

@@ -153,6 +153,17 @@ def test_missing_files_are_named(tmp_path):
         )
 
 
+@pytest.mark.parametrize("recorded, message", [
+    ({"adapter_options": {"control_scale": 0.7}}, "records adapter_options"),
+    ({"control": "blur"}, "takes a blur control"),
+])
+def test_main_refuses_a_student_it_cannot_condition(tmp_path, capsys, recorded, message):
+    (tmp_path / "student.json").write_text(json.dumps(recorded))
+    with pytest.raises(SystemExit):
+        one_step_diffusers.main(["--student", str(tmp_path), "--prompt", "x"])
+    assert message in capsys.readouterr().err
+
+
 def student_inputs():
     """Seeded noise [2, 3, 4, 16, 16], control of the same shape, text [2, 16, 384] and its mask."""
     g = torch.Generator().manual_seed(1)
