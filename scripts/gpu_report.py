@@ -72,18 +72,21 @@ def family_markdown(entry: dict) -> list[str]:
         f"median of {b['steps']} steps after {b['warmup']}"
         f"{' at ' + str(b['warmup_frames']) + ' frames' if b.get('warmup_frames') else ''}.",
         f"Estimated: `distill-pl estimate-memory` of `{configs['kd']}` and `{configs['dmd2']}` (one device, "
-        f"micro-batch {b['batch_size']}, the config's precision; it also counts the loaded batch, the VAE "
+        f"micro-batch {b['batch_size']}, the config's precision; it also counts the micro-batch's pixels, the VAE "
         "and the KD stage's teacher, which the benchmark does not hold)"
         + (f", teacher folder `{entry['estimate_teacher']}`" if entry.get("estimate_teacher") else "") + ".",
         "",
-        "| step | video FxHxW | s/step | peak GiB measured | peak GiB estimated | TFLOP/step | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    compiled = any("compiled_s_per_step" in p for p in b["phases"])
+    extra = " compiled s/step | eager/compiled |" if compiled else ""
+    lines += [f"| step | video FxHxW | s/step | peak GiB measured | peak GiB estimated | TFLOP/step | MFU |{extra}",
+              "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for p in b["phases"]:
         mfu = None if p["mfu"] is None else 100 * p["mfu"]
         cells = (p["phase"], f"{p['frames']}x{p['height']}x{p['width']}", f"{p['s_per_step']:.3f}",
                  number(p["peak_gib"], ".3g"), number(entry["estimated_peak_gib"].get(p["phase"]), ".3g"),
-                 f"{p['model_tflop_per_step']:.4g}", number(mfu, ".1f", "%"))
+                 f"{p['model_tflop_per_step']:.4g}", number(mfu, ".1f", "%"),
+                 *((f"{p['compiled_s_per_step']:.3f}", f"{p['compile_speedup']:.2f}x") if compiled else ()))
         lines.append("| " + " | ".join(cells) + " |")
     closed = b["forward_flops"]["closed_form"]
     lines += ["", f"One forward: {b['forward_flops']['counted'] / 1e12:.4g} TFLOP counted (FlopCounterMode, meta)"

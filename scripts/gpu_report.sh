@@ -18,8 +18,10 @@
 #           1 frame (kernels, AdamW state) + 1 timed step each (~130 s); teacher step 2 x 2.27
 #           PFLOP (~11.4 s): 1 warm-up + 2 timed, s/video = 36 x median (~34 s; the whole video
 #           would take ~410 s); student 2 x 5.7 s; ~180 s on the GPU
+#   wan also times each phase compiled (--compile: every block compiled in 1 warm-up step,
+#   3 timed steps; an unmeasured guess of 1-2 min for the compiles plus ~30 s of steps)
 #   plus FLOP counting on meta, four estimate-memory runs, imports and model building (~2 min
-#   on a 2-core CPU): about 6 minutes in all at 40% MFU, 7 at 30%. Extrapolated teacher
+#   on a 2-core CPU): about 8 minutes in all at 40% MFU, 9 at 30%. Extrapolated teacher
 #   figures are labelled as such in the JSON (teacher_s_per_video_from) and the table.
 #
 #   scripts/gpu_report.sh [OUT_DIR]                    # default runs/gpu_report
@@ -37,7 +39,7 @@ for family in ${GPU_REPORT_FAMILIES:-wan cosmos}; do
     wan)
       configs=(configs/wan2.1-t2v-1.3b/kd.yaml configs/wan2.1-t2v-1.3b/dmd2.yaml)
       tiny_configs=(configs/tiny/kd.yaml configs/tiny/dmd2.yaml)
-      full=(--precision bf16-mixed --warmup 1 --steps 3 --teacher_timed_steps 3) ;;
+      full=(--precision bf16-mixed --warmup 1 --steps 3 --teacher_timed_steps 3 --compile) ;;
     cosmos)
       configs=(configs/cosmos-transfer2.5-2b/kd.yaml configs/cosmos-transfer2.5-2b/dmd2.yaml)
       tiny_configs=(configs/tiny-cosmos-transfer2.5/kd.yaml configs/tiny-cosmos-transfer2.5/dmd2.yaml)

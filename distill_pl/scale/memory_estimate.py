@@ -17,7 +17,8 @@ forward passes run on meta tensors of the configured shapes. Per device, in GiB 
   master copy of trainable parameters that are not float32;
 - DDP gradient buckets (more than one device, no sharding): DDP all-reduces through flat
   buffers as large as all trainable gradients (``gradient_as_bucket_view=False``, the default);
-- the batch as the data module delivers it (video and control pixels, KD latents, text);
+- the micro-batch on the device (video and control pixels, KD latents, text): the loaded
+  batch stays in host memory and the training step moves one micro-batch at a time;
 - per phase (KD: one; DMD2: critic and generator): the gradients of the phase's trainable
   parameters; its activations; under bf16-mixed without sharding, autocast's bf16 copies of
   the float32 weights that backward needs (Lightning's autocast does not cache casts, so a
@@ -253,8 +254,8 @@ def estimate_memory(
     student = built["student"]
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
-    loaded = max(micro_batch, data.batch_size)  # the loaded batch, split into micro-batches
-    static[f"batch of {loaded} (pixels, latents, text)"] = _batch_bytes(method, loaded, data, latent, text)
+    # the loaded batch stays in host memory; the training step moves one micro-batch at a time
+    static[f"micro-batch of {micro_batch} (pixels, latents, text)"] = _batch_bytes(method, micro_batch, data, latent, text)
 
     # the forwards run in the compute dtype; float32 weights saved there stand for autocast's copies
     compute = COMPUTE_DTYPES[precision]

@@ -53,6 +53,19 @@ def test_tiny_cpu_run_reports_every_phase(tmp_path, capsys, one_thread):
     assert "s/step" in printed and "MFU" in printed and "TFLOP/s" in printed
 
 
+@pytest.mark.slow  # inductor compiles the tiny blocks: about a minute on 2 cores
+def test_compile_times_the_phase_again_compiled_and_prints_the_ratio(capsys, one_thread):
+    report = benchmark.main(["--device", "cpu", "--tiny", "--phases", "dmd2_generator", "--warmup", "1", "--steps", "1",
+                             "--peak_tflops", "1", "--compile"])
+    [row] = report["phases"]
+    assert row["compiled_s_per_step"] > 0
+    assert row["compile_speedup"] == pytest.approx(row["s_per_step"] / row["compiled_s_per_step"])
+    printed = capsys.readouterr().out
+    assert "eager/compiled" in printed and f"{row['compile_speedup']:.2f}x" in printed
+    with pytest.raises(SystemExit):  # the blocks compile in the warm-up steps
+        benchmark.parse_args(["--compile", "--warmup", "0"])
+
+
 def test_tiny_cosmos_with_controlnet_and_extrapolated_teacher(tmp_path, one_thread):
     """Cosmos through the registry: the student carries its ControlNet and the conditioning
     control latents; the teacher's s/video is sample_steps x the median of the timed steps."""
