@@ -30,6 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from distill_pl.callbacks.module_protocols import StudentSamples, require
 from distill_pl.training.base import micro_batch
 from distill_pl.training.resume import checkpoint_step
 
@@ -68,6 +69,10 @@ class CollapseMonitor(L.Callback):
         self.streak = 0
         self.rollbacks = 0
         self.history: list[tuple[int, float, float]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # it measures training batches
+            require(pl_module, StudentSamples, self)
 
     @torch.no_grad()
     def measure(self, pl_module, batch) -> tuple[float, float]:

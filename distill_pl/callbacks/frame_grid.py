@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from distill_pl.callbacks.module_protocols import GridRows, require
 from distill_pl.util.media import frame_grid, label_rows, upscale, write_png
 
 
@@ -70,6 +71,9 @@ class FrameGridLogger(L.Callback):
                     exp.add_image(f"grid/{i}", image, global_step=step)
             written.append(write_png(out_dir / f"step{step:06d}_{i}.png", image))
         return written
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require(pl_module, GridRows, self)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Called per micro-batch: with gradient accumulation, global_step repeats.

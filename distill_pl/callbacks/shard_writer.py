@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from distill_pl.callbacks.module_protocols import ShardBuilder, require
 from distill_pl.data.folder_lock import FolderLock
 from distill_pl.data.shards import remove_temp_files
 from distill_pl.util.progress import ProgressLines
@@ -40,6 +41,7 @@ class PairShardWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        require(pl_module, ShardBuilder, self)
         self._buffers = {}
         datamodule = trainer.datamodule  # set up before callbacks (Lightning's order)
         for split in ("train", "val"):
