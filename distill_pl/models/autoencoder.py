@@ -11,7 +11,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
-from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype
+from distill_pl.models.loading import find_diffusers_model_folder, parse_dtype, read_config
+from distill_pl.util.paths import resolve_path
 
 
 def latent_grid(frames: int, height: int, width: int, temporal_compression: int,
@@ -116,3 +117,23 @@ class WanVAE(VideoAutoencoder):
 def build_autoencoder(path: str | None, dtype: str = "float32") -> VideoAutoencoder:
     """``WanVAE(path, dtype)`` for a local VAE or pipeline folder; ``None``: ``PixelSpace()``."""
     return PixelSpace() if path is None else WanVAE(path, dtype)
+
+
+def autoencoder_config(path: str) -> dict:
+    """The config of the VAE of a local VAE or pipeline folder (``vae/config.json`` or its
+    own ``config.json``; no weight is read), or diffusers' ``AutoencoderKLWan`` defaults (the
+    Wan 2.1 VAE) when the folder has neither."""
+    root = resolve_path(path)
+    for file in (root / "vae" / "config.json", root / "config.json"):
+        if file.is_file():
+            return read_config(file)
+    with torch.device("meta"):
+        return {k: v for k, v in AutoencoderKLWan().config.items() if not k.startswith("_")}
+
+
+def empty_autoencoder(config: dict, dtype: str) -> nn.Module:
+    """The ``AutoencoderKLWan`` of ``config`` on the meta device (shapes, no memory), its
+    parameters in ``dtype``."""
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(config)
+    return model if dtype == "float32" else model.to(parse_dtype(dtype))

@@ -64,7 +64,6 @@ from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan
 from jsonargparse import ActionYesNo, ArgumentParser
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -72,7 +71,7 @@ from torch.overrides import TorchFunctionMode
 from distill_pl.cli.main import DistillCLI
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
-from distill_pl.models.autoencoder import latent_grid
+from distill_pl.models.autoencoder import autoencoder_config, empty_autoencoder, latent_grid
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.families.registry import denoiser_config, published_configs
 from distill_pl.methods.dmd2 import DMD2Roles
@@ -240,7 +239,7 @@ def estimate_memory(
     if gradient_checkpointing is None:
         gradient_checkpointing = args["gradient_checkpointing"]
     class_name, transformer, source = _transformer_config(args["teacher"])
-    vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
+    vae = autoencoder_config(args["vae_path"]) if args["vae_path"] else None
     method = STAGE_ROLES[stage]
     settings = {**args, "gradient_checkpointing": gradient_checkpointing}
     make = config_denoisers(class_name, transformer, args.get("denoiser_options"), on_meta=True)
@@ -249,7 +248,7 @@ def estimate_memory(
     built, dtypes = roles.networks(), dict(roles.dtypes)
     if vae is not None:
         dtypes["vae"] = args.get("vae_dtype", "float32")
-        built["vae"] = _autoencoder(vae, dtypes["vae"])
+        built["vae"] = empty_autoencoder(vae, dtypes["vae"])
     static, trainable = _state_bytes(built, dtypes, roles.trained, devices, sharding)
     student = built["student"]
     latent = (student.latent_channels, *_latent_sizes(data, vae))
@@ -352,15 +351,6 @@ def _transformer_config(teacher: str) -> tuple[str, dict, str]:
     )
 
 
-def _vae_config(vae_path: str) -> dict:
-    """The VAE folder's config, or diffusers' ``AutoencoderKLWan`` defaults (the Wan 2.1 VAE)."""
-    config = _folder_config(vae_path, "vae")
-    if config is None:
-        with torch.device("meta"):
-            config = {k: v for k, v in AutoencoderKLWan().config.items() if not k.startswith("_")}
-    return config
-
-
 def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:
     temporal, spatial = (vae["scale_factor_temporal"], vae["scale_factor_spatial"]) if vae else (1, 1)
     return latent_grid(data.num_frames, data.height, data.width, temporal, spatial)
@@ -372,13 +362,6 @@ def _batch_bytes(method: type[Roles], b: int, data, latent: tuple[int, ...], tex
     pixels = 2 * 3 * data.num_frames * data.height * data.width
     latents = method.batch_latents * math.prod(latent)
     return b * (4 * (pixels + latents + math.prod(text)) + text[0])
-
-
-def _autoencoder(vae: dict, dtype: str) -> nn.Module:
-    """The VAE of config ``vae`` on the meta device, parameters in ``dtype``."""
-    with torch.device("meta"):
-        model = AutoencoderKLWan.from_config(vae)
-    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
 def _phase_losses(roles: Roles, settings: dict, b: int, latent: tuple, text: tuple) -> dict[str, Callable[[], Tensor]]:
