@@ -145,6 +145,16 @@ class CosmosTransferDenoiser(Denoiser):
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     @classmethod
+    def from_config(cls, config: dict, dtype: str = "float32", gradient_checkpointing: bool = False,
+                    on_meta: bool = False, **adapter_options) -> "CosmosTransferDenoiser":
+        """As :meth:`Denoiser.from_config`, ``config`` holding both models' configs; a
+        ``controlnet_path`` option (where a ControlNet variant's weights are) is not used: the
+        variants of one base share its ControlNet's architecture, and weights are random here."""
+        adapter_options.pop("controlnet_path", None)
+        return super().from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                                   on_meta=on_meta, **adapter_options)
+
+    @classmethod
     def constructor_config(cls, config: dict) -> dict:
         """``{"transformer": {...}, "controlnet": {...}}`` without the ``_`` keys of either."""
         return {part: super(CosmosTransferDenoiser, cls).constructor_config(config[part])
