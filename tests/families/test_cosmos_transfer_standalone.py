@@ -103,3 +103,8 @@ def test_documented_call_without_the_project_equals_the_project_output(cosmos_pi
     out = load_file(str(user / "output.safetensors"))["latents"]
     assert out.shape == x_g.shape == (1, cosmos_tiny.LATENT_CHANNELS, 2, 4, 4)
     torch.testing.assert_close(out, x_g, rtol=0, atol=2e-5)
+    # and the text length matters: the pipeline's default 512 tokens give another output
+    text, _ = CosmosTextEncoder(str(folder / "text_encoder"), max_length=512).encode([PROMPT])
+    with torch.no_grad():
+        other = one_step_sample(velocity_fn(student, Conditioning(text, None, cond.control)), noise.clone())
+    assert (other - out).abs().max() > 1e-3
