@@ -106,7 +106,17 @@ class WanVAE(VideoAutoencoder):
 
     def encode(self, video: Tensor) -> Tensor:
         latents = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode()
-        return ((latents.float() - self.latents_mean) / self.latents_std).to(video.dtype)
+        return self._normalised(latents, video.dtype)
+
+    def encode_sample(self, video: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """As :meth:`encode`, with a draw of the VAE posterior in place of its mode: ``mean +
+        std * n``, ``n`` from ``generator`` (torch's global RNG without one), as diffusers'
+        pipelines encode with ``retrieve_latents(vae.encode(video), generator)``."""
+        latents = self.vae.encode(video.to(self.vae.dtype)).latent_dist.sample(generator)
+        return self._normalised(latents, video.dtype)
+
+    def _normalised(self, latents: Tensor, dtype: torch.dtype) -> Tensor:
+        return ((latents.float() - self.latents_mean) / self.latents_std).to(dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         raw = latents.float() * self.latents_std + self.latents_mean

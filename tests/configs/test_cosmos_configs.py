@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLWan, CosmosControlNetModel, CosmosTransformer
 from diffusers.pipelines.cosmos.pipeline_cosmos2_5_transfer import DEFAULT_NEGATIVE_PROMPT
 
 from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, COSMOS_TRANSFER_2_5_SCHEDULER
-from distill_pl.families.registry import denoiser_config
+from distill_pl.families.registry import build_denoiser, denoiser_config
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
@@ -140,3 +140,40 @@ def test_training_configs_shard_with_fsdp2(stand_in, name):
     strategy = parse(CONFIGS / name, "--model.init_args.init_from=null" if name == "dmd2.yaml" else "--seed_everything=0")
     found = strategy.config["trainer"]["strategy"]
     assert getattr(found, "class_path", found) == "distill_pl.training.strategies.FSDP2Strategy"
+
+
+#: the configs of the other ControlNets: name -> (control, control_key, data mode)
+CONTROL_CONFIGS = {
+    "kd_pairs_blur.yaml": ("blur", None, "pairs"),
+    "kd_blur.yaml": ("blur", None, "pairs"),
+    "dmd2_blur.yaml": ("blur", None, "clips"),
+    "dmd2_depth.yaml": ("video", "depth", "clips"),
+    "dmd2_segmentation.yaml": ("video", "segmentation", "clips"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_CONFIGS))
+def test_control_configs_load_their_controlnet(stand_in, name):
+    """Each ControlNet variant's config builds its networks with the ControlNet folder it names
+    (here a stand-in of the edge one's config), and sets its control."""
+    control, key, mode = CONTROL_CONFIGS[name]
+    folder = f"checkpoints/Cosmos-Transfer2.5-2B-controlnets/{name.split('_')[-1].removesuffix('.yaml')}"
+    write_model(stand_in.parent.parent, folder,
+                {"_class_name": "CosmosControlNetModel", **COSMOS_TRANSFER_2_5_2B["controlnet"]})
+    cli = parse(CONFIGS / name, "--model.init_args.init_from=null" if name.startswith("dmd2") else "--seed_everything=0")
+    model = cli.model
+    assert model.hparams.denoiser_options["controlnet_path"] == folder
+    nets = [model.teacher] + [getattr(model, role) for role in ("student", "fake_score") if hasattr(model, role)]
+    for net in nets:
+        assert net.controlnet.device.type == "meta" and in_range(net) and net.control_channels == 16
+    data = cli.datamodule.hparams
+    assert (data.control, data.control_key) == (control, key)
+    check_data(cli, model, mode=mode, negative_prompt=name != "kd_blur.yaml")
+
+
+def test_a_config_build_needs_no_controlnet_folder():
+    """Random weights from the published configs (the memory estimate's build) take a
+    controlnet_path without reading it: the ControlNet variants share one architecture."""
+    net = build_denoiser("CosmosTransformer3DModel", COSMOS_TRANSFER_2_5_2B, on_meta=True,
+                         controlnet_path="checkpoints/absent")
+    assert net.controlnet.device.type == "meta" and in_range(net)

@@ -56,10 +56,12 @@ def make_inputs(seed=0):
     return latents, prompt, negative, control
 
 
-def run_pipeline(pipe, latents, prompt, negative, control, steps, guidance_scale, scale):
+def run_pipeline(pipe, latents, prompt, negative, control, steps, guidance_scale, scale, generator=None):
     """The pipeline's latents for one chunk (``num_frames = num_frames_per_chunk``), and the
     control latents it gave the ControlNet. ``control`` [B, 3, T, H, W] in [-1, 1] goes in as
-    the documented [0, 1] tensor [B, T, 3, H, W]."""
+    the documented [0, 1] tensor [B, T, 3, H, W]; ``generator``: the pipeline's (with
+    ``latents`` given, it draws the posterior samples of the first chunk's conditional video,
+    then of the control)."""
     captured = []
     hook = pipe.controlnet.register_forward_pre_hook(
         lambda module, args, kwargs: captured.append(kwargs["controls_latents"]), with_kwargs=True
@@ -77,6 +79,7 @@ def run_pipeline(pipe, latents, prompt, negative, control, steps, guidance_scale
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             latents=latents.clone(),
+            generator=generator,
             output_type="latent",
         ).frames
     finally:
@@ -129,7 +132,7 @@ def test_attributes(teacher):
     assert (teacher.num_blocks, teacher.feature_dim, teacher.patch_size) == (2, 32, (1, 2, 2))
     assert teacher.blocks is teacher.transformer.transformer_blocks
     assert len(teacher.fsdp_units) == 4  # 2 base + 2 ControlNet blocks
-    assert teacher.adapter_options == {"control_scale": 0.7, "freeze_control_branch": False}
+    assert teacher.adapter_options == {"control_scale": 0.7, "freeze_control_branch": False, "control_encoding": "mean"}
     assert set(teacher.backbone_config) == {"transformer", "controlnet"}
     names = [name for name, _ in teacher.named_modules()]
     for target in teacher.lora_targets:
@@ -270,3 +273,44 @@ def test_real_size_2b_on_meta():
     assert len(denoiser.fsdp_units) == 28 + 4
     # "2B": 28 blocks of width 2048 (~2.2 B) + the 100352 -> 1024 text projection (0.1 B)
     assert 2.2e9 < base < 2.6e9 and 0.3e9 < control < 0.6e9
+
+
+def test_control_encoding_is_the_posterior_mean_or_the_pipelines_draw(teacher_folder, tmp_path):
+    """``control_encoding``: "mean" (default) is the VAE's posterior mean, as before; "sample"
+    is a posterior draw, repeatable with a seed, the pipeline's own for the same generator.
+    The tiny pipeline's VAE is made deterministic, so this one has a VAE whose posterior is not."""
+    folder = tmp_path / "pipeline"
+    shutil.copytree(teacher_folder, folder)
+    shutil.rmtree(folder / "vae")
+    cosmos_tiny.script.tiny_vae(deterministic=False).save_pretrained(str(folder / "vae"), safe_serialization=True)
+    vae = WanVAE(str(folder))
+    _, _, _, control = make_inputs(seed=4)
+    by_default = CosmosTransferDenoiser(path=str(folder))
+    sampling = CosmosTransferDenoiser(path=str(folder), control_encoding="sample")
+    assert by_default.adapter_options["control_encoding"] == "mean"
+    assert sampling.adapter_options["control_encoding"] == "sample"  # student.json records it
+
+    mean = by_default.encode_control(control, vae)
+    torch.testing.assert_close(mean, vae.encode(control), rtol=0, atol=0)
+    draw = sampling.encode_control(control, vae, torch.Generator().manual_seed(5))
+    assert (draw - mean).abs().max() > 0.1
+    torch.testing.assert_close(sampling.encode_control(control, vae, torch.Generator().manual_seed(5)), draw,
+                               rtol=0, atol=0)
+    torch.manual_seed(6)  # no generator: torch's global RNG (seeded in training)
+    first = sampling.encode_control(control, vae)
+    torch.manual_seed(6)
+    torch.testing.assert_close(sampling.encode_control(control, vae), first, rtol=0, atol=0)
+
+    pipe = cosmos_tiny.load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    latents, prompt, negative, control = make_inputs(seed=4)
+    _, pipeline_control = run_pipeline(pipe, latents, prompt, negative, control, 1, 1.0, 0.7,
+                                       generator=torch.Generator().manual_seed(5))
+    # with latents given, the pipeline's generator first draws the posterior sample of the
+    # first chunk's (all-zero) conditional video, then the control's
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(latents.shape, generator=generator)
+    torch.testing.assert_close(pipeline_control, sampling.encode_control(control, vae, generator), rtol=0, atol=2e-6)
+
+    with pytest.raises(ValueError, match=r"denoiser_options.control_encoding must be one of \('mean', 'sample'\), got 'mode'"):
+        CosmosTransferDenoiser(path=str(folder), control_encoding="mode")

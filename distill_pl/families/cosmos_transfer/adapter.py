@@ -27,9 +27,10 @@ conditional frames, i.e. generation from pure noise; its UniPC scheduler has
 - tokens: the patch embedding orders tokens frame-major, then rows, then columns, so block
   features [B, t*h*w, D] are reshaped to [B, D, t, h, w].
 
-One difference from the pipeline, on purpose: the pipeline encodes the control video with a
-*sample* of the VAE posterior drawn from its generator; the project uses the posterior mean
-(:class:`~distill_pl.models.autoencoder.WanVAE`), so a control gives one conditioning.
+The control encoding is an option (``control_encoding``): the pipeline encodes the control
+video with a *sample* of the VAE posterior drawn from its generator (``"sample"``); by default
+the project uses the posterior mean (``"mean"``, :meth:`~distill_pl.models.autoencoder.WanVAE.encode`),
+so a control gives one conditioning.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from distill_pl.families.cosmos_transfer import padding_resize
 from distill_pl.families.cosmos_transfer.configs import CONTROLNET_CLASS, PIPELINE_CLASS, TRANSFORMER_CLASS
 from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
-from distill_pl.models.autoencoder import VideoAutoencoder
+from distill_pl.models.autoencoder import VideoAutoencoder, WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.loading import ModelFolderError, cast_parameters, find_diffusers_model_folder, parse_dtype
@@ -59,6 +60,8 @@ padding_resize.install()
 COSMOS_BLOCK_LINEARS = (
     "to_q", "to_k", "to_v", "to_out.0", "q_img", "k_img", "v_img", "ff.net.0.proj", "ff.net.2",
 )
+#: the values of ``control_encoding``: the VAE posterior's mean, or a draw from it (the pipeline's)
+CONTROL_ENCODINGS = ("mean", "sample")
 
 
 class CosmosTransferDenoiser(Denoiser):
@@ -78,7 +81,9 @@ class CosmosTransferDenoiser(Denoiser):
     ``control_scale`` multiplies every ControlNet residual (a float, or one per control block).
     ``freeze_control_branch`` keeps every ControlNet parameter at ``requires_grad=False``,
     whatever ``requires_grad_`` is later called with; by default base and ControlNet train
-    together. ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
+    together. ``control_encoding`` is how :meth:`encode_control` encodes the control video:
+    ``"mean"`` (the VAE posterior's mean, the default) or ``"sample"`` (a draw from the
+    posterior, as the pipeline encodes it). ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
     Gradient checkpointing is per block (base and ControlNet), non-reentrant.
     """
 
@@ -98,6 +103,7 @@ class CosmosTransferDenoiser(Denoiser):
         controlnet_path: str | None = None,
         control_scale: float | list[float] = 1.0,
         freeze_control_branch: bool = False,
+        control_encoding: str = "mean",
         gradient_checkpointing: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -105,6 +111,10 @@ class CosmosTransferDenoiser(Denoiser):
         if (path is None) == (config is None):
             raise ValueError(
                 "CosmosTransferDenoiser needs exactly one of `path` (a local folder) or `config`"
+            )
+        if control_encoding not in CONTROL_ENCODINGS:
+            raise ValueError(
+                f"denoiser_options.control_encoding must be one of {CONTROL_ENCODINGS}, got {control_encoding!r}"
             )
         torch_dtype = parse_dtype(dtype)
         if path is not None:
@@ -130,8 +140,19 @@ class CosmosTransferDenoiser(Denoiser):
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)
         self.control_scale = control_scale
         self.freeze_control_branch = freeze_control_branch
+        self.control_encoding = control_encoding
         self.requires_grad_(True)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: str = "float32", gradient_checkpointing: bool = False,
+                    on_meta: bool = False, **adapter_options) -> "CosmosTransferDenoiser":
+        """As :meth:`Denoiser.from_config`, ``config`` holding both models' configs; a
+        ``controlnet_path`` option (where a ControlNet variant's weights are) is not used: the
+        variants of one base share its ControlNet's architecture, and weights are random here."""
+        adapter_options.pop("controlnet_path", None)
+        return super().from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                                   on_meta=on_meta, **adapter_options)
 
     @classmethod
     def constructor_config(cls, config: dict) -> dict:
@@ -151,7 +172,8 @@ class CosmosTransferDenoiser(Denoiser):
 
     @property
     def adapter_options(self) -> dict:
-        return {"control_scale": self.control_scale, "freeze_control_branch": self.freeze_control_branch}
+        return {"control_scale": self.control_scale, "freeze_control_branch": self.freeze_control_branch,
+                "control_encoding": self.control_encoding}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -170,10 +192,15 @@ class CosmosTransferDenoiser(Denoiser):
             self.controlnet.requires_grad_(False)
         return self
 
-    def encode_control(self, control: Tensor, autoencoder: VideoAutoencoder) -> Tensor:
+    def encode_control(
+        self, control: Tensor, autoencoder: VideoAutoencoder, generator: torch.Generator | None = None
+    ) -> Tensor:
         """``Conditioning.control`` from the control video [B, 3, T, H, W] in [-1, 1]: its
-        normalised VAE latents [B, C, 1 + (T - 1) / tc, H / s, W / s] (``autoencoder.encode``,
-        the posterior mean), as the pipeline encodes each chunk's control video.
+        normalised VAE latents [B, C, 1 + (T - 1) / tc, H / s, W / s], as the pipeline encodes
+        each chunk's control video: the posterior mean (``autoencoder.encode``) with
+        ``control_encoding="mean"``; with ``"sample"``, a posterior draw
+        (:meth:`WanVAE.encode_sample`) from ``generator`` (torch's global RNG without one), the
+        pipeline's draw when ``generator`` is in the state the pipeline's is at that point.
 
         T must be ``1 + tc * k`` (tc: the VAE's temporal compression) and H, W multiples of
         ``s * patch`` (s: its spatial compression), the pipeline's frame and size rule."""
@@ -192,7 +219,13 @@ class CosmosTransferDenoiser(Denoiser):
                 f"control video is {height}x{width}; height and width must be multiples of {step_hw} "
                 f"(VAE compression {autoencoder.spatial_compression} x patch {self.patch_size[1]})"
             )
-        return autoencoder.encode(control)
+        if self.control_encoding == "mean":
+            return autoencoder.encode(control)
+        if not isinstance(autoencoder, WanVAE):
+            raise ValueError(
+                f"control_encoding 'sample' draws from a VAE posterior; {type(autoencoder).__name__} has none"
+            )
+        return autoencoder.encode_sample(control, generator)
 
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
