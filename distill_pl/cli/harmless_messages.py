@@ -7,6 +7,8 @@
 - "Using ModelCheckpoint with manual optimization": DMD2 takes exactly one optimizer step
   per training step, so a checkpoint after a step holds the state the next step starts from
   (exact resume is tested).
+- "You have overridden `transfer_batch_to_device` in `LightningModule` ...": the stages keep a
+  training batch in host memory and move it one micro-batch at a time on purpose.
 - "Tip: For seamless cloud ...": Lightning's advertisements for its cloud services.
 """
 
@@ -19,6 +21,7 @@ IGNORED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"Using ModelCheckpoint with manual optimization",
+    r"You have overridden `transfer_batch_to_device` in `LightningModule`",
 )
 LIGHTNING_INFO_LOGGERS = ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
 
