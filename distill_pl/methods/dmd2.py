@@ -404,8 +404,6 @@ class DMD2Objective:
         if self.guidance == 1:
             x0_cond = x0_from_velocity(x_t, sigma, self.teacher(x_t, sigma, cond))
             return x0_cond, x0_cond
-        if uncond is None:
-            raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
         v_cond, v_uncond = branch_velocities(self.teacher, cond, uncond)(x_t, sigma)
         return x0_from_velocity(x_t, sigma, v_cond), x0_from_velocity(x_t, sigma, v_uncond)
 

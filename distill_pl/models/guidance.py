@@ -29,9 +29,7 @@ def velocity_fn(
 
     Both branches run in one batched call.
     """
-    if guidance == 1.0 or uncond is None:
-        if guidance != 1.0:
-            raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
+    if guidance == 1.0:
         return lambda x_t, sigma: denoiser(x_t, sigma, cond)
 
     branches = branch_velocities(denoiser, cond, uncond)
@@ -43,8 +41,11 @@ def velocity_fn(
     return guided
 
 
-def branch_velocities(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning):
-    """``fn(x_t, sigma) -> (v_cond, v_uncond)``, the two CFG branches in one batched call."""
+def branch_velocities(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None):
+    """``fn(x_t, sigma) -> (v_cond, v_uncond)``, the two CFG branches in one batched call
+    (ValueError without the unconditional conditioning)."""
+    if uncond is None:
+        raise ValueError("guidance != 1 needs the unconditional (negative) conditioning")
     both = Conditioning.cat([cond, uncond])
 
     def branches(x_t: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
