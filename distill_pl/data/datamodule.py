@@ -111,8 +111,9 @@ from distill_pl.families.registry import text_embedding_dim
 
 log = logging.getLogger("distill_pl.data")
 
-#: {(manifest, its mtime, num_frames, frame_stride, val_fraction): {video path: reason}}: the
-#: videos check_video_lengths found unusable (and logged), left out of the clip data sets after it
+#: {(manifest's absolute path, its mtime, num_frames, frame_stride, val_fraction): {video path:
+#: reason}}: the videos check_video_lengths found unusable (and logged), left out of the clip
+#: data sets after it
 _CHECKED_VIDEOS: dict[tuple, dict[str, str]] = {}
 
 

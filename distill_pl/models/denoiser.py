@@ -125,6 +125,12 @@ class Denoiser(nn.Module):
         for unit in self.fsdp_units:
             unit.compile(**compile_options)
 
+    def eager_blocks(self) -> None:
+        """Undo :meth:`compile_blocks`: every block runs eagerly again (``nn.Module.compile``
+        keeps the compiled call in ``_compiled_call_impl``; None is the eager call)."""
+        for unit in self.fsdp_units:
+            unit._compiled_call_impl = None
+
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:

@@ -254,7 +254,8 @@ def estimate_memory(
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
     # the loaded batch stays in host memory; the training step moves one micro-batch at a time
-    static[f"micro-batch of {micro_batch} (pixels, latents, text)"] = _batch_bytes(method, micro_batch, data, latent, text)
+    batch_row = f"micro-batch of {micro_batch} (pixels, latents, text)"
+    static[batch_row] = _batch_bytes(method, micro_batch, data, latent, text)
 
     # the forwards run in the compute dtype; float32 weights saved there stand for autocast's copies
     compute = COMPUTE_DTYPES[precision]

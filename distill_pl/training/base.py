@@ -12,9 +12,9 @@
 3. the batch is split into ``accumulate_micro_batches`` micro-batches (sizes differing by at
    most one); each is moved to the device only when it runs (a loaded training batch stays
    in host memory, :meth:`~StageModule.transfer_batch_to_device`, so a batch of N
-   micro-batches costs the device one micro-batch) and gets its forward (:meth:`~StageModule.phase_loss`, a loss that is a mean
-   over samples, so the micro-batch losses weighted by their share of the batch sum to the
-   batch loss) and ``manual_backward``; gradients are all-reduced (DDP) or reduce-scattered
+   micro-batches costs the device one micro-batch) and gets its forward
+   (:meth:`~StageModule.phase_loss`, a loss that is a mean over samples, so the micro-batch
+   losses weighted by their share of the batch sum to the batch loss) and ``manual_backward``; gradients are all-reduced (DDP) or reduce-scattered
    (FSDP2) in the backward of the last micro-batch only;
 4. the non-finite policy (:mod:`distill_pl.training.nonfinite`), decided jointly by all ranks:
    a non-finite loss stops the micro-batch loop; a non-finite loss or accumulated gradient

@@ -167,8 +167,9 @@ class DMD2Module(StageModule):
             With both ranges the shared one, both terms use the step's sigma and noise (no
             extra draws: the random stream of the coupled run).
         compile: regional compilation (``torch.compile`` of each transformer block, see
-            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student, the teacher and the fake score, at the
-            start of fit (after any sharding); the first steps then take the compile time.
+            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student, the
+            teacher and the fake score, at the start of fit (after any sharding); the first
+            steps then take the compile time.
     """
 
     def __init__(

@@ -91,8 +91,9 @@ class KDModule(StageModule):
         grad_clip: max total gradient norm of the student (None: no clipping; the norm is
             logged either way as ``train/grad_norm_student``).
         compile: regional compilation (``torch.compile`` of each transformer block, see
-            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student (the network KD's steps run), at the
-            start of fit (after any sharding); the first steps then take the compile time.
+            :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student (the
+            network KD's steps run), at the start of fit (after any sharding); the first
+            steps then take the compile time.
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],

@@ -119,3 +119,5 @@ def test_compile_compiles_the_stages_trained_blocks_at_fit_start(teacher_dir):
         compiled = [unit._compiled_call_impl is not None for unit in kd.student.fsdp_units]
         assert compiled == [setting] * len(kd.student.fsdp_units) and compiled
         assert all(unit._compiled_call_impl is None for unit in kd.teacher.fsdp_units)  # KD's steps do not run it
+    kd.student.eager_blocks()  # the inverse, which the benchmark uses between its phases
+    assert all(unit._compiled_call_impl is None for unit in kd.student.fsdp_units)
