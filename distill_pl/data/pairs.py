@@ -341,10 +341,8 @@ class PairShardDataset(Dataset):
 
     def __init__(self, folder: str | Path, cache_frames: bool = False):
         self.folder = Path(folder)
-        self.metadata, layout = open_split(
-            self.folder, read_checked_header, lambda m: (*PER_SHARD_KEYS[m["format_version"]], *OPTIONAL_PER_SHARD_KEYS),
-            "KD pair"
-        )
+        per_shard = lambda m: (*PER_SHARD_KEYS[m["format_version"]], *OPTIONAL_PER_SHARD_KEYS)  # noqa: E731
+        self.metadata, layout = open_split(self.folder, read_checked_header, per_shard, "KD pair")
         self.files = [str(layout.path(k)) for k in range(layout.num_shards)]
         self.shard_size = layout.shard_size
         self.version = self.metadata["format_version"]
