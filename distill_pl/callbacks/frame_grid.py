@@ -22,8 +22,9 @@ class FrameGridLogger(L.Callback):
     One image per video (up to ``max_videos``): rows in the order of the dict, columns =
     first, middle, last frame. With a :class:`~distill_pl.data.datamodule.VideoDataModule`
     the row labelled ``control`` is labelled with the data's control modality instead
-    (``control: edge``, ``control: blur``, ``control: depth``, ...). Logged to TensorBoard with ``add_image`` (tag
-    ``grid/<i>``) and written as ``<log_dir>/grids/step<global_step>_<i>.png``.
+    (``control: edge``, ``control: blur``, ``control: depth``, ...). Logged to TensorBoard
+    with ``add_image`` (tag ``grid/<i>``) and written as
+    ``<log_dir>/grids/step<global_step>_<i>.png``.
     """
 
     def __init__(self, every_n_steps: int = 0, seed: int = 0, max_videos: int = 2, scale: int = 4):

@@ -8,8 +8,7 @@ measure per control modality (the data setting ``control``, :mod:`distill_pl.dat
 - ``blur`` -> ``blur_psnr``: PSNR in dB (data range 2, videos in [-1, 1]) of the blur of the
   generated video (the filter that made the control,
   :func:`~distill_pl.data.blur_control.blur_control`) against the control: the same transform
-  applied to both sides, so a video that follows its control exactly scores as high as the
-  real clip does. Higher is closer.
+  applied to both sides (the real clip itself scores infinity). Higher is closer.
 - ``video`` (a precomputed control named in the manifest: depth, segmentation, ...) ->
   ``control_edge_f1``. The transform that made those control videos (a depth estimator, a
   segmenter) is not part of the project and nothing is downloaded, so the generated video

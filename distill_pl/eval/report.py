@@ -86,6 +86,7 @@ def markdown_table(report: dict) -> str:
 
 def markdown_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
+    fidelity = s["control_fidelity"]
     ref = report["methods"][0]["name"]
     warnings = "".join(f"- **warning**: {w}\n" for w in report.get("warnings", []))
     extra_ref = report.get("references", {}).get("extra_teacher")
@@ -108,7 +109,7 @@ def markdown_report(report: dict) -> str:
   so load on the machine affects them alike. Speed-up: reference seconds / method seconds;
   its ceiling is the NFE ratio. Warnings: a speed-up above its ceiling, batch times more than
   {100 * s['timing_spread_limit']:.0f}% from their median, methods timed in different runs.
-- {s['control_fidelity']['title']} (control: {s['control_fidelity']['control']}): {s['control_fidelity']['definition']}.
+- {fidelity['title']} (control: {fidelity['control']}): {fidelity['definition']}.
 - Fréchet distance: between Gaussians fitted to {FEATURE_NETWORK} of every frame of the
   method's videos and of the real held-out clips. Floor: the same distance for real clips
   from the training part of the same videos (same count as a method's videos). "±": the
@@ -160,7 +161,8 @@ def write_report(
     """Write every report file into ``out_dir``; returns their paths by kind."""
     report["machine"] = machine()
     chosen = _sheet_windows(clips["path"], sheet_clips)
-    rows = {f"control: {report['settings']['control_fidelity']['control']}": [clips["control"][k] for k in chosen]}
+    modality = report["settings"]["control_fidelity"]["control"]
+    rows = {f"control: {modality}": [clips["control"][k] for k in chosen]}
     rows.update({m.name: [videos[m.key][k] for k in chosen] for m in methods})  # seed 0 of window k
     rows["real clip (held out)"] = [clips["video"][k] for k in chosen]
     files = {

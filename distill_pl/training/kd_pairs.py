@@ -4,8 +4,7 @@
 
 A predict-only stage. The data module (``mode: pairs``) serves real clips with their caption
 embedding and control (computed, or the manifest's control video), only for shards not
-finished yet; this module draws each
-example's noise from its own seed and runs the teacher; the
+finished yet; this module draws each example's noise from its own seed and runs the teacher; the
 :class:`~distill_pl.callbacks.shard_writer.PairShardWriter` callback stores the results in
 shards (format: :mod:`distill_pl.data.pairs`). Rerunning the same command completes an
 interrupted generation and produces the same files as an uninterrupted run.
