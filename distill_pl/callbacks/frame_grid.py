@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from distill_pl.callbacks.module_protocols import GridRows, require
+from distill_pl.data.controls import ControlSettings
+from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.util.media import frame_grid, label_rows, upscale, write_png
 
 
@@ -18,8 +20,11 @@ class FrameGridLogger(L.Callback):
     -- for a fixed validation batch with a fixed seed.
 
     One image per video (up to ``max_videos``): rows in the order of the dict, columns =
-    first, middle, last frame. Logged to TensorBoard with ``add_image`` (tag
-    ``grid/<i>``) and written as ``<log_dir>/grids/step<global_step>_<i>.png``.
+    first, middle, last frame. With a :class:`~distill_pl.data.datamodule.VideoDataModule`
+    the row labelled ``control`` is labelled with the data's control modality instead
+    (``control: edge``, ``control: blur``, ``control: depth``, ...). Logged to TensorBoard
+    with ``add_image`` (tag ``grid/<i>``) and written as
+    ``<log_dir>/grids/step<global_step>_<i>.png``.
     """
 
     def __init__(self, every_n_steps: int = 0, seed: int = 0, max_videos: int = 2, scale: int = 4):
@@ -55,7 +60,7 @@ class FrameGridLogger(L.Callback):
         with torch.no_grad():
             rows = pl_module.grid_rows(batch, self.seed)
         pl_module.train(was_training)
-        return rows
+        return control_labelled(rows, trainer.datamodule)
 
     def _write(self, trainer: L.Trainer, rows: dict[str, Tensor], out_dir: Path) -> list[Path]:
         labels = list(rows)
@@ -85,3 +90,13 @@ class FrameGridLogger(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self.render(trainer, pl_module)
+
+
+def control_labelled(rows: dict[str, Tensor], datamodule) -> dict[str, Tensor]:
+    """``rows`` with the label ``control`` replaced by ``control: <modality>`` (see
+    :attr:`~distill_pl.data.controls.ControlSettings.modality`) when ``datamodule`` is a
+    :class:`~distill_pl.data.datamodule.VideoDataModule`; the order is kept."""
+    if not isinstance(datamodule, VideoDataModule):
+        return rows
+    label = f"control: {ControlSettings.from_metadata(datamodule.hparams).modality}"
+    return {label if name == "control" else name: video for name, video in rows.items()}

@@ -4,9 +4,10 @@ A shard that references a clip keeps the video's sha256 (:func:`~distill_pl.util
 re-derives the clip exactly as :class:`~distill_pl.data.clips.ClipDataset` made it: frames
 ``start + frame_stride * arange(num_frames)`` decoded with decord, resized and center
 cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the control computed at that
-size (:class:`~distill_pl.data.controls.ControlSettings`: canny edges or a blur; a control
-video of the manifest is not referenced, so pairs cannot be made with ``control: video``). A referenced file whose content changed
-since the shard was written is refused (:class:`ChangedVideoError` naming it).
+size (:class:`~distill_pl.data.controls.ControlSettings`: canny edges or a blur), or, with
+``control: video``, the same frames of the clip's control video, referenced by its own path
+and sha256 beside the clip's. A referenced file whose content changed since the shard was
+written is refused (:class:`ChangedVideoError` naming it).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class ReferencedClips:
         self.cache_frames = cache_frames
         self._checked: dict[tuple[str, str], tuple[int, int]] = {}
         self._readers: OrderedDict[str, decord.VideoReader] = OrderedDict()
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple[str, str | None], tuple[Tensor, Tensor]] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -106,20 +107,31 @@ class ReferencedClips:
             raise ChangedVideoError(f"{path}: cannot read frames {indices[:3]}... ({err})") from None
         return resize_center_crop(frames, self.settings.height, self.settings.width)
 
-    def _cached(self, path: str) -> tuple[Tensor, Tensor]:
-        if path not in self._cache:
-            total = len(self._reader(path))
-            frames = torch.cat([self._frames(path, list(range(i, min(i + 32, total)))) for i in range(0, total, 32)], 1)
-            self._cache[path] = (frames, self.settings.controls.compute(frames))
-            self._readers.pop(path, None)
-        return self._cache[path]
+    def _all_frames(self, path: str) -> Tensor:
+        """Every frame of ``path`` resized: [3, F, H, W] in [-1, 1], decoded 32 at a time."""
+        total = len(self._reader(path))
+        frames = torch.cat([self._frames(path, list(range(i, min(i + 32, total)))) for i in range(0, total, 32)], 1)
+        self._readers.pop(path, None)
+        return frames
 
-    def read(self, path: str, start: int) -> tuple[Tensor, Tensor]:
-        """(video, control) [3, T, H, W] float32 in [-1, 1] of the clip at ``start`` of ``path``."""
+    def _cached(self, path: str, control_path: str | None) -> tuple[Tensor, Tensor]:
+        key = (path, control_path)
+        if key not in self._cache:
+            frames = self._all_frames(path)
+            control = (self.settings.controls.compute(frames) if self.settings.controls.computed
+                       else self._all_frames(control_path))
+            self._cache[key] = (frames, control)
+        return self._cache[key]
+
+    def read(self, path: str, start: int, control_path: str | None = None) -> tuple[Tensor, Tensor]:
+        """(video, control) [3, T, H, W] float32 in [-1, 1] of the clip at ``start`` of ``path``;
+        ``control_path``: its control video (``control: video``; checked by :meth:`check` first)."""
         s = self.settings
+        if not s.controls.computed and control_path is None:
+            raise ValueError(f"{path}: control: video needs the clip's control video (none referenced)")
         indices = list(range(start, start + (s.num_frames - 1) * s.frame_stride + 1, s.frame_stride))
         if self.cache_frames:
-            frames, control = self._cached(path)
+            frames, control = self._cached(path, control_path)
             return frames[:, indices].contiguous(), control[:, indices].contiguous()
         video = self._frames(path, indices)
-        return video, s.controls.compute(video)
+        return video, s.controls.compute(video) if s.controls.computed else self._frames(control_path, indices)

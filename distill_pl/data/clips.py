@@ -164,7 +164,8 @@ class ClipDataset(Dataset):
 
     Items are dicts: ``video`` [3, T, H, W] float32, ``control`` [3, T, H, W] in [-1, 1] (the
     ``control`` setting, see :mod:`distill_pl.data.controls`), ``caption`` str, ``path`` str (the video's absolute path from the
-    manifest), ``start`` int (first frame index). Frame indices are
+    manifest), ``start`` int (first frame index), and with ``control: video`` ``control_path``
+    str (the control video's absolute path). Frame indices are
     ``start + frame_stride * arange(num_frames)``. ``videos`` lists the candidate videos
     (:class:`VideoPart` when probed eagerly, :class:`ManifestEntry` when lazily); see the
     module docstring for sampling, probing and read faults.
@@ -466,6 +467,7 @@ class ClipDataset(Dataset):
                 "caption": video.caption,
                 "path": str(video.path),
                 "start": start,
+                **({"control_path": str(video.control)} if video.control is not None else {}),
             }
         raise TooManyBadVideosError(
             f"manifest {self.manifest} ({self.split} split): item {index} and its {MAX_REPLACEMENTS} "

@@ -43,6 +43,12 @@ class ControlSettings:
                              f"only (control={self.control!r}, control_key={self.control_key!r})")
 
     @property
+    def modality(self) -> str:
+        """The control's name for people: ``edge``, ``blur``, or the manifest key of the
+        control videos (e.g. ``depth``)."""
+        return self.control_key if self.control == "video" else self.control
+
+    @property
     def computed(self) -> bool:
         """True when the control is computed from the clip (not read from a control video)."""
         return self.control != "video"

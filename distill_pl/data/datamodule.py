@@ -6,7 +6,8 @@ Mode ``"clips"`` serves :class:`ClipDataset` windows. Batches are dicts:
 - ``control``     [B, 3, T, H, W] float32 in [-1, 1]: the ``control`` setting's video (``edge``:
   -1 / +1 canny edges, ``blur``, or ``video``: the manifest's control videos; see
   :mod:`distill_pl.data.controls`)
-- ``caption``     list[str];  ``path`` list[str];  ``start`` [B] long (first frame index)
+- ``caption``     list[str];  ``path`` list[str];  ``start`` [B] long (first frame index);
+  with ``control: video`` also ``control_path`` list[str] (the control videos)
 - ``text_embeds`` [B, L, D] float32 (zero at padding), ``text_mask`` [B, L] bool
 
 Embeddings of every caption and of the negative prompt are computed in ``setup`` through a
@@ -180,9 +181,8 @@ class VideoDataModule(lightning.LightningDataModule):
             max_bad_read_fraction: see :class:`ClipDataset` (sampling, probing, read faults).
         control: the control video of each clip: ``"edge"`` (canny edges, the default),
             ``"blur"`` (the clip blurred as Cosmos-Transfer2.5's "vis" control) or ``"video"``
-            (the control video the manifest names under ``controls[control_key]``; not with
-            KD pairs, whose shards re-derive the control from the clip); see
-            :mod:`distill_pl.data.controls`.
+            (the control video the manifest names under ``controls[control_key]``; KD pair
+            shards reference it beside the clip); see :mod:`distill_pl.data.controls`.
         control_key: with ``control: video``, the key of the manifest's ``controls``.
         batch_size: train batch size per device (and generation batch size); val_batch_size:
             None = batch_size.
@@ -244,9 +244,6 @@ class VideoDataModule(lightning.LightningDataModule):
         if rank_split not in ("strided", "litdata"):
             raise ValueError(f"unknown data.rank_split {rank_split!r} (expected 'strided' or 'litdata')")
         ControlSettings(control, canny_low, canny_high, control_key)  # a bad value: one line, before any model
-        if mode == "pairs" and control == "video":
-            raise ValueError("data.control: video cannot make KD pairs (their shards re-derive the control from the "
-                             "clip); use control: edge or blur, or data.mode: clips or latents")
         if streaming_dir and mode == "clips":
             raise ValueError("data.streaming_dir streams KD pairs or clip latents: set data.mode: pairs or latents")
         self.save_hyperparameters()
@@ -484,8 +481,9 @@ class VideoDataModule(lightning.LightningDataModule):
                              f"{train.files[0]} ({'; '.join(differences)})")
         h = self.hparams
         wanted = {"num_frames": h.num_frames, "height": h.height, "width": h.width,
-                  "text_encoder": h.text_encoder, "max_text_length": h.max_text_length, "control": h.control}
-        found = {**{k: shared.get(k) for k in wanted}, "control": shared.get("control", "edge")}
+                  "text_encoder": h.text_encoder, "max_text_length": h.max_text_length, "control": h.control,
+                  "control_key": h.control_key}
+        found = {**{k: shared.get(k) for k in wanted}, "control": shared.get("control", "edge")}  # edge: unrecorded
         differences = metadata_differences(found, wanted)
         if differences:
             raise ShardError(

@@ -29,15 +29,17 @@ tensor                  shape, dtype                    meaning
 
 Not stored: the noise, regenerated from ``seed`` (:func:`example_noise`) and checked against the
 row's ``noise_sha256`` (:func:`noise_fingerprint`); the clip and its control, stored by
-reference (video path, ``start`` and the clip settings below) and re-derived at read time
-(:mod:`distill_pl.data.clip_reference`), after checking the video's ``video_sha256``.
+reference (video path, ``start`` and the clip settings below; with ``control: video`` also
+the control video's path) and re-derived at read time (:mod:`distill_pl.data.clip_reference`),
+after checking each referenced video's ``video_sha256``.
 
 Metadata (JSON under :data:`METADATA_KEY`):
 
 - per shard: ``shard_index``, ``count`` (= S), ``first_index``, ``captions`` and ``paths``
   (lists of S strings: the prompt and the source video of every row), ``noise_sha256`` (S hex
   digests), ``text_prompts`` (the P prompts of the table rows), ``video_sha256`` ({path: sha256}
-  of every referenced video);
+  of every referenced video, control videos included); with ``control: video`` also
+  ``control_paths`` (S strings: the control video of every row);
 - common to every shard of a split: ``format_version``, ``split``, ``num_examples``,
   ``shard_size``, ``storage_dtype``, ``trajectory_sigmas`` (the requested levels, [] = none);
   the teacher: ``teacher`` (absolute folder path), ``teacher_sha256`` (see
@@ -49,7 +51,9 @@ Metadata (JSON under :data:`METADATA_KEY`):
   dimension: ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
   clip settings ``manifest`` (None = bundled clips), ``num_frames``, ``frame_stride``,
   ``height``, ``width``, ``val_fraction``, ``val_clips_per_video``, ``canny_low``,
-  ``canny_high``, ``text_encoder``, ``max_text_length``, ``data_seed`` (train windows).
+  ``canny_high``, ``control`` and ``control_key`` (absent for edge controls, see
+  :meth:`~distill_pl.data.controls.ControlSettings.metadata`), ``text_encoder``,
+  ``max_text_length``, ``data_seed`` (train windows).
 
 Format version 1 (still read): float32 ``noise``, ``teacher_output`` [S, C, T', H', W'],
 ``control`` and ``video`` [S, 3, T, H, W] pixels, ``text_embeds`` [S, L, D], ``text_mask``
@@ -116,6 +120,8 @@ PER_SHARD_KEYS = {
     1: ("shard_index", "count", "first_index", "captions", "paths"),
     2: ("shard_index", "count", "first_index", "captions", "paths", "noise_sha256", "text_prompts", "video_sha256"),
 }
+#: per-shard metadata of some shards only: ``control_paths`` (``control: video``)
+OPTIONAL_PER_SHARD_KEYS = ("control_paths",)
 #: metadata every shard must have
 REQUIRED_KEYS = (
     "format_version", "split", "num_examples", "shard_size", "teacher", "teacher_sha256",
@@ -220,7 +226,8 @@ def build_pair_shard(
 
     ``rows``: one dict per example, in index order, with ``teacher_output`` [C, T', H', W'],
     ``text_embeds`` [L, D], ``text_mask`` [L], ``seed``, ``index``, ``start`` (0-dim), the
-    noise's ``noise_sha256``, ``caption`` and ``path``; with trajectory levels also
+    noise's ``noise_sha256``, ``caption`` and ``path`` (with ``control: video`` also
+    ``control_path``, the row's control video); with trajectory levels also
     ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]. ``common``: the
     common metadata (``storage_dtype``, ``trajectory_sigmas``, ...). ``negative``: the
     negative-prompt embeds [1, L, D] and mask [1, L].
@@ -238,6 +245,7 @@ def build_pair_shard(
         tensors["teacher_trajectory"] = torch.stack([row["teacher_trajectory"] for row in rows]).to(dtype)
         tensors["trajectory_sigmas"] = torch.stack([row["trajectory_sigmas"] for row in rows]).float()
     paths = [row["path"] for row in rows]
+    control_paths = [row["control_path"] for row in rows] if "control_path" in rows[0] else []
     metadata = {
         **common,
         "format_version": FORMAT_VERSION,
@@ -247,7 +255,8 @@ def build_pair_shard(
         "paths": paths,
         "noise_sha256": [row["noise_sha256"] for row in rows],
         "text_prompts": prompts,
-        "video_sha256": {path: video_digests(path) for path in dict.fromkeys(paths)},
+        "video_sha256": {path: video_digests(path) for path in dict.fromkeys(paths + control_paths)},
+        **({"control_paths": control_paths} if control_paths else {}),
     }
     return tensors, metadata
 
@@ -287,7 +296,10 @@ def _check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int],
             **rows, **negative,
         }
     else:
-        missing = sorted(set(metadata["paths"]) - set(metadata["video_sha256"]))
+        control_paths = metadata.get("control_paths", [])
+        if metadata.get("control") == "video" and len(control_paths) != count:
+            raise ShardError(f"{path}: control: video, but control_paths does not have {count} entries")
+        missing = sorted(set(metadata["paths"] + control_paths) - set(metadata["video_sha256"]))
         if missing:
             raise ShardError(f"{path}: video_sha256 lacks the referenced videos {missing[:3]}")
         dtype, prompts = storage_dtype(metadata["storage_dtype"]), len(metadata["text_prompts"])
@@ -329,9 +341,8 @@ class PairShardDataset(Dataset):
 
     def __init__(self, folder: str | Path, cache_frames: bool = False):
         self.folder = Path(folder)
-        self.metadata, layout = open_split(
-            self.folder, read_checked_header, lambda m: PER_SHARD_KEYS[m["format_version"]], "KD pair"
-        )
+        per_shard = lambda m: (*PER_SHARD_KEYS[m["format_version"]], *OPTIONAL_PER_SHARD_KEYS)  # noqa: E731
+        self.metadata, layout = open_split(self.folder, read_checked_header, per_shard, "KD pair")
         self.files = [str(layout.path(k)) for k in range(layout.num_shards)]
         self.shard_size = layout.shard_size
         self.version = self.metadata["format_version"]
@@ -359,7 +370,8 @@ class PairShardDataset(Dataset):
         ``text_embeds`` / ``text_mask`` (its table row), ``seed``, ``index``, ``start``, the
         trajectory if any; version 1: the tensors of :data:`V1_EXAMPLE_TENSORS` but
         ``start``), ``caption`` and, for version 2, ``path``, ``noise_sha256`` and
-        ``video_sha256`` (the digest of that video). A row holding non-finite values warns,
+        ``video_sha256`` (the digest of that video), with ``control: video`` also
+        ``control_path`` and ``control_sha256``. A row holding non-finite values warns,
         naming the shard file, the row and the tensors."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} KD pairs")
@@ -382,6 +394,9 @@ class PairShardDataset(Dataset):
             video_path = metadata["paths"][row]
             stored.update(path=video_path, noise_sha256=metadata["noise_sha256"][row],
                           video_sha256=metadata["video_sha256"][video_path])
+            if "control_paths" in metadata:
+                control_path = metadata["control_paths"][row]
+                stored.update(control_path=control_path, control_sha256=metadata["video_sha256"][control_path])
         return stored
 
     @staticmethod
@@ -409,7 +424,7 @@ class PairRowDecoder:
     """Turns a stored row (:meth:`PairShardDataset.stored_row`) into a data set item, given
     the split's common ``metadata``: floats to float32, ``seed`` / ``index`` to int and, for
     version 2, the noise regenerated from the seed (checked against ``noise_sha256``) and the
-    clip and its control re-derived from the referenced video (checked against
+    clip and its control re-derived from the referenced videos (checked against their
     ``video_sha256``). Shared by the shard reader and the streaming reader
     (:mod:`distill_pl.data.streaming`). ``cache_frames``: see
     :class:`~distill_pl.data.clip_reference.ReferencedClips`."""
@@ -439,8 +454,10 @@ class PairRowDecoder:
                 f"{item['seed']} does not match the stored noise_sha256 (another torch random generator?); "
                 "the pair cannot be used"
             )
-        video_path, start = item.pop("path"), int(item.pop("start"))
+        video_path, start, control_path = item.pop("path"), int(item.pop("start")), item.pop("control_path", None)
         self._clips.check(video_path, item.pop("video_sha256"), where=where)
-        item["video"], item["control"] = self._clips.read(video_path, start)
+        if control_path is not None:
+            self._clips.check(control_path, item.pop("control_sha256"), where=where)
+        item["video"], item["control"] = self._clips.read(video_path, start, control_path)
         item["noise"] = noise
         return item

@@ -7,7 +7,8 @@ teacher with ``teacher_steps`` steps and CFG (the reference), the teacher with e
 (``student_steps.json``: one network call per step). Reported per method (see
 :mod:`distill_pl.eval.metrics` and :mod:`distill_pl.eval.report`): network calls and
 measured seconds per video, speed-up over the reference and its NFE ceiling, PSNR/SSIM
-against the reference from the same noise, canny-edge F1 against the control, a Fréchet
+against the reference from the same noise, the fidelity to the control (per modality, see
+:mod:`distill_pl.eval.control_fidelity`: canny-edge F1 for edge controls), a Fréchet
 distance of frame features to the real held-out clips (with real clips from the training
 part of the same videos as the floor), the same distance to the reference teacher's samples
 (and, with ``extra_reference_guidance``, to a second teacher reference at that guidance, e.g.
@@ -34,10 +35,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from distill_pl.data.control import canny_control
+from distill_pl.data.controls import ControlSettings
 from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.pairs import teacher_fingerprint
 from distill_pl.eval import metrics
+from distill_pl.eval.control_fidelity import ControlFidelity
 from distill_pl.eval.features import NAME as FEATURE_NETWORK
 from distill_pl.eval.features import MOTION, FrameFeatureNet, video_frame_features, video_motion_features
 from distill_pl.eval.generated import load_videos, save_videos
@@ -120,7 +122,7 @@ def evaluate(
         batch_size: videos per generation call (timed; the same for every method).
         seed: noise of example i (seed s of window k is i = s * windows + k):
             ``torch.Generator().manual_seed(seed * 1000003 + i)``.
-        edge_tolerance: pixel tolerance of the edge F1.
+        edge_tolerance: pixel tolerance of the edge F1 (edge controls and control videos).
         bootstrap_resamples: draws of the videos for the spread of the Fréchet distance.
         sheet_clips: windows shown in the contact sheet and written as mp4 (one per video first).
         timing_spread_limit: the report warns when a method's timed batches deviate from their
@@ -199,10 +201,10 @@ def evaluate(
 
     metric_settings = dict(edge_tolerance=edge_tolerance, canny=[data.hparams.canny_low, data.hparams.canny_high],
                            bootstrap_resamples=bootstrap_resamples, features=FEATURE_NETWORK)
+    fidelity = ControlFidelity(ControlSettings.from_metadata(data.hparams), edge_tolerance)
     results = score_methods(
         methods, videos, timing, clips, lambda: real_training_clips(data, num_examples),
-        samples_per_clip, edge_tolerance, data.hparams.canny_low, data.hparams.canny_high,
-        bootstrap_resamples, MetricCache(out_dir / "metrics.json"),
+        samples_per_clip, fidelity, bootstrap_resamples, MetricCache(out_dir / "metrics.json"),
         {m.key: dict(metric_settings, videos=video_settings[m.key], reference=video_settings[methods[0].key])
          for m in methods},
         dict(metric_settings, real=settings["data"], count=num_examples),
@@ -217,6 +219,7 @@ def evaluate(
             bootstrap_resamples=bootstrap_resamples, timing_spread_limit=timing_spread_limit,
             extra_reference_guidance=extra_reference_guidance,
             canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
+            control_fidelity=fidelity.describe(),
             frames=list(clips["video"].shape[2:]),
         ),
         references={name: dict(key=key, name=next(m.name for m in methods if m.key == key))
@@ -234,9 +237,7 @@ def score_methods(
     clips: dict,
     real_train: Callable[[], Tensor],
     samples_per_clip: int,
-    edge_tolerance: int,
-    canny_low: float,
-    canny_high: float,
+    fidelity: ControlFidelity,
     bootstrap_resamples: int,
     cache: MetricCache,
     method_settings: dict[str, dict],
@@ -244,7 +245,9 @@ def score_methods(
     references: dict[str, str] | None = None,
     video_settings: dict[str, dict] | None = None,
 ) -> dict:
-    """The metrics of every method (the first is the reference) and of the real floor.
+    """The metrics of every method (the first is the reference) and of the real floor; the
+    control fidelity of each method's videos to ``clips["control"]`` by ``fidelity`` (its
+    ``key`` names the row's value).
 
     Quality metrics come from ``cache`` when it holds them for the same settings
     (``method_settings[key]``: what the method's videos, the reference's videos and the metrics
@@ -320,13 +323,12 @@ def score_methods(
     def quality(method: Method) -> dict:
         v = videos[method.key]
         paired = method is not methods[0]
-        control_edges = metrics.edges_from_control(clips["control"]).repeat(samples_per_clip, 1, 1, 1)
+        control = clips["control"].repeat(samples_per_clip, 1, 1, 1, 1)  # example i shows window i % windows
         per_clip = v.reshape(samples_per_clip, windows, *v.shape[1:]).transpose(0, 1)
-        generated_edges = metrics.edges_from_control(canny_control(v, canny_low, canny_high))
         return dict(
             psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
             ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
-            edge_f1=float(metrics.edge_f1(generated_edges, control_edges, edge_tolerance).mean()),
+            **{fidelity.key: float(fidelity.measure(v, control).mean())},
             **spread(features_of(method.key), real_stats(), "frechet_distance"),
             diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
         )

@@ -1,6 +1,7 @@
 """Files of an evaluation run: ``report.md`` (table), ``report.json``, ``contact_sheet.png``
-(rows = control, each method, the real clip; columns = first, middle, last frame; one block
-per held-out window, all from the same noise) and ``samples/*.mp4``.
+(rows = the control, labelled with its modality, each method, the real clip; columns =
+first, middle, last frame; one block per held-out window, all from the same noise) and
+``samples/*.mp4``.
 """
 
 from __future__ import annotations
@@ -63,16 +64,18 @@ def distance_columns(report: dict) -> list[tuple[str, str]]:
 def markdown_table(report: dict) -> str:
     """The report's table: one row per method, then the real-clip floor."""
     columns = distance_columns(report)
+    fidelity = report["settings"]["control_fidelity"]
     lines = [
         "| method | NFE / video | s / video | speed-up | NFE ratio (ceiling) | speed-up / ceiling "
-        "| PSNR vs ref (dB) | SSIM vs ref | edge F1 | " + " | ".join(title for _, title in columns) + " | diversity |",
+        f"| PSNR vs ref (dB) | SSIM vs ref | {fidelity['title']} | "
+        + " | ".join(title for _, title in columns) + " | diversity |",
         "|---|" + "---:|" * (9 + len(columns)),
     ]
     for row in report["methods"]:
         lines.append(
             f"| {row['name']} | {row['nfe']} | {row['seconds_per_video']:.4f} | {row['speedup']:.1f}x "
             f"| {row['nfe_ratio']:.3g}x | {100 * row['speedup_fraction_of_ceiling']:.0f}% "
-            f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {row['edge_f1']:.3f} "
+            f"| {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 3)} | {_fmt(row[fidelity['key']], fidelity['digits'])} "
             f"| {' | '.join(_fd(row, key) for key, _ in columns)} | {row['diversity']:.3f} |"
         )
     floor = report["real_floor"]
@@ -83,6 +86,7 @@ def markdown_table(report: dict) -> str:
 
 def markdown_report(report: dict) -> str:
     s, m = report["settings"], report["machine"]
+    fidelity = s["control_fidelity"]
     ref = report["methods"][0]["name"]
     warnings = "".join(f"- **warning**: {w}\n" for w in report.get("warnings", []))
     extra_ref = report.get("references", {}).get("extra_teacher")
@@ -105,8 +109,7 @@ def markdown_report(report: dict) -> str:
   so load on the machine affects them alike. Speed-up: reference seconds / method seconds;
   its ceiling is the NFE ratio. Warnings: a speed-up above its ceiling, batch times more than
   {100 * s['timing_spread_limit']:.0f}% from their median, methods timed in different runs.
-- Edge F1: canny edges of the generated video (thresholds {s['canny_thresholds']}) against
-  the control edges, a pixel counting as matched within {s['edge_tolerance_px']} px.
+- {fidelity['title']} (control: {fidelity['control']}): {fidelity['definition']}.
 - Fréchet distance: between Gaussians fitted to {FEATURE_NETWORK} of every frame of the
   method's videos and of the real held-out clips. Floor: the same distance for real clips
   from the training part of the same videos (same count as a method's videos). "±": the
@@ -158,7 +161,8 @@ def write_report(
     """Write every report file into ``out_dir``; returns their paths by kind."""
     report["machine"] = machine()
     chosen = _sheet_windows(clips["path"], sheet_clips)
-    rows = {"control": [clips["control"][k] for k in chosen]}
+    modality = report["settings"]["control_fidelity"]["control"]
+    rows = {f"control: {modality}": [clips["control"][k] for k in chosen]}
     rows.update({m.name: [videos[m.key][k] for k in chosen] for m in methods})  # seed 0 of window k
     rows["real clip (held out)"] = [clips["video"][k] for k in chosen]
     files = {

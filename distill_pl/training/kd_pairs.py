@@ -3,8 +3,8 @@
     distill-pl predict --config configs/tiny/kd_pairs.yaml
 
 A predict-only stage. The data module (``mode: pairs``) serves real clips with their caption
-embedding and canny control, only for shards not finished yet; this module draws each
-example's noise from its own seed and runs the teacher; the
+embedding and control (computed, or the manifest's control video), only for shards not
+finished yet; this module draws each example's noise from its own seed and runs the teacher; the
 :class:`~distill_pl.callbacks.shard_writer.PairShardWriter` callback stores the results in
 shards (format: :mod:`distill_pl.data.pairs`). Rerunning the same command completes an
 interrupted generation and produces the same files as an uninterrupted run.
@@ -70,7 +70,7 @@ class KDPairGenerationModule(L.LightningModule):
     float32, with levels ``teacher_trajectory`` [B, K, C, T', H', W'] and
     ``trajectory_sigmas`` [B, K]; ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``,
     ``index`` and ``start`` [B] long, and the lists ``noise_sha256``, ``split``, ``caption``,
-    ``path``.
+    ``path`` (with ``control: video`` also ``control_path``).
     """
 
     def __init__(
@@ -183,6 +183,8 @@ class KDPairGenerationModule(L.LightningModule):
             "caption": list(batch["caption"]),
             "path": list(batch["path"]),
         }
+        if "control_path" in batch:  # control: video: the shard references the control video too
+            prediction["control_path"] = list(batch["control_path"])
         if self.trajectory_steps:
             picked = [states[i] for i in self.trajectory_steps]
             prediction["teacher_trajectory"] = torch.stack([x for _, x in picked], dim=1)

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill_pl.callbacks.frame_grid import FrameGridLogger
+from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.util.media import to_uint8
 
 T, H, W, SCALE, MARGIN, PAD = 5, 6, 7, 2, 150, 2
@@ -103,3 +104,37 @@ def test_one_render_per_optimizer_step_with_gradient_accumulation(tmp_path):
     )
     trainer.fit(module, datamodule=Data())
     assert module.calls == [0, 1, 2, 3]
+
+
+class DepthData(Data, VideoDataModule):
+    """The stand-in items, from a VideoDataModule whose control is the manifest's depth videos."""
+
+    def __init__(self):
+        VideoDataModule.__init__(self, control="video", control_key="depth")
+        self.items = Data().items
+
+    def prepare_data(self):
+        pass
+
+    def setup(self, stage=None):
+        pass
+
+
+def test_the_control_row_is_labelled_with_the_data_modality(tmp_path, monkeypatch):
+    from distill_pl.callbacks import frame_grid
+
+    drawn = []
+    draw = frame_grid.label_rows
+    monkeypatch.setattr(frame_grid, "label_rows",
+                        lambda image, labels, **kw: drawn.append(labels) or draw(image, labels, **kw))
+    trainer = L.Trainer(logger=False, callbacks=[FrameGridLogger(max_videos=2, scale=1)], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.validate(GridModule(), datamodule=DepthData(), verbose=False)
+    assert drawn == [["student 1-step", "teacher 1-step", "control: depth", "ground truth"]] * 2  # one per video
+
+    rows = {"student": None, "control": None, "control (unused)": None}
+    assert list(frame_grid.control_labelled(rows, VideoDataModule(control="blur"))) == \
+        ["student", "control: blur", "control (unused)"]
+    assert list(frame_grid.control_labelled(rows, VideoDataModule())) == \
+        ["student", "control: edge", "control (unused)"]
+    assert frame_grid.control_labelled(rows, Data()) is rows  # another data module: labels as the module gives them

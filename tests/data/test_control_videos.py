@@ -9,8 +9,10 @@ import decord
 import pytest
 import torch
 
+from distill_pl.data.clip_reference import ChangedVideoError
 from distill_pl.data.clips import ClipDataset, resize_center_crop
 from distill_pl.data.manifest import ManifestEntry, read_manifest, write_manifest
+from distill_pl.data.pairs import PairShardDataset, ShardError, read_shard_header
 from tests.video_files import write_test_video
 
 FRAMES = 40  # enough for a 4-frame window, stride 2, in either split
@@ -74,12 +76,51 @@ def test_manifest_controls_round_trip(tmp_path):
         read_manifest(tmp_path / "bad.jsonl")
 
 
-def test_pairs_refuse_control_videos_and_shards_record_a_non_edge_control():
+def write_split_of(tmp_path, manifest):
+    """A train split of 3 KD pairs of ``manifest``'s clip with its depth control video."""
+    from tests.data.test_pairs_v2 import write_split
+
+    return write_split(tmp_path / "pairs" / "train", dataset(manifest, cache_frames=False), num_examples=3,
+                       shard_size=3, control="video", control_key="depth", height=32, width=32,
+                       video_shape=[3, 4, 32, 32])[0]
+
+
+def test_shards_record_a_non_edge_control():
     from distill_pl.data.clip_reference import ClipSettings
     from distill_pl.data.datamodule import VideoDataModule
 
-    with pytest.raises(ValueError, match="control: video cannot make KD pairs"):
-        VideoDataModule(mode="pairs", pairs_dir="pairs", control="video", control_key="depth")
     assert "control" not in VideoDataModule().clip_settings()  # edge shards: as before the setting
     settings = VideoDataModule(control="blur").clip_settings()
     assert settings["control"] == "blur" and ClipSettings.from_metadata(settings).controls.control == "blur"
+    settings = VideoDataModule(mode="pairs", pairs_dir="pairs", control="video", control_key="depth").clip_settings()
+    assert (settings["control"], settings["control_key"]) == ("video", "depth")
+
+
+def test_kd_pair_shards_reference_the_control_video_and_re_derive_its_frames(tmp_path):
+    """Pairs of a clip with a control video: the shard references the control video (path
+    and sha256) beside the clip, reading gives the clip data set's control frames (with and
+    without the frame cache), and a changed control video is refused naming it."""
+    manifest, _ = manifest_with_control(tmp_path)
+    clips = dataset(manifest, cache_frames=False)
+    layout = write_split_of(tmp_path, manifest)
+    meta, _ = read_shard_header(layout.path(0))
+    depth = str(tmp_path / "depth" / "clip.mp4")
+    assert meta["control_paths"] == [depth] * 3 and depth in meta["video_sha256"]
+    for shards in (PairShardDataset(layout.folder), PairShardDataset(layout.folder, cache_frames=True)):
+        for i in (2, 0):
+            assert torch.equal(shards[i]["control"], clips[i]["control"])
+            assert torch.equal(shards[i]["video"], clips[i]["video"])
+    write_test_video(tmp_path / "depth" / "clip.mp4", FRAMES, size=64, seed=2)
+    with pytest.raises(ChangedVideoError, match=f"{depth}: this video changed since .*shard_00000"):
+        PairShardDataset(layout.folder)[0]
+
+
+def test_a_video_control_shard_without_control_paths_is_refused(tmp_path):
+    from distill_pl.data.pairs import check_shard
+
+    manifest, _ = manifest_with_control(tmp_path)
+    layout = write_split_of(tmp_path, manifest)
+    meta, tensors = read_shard_header(layout.path(0))
+    del meta["control_paths"]
+    with pytest.raises(ShardError, match="control: video, but control_paths does not have 3 entries"):
+        check_shard(layout.path(0), meta, tensors)

@@ -61,6 +61,8 @@ def example_rows(clips: ClipDataset, indices: range, levels: int = 0) -> list[di
             "noise_sha256": noise_fingerprint(example_noise(100 + i, LATENT)),
             "caption": prompt, "path": str(clips.window(i)[0].path),
         }
+        if clips.window(i)[0].control is not None:  # control: video
+            row["control_path"] = str(clips.window(i)[0].control)
         if levels:
             row["teacher_trajectory"] = torch.randn(levels, *LATENT, generator=g)
             row["trajectory_sigmas"] = torch.linspace(0.7, 0.2, levels)

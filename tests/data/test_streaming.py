@@ -40,6 +40,21 @@ def test_streamed_pairs_equal_the_shard_items(tmp_path, clips, levels, storage):
         assert_items_equal(batch, expected)
 
 
+def test_streamed_pairs_of_control_videos_equal_the_shard_items(tmp_path):
+    """Pairs whose control is the manifest's depth video: the streaming copy keeps each row's
+    control video reference, and its items equal the shard reader's."""
+    from tests.data.test_control_videos import manifest_with_control, write_split_of
+
+    manifest, _ = manifest_with_control(tmp_path)
+    layout = write_split_of(tmp_path, manifest)
+    optimize(layout.folder.parent, tmp_path / "streaming", chunk_size=2)
+    local = PairShardDataset(layout.folder)
+    streamed = StreamingShardDataset(str(tmp_path / "streaming" / "train"))
+    assert streamed.metadata == local.metadata and streamed.metadata["control_key"] == "depth"
+    for i in (2, 0):
+        assert_items_equal(streamed[i], local[i])
+
+
 def test_optimize_is_deterministic(tmp_path, clips):  # noqa: F811
     src = tmp_path / "pairs"
     write_split(src / "train", clips, num_examples=4, shard_size=2)

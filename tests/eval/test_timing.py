@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from distill_pl.data.controls import ControlSettings
+from distill_pl.eval.control_fidelity import ControlFidelity
 from distill_pl.eval.methods import Method
 from distill_pl.eval.report import markdown_report
 from distill_pl.eval.timing import generate_interleaved, timing_warnings
@@ -44,7 +46,7 @@ def test_the_report_flags_a_speedup_above_its_ceiling():
                   warnings=warnings, machine=dict(platform="p", cpu_count=2, torch="t", torch_threads=1, date="d"),
                   settings=dict(held_out_windows=1, samples_per_clip=2, frames=[8, 32, 32], batch_size=8,
                                 canny_thresholds=[0.2, 0.4], edge_tolerance_px=1, bootstrap_resamples=10,
-                                timing_spread_limit=0.5))
+                                timing_spread_limit=0.5, control_fidelity=ControlFidelity(ControlSettings()).describe()))
     assert "- **warning**: fast: speed-up 90.0x exceeds its NFE ceiling" in markdown_report(report)
 
 

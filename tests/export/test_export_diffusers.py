@@ -155,13 +155,35 @@ def test_missing_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("recorded, message", [
     ({"adapter_options": {"control_scale": 0.7}}, "records adapter_options"),
-    ({"control": "blur"}, "takes a blur control"),
+    ({"control": "blur"}, "takes a blur control; this script makes canny controls or reads control videos only"),
+    ({"control": "video", "control_key": "depth"}, "takes a depth control video: give it with --control"),
 ])
 def test_main_refuses_a_student_it_cannot_condition(tmp_path, capsys, recorded, message):
     (tmp_path / "student.json").write_text(json.dumps(recorded))
     with pytest.raises(SystemExit):
         one_step_diffusers.main(["--student", str(tmp_path), "--prompt", "x"])
     assert message in capsys.readouterr().err
+
+
+def test_a_control_video_student_reads_the_control_video_as_the_data_code_does(tmp_path):
+    """student.json of a student trained on the manifest's depth videos (control: video): the
+    script's read_control of the depth video gives the data module's control of the clip (the
+    same frames, resized), and main samples with it."""
+    from distill_pl.data.datamodule import VideoDataModule
+    from tests.data.test_control_videos import manifest_with_control
+
+    manifest, _ = manifest_with_control(tmp_path)
+    data = VideoDataModule(manifest=str(manifest), num_frames=4, frame_stride=2, height=16, width=16,
+                           control="video", control_key="depth", cache_frames=False, probe="lazy")
+    export_student(tmp_path / "student", 1.0, data.hparams)
+    settings = json.loads((tmp_path / "student" / "student.json").read_text())
+    assert (settings["control"], settings["control_key"]) == ("video", "depth")
+    item = data.clip_dataset("val")[0]
+    control = one_step_diffusers.read_control(item["control_path"], settings, start=item["start"])[0]
+    torch.testing.assert_close(control, item["control"], rtol=0, atol=0)
+    out = one_step_diffusers.main(["--student", str(tmp_path / "student"), "--prompt", "a square",
+                                   "--control", item["control_path"], "--out", str(tmp_path / "s.mp4")])
+    assert out.is_file() and (tmp_path / "s_with_control.mp4").is_file()
 
 
 def student_inputs():
