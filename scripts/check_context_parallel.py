@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         cp = ContextParallel.from_setting({"ulysses": args.ulysses, "ring": args.ring})
         if cp is None:
             raise ValueError("give --ulysses or --ring > 1")
-        rows = run_check(out.with_suffix(".rows.json"), cp=cp, class_name="WanTransformer3DModel", config=config,
-                         shape=shape, text=text, device=torch.device(args.device), sharding=args.sharding,
-                         compute_dtype=None if args.dtype == "float32" else args.dtype)
+        rows = run_check(out.with_suffix(".rows.json"), [dict(
+            cp=cp, class_name="WanTransformer3DModel", config=config, shape=shape, text=text,
+            device=torch.device(args.device), sharding=args.sharding,
+            compute_dtype=None if args.dtype == "float32" else args.dtype)])
         result, code = {**setup, "rows": rows}, 0
     except Exception as error:  # the report shows which combination failed and why
         traceback.print_exc()

@@ -165,28 +165,30 @@ def check_phases(cp: ContextParallel, class_name: str, config: dict, shape: tupl
     return rows
 
 
-def _worker(rank: int, port: int, kwargs: dict, out: str) -> None:
+def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cp = kwargs["cp"]
-    dist.init_process_group("gloo", rank=rank, world_size=cp.size)
-    if kwargs["device"].type == "cpu":
+    dist.init_process_group("gloo", rank=rank, world_size=cases[0]["cp"].size)
+    if cases[0]["device"].type == "cpu":
         torch.set_num_threads(1)
     try:
-        rows = check_phases(**kwargs)
+        rows = [dict(class_name=case["class_name"], **row) for case in cases for row in check_phases(**case)]
         if rank == 0:
             Path(out).write_text(json.dumps(rows, indent=1))
     finally:
         dist.destroy_process_group()
 
 
-def run_check(out: str | Path, **kwargs) -> list[dict]:
-    """:func:`check_phases` (its keyword arguments) on ``cp.size`` new gloo processes (all on
-    ``device``: on CUDA they share the one GPU, so the split seconds are not a speed-up
-    measurement); rank 0's rows are written to ``out`` (JSON) and returned."""
+def run_check(out: str | Path, cases: list[dict]) -> list[dict]:
+    """:func:`check_phases` of each of ``cases`` (its keyword arguments; one ``cp`` size and
+    device for all) on ``cp.size`` new gloo processes (all on ``device``: on CUDA they share the
+    one GPU, so the split seconds are not a speed-up measurement); rank 0's rows, each with its
+    case's ``class_name``, are written to ``out`` (JSON) and returned."""
+    if len({(case["cp"].size, case["device"]) for case in cases}) != 1:
+        raise ValueError("run_check: every case needs the same context-parallel size and device")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, kwargs, str(out)), nprocs=kwargs["cp"].size, join=True)
+    torch.multiprocessing.spawn(_worker, args=(port, cases, str(out)), nprocs=cases[0]["cp"].size, join=True)
     return json.loads(Path(out).read_text())

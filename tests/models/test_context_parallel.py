@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from distill_pl.families.wan.adapter import WanDenoiser
-from distill_pl.families.wan.vace import WanVACEDenoiser
+from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, TRANSFORMER_CLASS
+from distill_pl.families.registry import build_denoiser
+from distill_pl.families.wan.vace import VACE_CP_PLAN, WanVACEDenoiser
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import ContextParallel, enable_context_parallel, stage_context_parallel
 from distill_pl.models.sharding import shard_stage_networks
@@ -52,9 +54,16 @@ def test_the_stage_checks_the_plan_and_the_head_count(wan):
     assert list(wan.context_parallel_plans) == ["transformer"]
     with pytest.raises(ValueError, match="context_parallel.ulysses=4 must divide the 2 attention heads of WanDenoiser"):
         stage_context_parallel({"ulysses": 4}, wan)
-    vace = WanVACEDenoiser(config={**WAN, "in_channels": 3, "vace_layers": [0], "vace_in_channels": 6})
-    with pytest.raises(ValueError, match="context_parallel: WanVACEDenoiser declares no context-parallel plan"):
-        stage_context_parallel({"ulysses": 2}, vace)
+    vace = WanVACEDenoiser(config={**WAN, "vace_layers": [0], "vace_in_channels": 6})
+    assert vace.context_parallel_plans == {"transformer": VACE_CP_PLAN}
+    assert stage_context_parallel({"ulysses": 2}, vace) == ContextParallel(ulysses=2)
+
+
+def test_a_family_without_a_plan_is_refused():
+    """Cosmos-Transfer2.5 (published config, on the meta device) has no plan yet."""
+    cosmos = build_denoiser(TRANSFORMER_CLASS, COSMOS_TRANSFER_2_5_2B, on_meta=True)
+    with pytest.raises(ValueError, match="context_parallel: CosmosTransferDenoiser declares no context-parallel plan"):
+        stage_context_parallel({"ulysses": 2}, cosmos)
 
 
 def test_ring_needs_cuda(wan):
