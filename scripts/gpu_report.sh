@@ -69,17 +69,19 @@ for family in ${GPU_REPORT_FAMILIES:-wan cosmos}; do
   report+=(--family "$family" "$OUT/benchmark_$family.json" "${configs[@]}")
 done
 # Context parallel vs one process (scripts/check_context_parallel.py; gloo processes sharing
-# the one device): on a GPU Ulysses 2 in float32 and in bfloat16 and ring 2 in bfloat16 (ring
-# needs cuDNN attention), the Wan2.1-1.3B architecture cut to 2 blocks at 81x240x416 latents
-# 21x30x52 (8,190 tokens); on the CPU (GPU_REPORT_TINY=1) the tiny Wan, Ulysses 2 only. A failed
-# run is a row of the report, not its end.
+# the one device): on a GPU Ulysses 2 in float32 sharded with FSDP2, Ulysses 2 and ring 2 in
+# bfloat16 with the hooks only (ring needs cuDNN attention; unsharded in case FSDP2's gloo
+# collectives refuse CUDA tensors), the Wan2.1-1.3B architecture cut to 2 blocks at 81x240x416,
+# latents 21x30x52 (8,190 tokens); on the CPU (GPU_REPORT_TINY=1) the tiny Wan, Ulysses 2 only.
+# A failed run is a row of the report, not its end.
 cp_runs=()
 if [[ "${GPU_REPORT_CONTEXT_PARALLEL:-1}" == 1 ]]; then
   if [[ "$TINY" == 1 ]]; then
     cp_common=(--device cpu --tiny); cp_cases=("--ulysses 2 --dtype float32")
   else
     cp_common=(--device cuda)
-    cp_cases=("--ulysses 2 --dtype float32" "--ulysses 2 --dtype bfloat16" "--ring 2 --dtype bfloat16")
+    cp_cases=("--ulysses 2 --dtype float32" "--ulysses 2 --dtype bfloat16 --sharding none"
+              "--ring 2 --dtype bfloat16 --sharding none")
   fi
   for i in "${!cp_cases[@]}"; do
     # shellcheck disable=SC2086  # a case is several arguments

@@ -170,8 +170,11 @@ def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=cases[0]["cp"].size)
-    if cases[0]["device"].type == "cpu":
+    device = cases[0]["device"]
+    if device.type == "cpu":
         torch.set_num_threads(1)
+    else:  # every process on the one device given (device meshes would otherwise pick rank % count)
+        torch.cuda.set_device(device.index or 0)
     try:
         rows = [dict(class_name=case["class_name"], **row) for case in cases for row in check_phases(**case)]
         if rank == 0:
