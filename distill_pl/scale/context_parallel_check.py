@@ -1,16 +1,19 @@
 """Context parallel against one process, phase by phase: the check behind the CP test and the
 GPU report's CP rows (``scripts/check_context_parallel.py``).
 
-Every process of one context-parallel group (``cp.size`` processes, gloo, all on ``device``)
-builds the same roles (random weights from a transformer config), computes each phase's loss
-and the gradients of the networks the phase trains without any parallelism (the reference),
-then the same phase with the roles split as a stage splits them: with ``sharding="fsdp"``
-through :func:`~distill_pl.models.sharding.shard_stage_networks` on a (data_parallel 1, ring,
-ulysses) mesh, exactly as ``configure_model`` under ``FSDP2Strategy``; with ``"none"`` only the
-context-parallel hooks, the denoisers' gradients then summed over the group by hand. It reports
-per phase: both losses, the relative L2 error ``||g_split - g_ref|| / ||g_ref||`` of each trained
-network's gradient, the peak device memory and the seconds of the reference and of the split
-step (forward + backward, one call each, after nothing: the first call includes warm-up).
+Every one of ``data_parallel`` x ``cp.size`` processes (gloo, all on ``device``; data-parallel
+rank ``d`` = rank // ``cp.size``, the batch of ``d`` drawn from seed ``1 + d``) builds the same
+roles (random weights from a transformer config) and computes, without any parallelism, each
+phase's loss on every data-parallel batch and the gradients of the networks the phase trains of
+their mean (the reference), then the phase on its own batch with the roles split as a stage
+splits them: with ``sharding="fsdp"`` through
+:func:`~distill_pl.models.sharding.shard_stage_networks` on a (data_parallel, ring, ulysses)
+mesh, exactly as ``configure_model`` under ``FSDP2Strategy``; with ``"none"`` (one group only)
+the context-parallel hooks alone, the denoisers' gradients then summed over the group by hand.
+It reports per phase: the reference loss of its batch and the split loss, the relative L2 error
+``||g_split - g_ref|| / ||g_ref||`` of each trained network's gradient, the peak device memory
+and the seconds of the reference (all batches) and of the split step (forward + backward, one
+call each, after nothing: the first call includes warm-up).
 """
 
 from __future__ import annotations
@@ -52,14 +55,14 @@ def build_roles(method: str, class_name: str, config: dict, compute_dtype: str |
 
 
 def phase_loss(roles, settings: dict, phase: str, shape: tuple[int, ...], text: tuple[int, int],
-               control_channels: int, device: torch.device) -> torch.Tensor:
-    """The phase's loss on inputs drawn from seed 1 (latents of ``shape`` [B, C, T, H, W], text
+               control_channels: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """The phase's loss on inputs drawn from ``seed`` (latents of ``shape`` [B, C, T, H, W], text
     [B, L, D] for ``text`` = (L, D) with the last two tokens of sample 1 masked, a control of
     ``control_channels``), with only the phase's trained roles trainable (as the stage's
     optimizer toggling leaves them)."""
     from distill_pl.models.conditioning import Conditioning
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     dtype = next(roles.student.parameters()).dtype
     draw = lambda size: torch.randn(size, generator=g).to(device, dtype)  # noqa: E731
     mask = torch.ones(shape[0], text[0], dtype=torch.bool)
@@ -102,14 +105,16 @@ def timed(fn, device: torch.device) -> tuple[float, float | None]:
     return time.perf_counter() - start, None
 
 
-def split_roles(roles, method: str, cp: ContextParallel, sharding: str, device: torch.device) -> None:
-    """Make ``roles`` context-parallel over the whole world (one group), sharded or not."""
+def split_roles(roles, method: str, cp: ContextParallel, data_parallel: int, sharding: str,
+                device: torch.device) -> None:
+    """Make ``roles`` context-parallel on a (data_parallel, ring, ulysses) mesh, sharded or not."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from distill_pl.models.context_parallel import context_parallel_mesh, enable_context_parallel
     from distill_pl.models.sharding import shard_stage_networks
 
-    mesh = init_device_mesh(device.type, (1, cp.ring, cp.ulysses), mesh_dim_names=("data_parallel", "ring", "ulysses"))
+    mesh = init_device_mesh(device.type, (data_parallel, cp.ring, cp.ulysses),
+                            mesh_dim_names=("data_parallel", "ring", "ulysses"))
     denoisers = [roles.student, roles.teacher] + ([roles.fake_score] if method == "dmd2" else [])
     if sharding == "fsdp":
         stage = SimpleNamespace(context_parallel=cp, device_mesh=mesh, trainer=SimpleNamespace(precision="32-true"),
@@ -131,9 +136,13 @@ def sum_denoiser_gradients(roles, phase: str) -> None:
 
 
 def check_phases(cp: ContextParallel, class_name: str, config: dict, shape: tuple[int, ...], text: tuple[int, int],
-                 device: torch.device, sharding: str = "fsdp", compute_dtype: str | None = None) -> list[dict]:
+                 device: torch.device, sharding: str = "fsdp", compute_dtype: str | None = None,
+                 data_parallel: int = 1) -> list[dict]:
     """The rows described in the module docstring, one per phase of :data:`PHASES` (collective:
     every process of the initialised group calls it)."""
+    if sharding != "fsdp" and data_parallel != 1:
+        raise ValueError("the unsharded check runs one context-parallel group (data_parallel 1)")
+    own = torch.distributed.get_rank() // cp.size
     rows = []
     for method, phase in PHASES:
         roles, settings = build_roles(method, class_name, config, compute_dtype)
@@ -141,22 +150,24 @@ def check_phases(cp: ContextParallel, class_name: str, config: dict, shape: tupl
         split = copy.deepcopy(roles)
         control = roles.student.control_channels
 
-        def step(r):
-            loss = phase_loss(r, settings, phase, shape, text, control, device)
-            loss.backward()
+        def step(r, d: int, weight: float = 1.0):
+            loss = phase_loss(r, settings, phase, shape, text, control, device, seed=1 + d)
+            (weight * loss).backward()
             return loss.detach().float()
 
         holder = {}
-        reference_s, reference_gib = timed(lambda: holder.update(loss=step(roles)), device)
+        reference_s, reference_gib = timed(lambda: holder.update(
+            loss=[step(roles, d, 1 / data_parallel) for d in range(data_parallel)][own]), device)
         reference = gradients(roles, phase)
         del roles
-        split_roles(split, method, cp, sharding, device)
-        split_s, split_gib = timed(lambda: holder.update(split=step(split)), device)
+        split_roles(split, method, cp, data_parallel, sharding, device)
+        split_s, split_gib = timed(lambda: holder.update(split=step(split, own)), device)
         if sharding != "fsdp":
             sum_denoiser_gradients(split, phase)
         grads = gradients(split, phase)
         rows.append(dict(
-            method=method, phase=phase, ulysses=cp.ulysses, ring=cp.ring, sharding=sharding,
+            method=method, phase=phase, data_parallel=data_parallel, ulysses=cp.ulysses, ring=cp.ring,
+            sharding=sharding,
             loss_reference=float(holder["loss"]), loss_split=float(holder["split"]),
             gradient_relative_error={name: relative_error(grads[name], reference[name]) for name in reference},
             seconds_reference=reference_s, seconds_split=split_s,
@@ -169,7 +180,7 @@ def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=cases[0]["cp"].size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size(cases[0]))
     device = cases[0]["device"]
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -183,15 +194,20 @@ def _worker(rank: int, port: int, cases: list[dict], out: str) -> None:
         dist.destroy_process_group()
 
 
+def world_size(case: dict) -> int:
+    """Processes of a case: its data-parallel size x its context-parallel group size."""
+    return case.get("data_parallel", 1) * case["cp"].size
+
+
 def run_check(out: str | Path, cases: list[dict]) -> list[dict]:
-    """:func:`check_phases` of each of ``cases`` (its keyword arguments; one ``cp`` size and
-    device for all) on ``cp.size`` new gloo processes (all on ``device``: on CUDA they share the
+    """:func:`check_phases` of each of ``cases`` (its keyword arguments; one world size and
+    device for all) on that many new gloo processes (all on ``device``: on CUDA they share the
     one GPU, so the split seconds are not a speed-up measurement); rank 0's rows, each with its
     case's ``class_name``, are written to ``out`` (JSON) and returned."""
-    if len({(case["cp"].size, case["device"]) for case in cases}) != 1:
-        raise ValueError("run_check: every case needs the same context-parallel size and device")
+    if len({(world_size(case), case["device"]) for case in cases}) != 1:
+        raise ValueError("run_check: every case needs the same world size and device")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, cases, str(out)), nprocs=cases[0]["cp"].size, join=True)
+    torch.multiprocessing.spawn(_worker, args=(port, cases, str(out)), nprocs=world_size(cases[0]), join=True)
     return json.loads(Path(out).read_text())
