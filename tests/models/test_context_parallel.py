@@ -88,3 +88,17 @@ def test_a_token_count_the_group_does_not_divide_is_refused(wan):
             wan.check_inputs(x_t, torch.ones(1), cond)
     finally:
         del wan.context_parallel_group
+
+
+@pytest.mark.parametrize("devices, options, message", [
+    (3, {}, r"context_parallel ulysses=2 x ring=1 needs a multiple of 2 processes \(got 3\)"),
+    (2, {"data_parallel_size": 2}, "data_parallel_size=2: with context_parallel of 2 processes on 2 it is 1"),
+])
+def test_the_strategy_refuses_a_process_count_the_group_does_not_divide(devices, options, message):
+    """Checked before any process group exists."""
+    from distill_pl.training.strategies import FSDP2Strategy
+
+    strategy = FSDP2Strategy(**options)
+    strategy.parallel_devices = [torch.device("cpu")] * devices
+    with pytest.raises(ValueError, match=message):
+        strategy._setup_context_parallel_environment(ContextParallel(ulysses=2))
