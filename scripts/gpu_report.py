@@ -12,8 +12,12 @@ the config's own precision and loaded batch). ``--teacher FAMILY FOLDER`` estima
     .venv/bin/python scripts/gpu_report.py OUT_DIR --family wan WAN_JSON KD_CONFIG DMD2_CONFIG \\
         --family cosmos COSMOS_JSON KD_CONFIG DMD2_CONFIG [--teacher cosmos FOLDER]
 
+``--context_parallel JSON...``: the runs of ``scripts/check_context_parallel.py`` (context
+parallel vs one process), one more section with a row per run and phase.
+
 ``gpu_report.json``: ``{"families": {name: {"benchmark": ..., "estimated_peak_gib": {phase:
-GiB}, "estimate_configs": {"kd": ..., "dmd2": ...}, "estimate_teacher": FOLDER or null}}}``.
+GiB}, "estimate_configs": {"kd": ..., "dmd2": ...}, "estimate_teacher": FOLDER or null}},
+"context_parallel": [run, ...]}``.
 """
 
 from __future__ import annotations
@@ -109,12 +113,39 @@ def family_markdown(entry: dict) -> list[str]:
     return lines
 
 
+def context_parallel_markdown(runs: list[dict]) -> list[str]:
+    """The context-parallel section: per run (group, dtype, sharding) and phase, the loss of one
+    process and of the split, the largest relative gradient error, seconds and peak GiB per
+    process of both (the processes share one device: seconds are not a speed-up)."""
+    lines = ["## Context parallel vs one process (scripts/check_context_parallel.py)", "",
+             "gloo processes on one device; gradient error: ||g_split - g_one|| / ||g_one|| of the trained "
+             "networks (largest); seconds and peaks per process, one call each (the first includes warm-up).", "",
+             "| model | latents | group | dtype | sharding | phase | loss one / split | gradient error | "
+             "s one / split | peak GiB one / split |",
+             "|---|---|---|---|---|---|---|---:|---|---|"]
+    for run in runs:
+        head = (f"| {run['model']} | {'x'.join(map(str, run['latents'][2:]))} | ulysses {run['ulysses']} x ring "
+                f"{run['ring']} | {run['dtype']} | {run['sharding']} |")
+        if "error" in run:
+            lines.append(f"{head} all | failed: {run['error']} | | | |")
+            continue
+        for row in run["rows"]:
+            error = max(row["gradient_relative_error"].values())
+            lines.append(
+                f"{head} {row['phase']} | {row['loss_reference']:.6g} / {row['loss_split']:.6g} | {error:.2e} | "
+                f"{row['seconds_reference']:.3f} / {row['seconds_split']:.3f} | "
+                f"{number(row['peak_gib_reference'], '.3g')} / {number(row['peak_gib_split'], '.3g')} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     first = next(iter(report["families"].values()))["benchmark"]
     lines = [f"# GPU report: {first['device']}, {first['date']}, torch {first['torch']}, "
              f"diffusers {first['diffusers']}"]
     for entry in report["families"].values():
         lines += [""] + family_markdown(entry)
+    if report.get("context_parallel"):
+        lines += [""] + context_parallel_markdown(report["context_parallel"])
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                         metavar=("NAME", "BENCHMARK_JSON", "KD_CONFIG", "DMD2_CONFIG"))
     parser.add_argument("--teacher", nargs=2, action="append", default=[], metavar=("NAME", "FOLDER"),
                         help="estimate NAME's configs with this teacher (and VAE) folder")
+    parser.add_argument("--context_parallel", nargs="+", default=[], metavar="JSON",
+                        help="runs of scripts/check_context_parallel.py")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     teachers = dict(args.teacher)
@@ -139,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         peaks = estimated_peaks(used, benchmark["batch_size"], benchmark["gradient_checkpointing"])
         families[name] = {"benchmark": benchmark, "estimated_peak_gib": peaks, "estimate_configs": configs,
                           "estimate_teacher": teachers.get(name)}
-    report = {"families": families}
+    report = {"families": families,
+              "context_parallel": [json.loads(Path(file).read_text()) for file in args.context_parallel]}
     from distill_pl.util.media import atomic_write
 
     for file, text in (("gpu_report.json", json.dumps(report, indent=2)), ("gpu_report.md", markdown(report))):

@@ -23,10 +23,16 @@
 #   plus FLOP counting on meta, four estimate-memory runs, imports and model building (~2 min
 #   on a 2-core CPU): about 8 minutes in all at 40% MFU, 9 at 30%. Extrapolated teacher
 #   figures are labelled as such in the JSON (teacher_s_per_video_from) and the table.
+#   context parallel (below): 3 runs of 2 processes, each 3 phases of a 2-block model at 8,190
+#   tokens, once unsplit and once split: an unmeasured guess of ~40 s per run, mostly start-up,
+#   ~2 min in all. Under a 10-minute limit per command, run the families in two calls
+#   (GPU_REPORT_FAMILIES=wan, then GPU_REPORT_FAMILIES=cosmos GPU_REPORT_CONTEXT_PARALLEL=0
+#   into another OUT_DIR).
 #
 #   scripts/gpu_report.sh [OUT_DIR]                    # default runs/gpu_report
 #   GPU_REPORT_FAMILIES=cosmos scripts/gpu_report.sh   # one family (default "wan cosmos")
 #   GPU_REPORT_TINY=1 scripts/gpu_report.sh OUT_DIR    # tiny models of both on the CPU (the test)
+#   GPU_REPORT_CONTEXT_PARALLEL=0 scripts/gpu_report.sh # without the context-parallel rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_report}
@@ -62,4 +68,25 @@ for family in ${GPU_REPORT_FAMILIES:-wan cosmos}; do
   "$PYTHON" scripts/benchmark_family.py --family "$family" "${bench[@]}" --sampling --json "$OUT/benchmark_$family.json"
   report+=(--family "$family" "$OUT/benchmark_$family.json" "${configs[@]}")
 done
-"$PYTHON" scripts/gpu_report.py "$OUT" "${report[@]}"
+# Context parallel vs one process (scripts/check_context_parallel.py; gloo processes sharing
+# the one device): on a GPU Ulysses 2 in float32 sharded with FSDP2, Ulysses 2 and ring 2 in
+# bfloat16 with the hooks only (ring needs cuDNN attention; unsharded in case FSDP2's gloo
+# collectives refuse CUDA tensors), the Wan2.1-1.3B architecture cut to 2 blocks at 81x240x416,
+# latents 21x30x52 (8,190 tokens); on the CPU (GPU_REPORT_TINY=1) the tiny Wan, Ulysses 2 only.
+# A failed run is a row of the report, not its end.
+cp_runs=()
+if [[ "${GPU_REPORT_CONTEXT_PARALLEL:-1}" == 1 ]]; then
+  if [[ "$TINY" == 1 ]]; then
+    cp_common=(--device cpu --tiny); cp_cases=("--ulysses 2 --dtype float32")
+  else
+    cp_common=(--device cuda)
+    cp_cases=("--ulysses 2 --dtype float32" "--ulysses 2 --dtype bfloat16 --sharding none"
+              "--ring 2 --dtype bfloat16 --sharding none")
+  fi
+  for i in "${!cp_cases[@]}"; do
+    # shellcheck disable=SC2086  # a case is several arguments
+    "$PYTHON" scripts/check_context_parallel.py "${cp_common[@]}" ${cp_cases[$i]} --json "$OUT/context_parallel_$i.json" || true
+    cp_runs+=("$OUT/context_parallel_$i.json")
+  done
+fi
+"$PYTHON" scripts/gpu_report.py "$OUT" "${report[@]}" ${cp_runs[@]+--context_parallel "${cp_runs[@]}"}

@@ -7,6 +7,7 @@ family, and :mod:`distill_pl.families.registry` picks the adapter of a folder.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -59,6 +60,9 @@ class Denoiser(nn.Module):
     feature_dim: int
     #: (pt, ph, pw): latent frames, height and width must be multiples of it
     patch_size: tuple[int, int, int]
+    #: the context-parallel group this denoiser's passes are split over (a device mesh), set by
+    #: :func:`~distill_pl.models.context_parallel.enable_context_parallel`; None: not split
+    context_parallel_group = None
 
     @classmethod
     def from_config(
@@ -116,6 +120,15 @@ class Denoiser(nn.Module):
         the blocks by default; an adapter adds its side branches' blocks."""
         return list(self.blocks)
 
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """Context-parallel plans of the diffusers backbones: attribute name of a backbone
+        (a diffusers ``ModelMixin``) -> its plan in diffusers' ``_cp_plan`` format (which
+        inputs and outputs of which submodules are split over the tokens and gathered back);
+        see :mod:`distill_pl.models.context_parallel`. Empty (default): the family does not
+        support context parallelism."""
+        return {}
+
     def compile_blocks(self, **compile_options) -> None:
         """Regional compilation: each of :attr:`fsdp_units` (the repeated blocks, side branches
         included) is compiled on its own with ``torch.compile(**compile_options)``, as diffusers'
@@ -151,6 +164,11 @@ class Denoiser(nn.Module):
                 f"x_t frames/height/width {sizes} must be multiples of the patch size "
                 f"{list(self.patch_size)}"
             )
+        group = self.context_parallel_group
+        tokens = math.prod(size // patch for size, patch in zip(sizes, self.patch_size))
+        if group is not None and tokens % group.size():
+            raise ValueError(f"{tokens} tokens per video cannot be split over the {group.size()} context-parallel "
+                             f"processes: the token count (frames x height x width / patch) must be a multiple")
         if sigma.shape != (batch,):
             raise ValueError(f"sigma must be [B] = [{batch}], got {list(sigma.shape)}")
         text = cond.text_embeds
@@ -168,7 +186,8 @@ class Denoiser(nn.Module):
         """``run()`` (the backbone's velocity) in ``x_t``'s dtype; with ``feature_block``, also the
         hidden states of that block of :attr:`blocks` as a grid (:meth:`tokens_to_grid`), taken by
         a forward hook that is removed before backward (so checkpointing's recomputation does not
-        fire it again). ValueError for a block outside ``0 .. num_blocks - 1``."""
+        fire it again); under context parallelism the block holds this rank's tokens, which are
+        gathered first. ValueError for a block outside ``0 .. num_blocks - 1``."""
         if feature_block is None:
             return run().to(x_t.dtype)
         if not 0 <= feature_block < self.num_blocks:
@@ -179,7 +198,12 @@ class Denoiser(nn.Module):
             velocity = run()
         finally:
             hook.remove()
-        return velocity.to(x_t.dtype), self.tokens_to_grid(captured[0], x_t.shape).to(x_t.dtype)
+        tokens = captured[0]
+        if self.context_parallel_group is not None:
+            from distill_pl.models.context_parallel import gather_tokens
+
+            tokens = gather_tokens(tokens, self.context_parallel_group)
+        return velocity.to(x_t.dtype), self.tokens_to_grid(tokens, x_t.shape).to(x_t.dtype)
 
     def tokens_to_grid(self, tokens: Tensor, shape: torch.Size) -> Tensor:
         """[B, N, D] block tokens -> [B, D, t, h, w] features on the token grid of latents of

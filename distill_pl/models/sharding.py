@@ -7,6 +7,14 @@ embedders, output head) is one more. Parameters
 become ``DTensor`` shards on the data-parallel mesh; ``reshard_after_forward=True`` frees the
 gathered weights after each forward, which also keeps optimizer toggling (``requires_grad``
 flipped between the critic and the student phases of DMD2) correct.
+
+With context parallelism (:mod:`distill_pl.models.context_parallel`) the mesh has the
+dimensions ("data_parallel", "ring", "ulysses"): every network is sharded over all its processes
+(the flattened mesh), the denoisers' split and gather hooks go on first, and the denoisers'
+gradients are reduce-scattered as a sum over each context-parallel group (its ranks hold shares
+of one pass's gradient) and a mean over the data-parallel ranks: FSDP2 sums over all processes
+and divides by the data-parallel size only. Networks run on gathered outputs (the
+discriminator head) hold the full gradient on every rank and keep FSDP2's mean over all processes.
 """
 
 from __future__ import annotations
@@ -39,35 +47,63 @@ def shard_module(module: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None
     return module
 
 
-def shard_denoiser(denoiser: Denoiser, mesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` each of ``denoiser.fsdp_units`` (its blocks), then the denoiser itself."""
-    for block in denoiser.fsdp_units:
-        shard_module(block, mesh, mp_policy)
-    return shard_module(denoiser, mesh, mp_policy)
+def shard_denoiser(denoiser: Denoiser, mesh, mp_policy: MixedPrecisionPolicy | None = None,
+                   gradient_divide_factor: int | None = None) -> nn.Module:
+    """``fully_shard`` each of ``denoiser.fsdp_units`` (its blocks), then the denoiser itself;
+    ``gradient_divide_factor``: what the reduce-scatter divides the summed gradients by (None:
+    FSDP2's default, the mesh size: a mean); the reduction is then a plain sum followed by the
+    division (gloo has no pre-multiplied sum, NCCL's zero-copy path wants a sum)."""
+    units = [shard_module(block, mesh, mp_policy) for block in denoiser.fsdp_units]
+    units.append(shard_module(denoiser, mesh, mp_policy))
+    if gradient_divide_factor is not None:
+        for unit in units:
+            unit.set_gradient_divide_factor(float(gradient_divide_factor))
+            unit.set_force_sum_reduction_for_comms(True)
+    return denoiser
 
 
 def shard_stage_networks(stage, denoisers: Iterable[nn.Module | None], others: Iterable[nn.Module] = ()) -> None:
     """A stage's ``configure_model`` under FSDP2: shard each denoiser per block and each of
     ``others`` whole, with bf16 compute when the trainer's precision is ``bf16-mixed``.
     Nothing under any other strategy, or when already sharded (``configure_model`` may run
-    again). None entries (e.g. no EMA) are skipped."""
-    mesh = data_parallel_mesh(stage)
+    again). None entries (e.g. no EMA) are skipped.
+
+    With the stage's ``context_parallel`` (a
+    :class:`~distill_pl.models.context_parallel.ContextParallel`) the denoisers are first made
+    context-parallel over their group, and their gradients reduced as the module docstring says;
+    ValueError under any other strategy."""
+    cp = getattr(stage, "context_parallel", None)
+    mesh = sharding_mesh(stage)
     denoisers = [d for d in denoisers if d is not None]
+    if cp is not None and mesh is None:
+        raise ValueError("context_parallel needs --trainer.strategy distill_pl.training.strategies.FSDP2Strategy")
     if mesh is None or any(is_sharded(d) for d in denoisers):
         return
     policy = mixed_precision_policy(stage.trainer.precision)
+    divide = None
+    if cp is not None:
+        from distill_pl.models.context_parallel import context_parallel_mesh, enable_context_parallel
+
+        group = context_parallel_mesh(stage.device_mesh)
+        for denoiser in denoisers:
+            enable_context_parallel(denoiser, cp, group, stage.device)
+        divide = stage.device_mesh["data_parallel"].size()
     for denoiser in denoisers:
-        shard_denoiser(denoiser, mesh, policy)
+        shard_denoiser(denoiser, mesh, policy, divide)
     for module in others:
         shard_module(module, mesh, policy)
 
 
-def data_parallel_mesh(module) -> "object | None":
-    """The data-parallel mesh of a LightningModule under ``ModelParallelStrategy`` (None under
-    any other strategy). Tensor parallelism is not implemented: its size must be 1."""
+def sharding_mesh(module) -> "object | None":
+    """The mesh a LightningModule's networks are sharded over under ``ModelParallelStrategy``
+    (None under any other strategy): its data-parallel mesh, or with context parallelism (a
+    mesh with "ring" and "ulysses" dimensions) all its processes. Tensor parallelism is not
+    implemented: its size must be 1."""
     mesh = getattr(module, "device_mesh", None)
     if mesh is None:
         return None
+    if "ulysses" in (mesh.mesh_dim_names or ()):
+        return mesh["data_parallel", "ring", "ulysses"]._flatten("data_context_parallel")
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
         raise ValueError(
             "distill_pl shards with FSDP2 only: use tensor_parallel_size=1 (distill_pl.training.strategies.FSDP2Strategy)"

@@ -68,6 +68,7 @@ from distill_pl.diffusion.sampling import one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.context_parallel import stage_context_parallel
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
@@ -170,6 +171,10 @@ class DMD2Module(StageModule):
             :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student, the
             teacher and the fake score, at the start of fit (after any sharding); the first
             steps then take the compile time.
+        context_parallel: ``{ulysses: N, ring: M}``: every pass of every network is split over
+            the tokens of a group of N x M processes (see
+            :mod:`distill_pl.models.context_parallel`; needs the FSDP2 strategy and a family with a
+            context-parallel plan; ring needs CUDA); None (default): no splitting.
     """
 
     def __init__(
@@ -219,6 +224,7 @@ class DMD2Module(StageModule):
         ca_t_min: float | None = None,
         ca_t_max: float | None = None,
         compile: bool = False,
+        context_parallel: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -253,6 +259,8 @@ class DMD2Module(StageModule):
         self.discriminator = roles.discriminator
         self.student_ema = roles.student_ema
         self.autoencoder = build_autoencoder(vae_path, vae_dtype)
+        #: the context-parallel setting (None: off), read by the strategy and configure_model
+        self.context_parallel = stage_context_parallel(context_parallel, self.student)
         self.negative_prompt = NegativePrompt()
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)

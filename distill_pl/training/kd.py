@@ -27,6 +27,7 @@ from distill_pl.diffusion.sampling import StudentSampler, one_step_sample
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.context_parallel import stage_context_parallel
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
@@ -94,6 +95,10 @@ class KDModule(StageModule):
             :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student (the
             network KD's steps run), at the start of fit (after any sharding); the first
             steps then take the compile time.
+        context_parallel: ``{ulysses: N, ring: M}``: every pass of every network is split over
+            the tokens of a group of N x M processes (see
+            :mod:`distill_pl.models.context_parallel`; needs the FSDP2 strategy and a family with a
+            context-parallel plan; ring needs CUDA); None (default): no splitting.
 
     Batches are KD pairs (``data.mode: pairs``): ``noise`` and ``teacher_output``
     [B, C, T, H, W] in the student's space, ``control`` [B, 3, T, H, W] pixels in [-1, 1],
@@ -139,6 +144,7 @@ class KDModule(StageModule):
         accumulate_micro_batches: int = 1,
         grad_clip: float | None = None,
         compile: bool = False,
+        context_parallel: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -153,6 +159,8 @@ class KDModule(StageModule):
         self.teacher = roles.teacher
         self.student = roles.student
         self.student_ema = roles.student_ema
+        #: the context-parallel setting (None: off), read by the strategy and configure_model
+        self.context_parallel = stage_context_parallel(context_parallel, self.student)
         self.autoencoder = build_autoencoder(vae_path)
         self.shift = scheduler_shift(load_scheduler(teacher))
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)

@@ -11,6 +11,12 @@ swaps the staging folder in (the old folder is first renamed to ``.<name>.old``,
 removed). A run killed during the save leaves the previous checkpoint or the new one under
 the final name (or, between the two renames, none: resuming then falls back to the newest
 intact checkpoint, see :mod:`distill_pl.training.resume`), never a mixture of shards of two steps.
+
+Context parallelism: when the LightningModule has a ``context_parallel`` setting
+(:class:`~distill_pl.models.context_parallel.ContextParallel`, ``ulysses * ring`` processes per
+group), the device mesh is ("data_parallel", "ring", "ulysses") of sizes (processes / group
+size, ring, ulysses): consecutive ranks form a group, and Lightning's samplers, which split the
+data by the "data_parallel" dimension, give every rank of a group the same batches.
 """
 
 from __future__ import annotations
@@ -41,10 +47,33 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
     def setup_environment(self) -> None:
+        cp = getattr(self.lightning_module, "context_parallel", None)
+        if cp is not None:
+            return self._setup_context_parallel_environment(cp)
         if self._data_parallel_size == "auto":
             tp = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
             self._data_parallel_size = self.num_nodes * self.num_processes // tp
         super().setup_environment()
+
+    def _setup_context_parallel_environment(self, cp) -> None:
+        """``ModelParallelStrategy.setup_environment`` with the (data_parallel, ring, ulysses)
+        mesh of the module's ``context_parallel`` setting (see the module docstring)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = self.num_nodes * self.num_processes
+        if world % cp.size or self._tensor_parallel_size not in (1, "auto"):
+            raise ValueError(f"context_parallel ulysses={cp.ulysses} x ring={cp.ring} needs a multiple of "
+                             f"{cp.size} processes (got {world}) and tensor_parallel_size 1")
+        data_parallel = world // cp.size
+        if self._data_parallel_size not in ("auto", data_parallel):
+            raise ValueError(f"data_parallel_size={self._data_parallel_size}: with context_parallel of "
+                             f"{cp.size} processes on {world} it is {data_parallel}")
+        self._data_parallel_size, self._tensor_parallel_size = data_parallel, 1
+        super(ModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        self._device_mesh = init_device_mesh(self.root_device.type, (data_parallel, cp.ring, cp.ulysses),
+                                             mesh_dim_names=("data_parallel", "ring", "ulysses"))
+        self.lightning_module._device_mesh = self._device_mesh
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """Lightning's save, through a staging folder when the checkpoint is distributed (see

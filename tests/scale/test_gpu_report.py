@@ -1,5 +1,5 @@
 """scripts/gpu_report.sh in its tiny CPU version: one JSON and one markdown table holding both
-families (Wan2.1-T2V and Cosmos-Transfer2.5 with its ControlNet)."""
+families (Wan2.1-T2V and Cosmos-Transfer2.5 with its ControlNet) and the context-parallel run."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def test_tiny_gpu_report_writes_json_and_table(tmp_path):
     env = {**os.environ, "GPU_REPORT_TINY": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     env.pop("GPU_REPORT_FAMILIES", None)
+    env.pop("GPU_REPORT_CONTEXT_PARALLEL", None)
     run = subprocess.run([str(REPO / "scripts" / "gpu_report.sh"), str(tmp_path)], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -48,3 +49,8 @@ def test_tiny_gpu_report_writes_json_and_table(tmp_path):
         assert table.count(f"| {phase} |") == 2
     assert table.count("| student 1-step |") == 2 and table.count("(extrapolated)") == 2
     assert "speed-up" in table
+    [cp] = report["context_parallel"]
+    assert "error" not in cp and (cp["ulysses"], cp["ring"], cp["device"]) == (2, 1, "cpu")
+    assert [row["phase"] for row in cp["rows"]] == ["KD step", "critic", "generator"]
+    assert all(max(row["gradient_relative_error"].values()) < 1e-5 for row in cp["rows"])
+    assert "## Context parallel vs one process" in table and table.count("| ulysses 2 x ring 1 |") == 3

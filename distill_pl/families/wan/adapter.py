@@ -98,6 +98,14 @@ class WanDenoiser(Denoiser):
     def blocks(self) -> torch.nn.ModuleList:
         return self.transformer.blocks
 
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """diffusers' own plan of the transformer class, where it has one
+        (``WanTransformer3DModel``: split the tokens at the first block's input and the rotary
+        embedding's output, gather them at ``proj_out``)."""
+        plan = type(self.transformer)._cp_plan
+        return {"transformer": plan} if plan else {}
+
     def sampler_sigma(self, timestep: Tensor, sigma: Tensor) -> Tensor:
         """``timesteps[i] / 1000`` in float64: ``WanPipeline`` passes the scheduler's timestep
         (an integer for UniPC) to the transformer, and :meth:`forward` turns this sigma back

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import WanVACETransformer3DModel
+from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
+from diffusers.models._modeling_parallel import ContextParallelInput
 from torch import Tensor, nn
 
 from distill_pl.families.wan.adapter import WanDenoiser
@@ -57,6 +58,22 @@ from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 
 PIPELINE_CLASS = "WanVACEPipeline"
+
+
+#: The context-parallel plan of ``WanVACETransformer3DModel`` (diffusers' ``_cp_plan`` format):
+#: the plan of ``WanTransformer3DModel`` (tokens split at the first main block's input and at
+#: the rotary embedding's output, gathered at ``proj_out``) plus the first VACE block's inputs:
+#: the patch-embedded latents and the padded VACE context [B, N, D], split over the tokens. The
+#: later VACE blocks take the split context from the first; each hint they return is a rank's
+#: tokens and is added to the same rank's tokens of the main stream (``hidden_states`` reaches the
+#: later VACE blocks unsplit but only the first one reads it).
+VACE_CP_PLAN = {
+    **WanTransformer3DModel._cp_plan,
+    "vace_blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+        "control_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
+    },
+}
 
 
 class WanVACEDenoiser(WanDenoiser):
@@ -94,6 +111,11 @@ class WanVACEDenoiser(WanDenoiser):
     @property
     def fsdp_units(self) -> list[nn.Module]:
         return [*self.transformer.blocks, *self.transformer.vace_blocks]
+
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """:data:`VACE_CP_PLAN` (diffusers has no plan for the VACE transformer)."""
+        return {"transformer": VACE_CP_PLAN}
 
     def _control_channels(self) -> int:
         return self.transformer.config.vace_in_channels
