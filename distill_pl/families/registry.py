@@ -71,6 +71,13 @@ def published_configs() -> dict[str, tuple[str, dict]]:
     return _family_constants("PUBLISHED")
 
 
+def published_vae_configs() -> dict[str, dict]:
+    """Diffusers folder name -> ``vae/config.json`` (without ``_`` keys) of the published models
+    whose VAE is not diffusers' ``AutoencoderKLWan`` default (each family package's
+    ``configs.PUBLISHED_VAES``)."""
+    return _family_constants("PUBLISHED_VAES")
+
+
 def text_encoders() -> dict[str, str]:
     """transformers ``model_type`` of a text encoder folder -> ``"module:EncoderClass"`` of a
     family's own prompt embedding (each family package's ``configs.TEXT_ENCODERS``); any other

@@ -69,8 +69,9 @@ def image(size, seed=0):
     return Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
-def project_sample(folder, noise, prompt, negative, control=None, guidance_2=GUIDANCE_2, boundary=None):
-    denoiser = load_denoiser(folder).eval()
+def project_sample(folder, noise, prompt, negative, control=None, guidance_2=GUIDANCE_2, boundary=None,
+                   **options):
+    denoiser = load_denoiser(folder, **options).eval()
     if boundary is not None:
         denoiser.boundary_ratio = boundary
     cond = Conditioning(prompt, control=control)
@@ -163,11 +164,12 @@ def test_image_to_video_ti2v_sample_equals_the_pipeline(tiny):
     noise, prompt, negative = inputs()
     picture, pixels = image(size)
     expected = pipeline_sample(i2v, noise, prompt, negative, size, image=picture)
-    denoiser = load_denoiser(folder)
+    denoiser = load_denoiser(folder, image_to_video=True)
+    assert denoiser.control_channels == 4 and load_denoiser(folder).control_channels == 0  # text-to-video
     with torch.no_grad():
         control = denoiser.encode_control(first_frame_video(pixels), WanVAE(str(folder)))
     assert control.shape == (1, 4, 1, 4, 4)
-    ours = project_sample(folder, noise, prompt, negative, control=control, guidance_2=None)
+    ours = project_sample(folder, noise, prompt, negative, control=control, guidance_2=None, image_to_video=True)
     assert (ours - expected).abs().max() < TOLERANCE
     assert torch.equal(ours[:, :, :1], control)  # the clean first frame, as the pipeline ends
     # text-to-video from the same noise is another video
@@ -230,3 +232,35 @@ def test_image_of_the_wrong_size_is_a_one_line_error(tiny):
         small = denoiser.encode_control(first_frame_video(pixels), vae)  # a 16 x 16 video's condition
     with pytest.raises(ValueError, match=r"cond.control must be \[1, 8, 3, 4, 4\]"):
         denoiser(noise, torch.ones(1), Conditioning(prompt, control=small))
+
+
+def test_published_wan22_configs_build_on_meta():
+    """The published Wan 2.2 configs (families/wan/configs.py) as the registry builds them
+    without a folder: two 14B experts switched at 0.875, TI2V-5B on 48 channels; the I2V experts
+    are the T2V ones with 16 + 4 + 16 input channels, switched at 0.9."""
+    from distill_pl.families.registry import published_configs
+
+    published = published_configs()
+    experts = build_denoiser(*published["Wan2.2-T2V-A14B-Diffusers"], on_meta=True)
+    assert type(experts).__name__ == "WanExpertsDenoiser" and experts.boundary_ratio == 0.875
+    assert sum(p.numel() for p in experts.parameters()) == 28_576_983_168 and experts.num_blocks == 40
+    i2v = published["Wan2.2-I2V-A14B-Diffusers"][1]
+    assert i2v["boundary_ratio"] == 0.9 and i2v["pipeline_class"] == "WanImageToVideoPipeline"
+    assert i2v["transformer"] == i2v["transformer_2"] == {**experts.backbone_config["transformer"], "in_channels": 36}
+    ti2v = build_denoiser(*published["Wan2.2-TI2V-5B-Diffusers"], on_meta=True, image_to_video=True)
+    assert type(ti2v).__name__ == "WanTI2VDenoiser" and sum(p.numel() for p in ti2v.parameters()) == 4_999_787_712
+    assert ti2v.latent_channels == ti2v.control_channels == 48 and ti2v.feature_dim == 3072
+
+
+def test_clip_control_gives_the_first_frame_condition(tiny):
+    """data.control: clip hands the clip itself to encode_control, which conditions on its
+    first frame."""
+    from distill_pl.data.controls import ControlSettings
+
+    folder = tiny["i2v-a14b"][0]
+    vae, denoiser = WanVAE(str(folder)), load_denoiser(folder)
+    _, pixels = image(32)
+    clip = first_frame_video(pixels)
+    with torch.no_grad():
+        control = denoiser.encode_control(ControlSettings("clip").compute(clip), vae)
+        assert torch.equal(control, first_frame_condition(pixels, FRAMES, 32, 32, vae))

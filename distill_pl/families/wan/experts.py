@@ -132,8 +132,12 @@ class WanExpertsDenoiser(Denoiser):
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity (and features after block ``feature_block``) of each sample from the
-        expert owning its noise level."""
+        expert owning its noise level. Levels on the meta device (a memory estimate) have no
+        values: the high-noise expert runs the whole batch (a split batch holds the same
+        activations)."""
         self.high_noise._check_inputs(x_t, sigma, cond)
+        if sigma.is_meta:
+            return self.high_noise(x_t, sigma, cond, feature_block)
         low = self.low_noise_levels(sigma)
         if not low.any():
             return self.high_noise(x_t, sigma, cond, feature_block)

@@ -6,12 +6,13 @@ Everything of :mod:`distill_pl.families.wan.adapter` holds (velocity, ``timestep
 sigma``, zero-padded text, token grid), except:
 
 - the transformer takes one timestep per token, [B, t*h*w] (frame-major, as the tokens);
-- image-to-video: ``Conditioning.control`` is the clean first latent frame [B, C, 1, H, W]
+- image-to-video (adapter option ``image_to_video=True``): ``Conditioning.control`` is the
+  clean first latent frame [B, C, 1, H, W]
   (:func:`~distill_pl.families.wan.image_condition.first_frame_latent`); the transformer's
   input is ``(1 - m) * control + m * x_t`` with ``m`` 0 on the first latent frame and 1
   elsewhere, and the first frame's tokens take timestep 0; the pipeline puts the clean frame
-  back into its final latents (:meth:`WanTI2VDenoiser.finish_sample`). Text-to-video: control
-  None, every token at the step's timestep.
+  back into its final latents (:meth:`WanTI2VDenoiser.finish_sample`). Text-to-video (the
+  default): no control, every token at the step's timestep.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from distill_pl.models.conditioning import Conditioning
 
 
 class WanTI2VDenoiser(WanDenoiser):
-    """Wan 2.2 TI2V transformer as a velocity predictor; control = the clean first latent
-    frame of image-to-video (optional: None is text-to-video).
+    """Wan 2.2 TI2V transformer as a velocity predictor; with ``image_to_video`` the control
+    is the clean first latent frame, without it (text-to-video) the model takes no control.
 
     ``config`` (and :attr:`backbone_config`) is ``{"transformer": transformer config,
     "expand_timesteps": True}``, as :func:`~distill_pl.families.wan.layout.wan_folder_config`
@@ -39,6 +40,21 @@ class WanTI2VDenoiser(WanDenoiser):
         "(expand_timesteps=True); without an image, WanPipeline"
     )
 
+    def __init__(
+        self,
+        path: str | None = None,
+        config: dict | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: str = "float32",
+        image_to_video: bool = False,
+    ) -> None:
+        self.image_to_video = bool(image_to_video)
+        super().__init__(path=path, config=config, gradient_checkpointing=gradient_checkpointing, dtype=dtype)
+
+    @property
+    def adapter_options(self) -> dict:
+        return {"image_to_video": self.image_to_video}
+
     @classmethod
     def constructor_config(cls, config: dict) -> dict:
         return super().constructor_config(config["transformer"])
@@ -48,8 +64,8 @@ class WanTI2VDenoiser(WanDenoiser):
         return {"transformer": self.transformer_config, "expand_timesteps": True}
 
     def _control_channels(self) -> int:
-        """The first latent frame has the latents' channels."""
-        return self.transformer.config.out_channels
+        """Image-to-video: the first latent frame, the latents' channels; else 0."""
+        return self.transformer.config.out_channels if self.image_to_video else 0
 
     def _first_frame_mask(self, x_t: Tensor) -> Tensor:
         """[1, 1, T, H, W]: 0 on the first latent frame, 1 elsewhere (the pipeline's mask)."""
@@ -74,20 +90,28 @@ class WanTI2VDenoiser(WanDenoiser):
         return per_token[None] * wan_timestep(sigma)[:, None]
 
     def _check_control(self, x_t: Tensor, control: Tensor | None) -> None:
+        if not self.image_to_video:
+            if control is not None:
+                raise ValueError("this Wan 2.2 TI2V model is text-to-video (image_to_video=False), "
+                                 "but cond.control was given")
+            return
         expected = [x_t.shape[0], self.latent_channels, 1, *x_t.shape[3:]]
-        if control is not None and list(control.shape) != expected:
-            raise ValueError(f"cond.control of a Wan 2.2 TI2V model is the clean first latent frame "
-                             f"{expected} (or None: text-to-video), got {list(control.shape)}")
+        if control is None or list(control.shape) != expected:
+            got = None if control is None else list(control.shape)
+            raise ValueError(f"cond.control of a Wan 2.2 TI2V image-to-video model is the clean first "
+                             f"latent frame {expected}, got {got}")
 
     def finish_sample(self, x0: Tensor, cond: Conditioning) -> Tensor:
         """The clean first frame put back, ``(1 - m) * control + m * x0``, as the pipeline
         ends (``x0`` itself for text-to-video)."""
         return self._hidden_states(x0, cond)
 
-    def encode_control(self, control: Tensor, autoencoder: VideoAutoencoder) -> Tensor:
-        """The clean first latent frame [B, C, 1, H', W'] of a video [B, 3, T, H, W] in
-        [-1, 1] whose first frame is the conditioning image."""
+    def encode_control(self, control: Tensor, autoencoder: VideoAutoencoder) -> Tensor | None:
+        """Image-to-video: the clean first latent frame [B, C, 1, H', W'] of a video
+        [B, 3, T, H, W] in [-1, 1] whose first frame is the conditioning image; else None."""
+        if not self.image_to_video:
+            return None
         return first_frame_latent(control[:, :, 0], control.shape[3], control.shape[4], autoencoder)
 
     def encoded_control_channels(self, autoencoder: VideoAutoencoder) -> int:
-        return autoencoder.latent_channels
+        return autoencoder.latent_channels if self.image_to_video else 0
