@@ -8,6 +8,7 @@ suite."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from distill_pl.families.wan.configs import PUBLISHED, PUBLISHED_VAES
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.training.kd_pairs import KDPairGenerationModule, latent_shape
-from tests.configs.test_wan_configs import SCHEDULER_CONFIG, TEXT_ENCODER_CONFIG
-from tests.meta_configs import build_on_meta, num_params, parse, wan_vae_config, write_model
+from tests.configs.test_wan_configs import write_stand_in as write_wan21_stand_in
+from tests.meta_configs import build_on_meta, num_params, parse, write_model
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -49,23 +50,22 @@ MODELS = {
 
 
 def write_stand_in(root: Path, folder: str) -> None:
-    """The diffusers folder ``folder`` with its published configs and empty weight files."""
+    """The diffusers folder ``folder`` with its published configs and empty weight files: the
+    Wan 2.1 stand-in with its transformer, plus ``model_index.json`` (boundary_ratio,
+    expand_timesteps), ``transformer_2/`` and the Wan 2.2 VAE where the model has them."""
     _, config = PUBLISHED[folder]
-    index = {"_class_name": config.get("pipeline_class", "WanPipeline"), "scheduler": ["diffusers", "x"],
+    write_wan21_stand_in(root, {"_class_name": "WanTransformer3DModel", **config["transformer"]})
+    index = {"_class_name": config.get("pipeline_class", "WanPipeline"), "transformer_2": [None, None],
+             "boundary_ratio": config.get("boundary_ratio"), "expand_timesteps": config.get("expand_timesteps", False),
              "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
-             "text_encoder": ["transformers", "UMT5EncoderModel"], "transformer_2": [None, None],
-             "boundary_ratio": config.get("boundary_ratio"), "expand_timesteps": config.get("expand_timesteps", False)}
-    write_model(root, "transformer", {"_class_name": "WanTransformer3DModel", **config["transformer"]})
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"]}
     if "transformer_2" in config:
         index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
         write_model(root, "transformer_2", {"_class_name": "WanTransformer3DModel", **config["transformer_2"]})
-    vae = {"_class_name": "AutoencoderKLWan", **PUBLISHED_VAES[folder]} if folder in PUBLISHED_VAES else wan_vae_config()
-    write_model(root, "vae", vae)
+    if folder in PUBLISHED_VAES:
+        shutil.rmtree(root / "vae")
+        write_model(root, "vae", {"_class_name": "AutoencoderKLWan", **PUBLISHED_VAES[folder]})
     (root / "model_index.json").write_text(json.dumps(index))
-    (root / "scheduler").mkdir()
-    (root / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
-    (root / "text_encoder").mkdir()
-    (root / "text_encoder/config.json").write_text(json.dumps(TEXT_ENCODER_CONFIG))
 
 
 @pytest.fixture(params=list(MODELS))

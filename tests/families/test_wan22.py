@@ -264,3 +264,32 @@ def test_clip_control_gives_the_first_frame_condition(tiny):
     with torch.no_grad():
         control = denoiser.encode_control(ControlSettings("clip").compute(clip), vae)
         assert torch.equal(control, first_frame_condition(pixels, FRAMES, 32, 32, vae))
+
+
+def test_two_expert_student_exports_as_the_official_pipeline(tiny, tmp_path):
+    """A one-step two-expert student written as a full WanPipeline folder (both experts, the
+    boundary, an Euler scheduler) reloads through the registry and through WanPipeline, whose
+    one-step call equals the project's one-step sample."""
+    from diffusers import WanPipeline
+
+    from distill_pl.diffusion.sampling import one_step_sample
+
+    folder = tiny["t2v-a14b"][0]
+    student = load_denoiser(folder).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a student that is not the teacher
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export = student.save_student_pipeline(str(tmp_path / "student"), str(folder), shift=3.0)
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    reloaded = load_denoiser(export)
+    assert type(reloaded).__name__ == "WanExpertsDenoiser"
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    pipe = WanPipeline.from_pretrained(str(export), local_files_only=True, text_encoder=None, tokenizer=None)
+    noise, prompt, _ = inputs()
+    with torch.no_grad():
+        ours = one_step_sample(velocity_fn(student, Conditioning(prompt)), noise)
+        theirs = pipe(prompt_embeds=prompt, latents=noise.clone(), height=32, width=32, num_frames=FRAMES,
+                      num_inference_steps=1, guidance_scale=1.0, output_type="latent").frames
+    assert (ours - theirs).abs().max() < TOLERANCE

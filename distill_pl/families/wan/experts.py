@@ -56,6 +56,10 @@ class WanExpertsDenoiser(Denoiser):
 
     class_name = "WanTransformer3DModel"
     lora_targets = WAN_BLOCK_LINEARS
+    control_input = (
+        "WanImageToVideoPipeline(image=the control video's first frame as a PIL RGB image, "
+        "(frame + 1) * 127.5): the pipeline builds the first-frame mask and latents itself"
+    )
 
     def __init__(
         self,
@@ -180,6 +184,27 @@ class WanExpertsDenoiser(Denoiser):
         """The experts as ``transformer/`` (high noise) and ``transformer_2/`` (low noise)."""
         self.high_noise.save_pretrained(str(Path(folder) / "transformer"))
         self.low_noise.save_pretrained(str(Path(folder) / SECOND_EXPERT))
+
+    def save_student_pipeline(
+        self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
+        sampler: str = "renoise",
+    ) -> Path:
+        """The full two-expert pipeline folder of this student (the teacher's
+        ``pipeline_class``): the ``teacher`` pipeline folder's ``model_index.json`` (with its
+        ``boundary_ratio``), VAE, and text encoder and tokenizer where it has them, the
+        student's experts as ``transformer/`` and ``transformer_2/``, and a flow-match Euler
+        ``scheduler/`` with ``shift`` (stochastic for more than one of ``noise_levels`` with a
+        re-noising ``sampler``; an earlier export in ``folder`` is replaced). Called with
+        ``guidance_scale=1.0`` and ``num_inference_steps = K`` (custom levels bound as for
+        ``WanVACEPipeline``), each step runs the expert that owns its timestep, as here."""
+        from distill_pl.diffusion.sampling import build_student_scheduler
+        from distill_pl.families.pipeline_export import save_pipeline_folder
+
+        if teacher is None:
+            raise ValueError(f"a two-expert Wan student is exported as a full {self.pipeline_class_name} folder: "
+                             "the teacher pipeline folder (model_index.json with boundary_ratio, VAE) is needed")
+        return save_pipeline_folder(folder, self, teacher, self.pipeline_class_name,
+                                    build_student_scheduler(shift, len(noise_levels), sampler), replace=True)
 
     def pretrained_state_dict(self, path: str) -> dict[str, Tensor]:
         """The safetensors of ``path``'s ``transformer/`` and ``transformer_2/`` as
