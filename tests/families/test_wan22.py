@@ -266,13 +266,17 @@ def test_clip_control_gives_the_first_frame_condition(tiny):
         assert torch.equal(control, first_frame_condition(pixels, FRAMES, 32, 32, vae))
 
 
-def test_two_expert_student_exports_as_the_official_pipeline(tiny, tmp_path):
-    """A one-step two-expert student written as a full WanPipeline folder (both experts, the
-    boundary, an Euler scheduler) reloads through the registry and through WanPipeline, whose
-    one-step call equals the project's one-step sample."""
+@pytest.mark.parametrize("levels", [(1.0,), (1.0, 0.5)])
+def test_two_expert_student_exports_as_the_official_pipeline(tiny, tmp_path, levels):
+    """A two-expert student written as a full WanPipeline folder (both experts, the boundary,
+    an Euler scheduler) reloads through the registry and through WanPipeline, whose K-step
+    call equals the project's K-step (Euler) sample: one step runs the high-noise expert, the
+    second step at sigma 0.5 (timestep 500 < 875) the low-noise one."""
+    import functools
+
     from diffusers import WanPipeline
 
-    from distill_pl.diffusion.sampling import one_step_sample
+    from distill_pl.diffusion.sampling import student_sample
 
     folder = tiny["t2v-a14b"][0]
     student = load_denoiser(folder).eval()
@@ -280,16 +284,21 @@ def test_two_expert_student_exports_as_the_official_pipeline(tiny, tmp_path):
     with torch.no_grad():  # a student that is not the teacher
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    export = student.save_student_pipeline(str(tmp_path / "student"), str(folder), shift=3.0)
+    export = student.save_student_pipeline(str(tmp_path / "student"), str(folder), shift=1.0,
+                                           noise_levels=levels, sampler="euler")
     index = json.loads((export / "model_index.json").read_text())
     assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
     reloaded = load_denoiser(export)
     assert type(reloaded).__name__ == "WanExpertsDenoiser"
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in reloaded.state_dict().items())
     pipe = WanPipeline.from_pretrained(str(export), local_files_only=True, text_encoder=None, tokenizer=None)
+    pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=list(levels))
     noise, prompt, _ = inputs()
     with torch.no_grad():
-        ours = one_step_sample(velocity_fn(student, Conditioning(prompt)), noise)
+        ours = student_sample(velocity_fn(student, Conditioning(prompt)), noise, levels, "euler")
         theirs = pipe(prompt_embeds=prompt, latents=noise.clone(), height=32, width=32, num_frames=FRAMES,
-                      num_inference_steps=1, guidance_scale=1.0, output_type="latent").frames
+                      num_inference_steps=len(levels), guidance_scale=1.0, output_type="latent").frames
+        high_only = student_sample(velocity_fn(student.high_noise, Conditioning(prompt)), noise, levels, "euler")
     assert (ours - theirs).abs().max() < TOLERANCE
+    if len(levels) > 1:  # the low-noise expert ran the second step
+        assert (high_only - theirs).abs().max() > 1e-3
