@@ -23,6 +23,7 @@ from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.loading import ModelFolderError
+from distill_pl.models.lora import add_lora, lora_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 #: max |project - pipeline| over latents of order 1 (batched CFG call against the pipeline's
@@ -176,7 +177,7 @@ def test_image_to_video_ti2v_sample_equals_the_pipeline(tiny):
     assert (project_sample(folder, noise, prompt, negative, guidance_2=None) - expected).abs().max() > 1e-3
 
 
-def test_a_mixed_batch_runs_each_sample_on_its_expert(tiny):
+def test_a_mixed_batch_runs_each_sample_on_its_expert_and_trains_it(tiny):
     denoiser = load_denoiser(tiny["t2v-a14b"][0]).eval()
     noise, prompt, _ = inputs()
     x_t = torch.cat([noise, noise.flip(-1), noise.flip(-2)])
@@ -189,6 +190,17 @@ def test_a_mixed_batch_runs_each_sample_on_its_expert(tiny):
             alone, alone_features = expert(x_t[i:i + 1], sigma[i:i + 1], cond.select([i]), feature_block=1)
             assert (velocity[i:i + 1] - alone).abs().max() < 1e-6
             assert (features[i:i + 1] - alone_features).abs().max() < 1e-6
+    # gradients reach each expert through its own samples only; LoRA adapters go into both
+    add_lora(denoiser, rank=2)
+    loras = lora_parameters(denoiser)
+    assert any(k.startswith("high_noise.") for k in loras) and any(k.startswith("low_noise.") for k in loras)
+    torch.manual_seed(0)
+    for p in loras.values():  # lora_B starts at zero: give every adapter an effect
+        torch.nn.init.normal_(p, std=0.1)
+    denoiser(x_t[:1], sigma[:1], cond.select([0])).square().mean().backward()
+    assert all(p.grad is None for k, p in loras.items() if k.startswith("low_noise."))
+    denoiser(x_t, sigma, cond).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loras.values())
 
 
 def test_guidance_2_needs_two_experts(tiny):
