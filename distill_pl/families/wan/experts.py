@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_condition
-from distill_pl.families.wan.layout import SECOND_EXPERT
+from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config
 from distill_pl.families.wan.ti2v import WanTI2VDenoiser
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
@@ -72,8 +72,6 @@ class WanExpertsDenoiser(Denoiser):
         if (path is None) == (config is None):
             raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
         if path is not None:
-            from distill_pl.families.wan.layout import wan_folder_config
-
             root = resolve_path(path)
             config = wan_folder_config(root)
             where = root
