@@ -22,7 +22,8 @@ from distill_pl.scale.memory_estimate import GIB, estimate_memory
 REPO = Path(__file__).resolve().parents[1]
 GPU_SIZES = (80.0, 141.0)
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
-REAL_SIZE = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "cosmos-transfer2.5-2b")
+REAL_SIZE = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b",
+             "cosmos-transfer2.5-2b")
 
 
 def smallest_fit(config: str, gpu_gb: float) -> str:

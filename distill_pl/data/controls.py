@@ -4,6 +4,8 @@
   thresholds ``canny_low`` / ``canny_high``), Cosmos-Transfer2.5's "edge" control;
 - ``blur``: the clip blurred (:func:`~distill_pl.data.blur_control.blur_control`),
   Cosmos-Transfer2.5's "vis" control;
+- ``clip``: the clip itself, for image-to-video models, whose ``encode_control`` takes its
+  first frame as the conditioning image (Wan 2.2 I2V A14B and TI2V);
 - ``video``: a precomputed control video per clip (e.g. depth or segmentation), named in the
   manifest under ``controls[control_key]`` (:mod:`distill_pl.data.control_videos`).
 
@@ -21,8 +23,8 @@ from torch import Tensor
 from distill_pl.data.blur_control import blur_control
 from distill_pl.data.control import canny_control
 
-ControlName = Literal["edge", "blur", "video"]
-CONTROLS = ("edge", "blur", "video")
+ControlName = Literal["edge", "blur", "clip", "video"]
+CONTROLS = ("edge", "blur", "clip", "video")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ControlSettings:
             return canny_control(video, self.canny_low, self.canny_high)
         if self.control == "blur":
             return blur_control(video)
+        if self.control == "clip":
+            return video
         raise ValueError("control: video is read from the manifest's control videos, not computed from the clip")
 
     def metadata(self) -> dict:

@@ -180,7 +180,8 @@ class VideoDataModule(lightning.LightningDataModule):
             val_clips_per_video, canny_low, canny_high, cache_frames, probe, max_open_videos,
             max_bad_read_fraction: see :class:`ClipDataset` (sampling, probing, read faults).
         control: the control video of each clip: ``"edge"`` (canny edges, the default),
-            ``"blur"`` (the clip blurred as Cosmos-Transfer2.5's "vis" control) or ``"video"``
+            ``"blur"`` (the clip blurred as Cosmos-Transfer2.5's "vis" control), ``"clip"`` (the
+            clip itself: image-to-video models take its first frame) or ``"video"``
             (the control video the manifest names under ``controls[control_key]``; KD pair
             shards reference it beside the clip); see :mod:`distill_pl.data.controls`.
         control_key: with ``control: video``, the key of the manifest's ``controls``.

@@ -63,8 +63,9 @@ def shift_sigma(sigma: Tensor | float, shift: float) -> Tensor | float:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def classifier_free_guidance(v_uncond: Tensor, v_cond: Tensor, guidance: float) -> Tensor:
-    """CFG in the common form ``u + w (c - u)``; ``w = 1`` is the conditional prediction.
+def classifier_free_guidance(v_uncond: Tensor, v_cond: Tensor, guidance: float | Tensor) -> Tensor:
+    """CFG in the common form ``u + w (c - u)``; ``w = 1`` is the conditional prediction
+    (``guidance`` a number, or a tensor that broadcasts: one weight per sample).
 
     Cosmos writes ``c + g (c - u)``: the same thing with ``w = g + 1``.
     """

@@ -41,7 +41,8 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float, ke
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
         fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance)
-        return sample_with_scheduler(fn, noise, scheduler, steps, step_sigma=teacher.sampler_sigma)
+        return teacher.finish_sample(sample_with_scheduler(fn, noise, scheduler, steps,
+                                                           step_sigma=teacher.sampler_sigma), cond)
 
     label = f"teacher {steps}-step" + (f" CFG w={guidance:g}" if cfg else "")
     key = f"teacher_{steps}step" + (f"_w{guidance:g}".replace(".", "p").replace("-", "m") if key_with_guidance else "")

@@ -82,8 +82,8 @@ def sample_teacher(
                 x0 = student_sample(velocity_fn(denoiser, cond), noise, levels, student_sampler_of(teacher), g)
             else:
                 fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
-                x0 = sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
-                                           step_sigma=denoiser.sampler_sigma)
+                x0 = denoiser.finish_sample(sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
+                                                                  step_sigma=denoiser.sampler_sigma), cond)
             video = autoencoder.decode(x0)
         for b in range(video.shape[0]):
             if index >= num_videos:

@@ -62,8 +62,8 @@ def control_preprocessing(data_hparams: Mapping) -> dict:
     """The control recipe of :class:`~distill_pl.data.clips.ClipDataset` with this run's
     values: the frame window and resize (the clip's and the control's), then ``canny``
     (:func:`~distill_pl.data.control.canny_control`), ``blur``
-    (:func:`~distill_pl.data.blur_control.blur_control`) or ``video`` (the manifest's control
-    video, :mod:`distill_pl.data.control_videos`)."""
+    (:func:`~distill_pl.data.blur_control.blur_control`), ``clip`` (the clip itself) or
+    ``video`` (the manifest's control video, :mod:`distill_pl.data.control_videos`)."""
     modality = data_hparams.get("control") or "edge"
     num_frames, stride = int(data_hparams["num_frames"]), int(data_hparams["frame_stride"])
     height, width = int(data_hparams["height"]), int(data_hparams["width"])
@@ -90,6 +90,9 @@ def control_preprocessing(data_hparams: Mapping) -> dict:
     if modality == "blur":
         return {**recipe, "blur": BLUR_RECIPE, "values": "[-1, 1]", "channels": 3,
                 "layout": "[B, 3, T, H, W]: each RGB frame blurred"}
+    if modality == "clip":
+        return {**recipe, "values": "[-1, 1]", "channels": 3,
+                "layout": "[B, 3, T, H, W]: the clip itself (image-to-video: its first frame is the image)"}
     if modality == "video":
         return {**recipe, "video": {
             "key": data_hparams["control_key"],

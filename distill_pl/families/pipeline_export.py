@@ -50,7 +50,7 @@ def save_pipeline_folder(
     try:
         student.save_components(str(staging))
         for name, entry in index.items():
-            if name.startswith("_") or name == "scheduler" or (staging / name).exists() or not _is_component(entry):
+            if name.startswith("_") or name == "scheduler" or (staging / name).exists() or not is_component(entry):
                 continue
             if not (teacher / name).is_dir():
                 raise ModelFolderError(f"{teacher}: model_index.json lists {name!r} but there is no {name}/")
@@ -92,6 +92,6 @@ def _model_index(teacher: Path, pipeline_class: str) -> dict:
     return index
 
 
-def _is_component(entry) -> bool:
+def is_component(entry) -> bool:
     """A saved component: ``[library, class]`` with both set (``[null, null]`` is an absent one)."""
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None

@@ -71,6 +71,13 @@ def published_configs() -> dict[str, tuple[str, dict]]:
     return _family_constants("PUBLISHED")
 
 
+def published_vae_configs() -> dict[str, dict]:
+    """Diffusers folder name -> ``vae/config.json`` (without ``_`` keys) of the published models
+    whose VAE is not diffusers' ``AutoencoderKLWan`` default (each family package's
+    ``configs.PUBLISHED_VAES``)."""
+    return _family_constants("PUBLISHED_VAES")
+
+
 def text_encoders() -> dict[str, str]:
     """transformers ``model_type`` of a text encoder folder -> ``"module:EncoderClass"`` of a
     family's own prompt embedding (each family package's ``configs.TEXT_ENCODERS``); any other
@@ -141,6 +148,13 @@ def denoiser_config(path: str | Path) -> tuple[str, dict]:
     return class_name, adapter_class(class_name, resolve_path(path)).folder_config(str(path))
 
 
+def folder_adapter(path: str | Path) -> type[Denoiser]:
+    """The adapter class of a folder: the one registered for its class name, or the variant
+    it names for the folder's layout (``Denoiser.variant`` of its ``folder_config``)."""
+    cls = adapter_class(folder_class_name(path), resolve_path(path))
+    return cls.variant(cls.folder_config(str(path)))
+
+
 def load_denoiser(
     path: str | Path, dtype: str = "float32", gradient_checkpointing: bool = False, **adapter_options
 ) -> Denoiser:
@@ -150,7 +164,7 @@ def load_denoiser(
     ``adapter_options`` are the adapter's own keyword arguments (e.g. Wan VACE's
     ``conditioning_scale``).
     """
-    cls = adapter_class(folder_class_name(path), resolve_path(path))
+    cls = folder_adapter(path)
     return cls(path=str(path), dtype=dtype, gradient_checkpointing=gradient_checkpointing, **adapter_options)
 
 
@@ -167,7 +181,7 @@ def build_denoiser(
     ``on_meta=True`` builds every parameter and buffer on the meta device (no memory, no
     values), for shapes, parameter counts and memory estimates of real-size models.
     """
-    cls = adapter_class(class_name)
+    cls = adapter_class(class_name).variant(config)
     return cls.from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                            on_meta=on_meta, **adapter_options)
 

@@ -98,6 +98,14 @@ class Denoiser(nn.Module):
 
         return read_config(transformer_config_file(path))
 
+    @classmethod
+    def variant(cls, config: dict) -> type["Denoiser"]:
+        """The adapter that builds ``config`` (what :meth:`folder_config` returns): this class
+        by default; a family whose one diffusers class comes in several layouts (Wan 2.2's
+        two experts, its per-token timesteps) returns the adapter of the layout. The registry
+        asks it before building or loading a denoiser."""
+        return cls
+
     @property
     def backbone_config(self) -> dict:
         """The backbone's diffusers config without ``_`` keys (what :meth:`from_config` takes)."""
@@ -232,6 +240,18 @@ class Denoiser(nn.Module):
         with the scheduler's ``timesteps[i]`` and ``sigmas[i]``, as the model's official
         pipeline feeds its transformer. Default: ``sigmas[i]`` itself."""
         return sigma
+
+    def low_noise_levels(self, sigma: Tensor) -> Tensor | None:
+        """bool [B]: True where a two-expert model hands ``sigma`` [B] to its low-noise expert
+        (the levels that take the pipeline's ``guidance_scale_2``); None for a model of one
+        network (the default)."""
+        return None
+
+    def finish_sample(self, x0: Tensor, cond: Conditioning) -> Tensor:
+        """The sample [B, C, T, H, W] as the model's pipeline returns it from the state ``x0``
+        its sampler ends in: ``x0`` itself by default; a model that keeps conditioning frames
+        clean puts them back."""
+        return x0
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each of :attr:`blocks` in backward (non-reentrant)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from distill_pl.diffusion.flow import classifier_free_guidance
@@ -24,19 +25,29 @@ def velocity_fn(
     cond: Conditioning,
     uncond: Conditioning | None = None,
     guidance: float = 1.0,
+    guidance_2: float | None = None,
 ):
     """``fn(x_t, sigma) -> v`` with CFG ``u + w (c - u)`` when ``guidance != 1``.
 
-    Both branches run in one batched call.
+    Both branches run in one batched call. ``guidance_2``: the weight ``w`` at the levels a
+    two-expert denoiser hands to its low-noise expert (``Denoiser.low_noise_levels``; the
+    pipelines' ``guidance_scale_2``), ``guidance`` at the others; None: ``guidance``
+    everywhere. ValueError for ``guidance_2`` with a denoiser of one network.
     """
-    if guidance == 1.0:
+    if guidance_2 is not None and denoiser.low_noise_levels(torch.ones(1, dtype=torch.float64)) is None:
+        raise ValueError("guidance_2 (the low-noise expert's CFG weight) needs a two-expert denoiser")
+    if guidance == 1.0 and guidance_2 in (None, 1.0):
         return lambda x_t, sigma: denoiser(x_t, sigma, cond)
 
     branches = branch_velocities(denoiser, cond, uncond)
 
     def guided(x_t: Tensor, sigma: Tensor) -> Tensor:
         v_cond, v_uncond = branches(x_t, sigma)
-        return classifier_free_guidance(v_uncond, v_cond, guidance)
+        if guidance_2 is None:
+            return classifier_free_guidance(v_uncond, v_cond, guidance)
+        low = denoiser.low_noise_levels(sigma).view(-1, *[1] * (x_t.ndim - 1))
+        weight = torch.where(low, guidance_2, guidance).to(v_cond.dtype)
+        return classifier_free_guidance(v_uncond, v_cond, weight)
 
     return guided
 

@@ -73,7 +73,7 @@ from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
 from distill_pl.models.autoencoder import autoencoder_config, empty_autoencoder, latent_grid
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.families.registry import denoiser_config, published_configs
+from distill_pl.families.registry import denoiser_config, published_configs, published_vae_configs
 from distill_pl.methods.dmd2 import DMD2Roles
 from distill_pl.methods.kd import KDRoles
 from distill_pl.methods.roles import Roles, config_denoisers
@@ -85,6 +85,8 @@ GIB = 2**30
 #: (``configs.PUBLISHED``), used when the teacher folder is not on disk: folder name ->
 #: (transformer class name, ``from_config``'s config)
 PUBLISHED_TRANSFORMER_CONFIGS = published_configs()
+#: folder name -> the VAE config of a published model whose VAE is not the Wan 2.1 one
+PUBLISHED_VAE_CONFIGS = published_vae_configs()
 #: stage class name -> the roles of its method (the networks, their dtypes, which phase trains which)
 STAGE_ROLES: dict[str, type[Roles]] = {"KDModule": KDRoles, "DMD2Module": DMD2Roles}
 #: Lightning precision -> the dtype the networks compute in
@@ -239,7 +241,7 @@ def estimate_memory(
     if gradient_checkpointing is None:
         gradient_checkpointing = args["gradient_checkpointing"]
     class_name, transformer, source = _transformer_config(args["teacher"])
-    vae = autoencoder_config(args["vae_path"]) if args["vae_path"] else None
+    vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
     method = STAGE_ROLES[stage]
     settings = {**args, "gradient_checkpointing": gradient_checkpointing}
     make = config_denoisers(class_name, transformer, args.get("denoiser_options"), on_meta=True)
@@ -350,6 +352,15 @@ def _transformer_config(teacher: str) -> tuple[str, dict, str]:
         f"{teacher}: no transformer/config.json there, and not one of the published configs "
         f"({', '.join(PUBLISHED_TRANSFORMER_CONFIGS)}); only the config file is needed, not the weights"
     )
+
+
+def _vae_config(path: str) -> dict:
+    """The VAE config of ``path``: its own when on disk, else the published one of that folder
+    name (``configs.PUBLISHED_VAES``), else diffusers' ``AutoencoderKLWan`` defaults."""
+    name = resolve_path(path).name
+    if _folder_config(path, "vae") is None and name in PUBLISHED_VAE_CONFIGS:
+        return PUBLISHED_VAE_CONFIGS[name]
+    return autoencoder_config(path)
 
 
 def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:

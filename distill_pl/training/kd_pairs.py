@@ -171,6 +171,7 @@ class KDPairGenerationModule(L.LightningModule):
 
         output = sample_with_scheduler(fn, noise.to(self.device), scheduler, self.hparams.num_steps,
                                        step_sigma=self.teacher.sampler_sigma, on_step=keep_state)
+        output = self.teacher.finish_sample(output, cond)
         prediction = {
             "teacher_output": output.float(),
             "text_embeds": batch["text_embeds"],

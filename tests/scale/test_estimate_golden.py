@@ -2,7 +2,7 @@
 
 ``tests/scale/estimate_peaks.json`` holds, per config (``configs/*/kd*.yaml`` and
 ``configs/*/dmd2*.yaml``, the pair-generation configs left out) and per set of arguments
-(the config's own; for the real-size Wan2.1 and Cosmos configs also ``devices=8,
+(the config's own; for the real-size Wan2.1, Wan2.2 and Cosmos configs also ``devices=8,
 sharding="fsdp"``), each phase's peak and the total in bytes per device. A change to how
 the estimate builds its networks or runs its phases must leave every number as it is; a
 deliberate change of the estimate re-records the file:
@@ -12,7 +12,7 @@ deliberate change of the estimate re-records the file:
 The configs name their teachers relative to the working directory: ``teachers/tiny`` (in the
 repository), the tiny Wan VACE and Cosmos-Transfer2.5 teachers their scripts write under
 ``runs/``, and the Wan2.1-VACE stand-in folders (configs and empty weights) under
-``checkpoints/``; the Wan2.1-T2V and Cosmos-Transfer2.5-2B folders are absent, so the
+``checkpoints/``; the Wan2.1-T2V, Wan2.2 and Cosmos-Transfer2.5-2B folders are absent, so the
 estimate takes their published configs.
 """
 
@@ -46,7 +46,7 @@ def training_configs() -> list[str]:
 
 
 def arguments(config: str) -> dict[str, dict]:
-    real_size = Path(config).parent.name.startswith(("wan2.1-", "cosmos-"))
+    real_size = Path(config).parent.name.startswith(("wan2.1-", "wan2.2-", "cosmos-"))
     return REAL_SIZE_ARGUMENTS if real_size else OWN_ARGUMENTS
 
 

@@ -38,6 +38,12 @@ from distill_pl.util.paths import resolve_path
 WAN_BLOCK_LINEARS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
 
+def wan_timestep(sigma: Tensor) -> Tensor:
+    """``1000 * sigma`` [B] in float64, cast to float32: the timestep Wan's transformers take
+    (a sampler's ``sigma = timesteps[i] / 1000`` in float64 gives the integer back exactly)."""
+    return (1000.0 * sigma.double()).float()
+
+
 class WanDenoiser(Denoiser):
     """Wan transformer as a velocity predictor ``(x_t, sigma, cond) -> v``.
 
@@ -90,9 +96,41 @@ class WanDenoiser(Denoiser):
         self.patch_size: tuple[int, int, int] = tuple(cfg.patch_size)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
+    @classmethod
+    def folder_config(cls, path: str) -> dict:
+        """The folder's layout (:func:`~distill_pl.families.wan.layout.wan_folder_config`):
+        the transformer's config for Wan 2.1, the Wan 2.2 keys around it otherwise."""
+        from distill_pl.families.wan.layout import wan_folder_config
+
+        return wan_folder_config(path)
+
+    @classmethod
+    def variant(cls, config: dict) -> type[Denoiser]:
+        """A Wan 2.2 layout's adapter (:mod:`distill_pl.families.wan.layout`): two experts
+        (:class:`~distill_pl.families.wan.experts.WanExpertsDenoiser`) or per-token timesteps
+        (:class:`~distill_pl.families.wan.ti2v.WanTI2VDenoiser`); ``cls`` for one transformer
+        config. ValueError for a Wan 2.2 layout of another class (VACE)."""
+        if "transformer" not in config:
+            return cls
+        if cls is not WanDenoiser:
+            raise ValueError(f"{cls.class_name}: the Wan 2.2 layouts (two experts, expand_timesteps) are "
+                             "supported for WanTransformer3DModel only")
+        if "transformer_2" in config:
+            from distill_pl.families.wan.experts import WanExpertsDenoiser
+
+            return WanExpertsDenoiser
+        from distill_pl.families.wan.ti2v import WanTI2VDenoiser
+
+        return WanTI2VDenoiser
+
+    @property
+    def transformer_config(self) -> dict:
+        """The transformer's diffusers config without ``_`` keys."""
+        return {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+
     @property
     def backbone_config(self) -> dict:
-        return {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+        return self.transformer_config
 
     @property
     def blocks(self) -> torch.nn.ModuleList:
@@ -125,12 +163,17 @@ class WanDenoiser(Denoiser):
             text = text.masked_fill(~cond.text_mask.bool()[..., None], 0.0)
         kwargs = dict(
             hidden_states=hidden.to(model_dtype),
-            timestep=(1000.0 * sigma.double()).float(),
+            timestep=self._timestep(sigma, x_t, cond),
             encoder_hidden_states=text.to(model_dtype),
             return_dict=False,
             **self._transformer_inputs(cond),
         )
         return self.run_with_feature_tap(lambda: self.transformer(**kwargs)[0], feature_block, x_t)
+
+    def _timestep(self, sigma: Tensor, x_t: Tensor, cond: Conditioning) -> Tensor:
+        """The transformer's ``timestep`` [B]: ``1000 * sigma`` computed in float64, cast to
+        float32."""
+        return wan_timestep(sigma)
 
     def _control_channels(self) -> int:
         """Control by channel concatenation: ``in_channels - out_channels``."""
