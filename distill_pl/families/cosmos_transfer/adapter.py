@@ -10,8 +10,14 @@ conditional frames, i.e. generation from pure noise; its UniPC scheduler has
 - it takes ``timestep = sigma`` itself (the pipeline passes ``scheduler.sigmas[i]``, rounded to
   the transformer dtype, then as float32), one value per latent frame: [B, 1, T, 1, 1];
 - the transformer's ``in_channels`` is the latent channel count + 1: a condition-mask channel,
-  all zeros here (no conditional frames), passed as ``condition_mask`` [B, 1, T, H, W];
+  passed as ``condition_mask`` [B, 1, T, H, W]: 1 on the conditional latent frames
+  (``Conditioning.num_cond_frames`` leading frames), 0 elsewhere (all zeros without them);
   ``padding_mask`` [1, 1, H, W] is zeros (no padding), as the pipeline passes it;
+- conditional frames (the pipeline's ``cond_latent``, ``cond_mask``, ``cond_indicator``): the
+  model sees ``m * cond_latents + (1 - m) * x_t`` and, per latent frame, the timestep
+  ``conditional_frame_timestep`` on the conditional frames and ``sigma`` on the others (the
+  pipeline's default 0.1 for Transfer2.5); its output on the conditional frames is returned as
+  it is (the samplers replace it, :mod:`distill_pl.diffusion.conditional_frames`);
 - text: ``encoder_hidden_states`` is ``Conditioning.text_embeds`` [B, L, D] unchanged: the
   pipeline feeds the transformer every one of its ``max_sequence_length`` positions, the
   padding tokens' hidden states included, with no attention mask; ``text_mask`` is not used.
@@ -83,7 +89,9 @@ class CosmosTransferDenoiser(Denoiser):
     whatever ``requires_grad_`` is later called with; by default base and ControlNet train
     together. ``control_encoding`` is how :meth:`encode_control` encodes the control video:
     ``"mean"`` (the VAE posterior's mean, the default) or ``"sample"`` (a draw from the
-    posterior, as the pipeline encodes it). ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
+    posterior, as the pipeline encodes it). ``conditional_frame_timestep`` is the noise level
+    the model is told for conditional frames (the pipeline's argument of that name, 0.1 by
+    default). ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
     Gradient checkpointing is per block (base and ControlNet), non-reentrant.
     """
 
@@ -95,6 +103,7 @@ class CosmosTransferDenoiser(Denoiser):
         "Cosmos2_5_TransferPipeline(controls=(control + 1) / 2), the control video as "
         "[B, T, 3, H, W] in [0, 1]; the pipeline encodes it with the VAE for the ControlNet"
     )
+    takes_conditional_frames = True
 
     def __init__(
         self,
@@ -104,6 +113,7 @@ class CosmosTransferDenoiser(Denoiser):
         control_scale: float | list[float] = 1.0,
         freeze_control_branch: bool = False,
         control_encoding: str = "mean",
+        conditional_frame_timestep: float = 0.1,
         gradient_checkpointing: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -141,6 +151,7 @@ class CosmosTransferDenoiser(Denoiser):
         self.control_scale = control_scale
         self.freeze_control_branch = freeze_control_branch
         self.control_encoding = control_encoding
+        self.conditional_frame_timestep = float(conditional_frame_timestep)
         self.requires_grad_(True)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -173,7 +184,8 @@ class CosmosTransferDenoiser(Denoiser):
     @property
     def adapter_options(self) -> dict:
         return {"control_scale": self.control_scale, "freeze_control_branch": self.freeze_control_branch,
-                "control_encoding": self.control_encoding}
+                "control_encoding": self.control_encoding,
+                "conditional_frame_timestep": self.conditional_frame_timestep}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -231,14 +243,21 @@ class CosmosTransferDenoiser(Denoiser):
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity [B, C, T, H, W] (dtype of ``x_t``), and features [B, D, T/pt, H/ph, W/pw]
-        after base block ``feature_block`` if it is given (gradients flow through both)."""
+        after base block ``feature_block`` if it is given (gradients flow through both). With
+        conditional frames in ``cond``, the network's raw output on them (see the module notes)."""
         self._check_inputs(x_t, sigma, cond)
         dtype = self.transformer.dtype
         batch, _, frames, height, width = x_t.shape
         latents = x_t.to(dtype)
-        condition_mask = latents.new_zeros(batch, 1, frames, height, width)
         padding_mask = latents.new_zeros(1, 1, height, width)
         timestep = sigma.to(dtype).float().view(batch, 1, 1, 1, 1).expand(batch, 1, frames, 1, 1)
+        given = cond.conditional_frame_mask(frames, dtype)
+        if given is None:
+            condition_mask = latents.new_zeros(batch, 1, frames, height, width)
+        else:
+            latents = given * cond.cond_latents.to(dtype) + (1 - given) * latents
+            timestep = given.float() * self.conditional_frame_timestep + (1 - given.float()) * timestep
+            condition_mask = given.expand(batch, 1, frames, height, width)
         context = self._encoder_hidden_states(cond.text_embeds.to(dtype))
         common = dict(
             timestep=timestep,
