@@ -144,7 +144,10 @@ def test_conditional_frames_reach_the_model_as_the_pipeline_passes_them(teacher_
     assert inputs["timestep"][:, 0, :, 0, 0].tolist() == [[0.8999999761581421] * 3, [0.25, 0.25, 0.4000000059604645]]
     assert inputs["condition_mask"][:, 0, :, 0, 0].tolist() == [[0, 0, 0], [1, 1, 0]]
     torch.testing.assert_close(v[0], v_plain[0], rtol=0, atol=0)  # no conditional frames: unchanged
-    assert (v[1] - v_plain[1]).abs().max() > 1e-3
+    assert (v[1, :, 2:] - v_plain[1, :, 2:]).abs().max() > 1e-3  # the given frames reach the generated one
+    # on the given frames: the path velocity, whose clean estimate is the given latents
+    torch.testing.assert_close(v[1, :, :2], (x_t[1, :, :2] - clean[1, :, :2]) / 0.4, rtol=0, atol=0)
+    torch.testing.assert_close(x_t[1, :, :2] - 0.4 * v[1, :, :2], clean[1, :, :2], rtol=0, atol=1e-6)
 
     noise = torch.randn(2, 16, 3, 4, 4, generator=g)
     kept = keep_conditional_frames(lambda x, s: teacher(x, s, cond), noise, clean,

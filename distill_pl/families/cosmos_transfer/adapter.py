@@ -16,8 +16,11 @@ conditional frames, i.e. generation from pure noise; its UniPC scheduler has
 - conditional frames (the pipeline's ``cond_latent``, ``cond_mask``, ``cond_indicator``): the
   model sees ``m * cond_latents + (1 - m) * x_t`` and, per latent frame, the timestep
   ``conditional_frame_timestep`` on the conditional frames and ``sigma`` on the others (the
-  pipeline's default 0.1 for Transfer2.5); its output on the conditional frames is returned as
-  it is (the samplers replace it, :mod:`distill_pl.diffusion.conditional_frames`);
+  pipeline's default 0.1 for Transfer2.5); on the conditional frames the adapter returns the
+  velocity of the straight path through ``x_t`` to the given latents, ``(x_t - cond_latents) /
+  sigma``, whose clean estimate is the given latents (as Cosmos replaces the clean estimate of
+  conditional frames by them): a loss on them is zero and trains nothing; samplers put the
+  pipeline's ``noise - cond_latents`` there (:mod:`distill_pl.diffusion.conditional_frames`);
 - text: ``encoder_hidden_states`` is ``Conditioning.text_embeds`` [B, L, D] unchanged: the
   pipeline feeds the transformer every one of its ``max_sequence_length`` positions, the
   padding tokens' hidden states included, with no attention mask; ``text_mask`` is not used.
@@ -243,8 +246,8 @@ class CosmosTransferDenoiser(Denoiser):
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity [B, C, T, H, W] (dtype of ``x_t``), and features [B, D, T/pt, H/ph, W/pw]
-        after base block ``feature_block`` if it is given (gradients flow through both). With
-        conditional frames in ``cond``, the network's raw output on them (see the module notes)."""
+        after base block ``feature_block`` if it is given (gradients flow through both). On the
+        conditional frames of ``cond``, the path velocity (see the module notes)."""
         self._check_inputs(x_t, sigma, cond)
         dtype = self.transformer.dtype
         batch, _, frames, height, width = x_t.shape
@@ -273,7 +276,10 @@ class CosmosTransferDenoiser(Denoiser):
             **common,
         )[0]
         kwargs = dict(hidden_states=latents, block_controlnet_hidden_states=residuals, **common)
-        return self.run_with_feature_tap(lambda: self.transformer(**kwargs)[0], feature_block, x_t)
+        run = lambda: self.transformer(**kwargs)[0]  # noqa: E731
+        if given is not None:
+            run = given_frames_on_their_path(run, x_t, sigma, cond.cond_latents, given)
+        return self.run_with_feature_tap(run, feature_block, x_t)
 
     def _encoder_hidden_states(self, text: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """``text``, or ``(text, zero image context)`` for a model with ``img_context_dim_in``."""
@@ -373,6 +379,20 @@ class CosmosTransferDenoiser(Denoiser):
             for file in sorted(folder.glob("*.safetensors")):
                 state.update({f"{prefix}.{k}": v for k, v in load_file(file).items()})
         return state
+
+
+def given_frames_on_their_path(run, x_t: Tensor, sigma: Tensor, cond_latents: Tensor, given: Tensor):
+    """``run`` (the network's velocity) with the frames where ``given`` [B, 1, T, 1, 1] is 1
+    replaced by ``(x_t - cond_latents) / sigma``: the velocity whose clean estimate
+    ``x_t - sigma v`` is ``cond_latents`` (sigma clamped above 1e-6)."""
+    level = sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+
+    def velocity() -> Tensor:
+        raw = run()
+        path = ((x_t.float() - cond_latents.float()) / level).to(raw.dtype)
+        return raw * (1 - given) + path * given
+
+    return velocity
 
 
 def transfer_model_folders(path: str, controlnet_path: str | None = None) -> tuple[Path, Path]:
