@@ -54,6 +54,8 @@ def sampling_velocity_fn(
     straight path to the given latents (:func:`keep_conditional_frames`); without conditional
     frames, :func:`velocity_fn` itself."""
     fn = velocity_fn(denoiser, cond, uncond, guidance)
+    if cond.cond_latents is None:
+        return fn
     mask = cond.conditional_frame_mask(noise.shape[2], noise.dtype)
     return keep_conditional_frames(fn, noise, cond.cond_latents, mask)
 
