@@ -45,6 +45,7 @@ so a control gives one conditioning.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -250,35 +251,22 @@ class CosmosTransferDenoiser(Denoiser):
         conditional frames of ``cond``, the path velocity (see the module notes)."""
         self._check_inputs(x_t, sigma, cond)
         dtype = self.transformer.dtype
-        batch, _, frames, height, width = x_t.shape
-        latents = x_t.to(dtype)
-        padding_mask = latents.new_zeros(1, 1, height, width)
-        timestep = sigma.to(dtype).float().view(batch, 1, 1, 1, 1).expand(batch, 1, frames, 1, 1)
-        given = cond.conditional_frame_mask(frames, dtype)
-        if given is None:
-            condition_mask = latents.new_zeros(batch, 1, frames, height, width)
-        else:
-            latents = given * cond.cond_latents.to(dtype) + (1 - given) * latents
-            timestep = given.float() * self.conditional_frame_timestep + (1 - given.float()) * timestep
-            condition_mask = given.expand(batch, 1, frames, height, width)
-        context = self._encoder_hidden_states(cond.text_embeds.to(dtype))
+        inputs = CosmosInputs.of(x_t, sigma, cond, dtype, self.conditional_frame_timestep)
         common = dict(
-            timestep=timestep,
-            encoder_hidden_states=context,
-            condition_mask=condition_mask,
-            padding_mask=padding_mask,
+            timestep=inputs.timestep,
+            encoder_hidden_states=self._encoder_hidden_states(cond.text_embeds.to(dtype)),
+            condition_mask=inputs.condition_mask,
+            padding_mask=inputs.padding_mask,
             return_dict=False,
         )
         residuals = self.controlnet(
             controls_latents=cond.control.to(dtype),
-            latents=latents,
+            latents=inputs.latents,
             conditioning_scale=self.control_scale,
             **common,
         )[0]
-        kwargs = dict(hidden_states=latents, block_controlnet_hidden_states=residuals, **common)
-        run = lambda: self.transformer(**kwargs)[0]  # noqa: E731
-        if given is not None:
-            run = given_frames_on_their_path(run, x_t, sigma, cond.cond_latents, given)
+        kwargs = dict(hidden_states=inputs.latents, block_controlnet_hidden_states=residuals, **common)
+        run = inputs.velocity(lambda: self.transformer(**kwargs)[0], x_t, sigma, cond)
         return self.run_with_feature_tap(run, feature_block, x_t)
 
     def _encoder_hidden_states(self, text: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -381,18 +369,50 @@ class CosmosTransferDenoiser(Denoiser):
         return state
 
 
-def given_frames_on_their_path(run, x_t: Tensor, sigma: Tensor, cond_latents: Tensor, given: Tensor):
-    """``run`` (the network's velocity) with the frames where ``given`` [B, 1, T, 1, 1] is 1
-    replaced by ``(x_t - cond_latents) / sigma``: the velocity whose clean estimate
-    ``x_t - sigma v`` is ``cond_latents`` (sigma clamped above 1e-6)."""
-    level = sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+@dataclass
+class CosmosInputs:
+    """What a Cosmos 2.5 pipeline feeds its transformer (and ControlNet) for ``x_t`` [B, C, T,
+    H, W] at ``sigma`` [B]: ``latents`` (the given latents on conditional frames, ``x_t``
+    elsewhere), ``timestep`` [B, 1, T, 1, 1] float32 (``conditional_frame_timestep`` on
+    conditional frames, ``sigma`` in the model dtype elsewhere), ``condition_mask`` [B, 1, T, H,
+    W] (1 on conditional frames), ``padding_mask`` [1, 1, H, W] zeros; ``given`` [B, 1, T, 1, 1]
+    the conditional-frame mask (None without conditional frames)."""
 
-    def velocity() -> Tensor:
-        raw = run()
-        path = ((x_t.float() - cond_latents.float()) / level).to(raw.dtype)
-        return raw * (1 - given) + path * given
+    latents: Tensor
+    timestep: Tensor
+    condition_mask: Tensor
+    padding_mask: Tensor
+    given: Tensor | None
 
-    return velocity
+    @classmethod
+    def of(cls, x_t: Tensor, sigma: Tensor, cond: Conditioning, dtype: torch.dtype,
+           conditional_frame_timestep: float) -> "CosmosInputs":
+        batch, _, frames, height, width = x_t.shape
+        latents = x_t.to(dtype)
+        padding_mask = latents.new_zeros(1, 1, height, width)
+        timestep = sigma.to(dtype).float().view(batch, 1, 1, 1, 1).expand(batch, 1, frames, 1, 1)
+        given = cond.conditional_frame_mask(frames, dtype)
+        if given is None:
+            return cls(latents, timestep, latents.new_zeros(batch, 1, frames, height, width), padding_mask, None)
+        latents = given * cond.cond_latents.to(dtype) + (1 - given) * latents
+        timestep = given.float() * conditional_frame_timestep + (1 - given.float()) * timestep
+        return cls(latents, timestep, given.expand(batch, 1, frames, height, width), padding_mask, given)
+
+    def velocity(self, run, x_t: Tensor, sigma: Tensor, cond: Conditioning):
+        """``run`` (the network's velocity), with the conditional frames' replaced by
+        ``(x_t - cond_latents) / sigma``: the velocity whose clean estimate ``x_t - sigma v`` is
+        the given latents (sigma clamped above 1e-6); ``run`` itself without them."""
+        if self.given is None:
+            return run
+        given = self.given
+        level = sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+
+        def velocity() -> Tensor:
+            raw = run()
+            path = ((x_t.float() - cond.cond_latents.float()) / level).to(raw.dtype)
+            return raw * (1 - given) + path * given
+
+        return velocity
 
 
 def transfer_model_folders(path: str, controlnet_path: str | None = None) -> tuple[Path, Path]:
