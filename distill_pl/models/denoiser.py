@@ -35,7 +35,9 @@ class Denoiser(nn.Module):
     own options (:attr:`adapter_options`).
     """
 
-    #: the diffusers ``_class_name`` of the backbone (the registry's key for this adapter)
+    #: the diffusers ``_class_name`` of the backbone (the registry's key for this adapter); a
+    #: family whose transformer class another family shares is keyed by its pipeline class and
+    #: names its transformer's class in ``transformer_class_name``
     class_name: ClassVar[str]
     #: default LoRA targets: suffixes of module paths of the Linear layers inside
     #: :attr:`blocks` (peft ``target_modules``)

@@ -7,6 +7,8 @@ from __future__ import annotations
 TRANSFORMER_CLASS = "CosmosTransformer3DModel"
 CONTROLNET_CLASS = "CosmosControlNetModel"
 PIPELINE_CLASS = "Cosmos2_5_TransferPipeline"
+#: Cosmos-Predict2.5's pipeline: the same transformer without a ControlNet
+PREDICT_PIPELINE_CLASS = "Cosmos2_5_PredictBasePipeline"
 
 #: Cosmos-Transfer2.5-2B (general edge/depth/seg/blur ControlNets share it): ``from_config``'s
 #: ``{"transformer": ..., "controlnet": ...}`` as diffusers' conversion script
