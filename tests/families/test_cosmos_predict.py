@@ -120,3 +120,14 @@ def test_exported_student_equals_project_one_step(predict_folder, tmp_path):
         x_g = one_step_sample(sampling_velocity_fn(student, noise, cond), noise.clone())
     torch.testing.assert_close(x_g, expected, rtol=0, atol=1e-5)
     assert type(load_denoiser(out)) is CosmosPredictDenoiser
+
+
+def test_real_size_2b_on_meta():
+    from distill_pl.families.cosmos_transfer.configs import COSMOS_PREDICT_2_5_2B
+    from distill_pl.families.registry import build_denoiser
+
+    denoiser = build_denoiser("Cosmos2_5_PredictBasePipeline", COSMOS_PREDICT_2_5_2B, dtype="bfloat16", on_meta=True)
+    assert type(denoiser) is CosmosPredictDenoiser and all(p.is_meta for p in denoiser.parameters())
+    assert (denoiser.num_blocks, denoiser.feature_dim, denoiser.text_dim) == (28, 2048, 100352)
+    # Transfer2.5-2B's base (2.41 B) without its image-context projections: 2.06 B
+    assert sum(p.numel() for p in denoiser.parameters()) == 2_059_174_912
