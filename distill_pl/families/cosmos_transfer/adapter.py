@@ -179,8 +179,8 @@ class CosmosTransferDenoiser(Denoiser):
     def backbone_config(self) -> dict:
         """``{"transformer": ..., "controlnet": ...}``: the two diffusers configs, no ``_`` keys."""
         return {
-            "transformer": _public(self.transformer.config),
-            "controlnet": _public(self.controlnet.config),
+            "transformer": public_config(self.transformer.config),
+            "controlnet": public_config(self.controlnet.config),
         }
 
     training_options = ("freeze_control_branch",)
@@ -281,7 +281,7 @@ class CosmosTransferDenoiser(Denoiser):
     def text_dim(self) -> int:
         """D of ``Conditioning.text_embeds``: the cross-attention projection's input width when
         the model has one (Cosmos 2.5: Qwen2.5-VL layers concatenated), else ``text_embed_dim``."""
-        return _text_input_dim(dict(self.transformer.config))
+        return text_input_dim(dict(self.transformer.config))
 
     def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
         self.check_inputs(x_t, sigma, cond)
@@ -494,10 +494,10 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
         )
     if controlnet["model_channels"] != hidden:
         problems.append(f"controlnet model_channels {controlnet['model_channels']} != transformer width {hidden}")
-    if _text_input_dim(controlnet) != _text_input_dim(transformer):
+    if text_input_dim(controlnet) != text_input_dim(transformer):
         problems.append(
-            f"text embeddings: the controlnet takes D = {_text_input_dim(controlnet)}, "
-            f"the transformer D = {_text_input_dim(transformer)}"
+            f"text embeddings: the controlnet takes D = {text_input_dim(controlnet)}, "
+            f"the transformer D = {text_input_dim(transformer)}"
         )
     for key in ("text_embed_dim", "patch_size"):
         if _as_tuple(controlnet.get(key)) != _as_tuple(transformer.get(key)):
@@ -506,7 +506,7 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
         raise ValueError(f"{where}: not a Cosmos-Transfer2.5 base + ControlNet pair: {'; '.join(problems)}")
 
 
-def _text_input_dim(config: dict) -> int:
+def text_input_dim(config: dict) -> int:
     """D of the text embeddings a Cosmos model takes (before its cross-attention projection)."""
     if config.get("use_crossattn_projection"):
         return config["crossattn_proj_in_channels"]
@@ -525,6 +525,7 @@ def _class_name(config_file: Path) -> str | None:
     return config.get("_class_name") if isinstance(config, dict) else None
 
 
-def _public(config) -> dict:
+def public_config(config) -> dict:
+    """A diffusers config as a dict without its ``_`` keys (what the model class takes)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 

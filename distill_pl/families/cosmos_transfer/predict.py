@@ -26,7 +26,7 @@ from diffusers import CosmosTransformer3DModel
 from torch import Tensor, nn
 
 from distill_pl.families.cosmos_transfer import padding_resize
-from distill_pl.families.cosmos_transfer.adapter import COSMOS_BLOCK_LINEARS, CosmosInputs, _public, _text_input_dim
+from distill_pl.families.cosmos_transfer.adapter import COSMOS_BLOCK_LINEARS, CosmosInputs, public_config, text_input_dim
 from distill_pl.families.cosmos_transfer.configs import PREDICT_PIPELINE_CLASS, TRANSFORMER_CLASS
 from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.conditioning import Conditioning
@@ -91,7 +91,7 @@ class CosmosPredictDenoiser(Denoiser):
 
     @property
     def backbone_config(self) -> dict:
-        return _public(self.transformer.config)
+        return public_config(self.transformer.config)
 
     @property
     def adapter_options(self) -> dict:
@@ -104,7 +104,7 @@ class CosmosPredictDenoiser(Denoiser):
     @property
     def text_dim(self) -> int:
         """D of ``Conditioning.text_embeds`` (the cross-attention projection's input width)."""
-        return _text_input_dim(dict(self.transformer.config))
+        return text_input_dim(dict(self.transformer.config))
 
     def forward(
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
