@@ -67,9 +67,13 @@ def check_probabilities(probabilities: Sequence[float]) -> Tensor:
 
 
 def masked_mean(error: Tensor, keep: Tensor | None) -> Tensor:
-    """Mean of ``error`` [B, C, T, H, W] over the elements where ``keep`` (broadcastable to it,
-    e.g. the generated frames [B, 1, T, 1, 1]) is 1; the plain mean when ``keep`` is None."""
+    """Mean of ``error`` [B, C, T, H, W]: per sample over the elements where ``keep``
+    (broadcastable to it, e.g. the generated frames [B, 1, T, 1, 1]) is 1, then over the
+    samples, so every sample weighs the same whatever its number of conditional frames (and a
+    batch split evenly over data-parallel ranks averages to the same loss); the plain mean when
+    ``keep`` is None."""
     if keep is None:
         return error.mean()
     keep = keep.to(error.dtype).expand_as(error)
-    return (error * keep).sum() / keep.sum().clamp_min(1)
+    per_sample = (error * keep).flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
+    return per_sample.mean()

@@ -17,7 +17,8 @@ step's is exactly that clean estimate. ``L_KD`` is the mean over the K steps of
 ``mean((Euler step - teacher state)^2)``; K = 1 is the one-step loss above.
 
 With conditional frames (``Conditioning.cond_latents``: the clip's first latent frames, given
-to the teacher and the student alike), the means run over the generated frames only.
+to the teacher and the student alike), each sample's mean runs over its generated frames
+only, and the batch mean over the samples.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from distill_pl.models.guidance import sampling_velocity_fn
 
 
 def kd_loss(x_g: Tensor, x_teacher: Tensor, cond: Conditioning | None = None) -> Tensor:
-    """``L_KD = mean((x_g - x_teacher)^2)`` in float32, over the latent frames ``cond``
-    generates (its conditional frames, if any, left out)."""
+    """``L_KD = mean((x_g - x_teacher)^2)`` in float32; with conditional frames in ``cond``,
+    the mean per sample over the frames it generates, then over the samples."""
     error = (x_g.float() - x_teacher.float()).square()
     keep = None if cond is None or cond.num_cond_frames is None else cond.generated_frames(error.shape[2])
     return masked_mean(error, keep)
