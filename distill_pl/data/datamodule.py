@@ -33,7 +33,8 @@ Mode ``"pairs"`` (see :mod:`distill_pl.data.pairs` for the shard format):
   ``control``, ``video`` [B, 3, T, H, W] float32 pixels, ``text_embeds`` [B, L, D],
   ``text_mask`` [B, L] bool, ``caption`` list[str], ``seed`` [B] long, ``index`` [B] long;
   pairs generated with ``trajectory_sigmas`` add ``teacher_trajectory`` [B, K, C, T', H', W']
-  and ``trajectory_sigmas`` [B, K]. Version 2 pairs re-derive ``video`` and ``control`` from
+  and ``trajectory_sigmas`` [B, K]; pairs generated with conditional frames add
+  ``num_cond_frames`` [B] long. Version 2 pairs re-derive ``video`` and ``control`` from
   the referenced videos (``cache_frames``: each video decoded once per process).
   ``pairs_metadata`` is the shards' common metadata, for a KD module to check that the pairs
   fit its student and teacher: ``teacher`` (absolute folder), ``teacher_sha256``,

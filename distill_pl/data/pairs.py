@@ -17,6 +17,10 @@ tensor                  shape, dtype                    meaning
                                                         step with sigma <= each level (only
                                                         when ``trajectory_sigmas`` is set)
 ``trajectory_sigmas``   [S, K] float32                  the sigma of each stored state
+``num_cond_frames``     [S] int64                       leading latent frames of the clip the
+                                                        teacher was given as conditional frames
+                                                        (only when
+                                                        ``conditional_frame_probabilities`` is set)
 ``text_index``          [S] int64                       row of the example's prompt in the table
 ``text_table_embeds``   [P, L, D] <storage>             prompt embeddings, zero at padding
 ``text_table_mask``     [P, L] bool                     True at real tokens
@@ -47,7 +51,8 @@ Metadata (JSON under :data:`METADATA_KEY`):
   ``scheduler`` (diffusers class name), ``scheduler_shift``, ``num_steps``, ``guidance`` (common
   form ``u + w (c - u)``; Cosmos' ``g`` is ``w - 1``), ``guidance_form``, ``negative_prompt``,
   ``seed`` (base noise seed, see :func:`example_seed`), ``denoiser_options`` (the teacher
-  adapter's own options, e.g. a ControlNet's ``control_scale``); shapes without the batch
+  adapter's own options, e.g. a ControlNet's ``control_scale``), ``conditional_frame_probabilities``
+  (how often 0, 1, ... conditional frames were drawn; [] or absent = none); shapes without the batch
   dimension: ``latent_shape`` [C, T', H', W'], ``video_shape`` [3, T, H, W], ``text_shape`` [L, D]; the
   clip settings ``manifest`` (None = bundled clips), ``num_frames``, ``frame_stride``,
   ``height``, ``width``, ``val_fraction``, ``val_clips_per_video``, ``canny_low``,
@@ -228,7 +233,8 @@ def build_pair_shard(
     ``text_embeds`` [L, D], ``text_mask`` [L], ``seed``, ``index``, ``start`` (0-dim), the
     noise's ``noise_sha256``, ``caption`` and ``path`` (with ``control: video`` also
     ``control_path``, the row's control video); with trajectory levels also
-    ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]. ``common``: the
+    ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]; with
+    ``conditional_frame_probabilities`` also ``num_cond_frames`` (0-dim). ``common``: the
     common metadata (``storage_dtype``, ``trajectory_sigmas``, ...). ``negative``: the
     negative-prompt embeds [1, L, D] and mask [1, L].
     """
@@ -244,6 +250,8 @@ def build_pair_shard(
     if common["trajectory_sigmas"]:
         tensors["teacher_trajectory"] = torch.stack([row["teacher_trajectory"] for row in rows]).to(dtype)
         tensors["trajectory_sigmas"] = torch.stack([row["trajectory_sigmas"] for row in rows]).float()
+    if common.get("conditional_frame_probabilities"):
+        tensors["num_cond_frames"] = torch.stack([torch.as_tensor(row["num_cond_frames"]) for row in rows]).long()
     paths = [row["path"] for row in rows]
     control_paths = [row["control_path"] for row in rows] if "control_path" in rows[0] else []
     metadata = {
@@ -312,6 +320,8 @@ def _check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int],
         if levels:
             expected["teacher_trajectory"] = ([count, levels, *latent], dtype)
             expected["trajectory_sigmas"] = ([count, levels], torch.float32)
+        if metadata.get("conditional_frame_probabilities"):
+            expected["num_cond_frames"] = ([count], torch.int64)
     check_tensors(path, tensors, expected)
 
 
@@ -417,6 +427,8 @@ class PairShardDataset(Dataset):
         if "teacher_trajectory" in f.keys():
             item["teacher_trajectory"] = f.get_slice("teacher_trajectory")[row]
             item["trajectory_sigmas"] = f.get_slice("trajectory_sigmas")[row]
+        if "num_cond_frames" in f.keys():
+            item["num_cond_frames"] = f.get_slice("num_cond_frames")[row]
         return item
 
 

@@ -1,7 +1,8 @@
 """One way into a model family: the folder's diffusers ``_class_name`` picks the adapter.
 
 A model folder is a diffusers pipeline root (``model_index.json``, whose ``transformer``
-entry names the class), a teacher folder (``transformer/config.json``) or a model folder
+entry names the class; a family whose transformer class another family shares is keyed by its
+pipeline class, the index's ``_class_name``, e.g. Cosmos-Predict2.5), a teacher folder (``transformer/config.json``) or a model folder
 itself (``config.json``). Its class name selects a :class:`~distill_pl.models.denoiser.Denoiser`
 adapter from :data:`FAMILIES`; an unregistered class is a one-line
 :class:`~distill_pl.models.loading.ModelFolderError` naming the folder and the supported classes.
@@ -39,6 +40,7 @@ FAMILIES: dict[str, str] = {
     "WanTransformer3DModel": "distill_pl.families.wan.adapter:WanDenoiser",
     "WanVACETransformer3DModel": "distill_pl.families.wan.vace:WanVACEDenoiser",
     "CosmosTransformer3DModel": "distill_pl.families.cosmos_transfer.adapter:CosmosTransferDenoiser",
+    "Cosmos2_5_PredictBasePipeline": "distill_pl.families.cosmos_transfer.predict:CosmosPredictDenoiser",
 }
 
 
@@ -116,6 +118,9 @@ def folder_class_name(path: str | Path) -> str:
         )
     index = root / "model_index.json"
     if index.is_file():
+        pipeline = read_json(index).get("_class_name")
+        if pipeline in FAMILIES:  # a family keyed by its pipeline: its transformer class is shared
+            return pipeline
         entry = read_json(index).get(TRANSFORMER_COMPONENT)
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
             raise ModelFolderError(f"{index}: no {TRANSFORMER_COMPONENT!r} entry [library, class]")
@@ -135,9 +140,9 @@ def folder_class_name(path: str | Path) -> str:
 def transformer_folder(path: str | Path) -> Path:
     """The folder holding the denoising transformer's ``config.json`` and safetensors
     (``path`` itself or its ``transformer/``), checked like :func:`find_diffusers_model_folder`."""
-    class_name = folder_class_name(path)
-    adapter_class(class_name, resolve_path(path))
-    return find_diffusers_model_folder(str(path), class_name, TRANSFORMER_COMPONENT)
+    adapter = adapter_class(folder_class_name(path), resolve_path(path))
+    transformer_class = getattr(adapter, "transformer_class_name", adapter.class_name)
+    return find_diffusers_model_folder(str(path), transformer_class, TRANSFORMER_COMPONENT)
 
 
 def denoiser_config(path: str | Path) -> tuple[str, dict]:

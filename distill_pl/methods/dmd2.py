@@ -76,6 +76,7 @@ from typing import Callable, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
+from distill_pl.diffusion.conditional_frames import draw_num_conditional_frames
 from distill_pl.diffusion.dmd import (
     decoupled_dmd_terms,
     dmd_gradient,
@@ -128,7 +129,9 @@ class DMD2Draws:
     ``s_1 .. s_{K-1}``; with ``noised_real`` the noise of the real clip at ``s_k`` is
     ``renoise[:, k-1]``). sigma_dm, sigma_ca [B] and noise_dm, noise_ca [B, C, T, H, W]: the
     noise levels and noises of the two terms of Decoupled DMD under its own schedule (None
-    otherwise; see the module docstring).
+    otherwise; see the module docstring). num_cond_frames [B] int64: how many leading latent
+    frames of the real clip the sample is given as conditional frames (None: no draw, the
+    model takes none or the run turned them off).
     """
 
     eps: Tensor
@@ -141,6 +144,7 @@ class DMD2Draws:
     noise_dm: Tensor | None = None
     sigma_ca: Tensor | None = None
     noise_ca: Tensor | None = None
+    num_cond_frames: Tensor | None = None
 
     def rows(self, rows: slice) -> "DMD2Draws":
         return DMD2Draws(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
@@ -172,6 +176,9 @@ class DMD2Objective:
     the discriminator loss in the critic loss, ``gan_weight`` the GAN term of the generator.
     ``decoupled``, ``dm_weight``, ``ca_weight``, ``dm_t_min``, ``dm_t_max``, ``ca_t_min``,
     ``ca_t_max``: Decoupled DMD (module docstring; the ranges None: ``t_min`` / ``t_max``).
+    ``conditional_frame_probabilities``: how often 0, 1, 2, ... leading latent frames of the
+    real clip are given to the networks as conditional frames (() = never); on them the
+    networks' clean estimates are the given latents, so every loss there is zero.
     """
 
     student: nn.Module
@@ -196,6 +203,7 @@ class DMD2Objective:
     dm_t_max: float | None = None
     ca_t_min: float | None = None
     ca_t_max: float | None = None
+    conditional_frame_probabilities: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_trained_step_input(self.trained_step_input, self.phased)
@@ -234,7 +242,8 @@ class DMD2Objective:
     def draw(self, generator: torch.Generator, shape: tuple[int, ...], like: Tensor, phase: int = 0) -> DMD2Draws:
         """One sample's draws (``shape`` = [1, C, T, H, W]) from ``generator``, in the order
         eps, sigma, noise, noise_real, then (K > 1) the trained step and the re-noising noises,
-        then (:attr:`decoupled_schedule`) sigma_dm, noise_dm, sigma_ca, noise_ca.
+        then (:attr:`decoupled_schedule`) sigma_dm, noise_dm, sigma_ca, noise_ca, then (with
+        :attr:`conditional_frame_probabilities`) the number of conditional frames.
         ``phase``: the Phased DMD subinterval being trained (ignored otherwise)."""
         k_steps = self.num_steps
         eps = randn(shape, generator, like)
@@ -253,6 +262,9 @@ class DMD2Objective:
             draws.noise_dm = randn(shape, generator, like)
             draws.sigma_ca = self._draw_sigma(generator, like, phase, *self.ca_t_range)
             draws.noise_ca = randn(shape, generator, like)
+        if self.conditional_frame_probabilities:
+            counts = draw_num_conditional_frames(1, self.conditional_frame_probabilities, generator)
+            draws.num_cond_frames = counts.to(like.device)
         return draws
 
     def _draw_sigma(self, generator: torch.Generator, like: Tensor, phase: int, t_min: float, t_max: float) -> Tensor:
@@ -577,15 +589,15 @@ DECOUPLED_SETTINGS = {"decoupled": "decoupled_dmd", "dm_weight": "dm_weight", "c
 
 
 def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...] = (1.0,),
-                   shift: float = 1.0) -> DMD2Objective:
+                   shift: float = 1.0, conditional_frame_probabilities: tuple[float, ...] = ()) -> DMD2Objective:
     """The :class:`DMD2Objective` over ``networks`` (anything holding ``student``, ``teacher``,
     ``fake_score``, ``discriminator`` and ``feature_block`` as attributes: a
     :class:`DMD2Roles`, or the stage module that took them over) with DMD2's loss settings
     (``DMD2Module``'s arguments by name: ``guidance``, ``gan_weight``, ``critic_gan_weight``,
     ``discriminator_on``, ``trained_step_input``, ``phased_dmd``, ``t_min``, ``t_max``; the
     Decoupled DMD ones, ``decoupled_dmd``, ``dm_weight``, ``ca_weight``, ``dm_t_min/max``,
-    ``ca_t_min/max``, where given), the student's noise levels (already shifted) and the
-    teacher's timestep shift."""
+    ``ca_t_min/max``, where given), the student's noise levels (already shifted), the
+    teacher's timestep shift and how often conditional frames are drawn."""
     decoupled = {field: settings[name] for field, name in DECOUPLED_SETTINGS.items() if name in settings}
     return DMD2Objective(
         student=networks.student, teacher=networks.teacher, fake_score=networks.fake_score,
@@ -594,5 +606,6 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
         critic_gan_weight=settings["critic_gan_weight"], discriminator_on=settings["discriminator_on"],
         student_sigmas=student_sigmas, trained_step_input=settings["trained_step_input"],
         phased=settings["phased_dmd"], shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
+        conditional_frame_probabilities=tuple(conditional_frame_probabilities),
     )
 

@@ -15,6 +15,10 @@ of its velocity, ``x_k + (r_{k+1} - r_k) S(x_k, r_k, c)``: the flow along the st
 straight line from ``x_k`` through its clean estimate ``x0 = x_k - r_k S``, so the last
 step's is exactly that clean estimate. ``L_KD`` is the mean over the K steps of
 ``mean((Euler step - teacher state)^2)``; K = 1 is the one-step loss above.
+
+With conditional frames (``Conditioning.cond_latents``: the clip's first latent frames, given
+to the teacher and the student alike), each sample's mean runs over its generated frames
+only, and the batch mean over the samples.
 """
 
 from __future__ import annotations
@@ -26,17 +30,22 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from distill_pl.diffusion.conditional_frames import masked_mean
 from distill_pl.diffusion.flow import expand_like
 from distill_pl.diffusion.sampling import StudentSampler, student_sample
 from distill_pl.methods.roles import DenoiserFactory, Roles, build_dtype
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.ema import EMA
+from distill_pl.models.guidance import sampling_velocity_fn
 
 
-def kd_loss(x_g: Tensor, x_teacher: Tensor) -> Tensor:
-    """``L_KD = mean((x_g - x_teacher)^2)`` in float32."""
-    return (x_g.float() - x_teacher.float()).square().mean()
+def kd_loss(x_g: Tensor, x_teacher: Tensor, cond: Conditioning | None = None) -> Tensor:
+    """``L_KD = mean((x_g - x_teacher)^2)`` in float32; with conditional frames in ``cond``,
+    the mean per sample over the frames it generates, then over the samples."""
+    error = (x_g.float() - x_teacher.float()).square()
+    keep = None if cond is None or cond.num_cond_frames is None else cond.generated_frames(error.shape[2])
+    return masked_mean(error, keep)
 
 
 @dataclass(eq=False)
@@ -56,8 +65,8 @@ class KDObjective:
     def generate(self, noise: Tensor, cond: Conditioning, generator: torch.Generator | None = None) -> Tensor:
         """The student's K-step sample from ``noise`` [B, C, T, H, W] with its sampler (the
         re-noising one draws fresh noise from ``generator``); gradients follow the caller's mode."""
-        return student_sample(lambda x, s: self.student(x, s, cond), noise, self.student_sigmas, self.sampler,
-                              generator)
+        return student_sample(sampling_velocity_fn(self.student, noise, cond), noise, self.student_sigmas,
+                              self.sampler, generator)
 
     def loss(
         self,
@@ -69,7 +78,7 @@ class KDObjective:
     ) -> Tensor:
         """``L_KD`` of one batch (see the module docstring for the shapes)."""
         if self.num_steps == 1:
-            return kd_loss(self.generate(noise, cond), teacher_output)
+            return kd_loss(self.generate(noise, cond), teacher_output, cond)
         expected = self.num_steps - 1
         if teacher_trajectory is None or trajectory_sigmas is None:
             raise ValueError(
@@ -92,7 +101,7 @@ class KDObjective:
             x, r, r_next = states[k], levels[:, k], levels[:, k + 1]
             v = self.student(x, r.to(x), cond)
             stepped = x + expand_like(r_next - r, x) * v.float()
-            losses.append(kd_loss(stepped, states[k + 1]))
+            losses.append(kd_loss(stepped, states[k + 1], cond))
         return torch.stack(losses).mean()
 
 

@@ -35,7 +35,9 @@ class Denoiser(nn.Module):
     own options (:attr:`adapter_options`).
     """
 
-    #: the diffusers ``_class_name`` of the backbone (the registry's key for this adapter)
+    #: the diffusers ``_class_name`` of the backbone (the registry's key for this adapter); a
+    #: family whose transformer class another family shares is keyed by its pipeline class and
+    #: names its transformer's class in ``transformer_class_name``
     class_name: ClassVar[str]
     #: default LoRA targets: suffixes of module paths of the Linear layers inside
     #: :attr:`blocks` (peft ``target_modules``)
@@ -47,6 +49,9 @@ class Denoiser(nn.Module):
     #: read from the adapter class itself, never inherited (a subclass may take control
     #: differently); None: not described
     control_input: ClassVar[str | None] = None
+    #: whether the model takes conditional frames (``Conditioning.cond_latents`` and
+    #: ``num_cond_frames``: leading latent frames given clean); a model that does not refuses them
+    takes_conditional_frames: ClassVar[bool] = False
 
     #: channels C of the latents it denoises
     latent_channels: int
@@ -160,8 +165,9 @@ class Denoiser(nn.Module):
     def check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
         """Raise ValueError unless ``x_t`` is [B, latent_channels, T, H, W] with T, H, W
         multiples of :attr:`patch_size`, ``sigma`` is [B], ``cond.text_embeds`` is
-        [B, L, text_dim] and ``cond.text_mask`` (if any) [B, L]. The control is the
-        adapter's own check."""
+        [B, L, text_dim], ``cond.text_mask`` (if any) [B, L], and conditional frames (if any)
+        go to a model that takes them, ``cond_latents`` shaped like ``x_t`` and
+        ``num_cond_frames`` [B] within 0..T. The control is the adapter's own check."""
         if x_t.ndim != 5 or x_t.shape[1] != self.latent_channels:
             raise ValueError(
                 f"x_t must be [B, {self.latent_channels}, T, H, W], got {list(x_t.shape)}"
@@ -188,6 +194,19 @@ class Denoiser(nn.Module):
             raise ValueError(
                 f"text_mask must be [B, L] = {list(text.shape[:2])}, "
                 f"got {list(cond.text_mask.shape)}"
+            )
+        if cond.cond_latents is None:
+            return
+        if not self.takes_conditional_frames:
+            raise ValueError(f"{type(self).__name__} takes no conditional frames (cond.cond_latents is set)")
+        if cond.cond_latents.shape != x_t.shape:
+            raise ValueError(
+                f"cond.cond_latents must be shaped like x_t {list(x_t.shape)}, got {list(cond.cond_latents.shape)}"
+            )
+        counts = cond.num_cond_frames
+        if counts.shape != (batch,) or counts.is_floating_point() or (counts < 0).any() or (counts > sizes[0]).any():
+            raise ValueError(
+                f"cond.num_cond_frames must be [B] = [{batch}] integers in 0..{sizes[0]}, got {counts.tolist()}"
             )
 
     def run_with_feature_tap(self, run, feature_block: int | None, x_t: Tensor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distill_pl.diffusion.conditional_frames import keep_conditional_frames
 from distill_pl.diffusion.flow import classifier_free_guidance
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -50,6 +51,24 @@ def velocity_fn(
         return classifier_free_guidance(v_uncond, v_cond, weight)
 
     return guided
+
+
+def sampling_velocity_fn(
+    denoiser: Denoiser,
+    noise: Tensor,
+    cond: Conditioning,
+    uncond: Conditioning | None = None,
+    guidance: float = 1.0,
+):
+    """:func:`velocity_fn` for a sampler started from ``noise`` [B, C, T, H, W]: on the
+    conditional frames of ``cond`` (if any) the velocity is ``noise - cond.cond_latents``, the
+    straight path to the given latents (:func:`keep_conditional_frames`); without conditional
+    frames, :func:`velocity_fn` itself."""
+    fn = velocity_fn(denoiser, cond, uncond, guidance)
+    if cond.cond_latents is None:
+        return fn
+    mask = cond.conditional_frame_mask(noise.shape[2], noise.dtype)
+    return keep_conditional_frames(fn, noise, cond.cond_latents, mask)
 
 
 def branch_velocities(denoiser: Denoiser, cond: Conditioning, uncond: Conditioning | None):

@@ -7,9 +7,12 @@ encodes here, or latents precomputed with it (``video_latents``, ``control_laten
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
+from distill_pl.diffusion.conditional_frames import DEFAULT_CONDITIONAL_FRAME_PROBABILITIES, check_probabilities
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -69,6 +72,34 @@ def batch_pixels(batch: dict, name: str, autoencoder: VideoAutoencoder) -> Tenso
     if name in batch:
         return batch[name]
     return autoencoder.decode(batch[f"{name}_latents"].float())
+
+
+def conditional_frame_probabilities(denoiser: Denoiser, probabilities: Sequence[float] | None) -> tuple[float, ...]:
+    """How often a run gives 0, 1, 2, ... leading latent frames of each sample as conditional
+    frames: ``probabilities`` when given, else the default
+    (:data:`~distill_pl.diffusion.conditional_frames.DEFAULT_CONDITIONAL_FRAME_PROBABILITIES`)
+    for a model that takes conditional frames and ``()`` (none drawn) for one that does not.
+    ``[1.0]`` turns them off. ValueError for other probabilities given to a model without them."""
+    if probabilities is None:
+        return DEFAULT_CONDITIONAL_FRAME_PROBABILITIES if denoiser.takes_conditional_frames else ()
+    check_probabilities(probabilities)
+    probabilities = tuple(float(p) for p in probabilities)
+    if probabilities == (1.0,):
+        return ()
+    if not denoiser.takes_conditional_frames:
+        raise ValueError(
+            f"conditional_frame_probabilities {list(probabilities)}: {type(denoiser).__name__} takes no "
+            "conditional frames (leave the setting out)"
+        )
+    return probabilities
+
+
+def give_first_frames(cond: Conditioning, clean: Tensor, counts: Tensor) -> Conditioning:
+    """``cond`` with the first ``counts[b]`` latent frames of the clean latents ``clean``
+    [B, C, T', H', W'] given as conditional frames, each count capped at T' - 1 (a sample
+    always generates a frame)."""
+    counts = counts.to(device=clean.device, dtype=torch.long).clamp(max=clean.shape[2] - 1)
+    return cond.with_conditional_frames(clean, counts)
 
 
 def drop_text(cond: Conditioning, null: Conditioning, p: float, generator=None,

@@ -83,7 +83,15 @@ from distill_pl.methods.dmd2 import (
     dmd2_objective,
 )
 from distill_pl.methods.roles import folder_denoisers
-from distill_pl.training.batch import batch_conditioning, batch_pixels, check_precomputed_latents, clip_latent_shape, clip_latents
+from distill_pl.training.batch import (
+    batch_conditioning,
+    batch_pixels,
+    check_precomputed_latents,
+    clip_latent_shape,
+    clip_latents,
+    give_first_frames,
+)
+from distill_pl.training.batch import conditional_frame_probabilities as resolve_conditional_frames
 from distill_pl.training.base import StageModule
 from distill_pl.training.nonfinite import NonFinitePolicy, NonFiniteTrainingError  # noqa: F401 (raised by the policy)
 from distill_pl.util.randomness import step_generator
@@ -167,6 +175,13 @@ class DMD2Module(StageModule):
             ``t_min`` / ``t_max``) of each term's own noise level; None: ``t_min`` / ``t_max``.
             With both ranges the shared one, both terms use the step's sigma and noise (no
             extra draws: the random stream of the coupled run).
+        conditional_frame_probabilities: for a model that takes conditional frames (Cosmos
+            2.5), the probabilities of giving the first 0, 1, 2, ... latent frames of each real
+            clip (capped at T' - 1) to the student, teacher and fake score as conditional
+            frames, drawn per sample with the step's draws; on them every network's clean
+            estimate is the given latents, so the losses there are zero. None: the model's
+            default (0.6 / 0.2 / 0.2 for 0 / 1 / 2; none for a model without conditional
+            frames); ``[1.0]``: none.
         compile: regional compilation (``torch.compile`` of each transformer block, see
             :meth:`~distill_pl.models.denoiser.Denoiser.compile_blocks`) of the student, the
             teacher and the fake score, at the start of fit (after any sharding); the first
@@ -225,6 +240,7 @@ class DMD2Module(StageModule):
         ca_t_max: float | None = None,
         compile: bool = False,
         context_parallel: dict[str, int] | None = None,
+        conditional_frame_probabilities: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -266,6 +282,7 @@ class DMD2Module(StageModule):
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)
+        self.conditional_frame_probabilities = resolve_conditional_frames(self.teacher, conditional_frame_probabilities)
         self.objective = self.build_objective()
 
     stage_name = "DMD2"
@@ -339,7 +356,8 @@ class DMD2Module(StageModule):
         (:func:`~distill_pl.methods.dmd2.dmd2_objective`, as the memory estimate builds it;
         built once, in ``__init__``, as ``self.objective``; a plain dataclass, so the networks'
         state-dict keys stay those of the module's own attributes)."""
-        return dmd2_objective(self, self.hparams, self.student_levels, self.shift)
+        return dmd2_objective(self, self.hparams, self.student_levels, self.shift,
+                              self.conditional_frame_probabilities)
 
     def __setattr__(self, name: str, value) -> None:
         """Re-assigning a network or setting the objective reads (e.g. a test swapping in toy
@@ -411,11 +429,14 @@ class DMD2Module(StageModule):
         """The phase's loss (and logs) on one micro-batch, given its draws."""
         cond = self.conditioning(batch)
         objective = self.objective
-        needs_real = not generator_phase or (objective.num_steps > 1 and objective.trained_step_input == "noised_real")
+        needs_real = (not generator_phase or draws.num_cond_frames is not None
+                      or (objective.num_steps > 1 and objective.trained_step_input == "noised_real"))
         x_real = None
         if needs_real:
             with torch.no_grad():
                 x_real = clip_latents(batch, self.autoencoder).to(draws.eps)
+        if draws.num_cond_frames is not None:  # the clip's first latent frames, given
+            cond = give_first_frames(cond, x_real, draws.num_cond_frames)
         if generator_phase:
             out = objective.trained_step(draws, cond, x_real)
             return objective.generator_loss(out.sample, draws.sigma, draws.noise, cond, self.guidance_uncond(cond),

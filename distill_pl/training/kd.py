@@ -36,7 +36,7 @@ from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import load_scheduler, scheduler_shift
 from distill_pl.methods.kd import KDObjective, KDRoles, kd_loss
 from distill_pl.methods.roles import folder_denoisers
-from distill_pl.training.batch import batch_conditioning
+from distill_pl.training.batch import batch_conditioning, clip_latents, give_first_frames
 from distill_pl.training.base import StageModule
 from distill_pl.training.nonfinite import NonFinitePolicy
 from distill_pl.models.student_init import load_student_weights
@@ -244,8 +244,12 @@ class KDModule(StageModule):
     @torch.no_grad()
     def pair_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Conditioning]:
         """(noise, teacher_output, cond) of a pairs batch; the control is encoded like the
-        clip (identity in pixel space) and left out for a model without control input."""
+        clip (identity in pixel space) and left out for a model without control input; pairs
+        generated with conditional frames give the student the same first latent frames of
+        the clip (``num_cond_frames``)."""
         cond = batch_conditioning(batch, self.autoencoder, self.student)
+        if "num_cond_frames" in batch:  # the clip's first frames the teacher was given
+            cond = give_first_frames(cond, clip_latents(batch, self.autoencoder), batch["num_cond_frames"])
         return batch["noise"].float(), batch["teacher_output"].float(), cond
 
     # --- the networks as samplers -------------------------------------------------------
@@ -321,7 +325,7 @@ class KDModule(StageModule):
         b = noise.shape[0]
         x_student = self.student_sample(self.eval_student, noise, cond, seed=batch_idx)
         x_teacher = self.teacher_1step(noise, cond)
-        self.log("val/loss", kd_loss(x_student, target), prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/loss", kd_loss(x_student, target, cond), prog_bar=True, batch_size=b, sync_dist=True)
         reference = self.decode(target)
         for video, psnr, ssim in (
             (self.decode(x_student), self.student_psnr, self.student_ssim),

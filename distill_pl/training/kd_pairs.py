@@ -27,14 +27,25 @@ from distill_pl.data.pairs import (
     write_shard,
 )
 from distill_pl.data.shards import storage_dtype as storage_dtype_of
+from distill_pl.diffusion.conditional_frames import draw_num_conditional_frames
 from distill_pl.diffusion.sampling import sample_with_scheduler, scheduler_step_sigmas, trajectory_steps
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
 from distill_pl.families.registry import load_denoiser
-from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.guidance import sampling_velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.export.model_folders import load_scheduler, scheduler_shift
 from distill_pl.util.paths import resolve_path
-from distill_pl.training.batch import batch_conditioning
+from distill_pl.training.batch import (
+    batch_conditioning,
+    clip_latents,
+    give_first_frames,
+)
+from distill_pl.training.batch import conditional_frame_probabilities as resolve_conditional_frames
+from distill_pl.util.randomness import step_generator
+
+#: the stream of :func:`~distill_pl.util.randomness.step_generator` (keyed by the example's
+#: seed) that draws an example's number of conditional frames
+CONDITIONAL_FRAMES_STREAM = 1
 
 
 def latent_shape(autoencoder: VideoAutoencoder, video_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -65,10 +76,17 @@ class KDPairGenerationModule(L.LightningModule):
             <= the level is stored too, with that step's sigma (few-step KD targets).
         denoiser_options: the teacher adapter's own options (e.g. a ControlNet's
             ``control_scale``), recorded in the pairs' metadata.
+        conditional_frame_probabilities: for a teacher that takes conditional frames
+            (Cosmos 2.5), the probabilities of giving the first 0, 1, 2, ... latent frames of
+            the clip to the teacher as conditional frames (capped at T' - 1); each example's
+            number is drawn from its seed and stored (``num_cond_frames``). None: the model's
+            default (0.6 / 0.2 / 0.2 for 0 / 1 / 2; none for a model without conditional
+            frames); ``[1.0]``: none.
 
     ``predict_step`` returns, per batch of B examples: ``teacher_output`` [B, C, T', H', W']
     float32, with levels ``teacher_trajectory`` [B, K, C, T', H', W'] and
-    ``trajectory_sigmas`` [B, K]; ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``,
+    ``trajectory_sigmas`` [B, K]; with conditional frames ``num_cond_frames`` [B] long;
+    ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``,
     ``index`` and ``start`` [B] long, and the lists ``noise_sha256``, ``split``, ``caption``,
     ``path`` (with ``control: video`` also ``control_path``).
     """
@@ -84,10 +102,13 @@ class KDPairGenerationModule(L.LightningModule):
         storage_dtype: str = "bfloat16",
         trajectory_sigmas: list[float] | None = None,
         denoiser_options: dict[str, object] | None = None,
+        conditional_frame_probabilities: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.teacher = load_denoiser(teacher, dtype=dtype, **(denoiser_options or {})).requires_grad_(False).eval()
+        self.conditional_frame_probabilities = resolve_conditional_frames(
+            self.teacher, conditional_frame_probabilities)
         self.autoencoder = build_autoencoder(vae_path, dtype)
         if self.autoencoder.latent_channels != self.teacher.latent_channels:
             raise ValueError(
@@ -129,6 +150,7 @@ class KDPairGenerationModule(L.LightningModule):
     def pair_generation_metadata(self) -> dict:
         """The teacher part of the metadata of every shard (see :mod:`distill_pl.data.pairs`)."""
         h = self.hparams
+        frames = {"conditional_frame_probabilities": list(self.conditional_frame_probabilities)}
         return {
             "teacher": str(Path(resolve_path(h.teacher)).resolve()),
             "teacher_sha256": self.teacher_sha256,
@@ -143,6 +165,7 @@ class KDPairGenerationModule(L.LightningModule):
             "storage_dtype": h.storage_dtype,
             "trajectory_sigmas": self.trajectory_levels,
             "denoiser_options": dict(h.denoiser_options or {}),
+            **(frames if self.conditional_frame_probabilities else {}),
         }
 
     def build_shard(self, rows: list[dict], common: dict) -> tuple[dict[str, Tensor], dict]:
@@ -157,19 +180,27 @@ class KDPairGenerationModule(L.LightningModule):
         indices = batch["index"].tolist()
         splits = list(batch["split"])
         cond = batch_conditioning(batch, self.autoencoder, self.teacher)
-        uncond = self.negative_prompt.conditioning(cond)
         seeds = [example_seed(self.hparams.seed, s, i) for s, i in zip(splits, indices)]
+        if self.conditional_frame_probabilities:
+            counts = torch.cat([
+                draw_num_conditional_frames(1, self.conditional_frame_probabilities,
+                                            step_generator(seed, 0, CONDITIONAL_FRAMES_STREAM))
+                for seed in seeds
+            ])
+            cond = give_first_frames(cond, clip_latents(batch, self.autoencoder), counts)
+        uncond = self.negative_prompt.conditioning(cond)
         shape = latent_shape(self.autoencoder, tuple(video.shape[1:]))
         noise = torch.stack([example_noise(seed, shape) for seed in seeds])
+        start = noise.to(self.device)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        fn = velocity_fn(self.teacher, cond, uncond, self.hparams.guidance)
+        fn = sampling_velocity_fn(self.teacher, start, cond, uncond, self.hparams.guidance)
         states: dict[int, tuple[float, Tensor]] = {}
 
         def keep_state(i: int, sigma: float, x: Tensor) -> None:
             if i in self.trajectory_steps:
                 states[i] = (sigma, x.float())
 
-        output = sample_with_scheduler(fn, noise.to(self.device), scheduler, self.hparams.num_steps,
+        output = sample_with_scheduler(fn, start, scheduler, self.hparams.num_steps,
                                        step_sigma=self.teacher.sampler_sigma, on_step=keep_state)
         output = self.teacher.finish_sample(output, cond)
         prediction = {
@@ -186,6 +217,8 @@ class KDPairGenerationModule(L.LightningModule):
         }
         if "control_path" in batch:  # control: video: the shard references the control video too
             prediction["control_path"] = list(batch["control_path"])
+        if cond.num_cond_frames is not None:
+            prediction["num_cond_frames"] = cond.num_cond_frames.cpu()
         if self.trajectory_steps:
             picked = [states[i] for i in self.trajectory_steps]
             prediction["teacher_trajectory"] = torch.stack([x for _, x in picked], dim=1)

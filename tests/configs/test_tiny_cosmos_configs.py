@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from distill_pl.data.pairs import read_shard_header
 from distill_pl.diffusion.sampling import one_step_sample
@@ -67,6 +68,10 @@ def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     assert meta["latent_shape"] == [16, 2, 4, 4] and meta["vae_path"] == f"{RUNS}/teacher"
     assert meta["text_shape"] == [160, cosmos_tiny.TEXT_DIM]  # Cosmos 2.5 embeddings, D = 2 x 16
     assert meta["denoiser_options"] == {"control_scale": 0.5}
+    # Cosmos draws conditional frames by default (0 / 1 / 2 latent frames), capped at T' - 1 = 1
+    assert meta["conditional_frame_probabilities"] == [0.6, 0.2, 0.2]
+    with safe_open(shard, "pt") as f:
+        assert set(f.get_tensor("num_cond_frames").tolist()) <= {0, 1}
 
     def kd(cfg):
         short_kd_trainer(cfg["trainer"], 2)

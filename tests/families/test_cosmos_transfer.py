@@ -132,7 +132,8 @@ def test_attributes(teacher):
     assert (teacher.num_blocks, teacher.feature_dim, teacher.patch_size) == (2, 32, (1, 2, 2))
     assert teacher.blocks is teacher.transformer.transformer_blocks
     assert len(teacher.fsdp_units) == 4  # 2 base + 2 ControlNet blocks
-    assert teacher.adapter_options == {"control_scale": 0.7, "freeze_control_branch": False, "control_encoding": "mean"}
+    assert teacher.adapter_options == {"control_scale": 0.7, "freeze_control_branch": False, "control_encoding": "mean",
+                                       "conditional_frame_timestep": 0.1}
     assert set(teacher.backbone_config) == {"transformer", "controlnet"}
     names = [name for name, _ in teacher.named_modules()]
     for target in teacher.lora_targets:

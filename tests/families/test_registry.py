@@ -77,7 +77,8 @@ def test_every_family_is_one_package_and_its_published_configs_build():
     assert family_packages() == ["distill_pl.families.wan", "distill_pl.families.cosmos_transfer"]
     published = published_configs()
     assert list(published) == ["Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers", "Wan2.2-T2V-A14B-Diffusers",
-                               "Wan2.2-I2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers", "Cosmos-Transfer2.5-2B"]
+                               "Wan2.2-I2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers", "Cosmos-Transfer2.5-2B",
+                               "Cosmos-Predict2.5-2B"]
     for class_name, config in published.values():
         assert class_name in FAMILIES
     class_name, config = published["Wan2.1-T2V-1.3B-Diffusers"]

@@ -55,3 +55,37 @@ def test_a_ladder_the_exported_pipeline_cannot_run_is_refused_before_training(co
     KDModule(cosmos_teacher, vae_path=cosmos_teacher, student_sigmas=[1.0, 0.9, 0.5, 0.1])  # no export: fine
     KDModule(cosmos_teacher, vae_path=cosmos_teacher, student_sigmas=[1.0, 0.75, 0.5, 0.25],
              export_dir=str(tmp_path / "export"))
+
+
+def test_pairs_with_conditional_frames_give_the_student_the_same_frames(cosmos_teacher):
+    """A pairs batch with ``num_cond_frames`` gives the student the clip's first latent frames
+    (its VAE latents), and the KD loss leaves them out."""
+    import torch
+
+    from distill_pl.methods.kd import kd_loss
+    from distill_pl.models.autoencoder import WanVAE
+
+    kd = KDModule(cosmos_teacher, vae_path=cosmos_teacher)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video": torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1,
+        "control": torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1,
+        "text_embeds": torch.randn(2, 6, cosmos_tiny.TEXT_DIM, generator=g),
+        "text_mask": torch.ones(2, 6, dtype=torch.bool),
+        "noise": torch.randn(2, 16, 2, 4, 4, generator=g),
+        "teacher_output": torch.randn(2, 16, 2, 4, 4, generator=g),
+        "num_cond_frames": torch.tensor([0, 1]),
+    }
+    noise, target, cond = kd.pair_inputs(batch)
+    assert cond.num_cond_frames.tolist() == [0, 1]
+    torch.testing.assert_close(cond.cond_latents, WanVAE(cosmos_teacher).encode(batch["video"]), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        x_g = kd.objective().generate(noise, cond)
+    # the given frame is the clip's latents; the loss is each sample's mean over its generated
+    # frames (2 and 1), then the mean over the samples
+    torch.testing.assert_close(x_g[1, :, 0], cond.cond_latents[1, :, 0], rtol=0, atol=1e-5)
+    error = (x_g - target).square()
+    expected = (error[0].mean() + error[1, :, 1].mean()) / 2
+    torch.testing.assert_close(kd_loss(x_g, target, cond), expected)
+    del batch["num_cond_frames"]
+    assert kd.pair_inputs(batch)[2].cond_latents is None

@@ -10,8 +10,17 @@ conditional frames, i.e. generation from pure noise; its UniPC scheduler has
 - it takes ``timestep = sigma`` itself (the pipeline passes ``scheduler.sigmas[i]``, rounded to
   the transformer dtype, then as float32), one value per latent frame: [B, 1, T, 1, 1];
 - the transformer's ``in_channels`` is the latent channel count + 1: a condition-mask channel,
-  all zeros here (no conditional frames), passed as ``condition_mask`` [B, 1, T, H, W];
+  passed as ``condition_mask`` [B, 1, T, H, W]: 1 on the conditional latent frames
+  (``Conditioning.num_cond_frames`` leading frames), 0 elsewhere (all zeros without them);
   ``padding_mask`` [1, 1, H, W] is zeros (no padding), as the pipeline passes it;
+- conditional frames (the pipeline's ``cond_latent``, ``cond_mask``, ``cond_indicator``): the
+  model sees ``m * cond_latents + (1 - m) * x_t`` and, per latent frame, the timestep
+  ``conditional_frame_timestep`` on the conditional frames and ``sigma`` on the others (the
+  pipeline's default 0.1 for Transfer2.5); on the conditional frames the adapter returns the
+  velocity of the straight path through ``x_t`` to the given latents, ``(x_t - cond_latents) /
+  sigma``, whose clean estimate is the given latents (as Cosmos replaces the clean estimate of
+  conditional frames by them): a loss on them is zero and trains nothing; samplers put the
+  pipeline's ``noise - cond_latents`` there (:mod:`distill_pl.diffusion.conditional_frames`);
 - text: ``encoder_hidden_states`` is ``Conditioning.text_embeds`` [B, L, D] unchanged: the
   pipeline feeds the transformer every one of its ``max_sequence_length`` positions, the
   padding tokens' hidden states included, with no attention mask; ``text_mask`` is not used.
@@ -36,6 +45,7 @@ so a control gives one conditioning.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,7 +93,9 @@ class CosmosTransferDenoiser(Denoiser):
     whatever ``requires_grad_`` is later called with; by default base and ControlNet train
     together. ``control_encoding`` is how :meth:`encode_control` encodes the control video:
     ``"mean"`` (the VAE posterior's mean, the default) or ``"sample"`` (a draw from the
-    posterior, as the pipeline encodes it). ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
+    posterior, as the pipeline encodes it). ``conditional_frame_timestep`` is the noise level
+    the model is told for conditional frames (the pipeline's argument of that name, 0.1 by
+    default). ``dtype`` is the parameter dtype; ``_keep_in_fp32_modules`` stay float32.
     Gradient checkpointing is per block (base and ControlNet), non-reentrant.
     """
 
@@ -95,6 +107,7 @@ class CosmosTransferDenoiser(Denoiser):
         "Cosmos2_5_TransferPipeline(controls=(control + 1) / 2), the control video as "
         "[B, T, 3, H, W] in [0, 1]; the pipeline encodes it with the VAE for the ControlNet"
     )
+    takes_conditional_frames = True
 
     def __init__(
         self,
@@ -104,6 +117,7 @@ class CosmosTransferDenoiser(Denoiser):
         control_scale: float | list[float] = 1.0,
         freeze_control_branch: bool = False,
         control_encoding: str = "mean",
+        conditional_frame_timestep: float = 0.1,
         gradient_checkpointing: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -141,6 +155,7 @@ class CosmosTransferDenoiser(Denoiser):
         self.control_scale = control_scale
         self.freeze_control_branch = freeze_control_branch
         self.control_encoding = control_encoding
+        self.conditional_frame_timestep = float(conditional_frame_timestep)
         self.requires_grad_(True)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -164,8 +179,8 @@ class CosmosTransferDenoiser(Denoiser):
     def backbone_config(self) -> dict:
         """``{"transformer": ..., "controlnet": ...}``: the two diffusers configs, no ``_`` keys."""
         return {
-            "transformer": _public(self.transformer.config),
-            "controlnet": _public(self.controlnet.config),
+            "transformer": public_config(self.transformer.config),
+            "controlnet": public_config(self.controlnet.config),
         }
 
     training_options = ("freeze_control_branch",)
@@ -173,7 +188,8 @@ class CosmosTransferDenoiser(Denoiser):
     @property
     def adapter_options(self) -> dict:
         return {"control_scale": self.control_scale, "freeze_control_branch": self.freeze_control_branch,
-                "control_encoding": self.control_encoding}
+                "control_encoding": self.control_encoding,
+                "conditional_frame_timestep": self.conditional_frame_timestep}
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -231,30 +247,27 @@ class CosmosTransferDenoiser(Denoiser):
         self, x_t: Tensor, sigma: Tensor, cond: Conditioning, feature_block: int | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity [B, C, T, H, W] (dtype of ``x_t``), and features [B, D, T/pt, H/ph, W/pw]
-        after base block ``feature_block`` if it is given (gradients flow through both)."""
+        after base block ``feature_block`` if it is given (gradients flow through both). On the
+        conditional frames of ``cond``, the path velocity (see the module notes)."""
         self._check_inputs(x_t, sigma, cond)
         dtype = self.transformer.dtype
-        batch, _, frames, height, width = x_t.shape
-        latents = x_t.to(dtype)
-        condition_mask = latents.new_zeros(batch, 1, frames, height, width)
-        padding_mask = latents.new_zeros(1, 1, height, width)
-        timestep = sigma.to(dtype).float().view(batch, 1, 1, 1, 1).expand(batch, 1, frames, 1, 1)
-        context = self._encoder_hidden_states(cond.text_embeds.to(dtype))
+        inputs = CosmosInputs.of(x_t, sigma, cond, dtype, self.conditional_frame_timestep)
         common = dict(
-            timestep=timestep,
-            encoder_hidden_states=context,
-            condition_mask=condition_mask,
-            padding_mask=padding_mask,
+            timestep=inputs.timestep,
+            encoder_hidden_states=self._encoder_hidden_states(cond.text_embeds.to(dtype)),
+            condition_mask=inputs.condition_mask,
+            padding_mask=inputs.padding_mask,
             return_dict=False,
         )
         residuals = self.controlnet(
             controls_latents=cond.control.to(dtype),
-            latents=latents,
+            latents=inputs.latents,
             conditioning_scale=self.control_scale,
             **common,
         )[0]
-        kwargs = dict(hidden_states=latents, block_controlnet_hidden_states=residuals, **common)
-        return self.run_with_feature_tap(lambda: self.transformer(**kwargs)[0], feature_block, x_t)
+        kwargs = dict(hidden_states=inputs.latents, block_controlnet_hidden_states=residuals, **common)
+        run = inputs.velocity(lambda: self.transformer(**kwargs)[0], x_t, sigma, cond)
+        return self.run_with_feature_tap(run, feature_block, x_t)
 
     def _encoder_hidden_states(self, text: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """``text``, or ``(text, zero image context)`` for a model with ``img_context_dim_in``."""
@@ -268,7 +281,7 @@ class CosmosTransferDenoiser(Denoiser):
     def text_dim(self) -> int:
         """D of ``Conditioning.text_embeds``: the cross-attention projection's input width when
         the model has one (Cosmos 2.5: Qwen2.5-VL layers concatenated), else ``text_embed_dim``."""
-        return _text_input_dim(dict(self.transformer.config))
+        return text_input_dim(dict(self.transformer.config))
 
     def _check_inputs(self, x_t: Tensor, sigma: Tensor, cond: Conditioning) -> None:
         self.check_inputs(x_t, sigma, cond)
@@ -356,6 +369,52 @@ class CosmosTransferDenoiser(Denoiser):
         return state
 
 
+@dataclass
+class CosmosInputs:
+    """What a Cosmos 2.5 pipeline feeds its transformer (and ControlNet) for ``x_t`` [B, C, T,
+    H, W] at ``sigma`` [B]: ``latents`` (the given latents on conditional frames, ``x_t``
+    elsewhere), ``timestep`` [B, 1, T, 1, 1] float32 (``conditional_frame_timestep`` on
+    conditional frames, ``sigma`` in the model dtype elsewhere), ``condition_mask`` [B, 1, T, H,
+    W] (1 on conditional frames), ``padding_mask`` [1, 1, H, W] zeros; ``given`` [B, 1, T, 1, 1]
+    the conditional-frame mask (None without conditional frames)."""
+
+    latents: Tensor
+    timestep: Tensor
+    condition_mask: Tensor
+    padding_mask: Tensor
+    given: Tensor | None
+
+    @classmethod
+    def of(cls, x_t: Tensor, sigma: Tensor, cond: Conditioning, dtype: torch.dtype,
+           conditional_frame_timestep: float) -> "CosmosInputs":
+        batch, _, frames, height, width = x_t.shape
+        latents = x_t.to(dtype)
+        padding_mask = latents.new_zeros(1, 1, height, width)
+        timestep = sigma.to(dtype).float().view(batch, 1, 1, 1, 1).expand(batch, 1, frames, 1, 1)
+        given = cond.conditional_frame_mask(frames, dtype)
+        if given is None:
+            return cls(latents, timestep, latents.new_zeros(batch, 1, frames, height, width), padding_mask, None)
+        latents = given * cond.cond_latents.to(dtype) + (1 - given) * latents
+        timestep = given.float() * conditional_frame_timestep + (1 - given.float()) * timestep
+        return cls(latents, timestep, given.expand(batch, 1, frames, height, width), padding_mask, given)
+
+    def velocity(self, run, x_t: Tensor, sigma: Tensor, cond: Conditioning):
+        """``run`` (the network's velocity), with the conditional frames' replaced by
+        ``(x_t - cond_latents) / sigma``: the velocity whose clean estimate ``x_t - sigma v`` is
+        the given latents (sigma clamped above 1e-6); ``run`` itself without them."""
+        if self.given is None:
+            return run
+        given = self.given
+        level = sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+
+        def velocity() -> Tensor:
+            raw = run()
+            path = ((x_t.float() - cond.cond_latents.float()) / level).to(raw.dtype)
+            return raw * (1 - given) + path * given
+
+        return velocity
+
+
 def transfer_model_folders(path: str, controlnet_path: str | None = None) -> tuple[Path, Path]:
     """The ``transformer/`` and ``controlnet/`` folders of a Cosmos-Transfer2.5 folder ``path``
     (``controlnet_path``, if given, supplies the ControlNet instead).
@@ -435,10 +494,10 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
         )
     if controlnet["model_channels"] != hidden:
         problems.append(f"controlnet model_channels {controlnet['model_channels']} != transformer width {hidden}")
-    if _text_input_dim(controlnet) != _text_input_dim(transformer):
+    if text_input_dim(controlnet) != text_input_dim(transformer):
         problems.append(
-            f"text embeddings: the controlnet takes D = {_text_input_dim(controlnet)}, "
-            f"the transformer D = {_text_input_dim(transformer)}"
+            f"text embeddings: the controlnet takes D = {text_input_dim(controlnet)}, "
+            f"the transformer D = {text_input_dim(transformer)}"
         )
     for key in ("text_embed_dim", "patch_size"):
         if _as_tuple(controlnet.get(key)) != _as_tuple(transformer.get(key)):
@@ -447,7 +506,7 @@ def check_transfer_pair(transformer: dict, controlnet: dict, where: str) -> None
         raise ValueError(f"{where}: not a Cosmos-Transfer2.5 base + ControlNet pair: {'; '.join(problems)}")
 
 
-def _text_input_dim(config: dict) -> int:
+def text_input_dim(config: dict) -> int:
     """D of the text embeddings a Cosmos model takes (before its cross-attention projection)."""
     if config.get("use_crossattn_projection"):
         return config["crossattn_proj_in_channels"]
@@ -466,6 +525,7 @@ def _class_name(config_file: Path) -> str | None:
     return config.get("_class_name") if isinstance(config, dict) else None
 
 
-def _public(config) -> dict:
+def public_config(config) -> dict:
+    """A diffusers config as a dict without its ``_`` keys (what the model class takes)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 

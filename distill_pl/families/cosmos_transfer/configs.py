@@ -1,4 +1,4 @@
-"""The published Cosmos-Transfer2.5 configs and class names, written once: the model sizes
+"""The published Cosmos 2.5 configs (Transfer2.5 and Predict2.5) and class names, written once: the model sizes
 the memory estimate, the benchmark and the real-size config tests build, and the scheduler of
 the pipeline folder (the teacher's sampler)."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 TRANSFORMER_CLASS = "CosmosTransformer3DModel"
 CONTROLNET_CLASS = "CosmosControlNetModel"
 PIPELINE_CLASS = "Cosmos2_5_TransferPipeline"
+#: Cosmos-Predict2.5's pipeline: the same transformer without a ControlNet
+PREDICT_PIPELINE_CLASS = "Cosmos2_5_PredictBasePipeline"
 
 #: Cosmos-Transfer2.5-2B (general edge/depth/seg/blur ControlNets share it): ``from_config``'s
 #: ``{"transformer": ..., "controlnet": ...}`` as diffusers' conversion script
@@ -33,6 +35,14 @@ COSMOS_TRANSFER_2_5_2B = {
         encoder_hidden_states_channels=1024,
     ),
 }
+#: Cosmos-Predict2.5-2B: ``CosmosTransformer3DModel`` keyword arguments as diffusers' conversion
+#: script ("Cosmos-2.5-Predict-Base-2B") builds them: Transfer2.5-2B's base without the ControlNet
+#: injection points and image context (the released config.json files were not available to
+#: check against)
+COSMOS_PREDICT_2_5_2B = {
+    k: v for k, v in COSMOS_TRANSFER_2_5_2B["transformer"].items()
+    if k != "controlnet_block_every_n" and not k.startswith("img_context")
+}
 #: ``UniPCMultistepScheduler`` keyword arguments of the pipeline's ``scheduler/`` as diffusers'
 #: conversion script writes it for Cosmos 2.5 (flow prediction, Karras flow sigmas, shift 1):
 #: the teacher's N-step sampler (``sample_with_scheduler`` with it is the pipeline's loop)
@@ -48,6 +58,7 @@ COSMOS_TRANSFER_2_5_SCHEDULER = dict(
 #: name without the folder on disk (see :func:`~distill_pl.families.registry.published_configs`)
 PUBLISHED = {
     "Cosmos-Transfer2.5-2B": (TRANSFORMER_CLASS, COSMOS_TRANSFER_2_5_2B),
+    "Cosmos-Predict2.5-2B": (PREDICT_PIPELINE_CLASS, COSMOS_PREDICT_2_5_2B),
 }
 #: text encoder ``model_type`` -> this family's prompt embedding (Cosmos 2.5: Qwen2.5-VL, every
 #: layer's hidden states normalised and concatenated; see

@@ -1,4 +1,5 @@
-"""A Cosmos-Transfer2.5 student as a full ``Cosmos2_5_TransferPipeline`` folder."""
+"""A Cosmos 2.5 student as a full ``Cosmos2_5_TransferPipeline`` (or
+``Cosmos2_5_PredictBasePipeline``) folder."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ def save_cosmos_student_pipeline(
     replace: bool = False,
     noise_levels: Sequence[float] = (1.0,),
     sampler: str = "renoise",
+    pipeline_class: str = PIPELINE_CLASS,
 ) -> Path:
     """Write ``folder`` (which must not exist yet; with ``replace``, an earlier export there is
-    replaced): ``model_index.json`` and every component of the teacher pipeline folder, with the
-    student's ``transformer/`` and ``controlnet/`` and a flow-match Euler ``scheduler/`` that
+    replaced): ``model_index.json`` and every component of the teacher's ``pipeline_class``
+    folder (``Cosmos2_5_TransferPipeline``, or ``Cosmos2_5_PredictBasePipeline`` for
+    Cosmos-Predict2.5, which has no ControlNet and is called without ``controls``), with the
+    student's ``transformer/`` (and ``controlnet/``) and a flow-match Euler ``scheduler/`` that
     samples at ``noise_levels`` (the student's, decreasing from 1.0; ValueError before
     anything is written when no such scheduler exists), stochastic for a re-noising ``sampler``.
     Returns ``folder``.
@@ -48,5 +52,5 @@ def save_cosmos_student_pipeline(
     checker's entry) is copied from the teacher folder unchanged
     (:func:`~distill_pl.families.pipeline_export.save_pipeline_folder`).
     """
-    return save_pipeline_folder(folder, student, teacher_pipeline_folder, PIPELINE_CLASS,
+    return save_pipeline_folder(folder, student, teacher_pipeline_folder, pipeline_class,
                                 few_step_euler_scheduler(noise_levels, sampler), replace=replace)
