@@ -11,8 +11,9 @@ forward passes run on meta tensors of the configured shapes. Per device, in GiB 
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
-  the VAE; a LoRA fake score (``fake_score_lora_rank``) is its frozen base in ``teacher_dtype``
-  plus float32 adapters, and only the adapters count as trainable below;
+  the VAE; a LoRA fake score or student (``fake_score_lora_rank``, ``student_lora_rank``) is
+  its frozen base in ``teacher_dtype`` plus float32 adapters, and only the adapters count as
+  trainable below;
 - AdamW state: two moments per trainable parameter, in its dtype (float32), plus a float32
   master copy of trainable parameters that are not float32;
 - DDP gradient buckets (more than one device, no sharding): DDP all-reduces through flat
@@ -278,7 +279,7 @@ def estimate_memory(
 
     p_t, p_h, p_w = student.patch_size
     tokens = latent[1] // p_t * (latent[2] // p_h) * (latent[3] // p_w)
-    num_params = sum(p.numel() for p in built["student"].parameters())
+    num_params = sum(p.numel() for p in built["teacher"].parameters())  # the architecture's, no adapters
     header = [
         f"{config}: {stage}; transformer: {source}, {num_params:,} parameters",
         f"{data.num_frames} frames {data.height}x{data.width} -> latents {'x'.join(map(str, latent))}, "
