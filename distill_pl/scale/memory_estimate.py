@@ -18,8 +18,9 @@ forward passes run on meta tensors of the configured shapes. Per device, in GiB 
   master copy of trainable parameters that are not float32;
 - DDP gradient buckets (more than one device, no sharding): DDP all-reduces through flat
   buffers as large as all trainable gradients (``gradient_as_bucket_view=False``, the default);
-- the micro-batch on the device (video and control pixels, KD latents, text): the loaded
-  batch stays in host memory and the training step moves one micro-batch at a time;
+- the micro-batch on the device (video and control pixels, or in ``data.mode: latents`` their
+  precomputed latents and no pixels; KD latents; text): the loaded batch stays in host memory
+  and the training step moves one micro-batch at a time;
 - per phase (KD: one; DMD2: critic and generator): the gradients of the phase's trainable
   parameters; its activations; under bf16-mixed without sharding, autocast's bf16 copies of
   the float32 weights that backward needs (Lightning's autocast does not cache casts, so a
@@ -359,10 +360,12 @@ def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:
 
 
 def _batch_bytes(method: type[Roles], b: int, data, latent: tuple[int, ...], text: tuple[int, int]) -> int:
-    """float32 video + control pixels (both data modes), the method's latents of each sample
-    (KD: noise + teacher output), text + mask."""
-    pixels = 2 * 3 * data.num_frames * data.height * data.width
-    latents = method.batch_latents * math.prod(latent)
+    """float32 video + control pixels (clips and pairs mode) or their precomputed latents
+    (``data.mode: latents``, no pixels), the method's latents of each sample (KD: noise +
+    teacher output), text + mask."""
+    precomputed = data.mode == "latents"
+    pixels = 0 if precomputed else 2 * 3 * data.num_frames * data.height * data.width
+    latents = (method.batch_latents + (2 if precomputed else 0)) * math.prod(latent)
     return b * (4 * (pixels + latents + math.prod(text)) + text[0])
 
 

@@ -265,3 +265,18 @@ def test_lora_student_counts_frozen_base_and_trainable_adapters(tmp_path):
     generator = estimate.phases["generator"]
     assert generator.gradients == generator.adamw_temporary == adapters
     assert estimate.phases["critic"].gradients == adapters + rows["discriminator: float32, trainable"]
+
+
+def test_latents_mode_puts_latents_and_no_pixels_on_the_device():
+    """A micro-batch of precomputed clip latents (``data.mode: latents``) holds the video and
+    control latents, no pixels: Wan2.1 at 81x480x832 (latents 16x21x60x104), 512 x 4096 text."""
+    from types import SimpleNamespace
+
+    from distill_pl.methods.dmd2 import DMD2Roles
+    from distill_pl.scale.memory_estimate import _batch_bytes
+
+    latent, text = (16, 21, 60, 104), (512, 4096)
+    clips, latents = (SimpleNamespace(mode=mode, num_frames=81, height=480, width=832) for mode in ("clips", "latents"))
+    text_bytes = 4 * 512 * 4096 + 512
+    assert _batch_bytes(DMD2Roles, 1, clips, latent, text) == 4 * 2 * 3 * 81 * 480 * 832 + text_bytes
+    assert _batch_bytes(DMD2Roles, 1, latents, latent, text) == 4 * 2 * 16 * 21 * 60 * 104 + text_bytes
