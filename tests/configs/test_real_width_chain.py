@@ -74,7 +74,7 @@ def on_cpu(cfg, **model) -> None:
                        batch_size=1, num_workers=0, val_fraction=0.25)
 
 
-@pytest.mark.slow  # 1067 s on the shared 2-core machine (2026-12-07, load 4 to 13)
+@pytest.mark.slow  # 901 and 1067 s on the shared 2-core machine (2026-12-07, load 2 to 13)
 def test_pairs_kd_dmd2_export_at_real_width(tmp_path):
     work = tmp_path
     write_real_width_wan(work / FOLDER)
