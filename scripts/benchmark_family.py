@@ -183,6 +183,7 @@ def method_settings(family: Family, checkpointing: bool) -> dict:
     return {
         "teacher_dtype": "bfloat16", "gradient_checkpointing": checkpointing, "ema_decay": None,
         "fake_score_lora_rank": None, "fake_score_lora_alpha": None, "fake_score_lora_targets": None,
+        "student_lora_rank": None, "student_lora_alpha": None, "student_lora_targets": None,
         "feature_block": None, "discriminator_hidden": 256, "seed": 0,
         "guidance": family.dmd2_guidance, "gan_weight": GAN_WEIGHT, "critic_gan_weight": 1.0,
         "discriminator_on": "fake_score", "trained_step_input": "backward_simulation", "phased_dmd": False,

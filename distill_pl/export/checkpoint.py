@@ -7,7 +7,9 @@ under :class:`distill_pl.training.strategies.FSDP2Strategy`) or a single ``.ckpt
 no process group: the student is built on the meta device from the teacher's transformer
 config (by its family's adapter, which the registry picks), given empty CPU tensors, and only
 the student's keys are read from the shards (``torch.distributed.checkpoint.load``), so
-neither the optimizer states nor the other networks are loaded. The folder is what the run's
+neither the optimizer states nor the other networks are loaded; a LoRA student
+(``student_lora_rank``) is built with its adapters and exported with them merged into full
+float32 weights. The folder is what the run's
 own ``export_dir`` holds: ``transformer/`` (full float weights) and a flow-match Euler
 ``scheduler/`` with the teacher's shift -- for a family with its own diffusers pipeline (Wan
 VACE, Cosmos-Transfer2.5) the whole pipeline folder, its other components from the teacher's --,
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from distill_pl.models.lora import add_lora, lora_scale, merged_lora_state
 from distill_pl.models.sharding import denoiser_from_state_dict
 from distill_pl.models.student_init import EMA_PREFIX, STUDENT_PREFIX
 from distill_pl.util.checkpoint_files import SHARDED_METADATA, check_checkpoint, check_lightning_checkpoint, load_error
@@ -65,7 +68,12 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     keys = _checkpoint_keys(ckpt) if sharded else set(meta["state_dict"])
     prefix = _prefix(keys, weights, ckpt)
 
-    template = build_denoiser(*denoiser_config(teacher), on_meta=True, **(hparams.get("denoiser_options") or {}))
+    lora_rank = hparams.get("student_lora_rank")  # a LoRA student: its frozen base (teacher's dtype) + adapters
+    dtype = "float32" if lora_rank is None else hparams.get("teacher_dtype", "float32")
+    template = build_denoiser(*denoiser_config(teacher), dtype=dtype, on_meta=True,
+                              **(hparams.get("denoiser_options") or {}))
+    if lora_rank is not None:
+        add_lora(template, lora_rank, hparams.get("student_lora_alpha"), hparams.get("student_lora_targets"))
     if sharded:
         from torch.distributed.checkpoint import load as dcp_load
 
@@ -75,7 +83,7 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
         state = {k[len(prefix):]: v for k, v in request["state_dict"].items()}
     else:
         state = {k[len(prefix):]: v for k, v in meta["state_dict"].items() if k.startswith(prefix)}
-    student = denoiser_from_state_dict(template, state)
+    student = denoiser_from_state_dict(template, merged_lora_state(state, lora_scale(template)))
     settings = meta.get("datamodule_hyper_parameters")
     shift = scheduler_shift(load_scheduler(teacher))
     levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,

@@ -490,14 +490,16 @@ class DMD2Objective:
 
 
 class DMD2Roles(Roles):
-    """DMD2's networks (see the module docstring): ``student`` (float32), ``teacher`` (frozen,
+    """DMD2's networks (see the module docstring): ``student`` (float32, or with
+    ``student_lora_rank`` its initial weights frozen in ``teacher_dtype`` with float32 LoRA
+    adapters), ``teacher`` (frozen,
     eval mode, in ``teacher_dtype``, no gradient checkpointing), ``fake_score`` (a float32
     copy of the teacher, or with ``fake_score_lora_rank`` the teacher's weights frozen in
     ``teacher_dtype`` with float32 LoRA adapters), ``discriminator`` (a
     :class:`~distill_pl.models.discriminator.DiscriminatorHead` on block ``feature_block``'s
     features) and ``student_ema`` (an EMA of the student, or None). The critic phase trains
     the fake score (its adapters only, with LoRA) and the discriminator, the generator phase
-    the student."""
+    the student (its adapters only, with LoRA)."""
 
     phases = {"critic": ("fake_score", "discriminator"), "generator": ("student",)}
 
@@ -521,36 +523,51 @@ class DMD2Roles(Roles):
     ) -> "DMD2Roles":
         """The roles on the current device from DMD2's settings (``DMD2Module``'s arguments by
         name; read: ``teacher_dtype``, ``gradient_checkpointing``, ``fake_score_lora_rank``,
-        ``fake_score_lora_alpha``, ``fake_score_lora_targets``, ``feature_block`` (None: the
+        ``fake_score_lora_alpha``, ``fake_score_lora_targets``, ``student_lora_rank``,
+        ``student_lora_alpha``, ``student_lora_targets``, ``feature_block`` (None: the
         middle block), ``discriminator_hidden``, ``ema_decay``, ``seed``).
 
         The fake score is made once in float32; student and (float32) teacher are its copies,
         a teacher in another dtype is made in it. A LoRA fake score's base is that float32
         network or, in another ``teacher_dtype``, a copy of the teacher; its adapters are
         drawn from ``seed``, and so is the discriminator head's initialisation (the
-        global RNG is left as it was). ``initialise_student(student)`` (e.g. loading
-        ``init_from``) runs before the EMA copies the student. ``compute_dtype``: see
+        global RNG is left as it was). A LoRA student's base is likewise the float32 copy or
+        a copy of the teacher; ``initialise_student(student)`` (e.g. loading ``init_from``)
+        gives it its weights, then its adapters are added, drawn from ``seed + 1``; then the
+        EMA (if any) copies the student. ``compute_dtype``: see
         :func:`~distill_pl.methods.roles.build_dtype`. ValueError for a ``feature_block``
         outside the teacher's blocks.
         """
         teacher_dtype, checkpointing = settings["teacher_dtype"], settings["gradient_checkpointing"]
-        lora_rank, seed = settings["fake_score_lora_rank"], settings["seed"]
+        lora_rank, student_rank, seed = settings["fake_score_lora_rank"], settings["student_lora_rank"], settings["seed"]
         fake_score = make(build_dtype("float32", compute_dtype), checkpointing)
-        student = copy.deepcopy(fake_score)
+        lora_base = student_rank is not None and teacher_dtype != "float32"
+        if not lora_base:
+            student = copy.deepcopy(fake_score)
         if teacher_dtype == "float32":
             teacher = copy.deepcopy(fake_score)
         else:
             teacher = make(build_dtype(teacher_dtype, compute_dtype), False)
         teacher.set_gradient_checkpointing(False)
         teacher.eval().requires_grad_(False)
+
+        def trainable_copy_of_teacher() -> Denoiser:
+            copied = copy.deepcopy(teacher).train()
+            copied.set_gradient_checkpointing(checkpointing)
+            return copied
+
         if lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
             if teacher_dtype != "float32":
-                fake_score = copy.deepcopy(teacher).train()
-                fake_score.set_gradient_checkpointing(checkpointing)
+                fake_score = trainable_copy_of_teacher()
             add_lora(fake_score, lora_rank, settings["fake_score_lora_alpha"], settings["fake_score_lora_targets"],
                      seed=seed)
+        if lora_base:  # the LoRA student's base in the teacher's dtype
+            student = trainable_copy_of_teacher()
         if initialise_student is not None:
             initialise_student(student)
+        if student_rank is not None:  # adapters on the initialised weights
+            add_lora(student, student_rank, settings["student_lora_alpha"], settings["student_lora_targets"],
+                     seed=seed + 1)
 
         blocks = teacher.num_blocks
         feature_block = blocks // 2 if settings["feature_block"] is None else settings["feature_block"]
@@ -563,7 +580,7 @@ class DMD2Roles(Roles):
         if head_dtype != "float32":
             discriminator = discriminator.to(getattr(torch, head_dtype))
         ema = EMA(student, settings["ema_decay"]) if settings["ema_decay"] is not None else None
-        dtypes = {"student": "float32", "teacher": teacher_dtype,
+        dtypes = {"student": "float32" if student_rank is None else teacher_dtype, "teacher": teacher_dtype,
                   "fake_score": "float32" if lora_rank is None else teacher_dtype,
                   "discriminator": "float32", "student_ema": "float32"}
         return cls(student, teacher, fake_score, discriminator, ema, feature_block, dtypes)

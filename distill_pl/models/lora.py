@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from distill_pl.models.denoiser import Denoiser
@@ -54,3 +55,34 @@ def add_lora(
 def lora_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The LoRA adapter parameters of ``module`` by name (``...lora_A.default.weight`` etc.)."""
     return {name: p for name, p in module.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+def lora_scale(module: torch.nn.Module) -> float | None:
+    """The scale ``alpha / r`` of ``module``'s adapters (:func:`add_lora` gives every adapted
+    layer the same one), or None when it has none."""
+    scales = {layer.scaling[ADAPTER] for layer in module.modules() if isinstance(layer, LoraLayer)}
+    if len(scales) > 1:
+        raise ValueError(f"adapters of several scales {sorted(scales)}: add_lora gives one scale to all")
+    return scales.pop() if scales else None
+
+
+def merged_lora_state(state: dict[str, torch.Tensor], scale: float | None) -> dict[str, torch.Tensor]:
+    """The state dict of the plain network that an adapted one computes: each adapted Linear
+    ``X`` (keys ``X.base_layer.weight`` [out, in], ``X.lora_A.default.weight`` [r, in],
+    ``X.lora_B.default.weight`` [out, r], optional ``X.base_layer.bias``) becomes
+    ``X.weight = W + scale * B @ A`` and ``X.bias``; every floating tensor in float32 (a full
+    student's export dtype). ``scale`` None: ``state`` has no adapters, returned unchanged."""
+    if scale is None:
+        return state
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if f".lora_A.{ADAPTER}." in key or f".lora_B.{ADAPTER}." in key:
+            continue
+        if ".base_layer." in key:
+            layer, _, name = key.partition(".base_layer.")
+            if name == "weight":
+                a, b = state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"]
+                value = value.float() + scale * (b.float() @ a.float())
+            key = f"{layer}.{name}"
+        merged[key] = value.float() if value.is_floating_point() else value
+    return merged

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.lora import lora_scale, merged_lora_state
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
@@ -141,16 +142,20 @@ def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:
     A collective (every rank must call it). The copy is the denoiser's ``empty_copy()``
     (parameters on meta, buffers computed on CPU) given the gathered full weights
     (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``).
-    An unsharded ``denoiser`` is returned as it is.
+    An unsharded ``denoiser`` is returned as it is, unless it has LoRA adapters: they are merged
+    into the weights (:func:`~distill_pl.models.lora.merged_lora_state`) of a plain copy.
     """
+    scale = lora_scale(denoiser)
     if not is_sharded(denoiser):
-        return denoiser if rank == 0 else None
+        if rank != 0 or scale is None:
+            return denoiser if rank == 0 else None
+        return denoiser_from_state_dict(denoiser, merged_lora_state(denoiser.state_dict(), scale))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    return denoiser_from_state_dict(denoiser, full)
+    return denoiser_from_state_dict(denoiser, merged_lora_state(full, scale))
 
 
 def denoiser_from_state_dict(like: Denoiser, state: dict[str, Tensor]) -> Denoiser:

@@ -11,14 +11,16 @@ forward passes run on meta tensors of the configured shapes. Per device, in GiB 
 
 - parameters of each network in its training dtype: the trainable student (DMD2: also fake
   score and discriminator) in float32, the frozen teacher in ``teacher_dtype``, the EMA copy,
-  the VAE; a LoRA fake score (``fake_score_lora_rank``) is its frozen base in ``teacher_dtype``
-  plus float32 adapters, and only the adapters count as trainable below;
+  the VAE; a LoRA fake score or student (``fake_score_lora_rank``, ``student_lora_rank``) is
+  its frozen base in ``teacher_dtype`` plus float32 adapters, and only the adapters count as
+  trainable below;
 - AdamW state: two moments per trainable parameter, in its dtype (float32), plus a float32
   master copy of trainable parameters that are not float32;
 - DDP gradient buckets (more than one device, no sharding): DDP all-reduces through flat
   buffers as large as all trainable gradients (``gradient_as_bucket_view=False``, the default);
-- the micro-batch on the device (video and control pixels, KD latents, text): the loaded
-  batch stays in host memory and the training step moves one micro-batch at a time;
+- the micro-batch on the device (video and control pixels, or in ``data.mode: latents`` their
+  precomputed latents and no pixels; KD latents; text): the loaded batch stays in host memory
+  and the training step moves one micro-batch at a time;
 - per phase (KD: one; DMD2: critic and generator): the gradients of the phase's trainable
   parameters; its activations; under bf16-mixed without sharding, autocast's bf16 copies of
   the float32 weights that backward needs (Lightning's autocast does not cache casts, so a
@@ -280,7 +282,7 @@ def estimate_memory(
 
     p_t, p_h, p_w = student.patch_size
     tokens = latent[1] // p_t * (latent[2] // p_h) * (latent[3] // p_w)
-    num_params = sum(p.numel() for p in built["student"].parameters())
+    num_params = sum(p.numel() for p in built["teacher"].parameters())  # the architecture's, no adapters
     header = [
         f"{config}: {stage}; transformer: {source}, {num_params:,} parameters",
         f"{data.num_frames} frames {data.height}x{data.width} -> latents {'x'.join(map(str, latent))}, "
@@ -369,10 +371,12 @@ def _latent_sizes(data, vae: dict | None) -> tuple[int, int, int]:
 
 
 def _batch_bytes(method: type[Roles], b: int, data, latent: tuple[int, ...], text: tuple[int, int]) -> int:
-    """float32 video + control pixels (both data modes), the method's latents of each sample
-    (KD: noise + teacher output), text + mask."""
-    pixels = 2 * 3 * data.num_frames * data.height * data.width
-    latents = method.batch_latents * math.prod(latent)
+    """float32 video + control pixels (clips and pairs mode) or their precomputed latents
+    (``data.mode: latents``, no pixels), the method's latents of each sample (KD: noise +
+    teacher output), text + mask."""
+    precomputed = data.mode == "latents"
+    pixels = 0 if precomputed else 2 * 3 * data.num_frames * data.height * data.width
+    latents = (method.batch_latents + (2 if precomputed else 0)) * math.prod(latent)
     return b * (4 * (pixels + latents + math.prod(text)) + text[0])
 
 

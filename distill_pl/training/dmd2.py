@@ -11,7 +11,8 @@ clipping, logging, checkpoint hooks) is the one of every stage,
 
 - ``student``: the generator, one step ``x_g = eps - S(eps, 1, c)`` or K steps at the noise
   levels ``student_sigmas`` with re-noising; initialised from a KD checkpoint
-  (``init_from``, EMA weights by default) or, without one, from the teacher.
+  (``init_from``, EMA weights by default) or, without one, from the teacher (optionally
+  only LoRA adapters on those weights, frozen: ``student_lora_rank``).
 - ``teacher``: the frozen N-step CFG teacher (the "real" score); eval mode, no gradients,
   in no optimizer and in no checkpoint.
 - ``fake_score``: tracks the score of the student's samples; initialised from the teacher,
@@ -148,6 +149,12 @@ class DMD2Module(StageModule):
         fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
         fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
             paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
+        student_lora_rank, student_lora_alpha, student_lora_targets: the same for the
+            student: None: a full float32 student; an int ``r``: the student's initial weights
+            (``init_from``, else the teacher's) frozen in ``teacher_dtype`` with rank-``r``
+            float32 adapters, which alone the student optimizer trains. Checkpoints hold base
+            and adapters; the export merges them (``W + (alpha / r) B A``) into full float32
+            weights, so the exported folder is a plain diffusers model.
         student_sigmas: the student's noise levels, decreasing from 1.0 (``[1.0]``: one step;
             e.g. ``[1.0, 0.75, 0.5, 0.25]``: four steps with re-noising in between).
         student_sigmas_shifted: False: the teacher's timestep shift is applied to
@@ -223,6 +230,9 @@ class DMD2Module(StageModule):
         fake_score_lora_rank: int | None = None,
         fake_score_lora_alpha: float | None = None,
         fake_score_lora_targets: list[str] | None = None,
+        student_lora_rank: int | None = None,
+        student_lora_alpha: float | None = None,
+        student_lora_targets: list[str] | None = None,
         student_sigmas: list[float] = [1.0],
         student_sigmas_shifted: bool = False,
         trained_step_input: TrainedStepInput = "backward_simulation",

@@ -149,3 +149,26 @@ def test_dmd2_config(wan):
     check_data(cli, dmd2, mode="clips")
 
     assert cli.datamodule.hparams.batch_size == h.accumulate_micro_batches  # micro-batches of 1
+
+
+@pytest.mark.slow  # three 14B networks on meta and peft's injection into 40 blocks: ~20 s
+def test_14b_dmd2_8gpu_config(tmp_path, monkeypatch):
+    """dmd2.yaml's recipe on one node of 8 GPUs: FSDP2, a LoRA fake score on the frozen bf16
+    teacher weights, a full float32 student, global batch 64 as 8 micro-batches of 1 per GPU."""
+    wan = MODELS["14b"]
+    monkeypatch.chdir(tmp_path)
+    write_stand_in(tmp_path / wan.folder, wan.transformer_config)
+    build_on_meta(monkeypatch, (WanTransformer3DModel, AutoencoderKLWan))
+    cli = parse(wan.configs / "dmd2_8gpu.yaml", "--model.init_args.init_from=null")
+    dmd2 = cli.model
+    check_dmd2_recipe(cli)
+    trainer = cli.config["trainer"]
+    assert (trainer["num_nodes"], trainer["devices"]) == (1, 8)
+    assert trainer["strategy"] == "distill_pl.training.strategies.FSDP2Strategy"
+    assert dmd2.hparams.fake_score_lora_rank == 64 and dmd2.hparams.student_lora_rank is None
+    trainable = [p for p in dmd2.fake_score.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert dmd2.fake_score.transformer.dtype == torch.bfloat16 and in_range(dmd2.teacher, wan)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in dmd2.student.parameters())
+    assert cli.datamodule.hparams.batch_size == dmd2.hparams.accumulate_micro_batches == 8
+    check_data(cli, dmd2, mode="clips")

@@ -244,3 +244,39 @@ def test_the_data_side_of_a_wan_pair_generation_config(capsys):
     assert "cache_frames adds" not in out  # the Wan configs decode per item
     # bounded by the chunks: a 4K source costs little more than its decoded uint8 window
     assert clip_item_bytes(81, 480, 832, (2160, 3840)) - 81 * 2160 * 3840 * 3 < 2 * 2**30
+
+
+def test_lora_student_counts_frozen_base_and_trainable_adapters(tmp_path):
+    """Wan2.1-1.3B DMD2 with rank-64 LoRA student and fake score on 8 GPUs with FSDP: the student
+    is a bf16 frozen base (the teacher's size) + float32 adapters of r * (in + out) per targeted
+    Linear; the generator phase's gradients and AdamW temporary are the student's adapters."""
+    config = yaml.safe_load(Path("configs/wan2.1-t2v-1.3b/dmd2.yaml").read_text())
+    config["model"]["init_args"].update(fake_score_lora_rank=64, student_lora_rank=64, teacher_dtype="bfloat16")
+    (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
+    estimate = estimate_memory(str(tmp_path / "dmd2.yaml"), devices=8, sharding="fsdp")
+    wan = WAN_2_1_T2V_1_3B
+    d, ffn, blocks = wan["num_attention_heads"] * wan["attention_head_dim"], wan["ffn_dim"], wan["num_layers"]
+    adapters = 4 * 64 * blocks * (8 * (d + d) + (d + ffn) + (ffn + d)) // 8
+    rows = estimate.static
+    assert rows["student: LoRA adapters, trainable"] == rows["fake_score: LoRA adapters, trainable"] == adapters
+    assert rows["student: AdamW moments"] == 2 * adapters
+    assert rows["student: bfloat16 frozen base"] == rows["teacher: bfloat16"]
+    assert "student: float32, trainable" not in rows and "1,418,996,800 parameters" in estimate.header[0]
+    generator = estimate.phases["generator"]
+    assert generator.gradients == generator.adamw_temporary == adapters
+    assert estimate.phases["critic"].gradients == adapters + rows["discriminator: float32, trainable"]
+
+
+def test_latents_mode_puts_latents_and_no_pixels_on_the_device():
+    """A micro-batch of precomputed clip latents (``data.mode: latents``) holds the video and
+    control latents, no pixels: Wan2.1 at 81x480x832 (latents 16x21x60x104), 512 x 4096 text."""
+    from types import SimpleNamespace
+
+    from distill_pl.methods.dmd2 import DMD2Roles
+    from distill_pl.scale.memory_estimate import _batch_bytes
+
+    latent, text = (16, 21, 60, 104), (512, 4096)
+    clips, latents = (SimpleNamespace(mode=mode, num_frames=81, height=480, width=832) for mode in ("clips", "latents"))
+    text_bytes = 4 * 512 * 4096 + 512
+    assert _batch_bytes(DMD2Roles, 1, clips, latent, text) == 4 * 2 * 3 * 81 * 480 * 832 + text_bytes
+    assert _batch_bytes(DMD2Roles, 1, latents, latent, text) == 4 * 2 * 16 * 21 * 60 * 104 + text_bytes
