@@ -99,8 +99,19 @@ def adapter_class(class_name: str, where: str | Path = "") -> type[Denoiser]:
             f"{prefix}model class {class_name!r} is not supported; supported classes: "
             f"{', '.join(supported_classes())}"
         )
-    module, _, name = FAMILIES[class_name].partition(":")
+    return _imported(FAMILIES[class_name])
+
+
+def _imported(entry: str) -> type:
+    """The class an entry ``"module:Class"`` names, its module imported."""
+    module, _, name = entry.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _layout_adapter(cls: type[Denoiser], config: dict) -> type[Denoiser]:
+    """The adapter that builds ``config``: ``cls``, or the one its ``variant`` names."""
+    entry = cls.variant(config)
+    return cls if entry is None else _imported(entry)
 
 
 def folder_class_name(path: str | Path) -> str:
@@ -157,7 +168,7 @@ def folder_adapter(path: str | Path) -> type[Denoiser]:
     """The adapter class of a folder: the one registered for its class name, or the variant
     it names for the folder's layout (``Denoiser.variant`` of its ``folder_config``)."""
     cls = adapter_class(folder_class_name(path), resolve_path(path))
-    return cls.variant(cls.folder_config(str(path)))
+    return _layout_adapter(cls, cls.folder_config(str(path)))
 
 
 def load_denoiser(
@@ -186,7 +197,7 @@ def build_denoiser(
     ``on_meta=True`` builds every parameter and buffer on the meta device (no memory, no
     values), for shapes, parameter counts and memory estimates of real-size models.
     """
-    cls = adapter_class(class_name).variant(config)
+    cls = _layout_adapter(adapter_class(class_name), config)
     return cls.from_config(config, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                            on_meta=on_meta, **adapter_options)
 

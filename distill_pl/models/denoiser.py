@@ -104,12 +104,13 @@ class Denoiser(nn.Module):
         return read_config(transformer_config_file(path))
 
     @classmethod
-    def variant(cls, config: dict) -> type["Denoiser"]:
-        """The adapter that builds ``config`` (what :meth:`folder_config` returns): this class
-        by default; a family whose one diffusers class comes in several layouts (Wan 2.2's
-        two experts, its per-token timesteps) returns the adapter of the layout. The registry
-        asks it before building or loading a denoiser."""
-        return cls
+    def variant(cls, config: dict) -> str | None:
+        """The adapter that builds ``config`` (what :meth:`folder_config` returns), as the
+        registry names adapters (``"module:AdapterClass"``), or None when this class does (the
+        default). A family whose one diffusers class comes in several layouts (Wan 2.2's two
+        experts, its per-token timesteps) names the adapter of the layout; the registry asks it
+        before building or loading a denoiser and imports the adapter it names."""
+        return None
 
     @property
     def backbone_config(self) -> dict:

@@ -105,23 +105,20 @@ class WanDenoiser(Denoiser):
         return wan_folder_config(path)
 
     @classmethod
-    def variant(cls, config: dict) -> type[Denoiser]:
+    def variant(cls, config: dict) -> str | None:
         """A Wan 2.2 layout's adapter (:mod:`distill_pl.families.wan.layout`): two experts
         (:class:`~distill_pl.families.wan.experts.WanExpertsDenoiser`) or per-token timesteps
-        (:class:`~distill_pl.families.wan.ti2v.WanTI2VDenoiser`); ``cls`` for one transformer
-        config. ValueError for a Wan 2.2 layout of another class (VACE)."""
+        (:class:`~distill_pl.families.wan.ti2v.WanTI2VDenoiser`), named as the registry names
+        adapters (those modules import this one); None for one transformer config. ValueError
+        for a Wan 2.2 layout of another class (VACE)."""
         if "transformer" not in config:
-            return cls
+            return None
         if cls is not WanDenoiser:
             raise ValueError(f"{cls.class_name}: the Wan 2.2 layouts (two experts, expand_timesteps) are "
                              "supported for WanTransformer3DModel only")
         if "transformer_2" in config:
-            from distill_pl.families.wan.experts import WanExpertsDenoiser
-
-            return WanExpertsDenoiser
-        from distill_pl.families.wan.ti2v import WanTI2VDenoiser
-
-        return WanTI2VDenoiser
+            return "distill_pl.families.wan.experts:WanExpertsDenoiser"
+        return "distill_pl.families.wan.ti2v:WanTI2VDenoiser"
 
     @property
     def transformer_config(self) -> dict:
