@@ -42,6 +42,7 @@ def _args(tmp_path: Path, teacher: Path, students: dict) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # 50 s of the default suite's 596 s (2026-12-07, idle machine)
 def test_report_files_rows_and_resume(tmp_path, monkeypatch):
     torch.manual_seed(0)
     videos = resolve_path(BUNDLED_CLIPS)

@@ -66,6 +66,7 @@ def test_compile_times_the_phase_again_compiled_and_prints_the_ratio(capsys, one
         benchmark.parse_args(["--compile", "--warmup", "0"])
 
 
+@pytest.mark.slow  # 16 s (2026-12-07)
 def test_tiny_cosmos_with_controlnet_and_extrapolated_teacher(tmp_path, one_thread):
     """Cosmos through the registry: the student carries its ControlNet and the conditioning
     control latents; the teacher's s/video is sample_steps x the median of the timed steps."""

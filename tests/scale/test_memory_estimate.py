@@ -246,6 +246,7 @@ def test_the_data_side_of_a_wan_pair_generation_config(capsys):
     assert clip_item_bytes(81, 480, 832, (2160, 3840)) - 81 * 2160 * 3840 * 3 < 2 * 2**30
 
 
+@pytest.mark.slow  # 11 s (2026-12-07); the LoRA fake score's count stays in the default suite
 def test_lora_student_counts_frozen_base_and_trainable_adapters(tmp_path):
     """Wan2.1-1.3B DMD2 with rank-64 LoRA student and fake score on 8 GPUs with FSDP: the student
     is a bf16 frozen base (the teacher's size) + float32 adapters of r * (in + out) per targeted

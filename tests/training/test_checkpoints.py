@@ -110,6 +110,7 @@ def immutable(tmp_path):
     subprocess.run(["chattr", "-i", str(folder)])
 
 
+@pytest.mark.slow  # 17 s (2026-12-07)
 def test_unwritable_checkpoint_folder_fails_the_run_with_the_path(tmp_path, immutable):
     config = fast_teacher_config(tmp_path / "teacher.yaml", max_steps=2)
     proc = subprocess.run(DISTILL_PL + ["fit", "--config", str(config)], cwd=tmp_path, env=cli_env(),
