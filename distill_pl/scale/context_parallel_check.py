@@ -19,6 +19,7 @@ call each, after nothing: the first call includes warm-up).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import socket
@@ -32,13 +33,26 @@ from distill_pl.models.context_parallel import ContextParallel
 
 #: (method, phase) pairs checked, each on freshly built roles
 PHASES = (("kd", "KD step"), ("dmd2", "critic"), ("dmd2", "generator"))
-KD_SETTINGS = dict(teacher_dtype="float32", gradient_checkpointing=True, ema_decay=None)
-DMD2_SETTINGS = dict(
+#: overrides of the stages' own defaults (every other setting is the ``__init__`` default)
+KD_OVERRIDES = dict(teacher_dtype="float32", gradient_checkpointing=True, ema_decay=None)
+DMD2_OVERRIDES = dict(
     teacher_dtype="float32", gradient_checkpointing=True, fake_score_lora_rank=None, feature_block=1,
     discriminator_hidden=8, ema_decay=None, seed=0, guidance=3.0, gan_weight=0.5, critic_gan_weight=1.0,
     discriminator_on="fake_score", trained_step_input="backward_simulation", phased_dmd=False, t_min=0.02,
     t_max=0.98,
 )
+
+
+def stage_settings(method: str) -> dict:
+    """The settings of ``method``'s stage module (``KDModule`` or ``DMD2Module``) as a run without
+    those keys in its config has them: its ``__init__`` defaults, then the overrides above."""
+    from distill_pl.training.dmd2 import DMD2Module
+    from distill_pl.training.kd import KDModule
+
+    module, overrides = (KDModule, KD_OVERRIDES) if method == "kd" else (DMD2Module, DMD2_OVERRIDES)
+    parameters = inspect.signature(module.__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return defaults | overrides
 
 
 def build_roles(method: str, class_name: str, config: dict, compute_dtype: str | None):
@@ -49,9 +63,9 @@ def build_roles(method: str, class_name: str, config: dict, compute_dtype: str |
 
     torch.manual_seed(0)
     make = config_denoisers(class_name, config)
-    if method == "kd":
-        return KDRoles.from_settings(KD_SETTINGS, make, compute_dtype), KD_SETTINGS
-    return DMD2Roles.from_settings(DMD2_SETTINGS, make, compute_dtype), DMD2_SETTINGS
+    settings = stage_settings(method)
+    roles_class = KDRoles if method == "kd" else DMD2Roles
+    return roles_class.from_settings(settings, make, compute_dtype), settings
 
 
 def phase_loss(roles, settings: dict, phase: str, shape: tuple[int, ...], text: tuple[int, int],
