@@ -51,6 +51,14 @@ class ControlSettings:
         return self.control_key if self.control == "video" else self.control
 
     @property
+    def given_frames(self) -> int:
+        """Leading pixel frames of the clip the control gives the model as they are: 1 for
+        ``clip`` (the image of image-to-video, the clip's first frame), 0 for the others (the
+        model generates every frame). The evaluation leaves these frames out of its quality
+        metrics and measures them apart."""
+        return 1 if self.control == "clip" else 0
+
+    @property
     def computed(self) -> bool:
         """True when the control is computed from the clip (not read from a control video)."""
         return self.control != "video"

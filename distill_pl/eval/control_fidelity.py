@@ -19,6 +19,12 @@ measure per control modality (the data setting ``control``, :mod:`distill_pl.dat
   segmentation accuracy: texture edges of the video that the control lacks lower the
   precision, so a perfect video scores below 1; compare a student's value with the
   teacher's rows of the same report.
+- ``clip`` (image-to-video: the control is the clip, its first frame the conditioning image)
+  -> ``image_psnr``: PSNR in dB (data range 2) of the generated video's given frames (the
+  first, :attr:`~distill_pl.data.controls.ControlSettings.given_frames`) against the image.
+  The model is handed that frame, so this is the conditioning-frame agreement, reported apart:
+  every other metric of the evaluation leaves the given frames out. Higher is closer (a model
+  that keeps the frame clean scores the autoencoder's round trip).
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ class ControlFidelity:
 
     @property
     def key(self) -> str:
-        """The report's column: ``edge_f1``, ``blur_psnr`` or ``control_edge_f1``."""
-        return {"edge": "edge_f1", "blur": "blur_psnr", "video": "control_edge_f1"}[self.controls.control]
+        """The report's column: ``edge_f1``, ``blur_psnr``, ``control_edge_f1`` or ``image_psnr``."""
+        return {"edge": "edge_f1", "blur": "blur_psnr", "video": "control_edge_f1",
+                "clip": "image_psnr"}[self.controls.control]
 
     def describe(self) -> dict:
         """What ``report.json`` records under ``settings.control_fidelity``: the modality
@@ -60,6 +67,9 @@ class ControlFidelity:
                       f"F1 of the canny edges of the generated video against the canny edges of the {c.modality} "
                       f"control video ({canny}): a structure proxy (no {c.modality} model is run on the video); "
                       "texture edges lower it, so compare with the teacher's rows, not with 1"),
+            "clip": ("first-frame PSNR vs image (dB)", 2,
+                     "PSNR (data range 2) of the generated video's first frame against the conditioning image "
+                     "(the clip's first frame), which the model is given; every other column leaves that frame out"),
         }
         title, digits, definition = described[c.control]
         return dict(control=c.modality, key=self.key, title=title, digits=digits, higher_is_better=True,
@@ -71,6 +81,9 @@ class ControlFidelity:
         c = self.controls
         if c.control == "blur":
             return metrics.psnr_per_video(blur_control(generated.float()), control.float())
+        if c.control == "clip":
+            given = slice(0, c.given_frames)
+            return metrics.psnr_per_video(generated[:, :, given].float(), control[:, :, given].float())
         reference = metrics.edges_from_control(control) if c.control == "edge" else self._edges(control)
         return metrics.edge_f1(self._edges(generated), reference, self.tolerance)
 

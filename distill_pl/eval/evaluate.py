@@ -107,6 +107,7 @@ def evaluate(
     timing_spread_limit: float = 0.5,
     denoiser_options: dict[str, object] | None = None,
     extra_reference_guidance: float | None = None,
+    guidance_2: float | None = None,
 ) -> dict:
     """Run the evaluation and write the report into ``out``; returns the report dict.
 
@@ -134,6 +135,14 @@ def evaluate(
             row (key ``teacher_<steps>step_w<guidance>``, second in the report) and every
             method's Fréchet distance to its samples. Ignored when equal to ``guidance``.
             The other rows, their videos and their metrics are the same with or without it.
+        guidance_2: a two-expert teacher's CFG weight at the levels of its low-noise expert
+            (its pipeline's ``guidance_scale_2``) in every teacher row; None: ``guidance`` there
+            too. A teacher of one network refuses it.
+
+    Image-to-video (``data.control: clip``: the control is the clip, whose first frame the
+    teacher and the students take as the conditioning image): the given frame is left out of
+    every metric but the control fidelity, which is its agreement with the image (see
+    :func:`score_methods`); ``report.json`` records the count as ``settings.given_frames``.
     """
     if samples_per_clip < 2:
         raise ValueError("samples_per_clip must be >= 2 (diversity compares samples of one clip)")
@@ -147,6 +156,11 @@ def evaluate(
     options = denoiser_options or {}
     teacher_net = load_denoiser(teacher, **options).eval()
     scheduler = load_scheduler(teacher)
+    controls = ControlSettings.from_metadata(data.hparams)
+    if controls.given_frames and not teacher_net.control_channels:
+        raise ValueError(f"data.control {controls.control!r} gives the clip's first frame as the image, but the "
+                         f"teacher {teacher} takes no control (a text-to-video model; a TI2V folder takes the image "
+                         "with denoiser_options image_to_video: true)")
 
     index = torch.arange(num_examples) % windows  # example i shows window i % windows
     control = teacher_net.encode_control(clips["control"].float(), autoencoder)
@@ -155,17 +169,18 @@ def evaluate(
     latent_shape = autoencoder.encode(clips["video"][:1].float()).shape[1:]
     noise = torch.stack([_example_noise(latent_shape, seed, i) for i in range(num_examples)])
 
-    methods = [teacher_method(teacher_net, scheduler, teacher_steps, guidance)]
+    methods = [teacher_method(teacher_net, scheduler, teacher_steps, guidance, guidance_2=guidance_2)]
     if extra_reference_guidance is not None and extra_reference_guidance == guidance:
         print(f"extra_reference_guidance {extra_reference_guidance:g} is the reference's guidance: no extra row")
         extra_reference_guidance = None
     if extra_reference_guidance is not None:
         methods.append(teacher_method(teacher_net, scheduler, teacher_steps, extra_reference_guidance,
-                                      key_with_guidance=True))
+                                      key_with_guidance=True, guidance_2=guidance_2))
     references = {"teacher": methods[0].key}
     if extra_reference_guidance is not None:
         references["extra_teacher"] = methods[1].key
-    methods += [teacher_method(teacher_net, scheduler, k, guidance) for k in few_steps if k != teacher_steps]
+    methods += [teacher_method(teacher_net, scheduler, k, guidance, guidance_2=guidance_2)
+                for k in few_steps if k != teacher_steps]
     fingerprints = {methods[0].key: teacher_fingerprint(teacher)}
     for name, folder in students.items():
         levels, sampler = student_noise_levels_of(folder), student_sampler_of(folder)
@@ -200,15 +215,16 @@ def evaluate(
         print(f"{method.name}: {timing[method.key]:.4f} s/video ({method.nfe} network calls)")
 
     metric_settings = dict(edge_tolerance=edge_tolerance, canny=[data.hparams.canny_low, data.hparams.canny_high],
-                           bootstrap_resamples=bootstrap_resamples, features=FEATURE_NETWORK)
-    fidelity = ControlFidelity(ControlSettings.from_metadata(data.hparams), edge_tolerance)
+                           bootstrap_resamples=bootstrap_resamples, features=FEATURE_NETWORK,
+                           given_frames=controls.given_frames)
+    fidelity = ControlFidelity(controls, edge_tolerance)
     results = score_methods(
         methods, videos, timing, clips, lambda: real_training_clips(data, num_examples),
         samples_per_clip, fidelity, bootstrap_resamples, MetricCache(out_dir / "metrics.json"),
         {m.key: dict(metric_settings, videos=video_settings[m.key], reference=video_settings[methods[0].key])
          for m in methods},
         dict(metric_settings, real=settings["data"], count=num_examples),
-        references, {m.key: video_settings[m.key] for m in methods},
+        references, {m.key: video_settings[m.key] for m in methods}, controls.given_frames,
     )
     results["warnings"] = timing_warnings(results["methods"], batch_seconds, timing_runs, timing_spread_limit)
     report = dict(
@@ -217,7 +233,8 @@ def evaluate(
             few_steps=few_steps, samples_per_clip=samples_per_clip, held_out_windows=windows,
             batch_size=batch_size, seed=seed, edge_tolerance_px=edge_tolerance,
             bootstrap_resamples=bootstrap_resamples, timing_spread_limit=timing_spread_limit,
-            extra_reference_guidance=extra_reference_guidance,
+            extra_reference_guidance=extra_reference_guidance, guidance_2=guidance_2,
+            given_frames=controls.given_frames,
             canny_thresholds=[data.hparams.canny_low, data.hparams.canny_high],
             control_fidelity=fidelity.describe(),
             frames=list(clips["video"].shape[2:]),
@@ -244,6 +261,7 @@ def score_methods(
     floor_settings: dict,
     references: dict[str, str] | None = None,
     video_settings: dict[str, dict] | None = None,
+    given_frames: int = 0,
 ) -> dict:
     """The metrics of every method (the first is the reference) and of the real floor; the
     control fidelity of each method's videos to ``clips["control"]`` by ``fidelity`` (its
@@ -270,12 +288,26 @@ def score_methods(
 
     ``video_settings[key]``: what the videos of ``key`` were made with (default
     ``method_settings``).
+
+    ``given_frames``: leading pixel frames of every video that the conditioning gives the model
+    (the image of image-to-video; 0 for text-to-video). Every metric above (PSNR, SSIM,
+    diversity, each Fréchet distance, on the methods' videos and on the real clips alike) is
+    computed on the frames after them, the generated frames; the agreement of the given frames
+    with what was given is the control fidelity of an image control, measured apart
+    (:class:`~distill_pl.eval.control_fidelity.ControlFidelity`, on the whole videos).
     """
     references = references or {"teacher": methods[0].key}
     video_settings = video_settings or method_settings
-    windows = clips["video"].shape[0]
-    reference = videos[methods[0].key]
-    moving = clips["video"].shape[2] >= 2
+    windows, _, frames = clips["video"].shape[:3]
+    if not 0 <= given_frames < frames:
+        raise ValueError(f"{given_frames} given frame(s) of {frames}-frame videos: the metrics need a generated frame")
+
+    def generated(v: Tensor) -> Tensor:
+        """The generated frames [B, 3, T - given_frames, H, W] of videos ``v`` [B, 3, T, H, W]."""
+        return v[:, :, given_frames:]
+
+    reference = generated(videos[methods[0].key])
+    moving = frames - given_frames >= 2
     lazy: dict = {}
     memo: dict = {}
 
@@ -291,13 +323,13 @@ def score_methods(
 
     def features_of(key: str, motion: bool = False) -> Tensor:
         if (key, motion) not in memo:
-            memo[key, motion] = per_video(videos[key], motion)
+            memo[key, motion] = per_video(generated(videos[key]), motion)
         return memo[key, motion]
 
     def real_stats(motion: bool = False) -> tuple[Tensor, Tensor]:
         """The Gaussian of the real held-out clips' frame (or frame-difference) features."""
         if ("real", motion) not in lazy:
-            lazy["real", motion] = metrics.gaussian_statistics(per_video(clips["video"], motion).flatten(0, 1))
+            lazy["real", motion] = metrics.gaussian_statistics(per_video(generated(clips["video"]), motion).flatten(0, 1))
         return lazy["real", motion]
 
     def stats_of(key: str) -> tuple[Tensor, Tensor]:
@@ -307,7 +339,7 @@ def score_methods(
 
     def real_training() -> Tensor:
         if "train" not in lazy:
-            lazy["train"] = real_train()
+            lazy["train"] = generated(real_train())
         return lazy["train"]
 
     def spread(per_video_features: Tensor, stats: tuple[Tensor, Tensor], name: str) -> dict[str, float]:
@@ -321,14 +353,15 @@ def score_methods(
         return spread(per_video_features, real_stats(motion=True), "motion_frechet_distance")
 
     def quality(method: Method) -> dict:
-        v = videos[method.key]
+        whole = videos[method.key]
+        v = generated(whole)
         paired = method is not methods[0]
         control = clips["control"].repeat(samples_per_clip, 1, 1, 1, 1)  # example i shows window i % windows
         per_clip = v.reshape(samples_per_clip, windows, *v.shape[1:]).transpose(0, 1)
         return dict(
             psnr=float(metrics.psnr_per_video(v, reference).mean()) if paired else None,
             ssim=float(metrics.ssim_per_video(v, reference).mean()) if paired else None,
-            **{fidelity.key: float(fidelity.measure(v, control).mean())},
+            **{fidelity.key: float(fidelity.measure(whole, control).mean())},
             **spread(features_of(method.key), real_stats(), "frechet_distance"),
             diversity=statistics.mean(metrics.mean_pairwise_rms(samples) for samples in per_clip),
         )
@@ -346,7 +379,8 @@ def score_methods(
             cache.put(key, settings, values)
         return values
 
-    distribution_settings = dict(features=FEATURE_NETWORK, bootstrap_resamples=bootstrap_resamples)
+    distribution_settings = dict(features=FEATURE_NETWORK, bootstrap_resamples=bootstrap_resamples,
+                                 given_frames=given_frames)
     progress = ProgressLines("evaluate: metrics", len(methods) + 1, "rows", force=True)
     rows = []
     for method in methods:

@@ -31,20 +31,25 @@ class Method:
     sample: Sampler
 
 
-def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float, key_with_guidance: bool = False) -> Method:
-    """The teacher with ``steps`` steps of its own scheduler and CFG weight ``guidance``.
+def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float, key_with_guidance: bool = False,
+                   guidance_2: float | None = None) -> Method:
+    """The teacher with ``steps`` steps of its own scheduler and CFG weight ``guidance``
+    (``guidance_2``: the weight at the levels of a two-expert teacher's low-noise expert, see
+    :func:`~distill_pl.models.guidance.velocity_fn`; None: ``guidance`` there too).
 
     Its key is ``teacher_<steps>step``, or ``teacher_<steps>step_w<guidance>`` (``.`` as ``p``,
     e.g. ``teacher_36step_w6``) with ``key_with_guidance``: a second teacher row with the same
-    steps at another guidance (the evaluation's extra reference)."""
-    cfg = guidance != 1.0
+    steps at another guidance (the evaluation's extra reference). Its name gives both weights
+    (``"teacher 36-step CFG w=8 low-noise w=5"``)."""
+    cfg = guidance != 1.0 or guidance_2 not in (None, 1.0)
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
-        fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance)
+        fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance, guidance_2)
         return teacher.finish_sample(sample_with_scheduler(fn, noise, scheduler, steps,
                                                            step_sigma=teacher.sampler_sigma), cond)
 
     label = f"teacher {steps}-step" + (f" CFG w={guidance:g}" if cfg else "")
+    label += "" if guidance_2 is None else f" low-noise w={guidance_2:g}"
     key = f"teacher_{steps}step" + (f"_w{guidance:g}".replace(".", "p").replace("-", "m") if key_with_guidance else "")
     return Method(key, label, steps * (2 if cfg else 1), sample)
 

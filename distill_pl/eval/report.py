@@ -93,12 +93,17 @@ def markdown_report(report: dict) -> str:
     extra = "" if extra_ref is None else (
         f"\n  Fréchet to extra teacher: to the videos of {extra_ref['name']} (`extra_reference_guidance`,"
         " e.g. the guidance the DMD2 stage trains with); its own row is 0 by construction.")
+    given = s.get("given_frames", 0)
+    given_line = "" if not given else (
+        f"- Given frames: the first {given} frame(s) of every video are given to the model (the conditioning "
+        f"image); PSNR, SSIM, the Fréchet distances (of the real clips too) and the diversity are computed on\n"
+        f"  the frames after them, the generated ones; {fidelity['title']} measures the given frames apart.\n")
     return f"""# Evaluation report
 
 {markdown_table(report)}
 
 {warnings}
-- Held-out data: {s['held_out_windows']} windows of the held-out (last) part of each video x
+{given_line}- Held-out data: {s['held_out_windows']} windows of the held-out (last) part of each video x
   {s['samples_per_clip']} noise seeds = {s['held_out_windows'] * s['samples_per_clip']} videos per
   method (frames x height x width {s['frames']}); every method starts from the same noise.
 - Reference ("ref"): {ref}. PSNR/SSIM: each video against the reference video from the
