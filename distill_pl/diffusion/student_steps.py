@@ -9,7 +9,7 @@ scheduler does to custom sigmas) or already shifted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -32,11 +32,101 @@ def unshift_sigma(sigma: float, shift: float) -> float:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
-def subinterval_bounds(levels: Sequence[float]) -> list[tuple[float, float]]:
-    """The K subintervals ``(s_{k+1}, s_k]`` of the noise range, one per student step
-    (``s_K = 0``): step k maps its input at ``s_k`` to a state at ``s_{k+1}``."""
-    lower = list(levels[1:]) + [0.0]
-    return list(zip(lower, levels))
+def subinterval_bounds(levels: Sequence[float], boundaries: Sequence[float] | None = None) -> list[tuple[float, float]]:
+    """The subintervals ``(lower, upper]`` of the noise range, one per phase of
+    :func:`phase_steps`: with ``boundaries`` None the K subintervals ``(s_{k+1}, s_k]``
+    (``s_K = 0``; step k maps its input at ``s_k`` to a state at ``s_{k+1}``); otherwise the
+    intervals between consecutive boundaries, 1 and 0 at the ends."""
+    upper = [levels[steps.start] for steps in phase_steps(levels, boundaries)]
+    return list(zip(upper[1:] + [0.0], upper))
+
+
+def phase_steps(levels: Sequence[float], boundaries: Sequence[float] | None = None) -> list[range]:
+    """The student steps of each phase of Phased DMD, highest noise first. ``boundaries``: the
+    noise levels where one phase ends and the next begins, each one of ``levels`` other than
+    the first (:func:`phase_boundary_indices` checks them); None: every level is a boundary,
+    one step per phase. A phase's steps map its upper end down to its lower end."""
+    starts = [0, *phase_boundary_indices(boundaries, levels)] if boundaries is not None else list(range(len(levels)))
+    return [range(a, b) for a, b in zip(starts, starts[1:] + [len(levels)])]
+
+
+def phase_boundary_indices(boundaries: Sequence[float], levels: Sequence[float],
+                           key: str = "phase_boundaries") -> list[int]:
+    """The indices in ``levels`` of the phase ``boundaries``. Raises a one-line ValueError
+    naming ``key`` for a boundary outside (0, 1), boundaries that do not decrease strictly
+    (the order of ``levels``), or a boundary that is not one of ``levels``."""
+    given = [float(b) for b in boundaries]
+    outside = [b for b in given if not 0.0 < b < 1.0]
+    if outside:
+        raise ValueError(f"{key}: each boundary must lie strictly inside (0, 1), got {outside}")
+    if any(b >= a for a, b in zip(given, given[1:])):
+        raise ValueError(f"{key} must decrease strictly (as student_sigmas do), got {given}")
+    missing = [b for b in given if b not in levels]
+    if missing:
+        raise ValueError(f"{key}: {missing} not among the student's levels {list(levels)}: "
+                         "a phase boundary is one of student_sigmas")
+    return [list(levels).index(b) for b in given]
+
+
+#: the setting of ``phase_boundaries`` that splits the phases at a two-expert student's boundary
+EXPERTS_BOUNDARY = "experts"
+
+
+def resolve_phase_boundaries(
+    setting: Sequence[float] | str | None, student_sigmas: Sequence[float], levels: Sequence[float], shift: float,
+    shifted: bool, low_noise_levels: Callable[[Tensor], Tensor | None],
+) -> tuple[float, ...] | None:
+    """The Phased DMD phase boundaries as noise levels (members of ``levels``, the student's
+    levels after the shift) from the setting ``phase_boundaries``: None (every level a boundary,
+    returned as None); values of ``student_sigmas`` (as the config writes them, before the
+    shift unless ``shifted``; :func:`phase_boundary_indices` checks them); or
+    :data:`EXPERTS_BOUNDARY`: the level at a two-expert student's boundary, where
+    ``low_noise_levels`` (its :meth:`~distill_pl.models.denoiser.Denoiser.low_noise_levels`)
+    switches experts (:func:`experts_boundary`). A student level sits there when it is within
+    1e-6 of that boundary. One-line ValueError naming ``phase_boundaries`` otherwise (for a
+    one-network student, or no level at the boundary: then it says the value to add to
+    ``student_sigmas``)."""
+    if setting is None:
+        return None
+    if isinstance(setting, str):
+        if setting != EXPERTS_BOUNDARY:
+            raise ValueError(f"phase_boundaries must be a list of student_sigmas or {EXPERTS_BOUNDARY!r}, "
+                             f"got {setting!r}")
+        boundary = experts_boundary(low_noise_levels)
+        if boundary is None:
+            raise ValueError(f"phase_boundaries: {EXPERTS_BOUNDARY!r} needs a two-expert student whose experts "
+                             "switch inside (0, 1); this student is one network")
+        at = [i for i, level in enumerate(levels) if abs(level - boundary) <= 1e-6]
+        if not at:
+            written = boundary if shifted else unshift_sigma(boundary, shift)
+            how = "student_sigmas_shifted: true" if shifted else f"before the teacher's timestep shift {shift:g}"
+            raise ValueError(
+                f"phase_boundaries: {EXPERTS_BOUNDARY!r}: no student level sits at the experts' boundary sigma "
+                f"{boundary:g} (the boundary timestep {1000 * boundary:g} / 1000): student_sigmas "
+                f"{list(student_sigmas)} need {written!r} ({how}) among them")
+        return (levels[at[0]],)
+    return tuple(levels[i] for i in phase_boundary_indices(setting, student_sigmas))
+
+
+def experts_boundary(low_noise_levels: Callable[[Tensor], Tensor | None]) -> float | None:
+    """The noise level where a two-expert model switches experts, from its routing alone
+    (``low_noise_levels(sigma [B])`` -> bool [B], True where the low-noise expert runs, or
+    None for one network): the smallest level its high-noise expert takes, found by bisection
+    on float64 levels in (0, 1) and rounded to 6 significant digits (so a boundary compared
+    on float32 timesteps, e.g. 875 / 1000, reads as 0.875). None for one network, or when
+    the routing does not give the levels near 0 to the low-noise expert and 1 to the other."""
+
+    def low(sigma: float) -> bool | None:
+        routed = low_noise_levels(torch.tensor([sigma], dtype=torch.float64))
+        return None if routed is None else bool(routed[0])
+
+    if low(1.0) is not False or low(0.0) is not True:
+        return None
+    below, above = 0.0, 1.0
+    for _ in range(64):
+        middle = 0.5 * (below + above)
+        below, above = (middle, above) if low(middle) else (below, middle)
+    return float(f"{above:.6g}")
 
 
 def diffuse_from(x_s: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> Tensor:

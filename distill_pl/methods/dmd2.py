@@ -23,17 +23,24 @@ Its clean estimate ``x_g`` then enters the critic and generator losses of DMD2 e
 one-step student's does (``x_t = (1 - sigma) x_g + sigma n``, ``sigma`` from the shifted
 ``t ~ U[t_min, t_max]``).
 
-Phased DMD (``phased=True``, backward simulation only): the noise range is split into the K
-subintervals ``(s_{k+1}, s_k]`` (``s_K = 0``), trained one after the other (the caller gives
-the phase). In phase ``k`` every sample trains step ``k``, whose output is the student's state
-at the subinterval's lower end, ``x_{s_{k+1}} = (1 - s_{k+1}) x0 + s_{k+1} n`` (the sampler's
-own re-noising; for the last phase the clean estimate). The critic and DMD terms diffuse that
-state to ``sigma`` in the subinterval (``sigma = s_{k+1} + (s_k - s_{k+1}) u``, ``u ~
-U[t_min, t_max]``, no further shift) with
-:func:`~distill_pl.diffusion.student_steps.diffuse_from`, and the fake score is trained there
-with the subinterval target of
+Phased DMD (``phased=True``, backward simulation only): the noise range is split into
+phases, trained one after the other (the caller gives the phase). The phase boundaries are
+``phase_boundaries`` (some of the student's levels, strictly inside (0, 1); None: every level
+``s_1 .. s_{K-1}``, one step per phase, the K subintervals ``(s_{k+1}, s_k]``, ``s_K = 0``);
+a phase is the interval ``(s, s']`` between consecutive boundaries (1 and 0 at the ends) and
+holds the steps whose levels lie in it (:func:`~distill_pl.diffusion.student_steps.phase_steps`).
+In a phase every sample trains one of the phase's steps ``k`` (drawn uniformly with its other
+draws; the phase's only step with one per phase), its input the student's own chain without
+gradient; its clean estimate ``x0`` is carried to the phase's lower end ``s``,
+``x_s = (1 - s) x0 + s n`` with ``n`` the noise the chain re-noises step ``k``'s output with
+(the sampler's own re-noising; for the last phase, ``s = 0``, the clean estimate). The critic
+and DMD terms diffuse that state to ``sigma`` in the phase's interval
+(``sigma = s + (s' - s) u``, ``u ~ U[t_min, t_max]``, no further shift) with
+:func:`~distill_pl.diffusion.student_steps.diffuse_from`
+(``x_sigma = a x_s + b eps``, ``a = (1 - sigma) / (1 - s)``, ``b^2 = sigma^2 - a^2 s^2``),
+and the fake score is trained there with the subinterval target of
 :func:`~distill_pl.diffusion.student_steps.subinterval_flow_target` (score matching within the
-subinterval). The DMD gradient acts on the state ``x_{s_{k+1}}``; its normaliser is the mean
+subinterval). The DMD gradient acts on the state ``x_s``; its normaliser is the mean
 ``|x0 - x0_real|`` of the step's clean estimate.
 
 Decoupled DMD (``decoupled=True``): the DMD gradient is ``dm_weight * dm + ca_weight * ca``,
@@ -95,7 +102,13 @@ from distill_pl.diffusion.flow import (
 )
 from distill_pl.diffusion.losses import sample_training_sigma
 from distill_pl.diffusion.sampling import few_step_sample
-from distill_pl.diffusion.student_steps import diffuse_from, subinterval_bounds, subinterval_flow_target
+from distill_pl.diffusion.student_steps import (
+    diffuse_from,
+    phase_boundary_indices,
+    phase_steps,
+    subinterval_bounds,
+    subinterval_flow_target,
+)
 from distill_pl.methods.roles import DenoiserFactory, Roles, build_dtype
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -172,7 +185,10 @@ class DMD2Objective:
     """The networks of DMD2 and its losses (see the module docstring for the conventions).
 
     ``student_sigmas`` are the student's noise levels (already shifted); ``shift``, ``t_min``,
-    ``t_max`` give ``sigma = shift(t)``, ``t ~ U[t_min, t_max]``; ``critic_gan_weight`` weighs
+    ``t_max`` give ``sigma = shift(t)``, ``t ~ U[t_min, t_max]``; ``phased``,
+    ``phase_boundaries``: Phased DMD and its phase boundaries (members of ``student_sigmas``
+    inside (0, 1), decreasing; None: one phase per step; ValueError otherwise, or without
+    ``phased``); ``critic_gan_weight`` weighs
     the discriminator loss in the critic loss, ``gan_weight`` the GAN term of the generator.
     ``decoupled``, ``dm_weight``, ``ca_weight``, ``dm_t_min``, ``dm_t_max``, ``ca_t_min``,
     ``ca_t_max``: Decoupled DMD (module docstring; the ranges None: ``t_min`` / ``t_max``).
@@ -193,6 +209,7 @@ class DMD2Objective:
     student_sigmas: tuple[float, ...] = (1.0,)
     trained_step_input: TrainedStepInput = "backward_simulation"
     phased: bool = False
+    phase_boundaries: tuple[float, ...] | None = None
     shift: float = 1.0
     t_min: float = 0.02
     t_max: float = 0.98
@@ -207,6 +224,10 @@ class DMD2Objective:
 
     def __post_init__(self) -> None:
         check_trained_step_input(self.trained_step_input, self.phased)
+        if self.phase_boundaries is not None:
+            if not self.phased:
+                raise ValueError("phase_boundaries is a setting of Phased DMD: set phased (phased_dmd) to use it")
+            phase_boundary_indices(self.phase_boundaries, self.student_sigmas)
         own = (self.dm_weight, self.ca_weight, self.dm_t_min, self.dm_t_max, self.ca_t_min, self.ca_t_max)
         if not self.decoupled and own != (1.0, 1.0, None, None, None, None):
             raise ValueError("dm_weight, ca_weight and the dm_/ca_ t ranges are settings of Decoupled DMD: "
@@ -218,6 +239,12 @@ class DMD2Objective:
     @property
     def num_steps(self) -> int:
         return len(self.student_sigmas)
+
+    @property
+    def phase_steps(self) -> list[range]:
+        """Phased DMD: the student steps of each phase, highest noise first (one per step when
+        :attr:`phase_boundaries` is None; see :func:`~distill_pl.diffusion.student_steps.phase_steps`)."""
+        return phase_steps(self.student_sigmas, self.phase_boundaries)
 
     @property
     def dm_t_range(self) -> tuple[float, float]:
@@ -241,20 +268,22 @@ class DMD2Objective:
     # --- draws -----------------------------------------------------------------------------
     def draw(self, generator: torch.Generator, shape: tuple[int, ...], like: Tensor, phase: int = 0) -> DMD2Draws:
         """One sample's draws (``shape`` = [1, C, T, H, W]) from ``generator``, in the order
-        eps, sigma, noise, noise_real, then (K > 1) the trained step and the re-noising noises,
+        eps, sigma, noise, noise_real, then (K > 1) the trained step (uniform among all steps,
+        or under Phased DMD with :attr:`phase_boundaries` among the phase's steps; not drawn
+        under Phased DMD without them: the phase's one step) and the re-noising noises,
         then (:attr:`decoupled_schedule`) sigma_dm, noise_dm, sigma_ca, noise_ca, then (with
         :attr:`conditional_frame_probabilities`) the number of conditional frames.
-        ``phase``: the Phased DMD subinterval being trained (ignored otherwise)."""
+        ``phase``: the Phased DMD phase being trained (ignored otherwise)."""
         k_steps = self.num_steps
         eps = randn(shape, generator, like)
         sigma = self._draw_sigma(generator, like, phase, self.t_min, self.t_max)
         noise, noise_real = randn(shape, generator, like), randn(shape, generator, like)
-        if k_steps == 1:
-            step = torch.zeros(1, dtype=torch.long, device=like.device)
-        elif self.phased:
-            step = torch.full((1,), phase, dtype=torch.long, device=like.device)
+        steps = self.phase_steps[phase] if self.phased else range(k_steps)
+        if k_steps == 1 or (self.phased and self.phase_boundaries is None):  # one step to train: no draw
+            step = torch.full((1,), steps.start, dtype=torch.long, device=like.device)
         else:
-            step = torch.randint(k_steps, (1,), generator=generator, device=generator.device).to(like.device)
+            drawn = torch.randint(len(steps), (1,), generator=generator, device=generator.device)
+            step = (steps.start + drawn).to(like.device)
         renoise = randn((1, k_steps - 1, *shape[1:]), generator, like)
         draws = DMD2Draws(eps, sigma, noise, noise_real, step, renoise)
         if self.decoupled_schedule:
@@ -271,7 +300,7 @@ class DMD2Objective:
         """One noise level [1] from ``t ~ U[t_min, t_max]``: shifted, or under Phased DMD mapped
         into the subinterval of ``phase``."""
         if self.phased:
-            lo, hi = subinterval_bounds(self.student_sigmas)[phase]
+            lo, hi = subinterval_bounds(self.student_sigmas, self.phase_boundaries)[phase]
             u = sample_training_sigma(1, 1.0, t_min, t_max, generator=generator)
             return (lo + (hi - lo) * u).to(like)
         return sample_training_sigma(1, self.shift, t_min, t_max, generator=generator).to(like)
@@ -294,22 +323,29 @@ class DMD2Objective:
     def trained_step(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None = None) -> StudentOutput:
         """The trained step of each sample (gradient through that step only; see the module
         docstring). ``x_real`` [B, ...] (latents) is needed with ``noised_real`` when K > 1.
-        Phased DMD: every sample must be in one phase (one ``draws.step``), else ValueError."""
+        Phased DMD: every sample must be in one phase (its steps in one of :attr:`phase_steps`),
+        else ValueError."""
         levels = torch.tensor(self.student_sigmas, dtype=draws.eps.dtype, device=draws.eps.device)
         k = draws.step
-        if self.phased and len(k) > 1 and bool((k != k[0]).any()):
-            raise ValueError(f"Phased DMD trains one phase per batch, but its draws mix the steps "
-                             f"{sorted(set(k.tolist()))}: draw the whole batch in one phase")
+        end = self.num_steps  # the index of the phase's lower end (K: clean)
+        if self.phased:
+            phases = self.phase_steps
+            of_step = [p for p, steps in enumerate(phases) for _ in steps]
+            trained = sorted({of_step[i] for i in k.tolist()})
+            if len(trained) > 1:
+                raise ValueError(f"Phased DMD trains one phase per batch, but its draws mix the steps "
+                                 f"{sorted(set(k.tolist()))} of the phases {trained}: draw the whole batch in one phase")
+            end = phases[trained[0]].stop
         x = self._step_input(draws, cond, x_real)
         s_k = levels[k]
         x0 = x0_from_velocity(x, s_k, self.student(x, s_k, cond))
-        if not self.phased or int(k.min()) == self.num_steps - 1:
+        if end == self.num_steps:
             return StudentOutput(x0, x0)
-        # Phased DMD before its last phase (one phase for all samples): the state at the
-        # subinterval's lower end
-        next_level = levels[k + 1]
+        # Phased DMD before its last phase: the trained step's clean estimate carried to the
+        # phase's lower end with the noise the chain re-noises it with
+        lower = levels[end].repeat(len(k))
         fresh = draws.renoise[torch.arange(len(k)), k]
-        return StudentOutput(add_noise(x0, fresh, next_level), x0, next_level)
+        return StudentOutput(add_noise(x0, fresh, lower), x0, lower)
 
     @torch.no_grad()
     def _step_input(self, draws: DMD2Draws, cond: Conditioning, x_real: Tensor | None) -> Tensor:
@@ -606,7 +642,8 @@ DECOUPLED_SETTINGS = {"decoupled": "decoupled_dmd", "dm_weight": "dm_weight", "c
 
 
 def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...] = (1.0,),
-                   shift: float = 1.0, conditional_frame_probabilities: tuple[float, ...] = ()) -> DMD2Objective:
+                   shift: float = 1.0, conditional_frame_probabilities: tuple[float, ...] = (),
+                   phase_boundaries: tuple[float, ...] | None = None) -> DMD2Objective:
     """The :class:`DMD2Objective` over ``networks`` (anything holding ``student``, ``teacher``,
     ``fake_score``, ``discriminator`` and ``feature_block`` as attributes: a
     :class:`DMD2Roles`, or the stage module that took them over) with DMD2's loss settings
@@ -614,7 +651,8 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
     ``discriminator_on``, ``trained_step_input``, ``phased_dmd``, ``t_min``, ``t_max``; the
     Decoupled DMD ones, ``decoupled_dmd``, ``dm_weight``, ``ca_weight``, ``dm_t_min/max``,
     ``ca_t_min/max``, where given), the student's noise levels (already shifted), the
-    teacher's timestep shift and how often conditional frames are drawn."""
+    teacher's timestep shift, how often conditional frames are drawn and the Phased DMD phase
+    boundaries (members of ``student_sigmas``; None: one phase per step)."""
     decoupled = {field: settings[name] for field, name in DECOUPLED_SETTINGS.items() if name in settings}
     return DMD2Objective(
         student=networks.student, teacher=networks.teacher, fake_score=networks.fake_score,
@@ -622,7 +660,7 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
         guidance=settings["guidance"], gan_weight=settings["gan_weight"],
         critic_gan_weight=settings["critic_gan_weight"], discriminator_on=settings["discriminator_on"],
         student_sigmas=student_sigmas, trained_step_input=settings["trained_step_input"],
-        phased=settings["phased_dmd"], shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
+        phased=settings["phased_dmd"], phase_boundaries=phase_boundaries, shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
         conditional_frame_probabilities=tuple(conditional_frame_probabilities),
     )
 

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from distill_pl.data.resumable import data_parallel_layout
 from distill_pl.diffusion.sampling import one_step_sample
-from distill_pl.diffusion.student_steps import student_noise_levels
+from distill_pl.diffusion.student_steps import resolve_phase_boundaries, student_noise_levels
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import stage_context_parallel
@@ -105,7 +105,7 @@ FROZEN_PREFIXES = ("teacher.", "autoencoder.")
 #: DMD2Module attributes the objective holds, by the objective's field name for each
 OBJECTIVE_ATTRIBUTES = {"student": "student", "teacher": "teacher", "fake_score": "fake_score",
                         "discriminator": "discriminator", "feature_block": "feature_block", "shift": "shift",
-                        "student_levels": "student_sigmas"}
+                        "student_levels": "student_sigmas", "phase_boundaries": "phase_boundaries"}
 
 
 class DMD2Module(StageModule):
@@ -163,8 +163,14 @@ class DMD2Module(StageModule):
         trained_step_input: for K > 1, the input of each sample's trained (random) step:
             ``"backward_simulation"``: the student's own chain run without gradient to that
             step; ``"noised_real"``: the real clip noised to that step's level.
-        phased_dmd: Phased DMD: step k is trained in phase k only, on the noise subinterval
-            below its level (see :mod:`distill_pl.methods.dmd2`).
+        phased_dmd: Phased DMD: the noise range split into phases trained one after the other,
+            each on its own noise interval (see :mod:`distill_pl.methods.dmd2`); by default
+            step k is trained in phase k only, on the subinterval below its level.
+        phase_boundaries: Phased DMD's phase boundaries: None (default): every student level,
+            one step per phase; a list of values of ``student_sigmas`` (as written there),
+            decreasing, strictly inside (0, 1): the phases are the intervals between them (1
+            and 0 at the ends), each training a step drawn among its steps; ``"experts"``: the
+            student level at a two-expert student's boundary (two phases). Needs ``phased_dmd``.
         phase_generator_steps: generator updates per Phased DMD phase (the last phase runs
             to the end); needed with ``phased_dmd``.
         denoiser_options: the adapter's own options for every network loaded from the teacher
@@ -238,6 +244,7 @@ class DMD2Module(StageModule):
         trained_step_input: TrainedStepInput = "backward_simulation",
         phased_dmd: bool = False,
         phase_generator_steps: int | None = None,
+        phase_boundaries: list[float] | str | None = None,
         export_dir: str | None = None,
         seed: int = 0,
         denoiser_options: dict[str, object] | None = None,
@@ -265,6 +272,8 @@ class DMD2Module(StageModule):
         if phased_dmd and (phase_generator_steps is None or phase_generator_steps < 1):
             raise ValueError(f"phased_dmd needs phase_generator_steps >= 1, got {phase_generator_steps}")
         check_trained_step_input(trained_step_input, phased_dmd)
+        if phase_boundaries is not None and not phased_dmd:
+            raise ValueError("phase_boundaries is a setting of Phased DMD: set phased_dmd: true to use it")
 
         self.shift = scheduler_shift(load_scheduler(teacher))
 
@@ -290,6 +299,10 @@ class DMD2Module(StageModule):
         self.negative_prompt = NegativePrompt()
         self.nonfinite = NonFinitePolicy("DMD2", max_nonfinite_steps)
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
+        #: Phased DMD's phase boundaries as student levels (None: one phase per step)
+        self.phase_boundaries = resolve_phase_boundaries(phase_boundaries, student_sigmas, self.student_levels,
+                                                         self.shift, student_sigmas_shifted,
+                                                         self.student.low_noise_levels)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)
         self.conditional_frame_probabilities = resolve_conditional_frames(self.teacher, conditional_frame_probabilities)
@@ -367,7 +380,7 @@ class DMD2Module(StageModule):
         built once, in ``__init__``, as ``self.objective``; a plain dataclass, so the networks'
         state-dict keys stay those of the module's own attributes)."""
         return dmd2_objective(self, self.hparams, self.student_levels, self.shift,
-                              self.conditional_frame_probabilities)
+                              self.conditional_frame_probabilities, self.phase_boundaries)
 
     def __setattr__(self, name: str, value) -> None:
         """Re-assigning a network or setting the objective reads (e.g. a test swapping in toy
@@ -378,12 +391,13 @@ class DMD2Module(StageModule):
             setattr(objective, OBJECTIVE_ATTRIBUTES[name], value)
 
     def dmd_phase(self, step: int) -> int:
-        """The Phased DMD phase (the trained step) at training step ``step``: generator updates
-        so far // ``phase_generator_steps``, at most K - 1; 0 without Phased DMD."""
+        """The Phased DMD phase at training step ``step``: generator updates so far //
+        ``phase_generator_steps``, at most the last phase (phases: one per step, or
+        ``len(phase_boundaries) + 1``); 0 without Phased DMD."""
         h = self.hparams
         if not h.phased_dmd:
             return 0
-        return min(step // h.student_update_freq // h.phase_generator_steps, len(self.student_levels) - 1)
+        return min(step // h.student_update_freq // h.phase_generator_steps, len(self.objective.phase_steps) - 1)
 
     # --- training --------------------------------------------------------------------------
     def phase(self, step: int | None = None) -> int:

@@ -1,13 +1,16 @@
-"""DMD2Module with a 4-step student: each trained-step input option and Phased DMD run through
-a Trainer, log finite losses, and export the student's noise levels; configs/tiny/dmd2_4step.yaml
-through the real CLI."""
+"""DMD2Module with a 4-step student: each trained-step input option and Phased DMD (one step per
+phase, or two phases of two steps) run through a Trainer, log finite losses, and export the
+student's noise levels; Phased DMD at a two-expert student's boundary; configs/tiny/dmd2_4step.yaml
+through the real CLI (slow)."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from distill_pl.diffusion.student_steps import student_noise_levels
 from distill_pl.export.model_folders import student_noise_levels_of
@@ -15,6 +18,7 @@ from distill_pl.training.dmd2 import DMD2Module
 from tests.training.test_dmd2 import FAST, StepRecorder, dm, kd_checkpoint, teacher_dir, tiny_config, trainer  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
 SIGMAS = [1.0, 0.75, 0.5, 0.25]
 
 
@@ -22,7 +26,8 @@ SIGMAS = [1.0, 0.75, 0.5, 0.25]
     dict(trained_step_input="backward_simulation"),
     dict(trained_step_input="noised_real"),
     dict(phased_dmd=True, phase_generator_steps=1),
-], ids=["backward_simulation", "noised_real", "phased"])
+    dict(phased_dmd=True, phase_generator_steps=1, phase_boundaries=[0.5]),
+], ids=["backward_simulation", "noised_real", "phased", "phased_two_phases"])
 def test_four_step_student_trains_and_exports_its_levels(teacher_dir, dm, tmp_path, options):
     module = DMD2Module(str(teacher_dir), student_sigmas=SIGMAS, student_update_freq=2,
                         export_dir=str(tmp_path / "export"), **FAST, **options)
@@ -35,13 +40,70 @@ def test_four_step_student_trains_and_exports_its_levels(teacher_dir, dm, tmp_pa
     steps = json.loads((tmp_path / "export" / "student_steps.json").read_text())
     assert steps["noise_levels"] == pytest.approx(list(levels))
     assert steps["scheduler_sigmas"] == pytest.approx(SIGMAS)
-    if options.get("phased_dmd"):  # one generator update per phase, the last phase to the end
+    if options.get("phase_boundaries"):  # two phases at the level written 0.5: steps 0-1 and 2-3
+        assert module.phase_boundaries == (levels[2],) and module.objective.phase_steps == [range(2), range(2, 4)]
+        assert [module.dmd_phase(s) for s in range(8)] == [0, 0, 1, 1, 1, 1, 1, 1]
+    elif options.get("phased_dmd"):  # one generator update per phase, the last phase to the end
         assert [module.dmd_phase(s) for s in range(12)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
 
 
 def test_phased_dmd_needs_its_schedule(teacher_dir):
     with pytest.raises(ValueError, match="phase_generator_steps"):
         DMD2Module(str(teacher_dir), student_sigmas=SIGMAS, phased_dmd=True)
+
+
+def test_phase_boundaries_need_phased_dmd_and_a_two_expert_student_for_experts(teacher_dir):
+    with pytest.raises(ValueError, match="phase_boundaries is a setting of Phased DMD"):
+        DMD2Module(str(teacher_dir), student_sigmas=SIGMAS, phase_boundaries=[0.5])
+    phased = dict(student_sigmas=SIGMAS, phased_dmd=True, phase_generator_steps=1)
+    with pytest.raises(ValueError, match=r"phase_boundaries: 'experts' needs a two-expert student"):
+        DMD2Module(str(teacher_dir), phase_boundaries="experts", **phased)
+    with pytest.raises(ValueError, match=r"phase_boundaries: \[0.6\] not among the student's levels"):
+        DMD2Module(str(teacher_dir), phase_boundaries=[0.6], **phased)
+
+
+def test_phases_at_the_experts_boundary_train_each_phases_steps(dm, tmp_path):
+    """A tiny Wan 2.2 T2V-A14B teacher (two experts, boundary 0.875, shift 3) and student:
+    ``phase_boundaries: experts`` needs a student level at 0.875 (0.7 before the shift, as the
+    error says); with it the high phase trains step 0 (the high-noise expert at sigma 1), the low
+    phase a step among 1..3 from the student's own chain, and an expert changes only when it ran
+    a step with gradient."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = tmp_path / "a14b"
+    script.tiny_wan22_pipeline("t2v-a14b").save_pretrained(folder, safe_serialization=True)
+    phased = dict(phased_dmd=True, phase_generator_steps=1, phase_boundaries="experts", student_update_freq=2)
+    with pytest.raises(ValueError, match=r"boundary sigma 0.875 .* need 0.7 \(before the teacher's timestep shift 3\)"):
+        DMD2Module(str(folder), student_sigmas=SIGMAS, **phased)
+    module = DMD2Module(str(folder), vae_path=str(folder), student_sigmas=[1.0, 0.7, 0.4, 0.2], **FAST, **phased)
+    assert module.phase_boundaries == pytest.approx((0.875,)) and module.objective.phase_steps == [range(1), range(1, 4)]
+    assert [module.dmd_phase(s) for s in range(6)] == [0, 0, 1, 1, 1, 1]
+    student = module.student
+    before = {name: [p.detach().clone() for p in expert.parameters()] for name, expert in
+              (("high", student.high_noise), ("low", student.low_noise))}
+    with_gradient = []  # the levels of the student's calls with gradient
+    forward = student.forward
+
+    def spy(x, sigma, cond, feature_block=None):
+        if torch.is_grad_enabled():
+            with_gradient.append(sigma.tolist())
+        return forward(x, sigma, cond, feature_block)
+
+    student.forward = spy
+    recorder = StepRecorder()
+    trainer(4, callbacks=[recorder]).fit(module, datamodule=dm)
+    assert all(math.isfinite(r["loss"]) for r in recorder.rows)
+    high_phase, low_phase = with_gradient  # one generator update per phase
+    assert high_phase == [1.0, 1.0]
+    levels = torch.tensor(module.student_levels[1:]).tolist()  # as the student is called (float32)
+    assert all(level in levels for level in low_phase)
+    ran_low = any(level < 0.875 for level in low_phase)
+    changed = {name: any(not torch.equal(a, b) for a, b in zip(params, expert.parameters()))
+               for (name, params), expert in zip(before.items(), (student.high_noise, student.low_noise))}
+    assert changed == {"high": True, "low": ran_low}
 
 
 @pytest.mark.slow
