@@ -3,7 +3,7 @@ forms of Gaussian data (tests/gaussian_flow.py): a 4-step ladder split in the mi
 phases of two steps. The carried state's subinterval noising has the forward marginal, the
 fake score's subinterval target is minimised by the exact velocity (and score), the trained
 step is drawn among exactly the phase's steps, and without boundaries the draws and losses are
-the one-step-per-phase ones bit for bit."""
+the one-step-per-phase ones (draws bit for bit, losses to 1e-12)."""
 
 from __future__ import annotations
 
@@ -258,9 +258,11 @@ RECORDED = {
 
 
 @pytest.mark.parametrize("phased, phase", list(RECORDED))
-def test_without_boundaries_draws_and_losses_are_the_recorded_ones_bit_for_bit(phased, phase):
+def test_without_boundaries_draws_and_losses_are_the_recorded_ones(phased, phase):
     """(d) phase_boundaries None: the draws (their order: no step drawn under Phased DMD) and
-    both losses equal those recorded before the setting existed, to the last bit."""
+    both losses equal those recorded before the setting existed: the draws to the last bit, the
+    losses to 1e-12 relative (a reduction's summation order may differ between CPUs; any change of
+    draws or formulas moves them far more)."""
     obj = DMD2Objective(Affine(0.3, 1.0), Affine(-0.4, 0.5), Affine(0.1, -0.2), nn.Identity(), feature_block=0,
                         guidance=1.0, gan_weight=0.0, critic_gan_weight=0.0, student_sigmas=LEVELS, phased=phased)
     shape = (3, 1, 2, 2, 2)
@@ -276,4 +278,5 @@ def test_without_boundaries_draws_and_losses_are_the_recorded_ones_bit_for_bit(p
     generator, _ = obj.generator_loss(out.sample, draws.sigma, draws.noise, cond, None, level=out.level, x0=out.x0)
     sigma, step, critic_hex, generator_hex = RECORDED[(phased, phase)]
     assert [x.hex() for x in draws.sigma.tolist()] == sigma and draws.step.tolist() == step
-    assert critic.item().hex() == critic_hex and generator.item().hex() == generator_hex
+    assert critic.item() == pytest.approx(float.fromhex(critic_hex), rel=1e-12, abs=0)
+    assert generator.item() == pytest.approx(float.fromhex(generator_hex), rel=1e-12, abs=0)
