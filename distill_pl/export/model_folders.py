@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -27,6 +28,7 @@ from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.finite_weights import check_finite
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.models.sharding import gather_denoiser
+from distill_pl.export.lora_files import LORA_FOLDER, write_lora_files
 from distill_pl.export.student_settings import STUDENT_SETTINGS, student_settings
 from distill_pl.util.paths import resolve_path
 
@@ -82,6 +84,7 @@ def save_student_folder(
     noise_levels: Sequence[float] = (1.0,),
     teacher: str | Path | None = None,
     sampler: StudentSampler = "renoise",
+    lora: Mapping | None = None,
 ) -> Path:
     """A K-step student as a folder (``student.save_student_pipeline``): by default
     ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
@@ -102,6 +105,10 @@ def save_student_folder(
     (:func:`~distill_pl.export.student_settings.student_settings`): those settings with the
     text encoder as a plain local path, the control's preprocessing and, if it has any, the
     student's ``adapter_options`` (e.g. the control scale its pipeline is called with).
+
+    With ``lora`` (:func:`~distill_pl.export.lora_files.student_lora_files` of a LoRA
+    student), also ``lora/``: the adapters as LoRA files for the teacher's pipeline and
+    ``lora/lora.json``; without, a ``lora/`` left there by an earlier export is removed.
     """
     levels = student_noise_levels(noise_levels, shift, shifted=True)
     check_finite(student.state_dict(), f"the student folder {folder}")
@@ -116,6 +123,10 @@ def save_student_folder(
         if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
             settings = student_settings(data_hparams, student)
             write_text(staging / STUDENT_SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        if lora is not None:
+            write_lora_files(staging, lora)
+    if lora is None and (folder / LORA_FOLDER).is_dir():
+        shutil.rmtree(folder / LORA_FOLDER)  # not this student's adapters
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
     return folder
 
