@@ -27,8 +27,9 @@ from distill_pl.util.media import atomic_folder, write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.finite_weights import check_finite
 from distill_pl.models.loading import ModelFolderError
-from distill_pl.models.sharding import gather_denoiser
-from distill_pl.export.lora_files import LORA_FOLDER, write_lora_files
+from distill_pl.models.lora import lora_scale
+from distill_pl.models.sharding import gathered_state_dict, plain_denoiser
+from distill_pl.export.lora_files import LORA_FOLDER, student_lora_files, write_lora_files
 from distill_pl.export.student_settings import STUDENT_SETTINGS, student_settings
 from distill_pl.util.paths import resolve_path
 
@@ -139,11 +140,16 @@ def export_student_of_run(
     rank 0 writes the folder (``save_student_folder``: with its noise levels, the family's own
     pipeline folder where it has one, its other components from the ``teacher`` folder, and
     the run's data settings in ``student.json``; ``sampler``: how the student moves between
-    its noise levels)."""
-    full = gather_denoiser(student, trainer.global_rank)
+    its noise levels). A LoRA student is written with its adapters merged and, as
+    ``distill-pl export`` does, also as LoRA files for the teacher's pipeline
+    (:func:`~distill_pl.export.lora_files.student_lora_files` of the run's hyper-parameters)."""
+    state = gathered_state_dict(student, trainer.global_rank)
     if trainer.is_global_zero:
-        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher,
-                            sampler)
+        lora = None
+        if lora_scale(student) is not None:
+            lora = student_lora_files(student, state, trainer.lightning_module.hparams, teacher)
+        save_student_folder(folder, plain_denoiser(student, state), shift, getattr(trainer.datamodule, "hparams", None),
+                            noise_levels, teacher, sampler, lora)
 
 
 def student_noise_levels_of(folder: str | Path) -> tuple[float, ...]:
