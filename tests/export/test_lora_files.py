@@ -19,14 +19,17 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.schedulers import scheduling_flow_match_euler_discrete as euler_module
+from safetensors.torch import load_file
 
 from distill_pl.diffusion.sampling import few_step_sample
 from distill_pl.export.checkpoint import export_student
+from distill_pl.models.autoencoder import WanVAE
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.lora import lora_parameters
 from distill_pl.models.student_init import STUDENT_PREFIX
 from distill_pl.training.dmd2 import DMD2Module
+from tests.families.test_wan_vace import vace_folder  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
@@ -45,17 +48,18 @@ def teachers(tmp_path_factory):
     return {kind: script.write_tiny_wan22(root / kind, kind) for kind in SIZE}
 
 
-def lora_student(teacher: Path, ckpt: Path, sigmas: list[float], **hparams):
-    """A DMD2 LoRA student (rank 2, alpha 4: scale 2) of ``teacher`` with random non-zero
-    adapters, saved as a Lightning-style checkpoint ``ckpt`` (its ``student.*`` weights and the
-    run's hyper-parameters, updated by ``hparams``); returns the adapted student."""
-    module = DMD2Module(str(teacher), student_lora_rank=2, student_lora_alpha=4.0, student_sigmas=sigmas)
+def lora_student(teacher: Path, ckpt: Path, sigmas: list[float], options: dict | None = None):
+    """A DMD2 LoRA student (rank 2, alpha 4: scale 2) of ``teacher`` (adapter ``options``)
+    with random non-zero adapters, saved as a Lightning-style checkpoint ``ckpt`` (its
+    ``student.*`` weights and the run's hyper-parameters); returns the adapted student."""
+    module = DMD2Module(str(teacher), student_lora_rank=2, student_lora_alpha=4.0, student_sigmas=sigmas,
+                        denoiser_options=options)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in lora_parameters(module.student).values():
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
     state = {STUDENT_PREFIX + k: v for k, v in module.student.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {**dict(module.hparams), **hparams}}, ckpt)
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, ckpt)
     return module.student.eval()
 
 
@@ -183,3 +187,37 @@ def test_student_based_on_init_from_gets_no_lora_files(teachers, tmp_path, capsy
     export_student(tmp_path / "kd_based.ckpt", out)
     assert not (out / "lora").exists() and (out / "transformer_2").is_dir()
     assert f"no LoRA files written: the student's base is {tmp_path / 'kd.ckpt'} (init_from)" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 10 s on an idle machine: the VACE teacher's folder and two pipelines
+def test_vace_lora_student_exports_a_lora_file_for_the_teacher_pipeline(vace_folder, tmp_path):
+    """A Wan VACE LoRA student (adapters in the main and the VACE blocks): the teacher's
+    ``WanVACEPipeline`` with ``lora.safetensors`` and the student's scheduler, called as the
+    full VACE export is, equals the project's two-step sample."""
+    from diffusers import WanVACEPipeline
+
+    from tests.families.test_wan_vace import FRAMES as VACE_FRAMES, HEIGHT, SCALE, WIDTH, edge_video
+
+    teacher, _ = vace_folder
+    student = lora_student(teacher, tmp_path / "last.ckpt", [1.0, 0.5], {"conditioning_scale": SCALE})
+    out = export_student(tmp_path / "last.ckpt", tmp_path / "student")
+    keys = load_file(out / "lora" / "lora.safetensors").keys()
+    assert any(k.startswith("transformer.vace_blocks.") for k in keys) and any(k.startswith("transformer.blocks.") for k in keys)
+    pipe = WanVACEPipeline.from_pretrained(str(teacher), text_encoder=None, tokenizer=None)
+    pipe.load_lora_weights(str(out / "lora" / "lora.safetensors"))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
+    steps = json.loads((out / "student_steps.json").read_text())
+    pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=steps["scheduler_sigmas"])
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    noise, prompt = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 7, 32, generator=g)
+    frames, video = edge_video()
+    torch.manual_seed(7)  # the re-noising draws of the pipeline's scheduler and of few_step_sample
+    with torch.no_grad():
+        theirs = pipe(video=frames, prompt_embeds=prompt, num_inference_steps=2, guidance_scale=1.0,
+                      conditioning_scale=SCALE, height=HEIGHT, width=WIDTH, num_frames=VACE_FRAMES,
+                      latents=noise.clone(), output_type="latent").frames
+        cond = Conditioning(prompt, None, student.encode_control(video, WanVAE(str(out))))
+        torch.manual_seed(7)
+        ours = few_step_sample(velocity_fn(student, cond), noise.clone(), steps["noise_levels"])
+    assert (ours - theirs).abs().max() < TOLERANCE
