@@ -34,18 +34,24 @@ from tests.families.test_wan_vace import vace_folder  # noqa: F401
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 FRAMES = 9
-SIZE = {"t2v-a14b": 32, "ti2v-5b": 64}  # latents [1, 4, 3, 4, 4] for each
+SIZE = {"t2v-a14b": 32, "i2v-a14b": 32, "ti2v-5b": 64}  # latents [1, 4, 3, 4, 4] for each
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """kind -> the tiny teacher pipeline folder."""
+    """kind -> the tiny teacher pipeline folder, written on first use."""
     spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     root = tmp_path_factory.mktemp("wan22_lora")
-    return {kind: script.write_tiny_wan22(root / kind, kind) for kind in SIZE}
+
+    class Folders(dict):
+        def __missing__(self, kind):
+            self[kind] = script.write_tiny_wan22(root / kind, kind)
+            return self[kind]
+
+    return Folders()
 
 
 def lora_student(teacher: Path, ckpt: Path, sigmas: list[float], options: dict | None = None):
@@ -68,10 +74,12 @@ def inputs():
     return torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 7, 384, generator=g)
 
 
-def pipeline_run(pipe, folder: Path, noise, prompt, size: int, monkeypatch):
-    """``pipe`` called as the docs say for the student exported to ``folder`` (no CFG,
-    K = its number of levels, the levels bound to ``set_timesteps`` for K > 1, a seeded
-    global RNG); returns (latents, the scheduler's re-noising draws)."""
+def pipeline_run(call, folder: Path, noise, prompt, size: int, monkeypatch, pipe=None):
+    """``call`` (a pipeline ``pipe``, or a partial of it that adds inputs) called as the docs
+    say for the student exported to ``folder`` (no CFG, K = its number of levels, the levels
+    bound to ``set_timesteps`` for K > 1, a seeded global RNG); returns (latents, the
+    scheduler's re-noising draws)."""
+    pipe = call if pipe is None else pipe
     steps = json.loads((folder / "student_steps.json").read_text())
     if len(steps["noise_levels"]) > 1:
         pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps,
@@ -82,7 +90,7 @@ def pipeline_run(pipe, folder: Path, noise, prompt, size: int, monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(7)
     with torch.no_grad():
-        latents = pipe(prompt_embeds=prompt, latents=noise.clone(), height=size, width=size, num_frames=FRAMES,
+        latents = call(prompt_embeds=prompt, latents=noise.clone(), height=size, width=size, num_frames=FRAMES,
                        num_inference_steps=len(steps["noise_levels"]), guidance_scale=1.0,
                        output_type="latent").frames
     return latents, draws
@@ -189,7 +197,6 @@ def test_student_based_on_init_from_gets_no_lora_files(teachers, tmp_path, capsy
     assert f"no LoRA files written: the student's base is {tmp_path / 'kd.ckpt'} (init_from)" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # about 10 s on an idle machine: the VACE teacher's folder and two pipelines
 def test_vace_lora_student_exports_a_lora_file_for_the_teacher_pipeline(vace_folder, tmp_path):
     """A Wan VACE LoRA student (adapters in the main and the VACE blocks): the teacher's
     ``WanVACEPipeline`` with ``lora.safetensors`` and the student's scheduler, called as the
@@ -221,3 +228,33 @@ def test_vace_lora_student_exports_a_lora_file_for_the_teacher_pipeline(vace_fol
         torch.manual_seed(7)
         ours = few_step_sample(velocity_fn(student, cond), noise.clone(), steps["noise_levels"])
     assert (ours - theirs).abs().max() < TOLERANCE
+
+
+def test_image_to_video_pair_on_the_teacher_pipeline(teachers, tmp_path, monkeypatch):
+    """The I2V-A14B layout: the teacher's ``WanImageToVideoPipeline`` with the HIGH/LOW pair
+    and the student's scheduler, given the conditioning image, equals the project's two-step
+    sample (levels 1 on the high-noise expert, 0.75 on the low-noise one: boundary 0.9)."""
+    from diffusers import WanImageToVideoPipeline
+
+    from tests.families.test_wan22 import first_frame_video, image
+
+    teacher = teachers["i2v-a14b"]
+    student = lora_student(teacher, tmp_path / "last.ckpt", [1.0, 0.5])
+    out = export_student(tmp_path / "last.ckpt", tmp_path / "student")
+    pipe = WanImageToVideoPipeline.from_pretrained(str(teacher), local_files_only=True, text_encoder=None,
+                                                   tokenizer=None)
+    pipe.load_lora_weights(str(out / "lora" / "high_noise_lora.safetensors"))
+    pipe.load_lora_weights(str(out / "lora" / "low_noise_lora.safetensors"), load_into_transformer_2=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
+    picture, pixels = image(SIZE["i2v-a14b"])
+    noise, prompt = inputs()
+    theirs, draws = pipeline_run(functools.partial(pipe, image=picture), out, noise, prompt, SIZE["i2v-a14b"],
+                                 monkeypatch, pipe)
+    with torch.no_grad():
+        control = student.encode_control(first_frame_video(pixels), WanVAE(str(teacher)))
+        cond = Conditioning(prompt, control=control)
+        levels = json.loads((out / "student_steps.json").read_text())["noise_levels"]
+        assert levels == [1.0, 0.75]
+        ours = student.finish_sample(few_step_sample(velocity_fn(student, cond), noise.clone(), levels,
+                                                     renoise=draws[:1]), cond)
+    assert (theirs - ours).abs().max() < TOLERANCE
