@@ -37,8 +37,9 @@ from distill_pl.util.checkpoint_files import SHARDED_METADATA, check_checkpoint,
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="distill-pl export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="distributed checkpoint folder or .ckpt file")
-    parser.add_argument("--out", required=True, help="output folder (transformer/ + scheduler/, or the family's pipeline "
-                        "folder; a LoRA student trained from the teacher also as LoRA files in lora/)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (transformer/ + scheduler/, or the family's pipeline folder; "
+                             "a LoRA student trained from the teacher also as LoRA files in lora/)")
     parser.add_argument("--weights", choices=("auto", "ema", "student"), default="auto",
                         help="auto: the EMA weights when the checkpoint has them, else the raw student")
     parser.add_argument("--teacher", default=None,

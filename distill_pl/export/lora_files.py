@@ -55,7 +55,7 @@ def student_lora_files(template: Denoiser, state: Mapping[str, Tensor], hparams:
               f"not the teacher {teacher}")
         return None
     scale = lora_scale(template)
-    files = {name: diffusers_lora_state(dict(state), prefix, scale)
+    files = {name: diffusers_lora_state(state, prefix, scale)
              for name, (prefix, _) in template.lora_files.items()}
     rank = hparams["student_lora_rank"]
     index = {"teacher": str(teacher), "rank": rank, "alpha": hparams.get("student_lora_alpha") or rank,

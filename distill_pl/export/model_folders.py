@@ -8,7 +8,8 @@ diffusers classes, and the project reads the shift from the scheduler config.
 A student folder also holds ``student_steps.json``, its noise levels (see
 :func:`save_student_folder`), and may hold ``student.json``, the data settings its
 conditioning was built with (see :mod:`distill_pl.export.student_settings`); ``scripts/one_step_diffusers.py``
-reads both.
+reads both. A LoRA student's folder may hold ``lora/``: its adapters as LoRA files for the
+teacher's pipeline (:mod:`distill_pl.export.lora_files`).
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ def save_student_folder(
     if lora is None and (folder / LORA_FOLDER).is_dir():
         shutil.rmtree(folder / LORA_FOLDER)  # not this student's adapters
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
+    if lora is not None:
+        print(f"its adapters as LoRA files for the teacher's pipeline: {(folder / LORA_FOLDER).resolve()}")
     return folder
 
 

@@ -17,6 +17,8 @@ output's dtype), so a base held in bfloat16 still trains float32 adapters.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -88,7 +90,7 @@ def merged_lora_state(state: dict[str, torch.Tensor], scale: float | None) -> di
     return merged
 
 
-def diffusers_lora_state(state: dict[str, torch.Tensor], prefix: str, scale: float) -> dict[str, torch.Tensor]:
+def diffusers_lora_state(state: Mapping[str, torch.Tensor], prefix: str, scale: float) -> dict[str, torch.Tensor]:
     """The adapters of ``state`` (an adapted network's state dict, keys as :func:`add_lora`
     makes them) whose keys start with ``prefix``, in the LoRA file layout of diffusers'
     ``load_lora_weights``: each adapted Linear ``prefix + X`` gives ``X.lora_A.weight``
