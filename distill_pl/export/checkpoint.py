@@ -9,7 +9,9 @@ config (by its family's adapter, which the registry picks), given empty CPU tens
 the student's keys are read from the shards (``torch.distributed.checkpoint.load``), so
 neither the optimizer states nor the other networks are loaded; a LoRA student
 (``student_lora_rank``) is built with its adapters and exported with them merged into full
-float32 weights. The folder is what the run's
+float32 weights and, where its family has a diffusers LoRA format and its base is the teacher,
+also as LoRA files for the teacher's pipeline in ``lora/`` (for a two-expert Wan 2.2 student
+the HIGH/LOW pair; see :mod:`distill_pl.export.lora_files`). The folder is what the run's
 own ``export_dir`` holds: ``transformer/`` (full float weights) and a flow-match Euler
 ``scheduler/`` with the teacher's shift -- for a family with its own diffusers pipeline (Wan
 VACE, Cosmos-Transfer2.5) the whole pipeline folder, its other components from the teacher's --,
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from distill_pl.export.lora_files import student_lora_files
 from distill_pl.models.lora import add_lora, lora_scale, merged_lora_state
 from distill_pl.models.sharding import denoiser_from_state_dict
 from distill_pl.models.student_init import EMA_PREFIX, STUDENT_PREFIX
@@ -34,7 +37,9 @@ from distill_pl.util.checkpoint_files import SHARDED_METADATA, check_checkpoint,
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="distill-pl export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="distributed checkpoint folder or .ckpt file")
-    parser.add_argument("--out", required=True, help="output folder (transformer/ + scheduler/, or the family's pipeline folder)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (transformer/ + scheduler/, or the family's pipeline folder; "
+                             "a LoRA student trained from the teacher also as LoRA files in lora/)")
     parser.add_argument("--weights", choices=("auto", "ema", "student"), default="auto",
                         help="auto: the EMA weights when the checkpoint has them, else the raw student")
     parser.add_argument("--teacher", default=None,
@@ -84,12 +89,13 @@ def export_student(ckpt: str | Path, out: str | Path, weights: str = "auto", tea
     else:
         state = {k[len(prefix):]: v for k, v in meta["state_dict"].items() if k.startswith(prefix)}
     student = denoiser_from_state_dict(template, merged_lora_state(state, lora_scale(template)))
+    lora = None if lora_rank is None else student_lora_files(template, state, hparams, teacher)
     settings = meta.get("datamodule_hyper_parameters")
     shift = scheduler_shift(load_scheduler(teacher))
     levels = student_noise_levels(hparams.get("student_sigmas", [1.0]), shift,
                                   hparams.get("student_sigmas_shifted", False))
     return save_student_folder(out, student, shift, settings, levels, teacher,
-                               hparams.get("student_sampler", "renoise"))
+                               hparams.get("student_sampler", "renoise"), lora)
 
 
 def _checkpoint_keys(folder: Path) -> set[str]:

@@ -8,13 +8,15 @@ diffusers classes, and the project reads the shift from the scheduler config.
 A student folder also holds ``student_steps.json``, its noise levels (see
 :func:`save_student_folder`), and may hold ``student.json``, the data settings its
 conditioning was built with (see :mod:`distill_pl.export.student_settings`); ``scripts/one_step_diffusers.py``
-reads both.
+reads both. A LoRA student's folder may hold ``lora/``: its adapters as LoRA files for the
+teacher's pipeline (:mod:`distill_pl.export.lora_files`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -26,7 +28,9 @@ from distill_pl.util.media import atomic_folder, write_text
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.finite_weights import check_finite
 from distill_pl.models.loading import ModelFolderError
-from distill_pl.models.sharding import gather_denoiser
+from distill_pl.models.lora import lora_scale
+from distill_pl.models.sharding import gathered_state_dict, plain_denoiser
+from distill_pl.export.lora_files import LORA_FOLDER, student_lora_files, write_lora_files
 from distill_pl.export.student_settings import STUDENT_SETTINGS, student_settings
 from distill_pl.util.paths import resolve_path
 
@@ -82,6 +86,7 @@ def save_student_folder(
     noise_levels: Sequence[float] = (1.0,),
     teacher: str | Path | None = None,
     sampler: StudentSampler = "renoise",
+    lora: Mapping | None = None,
 ) -> Path:
     """A K-step student as a folder (``student.save_student_pipeline``): by default
     ``transformer/``, a flow-match Euler ``scheduler/`` with the teacher's shift
@@ -102,6 +107,10 @@ def save_student_folder(
     (:func:`~distill_pl.export.student_settings.student_settings`): those settings with the
     text encoder as a plain local path, the control's preprocessing and, if it has any, the
     student's ``adapter_options`` (e.g. the control scale its pipeline is called with).
+
+    With ``lora`` (:func:`~distill_pl.export.lora_files.student_lora_files` of a LoRA
+    student), also ``lora/``: the adapters as LoRA files for the teacher's pipeline and
+    ``lora/lora.json``; without, a ``lora/`` left there by an earlier export is removed.
     """
     levels = student_noise_levels(noise_levels, shift, shifted=True)
     check_finite(student.state_dict(), f"the student folder {folder}")
@@ -116,7 +125,13 @@ def save_student_folder(
         if data_hparams is not None and all(key in data_hparams for key in STUDENT_SETTINGS):
             settings = student_settings(data_hparams, student)
             write_text(staging / STUDENT_SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        if lora is not None:
+            write_lora_files(staging, lora)
+    if lora is None and (folder / LORA_FOLDER).is_dir():
+        shutil.rmtree(folder / LORA_FOLDER)  # not this student's adapters
     print(f"{len(levels)}-step student exported to {folder.resolve()}")
+    if lora is not None:
+        print(f"its adapters as LoRA files for the teacher's pipeline: {(folder / LORA_FOLDER).resolve()}")
     return folder
 
 
@@ -128,11 +143,16 @@ def export_student_of_run(
     rank 0 writes the folder (``save_student_folder``: with its noise levels, the family's own
     pipeline folder where it has one, its other components from the ``teacher`` folder, and
     the run's data settings in ``student.json``; ``sampler``: how the student moves between
-    its noise levels)."""
-    full = gather_denoiser(student, trainer.global_rank)
+    its noise levels). A LoRA student is written with its adapters merged and, as
+    ``distill-pl export`` does, also as LoRA files for the teacher's pipeline
+    (:func:`~distill_pl.export.lora_files.student_lora_files` of the run's hyper-parameters)."""
+    state = gathered_state_dict(student, trainer.global_rank)
     if trainer.is_global_zero:
-        save_student_folder(folder, full, shift, getattr(trainer.datamodule, "hparams", None), noise_levels, teacher,
-                            sampler)
+        lora = None
+        if lora_scale(student) is not None:
+            lora = student_lora_files(student, state, trainer.lightning_module.hparams, teacher)
+        save_student_folder(folder, plain_denoiser(student, state), shift, getattr(trainer.datamodule, "hparams", None),
+                            noise_levels, teacher, sampler, lora)
 
 
 def student_noise_levels_of(folder: str | Path) -> tuple[float, ...]:

@@ -42,6 +42,11 @@ class Denoiser(nn.Module):
     #: default LoRA targets: suffixes of module paths of the Linear layers inside
     #: :attr:`blocks` (peft ``target_modules``)
     lora_targets: ClassVar[tuple[str, ...]]
+    #: a LoRA student's adapters as the files its family's diffusers pipeline loads with
+    #: ``load_lora_weights`` (:func:`~distill_pl.models.lora.diffusers_lora_state`): file name
+    #: -> (the prefix of this denoiser's state-dict keys whose adapters the file holds, the
+    #: pipeline component it loads into); empty: the family has no such LoRA format
+    lora_files: ClassVar[dict[str, tuple[str, str]]] = {}
     #: adapter options that change how the model trains, not what it computes (e.g. a frozen
     #: branch): KD does not compare them with the options its pairs were generated with
     training_options: ClassVar[tuple[str, ...]] = ()

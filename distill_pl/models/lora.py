@@ -17,6 +17,8 @@ output's dtype), so a base held in bfloat16 still trains float32 adapters.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -86,3 +88,24 @@ def merged_lora_state(state: dict[str, torch.Tensor], scale: float | None) -> di
             key = f"{layer}.{name}"
         merged[key] = value.float() if value.is_floating_point() else value
     return merged
+
+
+def diffusers_lora_state(state: Mapping[str, torch.Tensor], prefix: str, scale: float) -> dict[str, torch.Tensor]:
+    """The adapters of ``state`` (an adapted network's state dict, keys as :func:`add_lora`
+    makes them) whose keys start with ``prefix``, in the LoRA file layout of diffusers'
+    ``load_lora_weights``: each adapted Linear ``prefix + X`` gives ``X.lora_A.weight``
+    [r, in] and ``X.lora_B.weight`` [out, r] (float32), where ``X`` is the rest of the module
+    path (it must start with the name of the pipeline component that loads the file, e.g.
+    ``transformer.blocks.0.attn1.to_q``). ``scale`` (``alpha / r``) is folded into ``B``: a
+    file without alphas loads at scale 1 (``B A`` added as it is), so it computes
+    ``W + scale * B A`` as the adapted network does. ValueError when ``prefix`` holds no
+    adapters."""
+    lora: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for part, factor in ((f".lora_A.{ADAPTER}.", 1.0), (f".lora_B.{ADAPTER}.", scale)):
+            if key.startswith(prefix) and part in key:
+                layer, _, name = key[len(prefix):].partition(part)
+                lora[f"{layer}{part.replace(f'{ADAPTER}.', '')}{name}"] = (factor * value.float()).contiguous()
+    if not lora:
+        raise ValueError(f"no LoRA adapters under {prefix or 'the state dict'!r}")
+    return lora

@@ -137,25 +137,35 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 def gather_denoiser(denoiser: Denoiser, rank: int) -> Denoiser | None:
-    """An unsharded CPU float copy of a sharded denoiser, on rank 0 (None on other ranks).
+    """An unsharded CPU float copy of a sharded denoiser, on rank 0 (None on other ranks):
+    :func:`plain_denoiser` of its :func:`gathered_state_dict` (a collective: every rank must
+    call it). An unsharded ``denoiser`` is returned as it is, unless it has LoRA adapters: they
+    are merged into the weights of a plain copy."""
+    state = gathered_state_dict(denoiser, rank)
+    return None if state is None else plain_denoiser(denoiser, state)
 
-    A collective (every rank must call it). The copy is the denoiser's ``empty_copy()``
-    (parameters on meta, buffers computed on CPU) given the gathered full weights
-    (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``).
-    An unsharded ``denoiser`` is returned as it is, unless it has LoRA adapters: they are merged
-    into the weights (:func:`~distill_pl.models.lora.merged_lora_state`) of a plain copy.
-    """
-    scale = lora_scale(denoiser)
+
+def gathered_state_dict(denoiser: Denoiser, rank: int) -> dict[str, Tensor] | None:
+    """The full (unsharded) state dict of ``denoiser`` on rank 0, None on the other ranks. A
+    collective when ``denoiser`` is sharded (every rank must call it): the full weights
+    gathered to the CPU (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``)."""
     if not is_sharded(denoiser):
-        if rank != 0 or scale is None:
-            return denoiser if rank == 0 else None
-        return denoiser_from_state_dict(denoiser, merged_lora_state(denoiser.state_dict(), scale))
+        return denoiser.state_dict() if rank == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    return denoiser_from_state_dict(denoiser, merged_lora_state(full, scale))
+    return full if rank == 0 else None
+
+
+def plain_denoiser(denoiser: Denoiser, state: dict[str, Tensor]) -> Denoiser:
+    """``denoiser`` as a plain unsharded network, given its full ``state`` (see
+    :func:`gathered_state_dict`): ``denoiser`` itself when it is unsharded and has no LoRA
+    adapters, else its ``empty_copy()`` holding ``state`` with any adapters merged into the
+    weights (:func:`~distill_pl.models.lora.merged_lora_state`)."""
+    scale = lora_scale(denoiser)
+    if scale is None and not is_sharded(denoiser):
+        return denoiser
+    return denoiser_from_state_dict(denoiser, merged_lora_state(state, scale))
 
 
 def denoiser_from_state_dict(like: Denoiser, state: dict[str, Tensor]) -> Denoiser:

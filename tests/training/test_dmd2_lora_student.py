@@ -1,7 +1,8 @@
 """DMD2 with a LoRA student (``student_lora_rank``): the student's base is its initial weights
 (``init_from`` or the teacher) frozen in ``teacher_dtype``, only its adapters train, and every
 export (the run's own at the end of fit, ``distill-pl export`` of a checkpoint) merges the
-adapters into plain full weights that compute what the adapted student computes.
+adapters into plain full weights that compute what the adapted student computes (and writes
+them as the teacher's LoRA file too: tests/export/test_lora_files.py).
 
 Same tiny Wan teacher and data as tests/training/test_dmd2.py (its fixtures are reused).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distill_pl.export.checkpoint import export_student
 from distill_pl.families.registry import load_denoiser
@@ -94,3 +96,7 @@ def test_fit_trains_only_adapters_and_both_exports_merge_them(teacher_dir, dm, t
     export_student(tmp_path / "last.ckpt", tmp_path / "cli_export")
     from_cli = load_denoiser(str(tmp_path / "cli_export")).state_dict()
     assert all(torch.equal(from_cli[k], expected[k]) for k in expected)
+    # both also write the adapters as the teacher's LoRA file (no init_from: the base is the teacher)
+    run_lora, cli_lora = (load_file(tmp_path / name / "lora" / "lora.safetensors") for name in ("export", "cli_export"))
+    assert run_lora.keys() == cli_lora.keys() and len(run_lora) == len(lora_parameters(module.student))
+    assert all(torch.equal(run_lora[k], cli_lora[k]) for k in run_lora)

@@ -58,6 +58,8 @@ class WanDenoiser(Denoiser):
 
     class_name = "WanTransformer3DModel"
     lora_targets = WAN_BLOCK_LINEARS
+    #: ``WanPipeline.load_lora_weights(file)`` loads it into ``transformer``
+    lora_files = {"lora.safetensors": ("", "transformer")}
     control_input = (
         "the control video [B, 3, T, H, W] concatenated to the noisy state on channels: "
         "hidden_states = torch.cat([x, control], dim=1) (transformer in_channels = latent + control channels)"

@@ -56,6 +56,10 @@ class WanExpertsDenoiser(Denoiser):
 
     class_name = "WanTransformer3DModel"
     lora_targets = WAN_BLOCK_LINEARS
+    #: the HIGH/LOW pair: ``load_lora_weights(high)`` loads into ``transformer`` (high noise),
+    #: ``load_lora_weights(low, load_into_transformer_2=True)`` into ``transformer_2``
+    lora_files = {"high_noise_lora.safetensors": ("high_noise.", "transformer"),
+                  "low_noise_lora.safetensors": ("low_noise.", SECOND_EXPERT)}
     control_input = (
         "WanImageToVideoPipeline(image=the control video's first frame as a PIL RGB image, "
         "(frame + 1) * 127.5): the pipeline builds the first-frame mask and latents itself"
