@@ -13,7 +13,12 @@ bf16 (diffusers' cuDNN attention, which returns the log-sum-exp ring merges with
 
 Without ``--tiny``: the Wan2.1-T2V-1.3B architecture (published config) cut to ``--blocks``
 blocks, batch 1, 512 text tokens of 4096, latents ``--latents T H W`` (default 21 30 52: 81
-frames at 240x416, 8,190 tokens). A failing run writes ``{"error": ...}`` and exits with 1.
+frames at 240x416, 8,190 tokens). ``--family cosmos-transfer``: Cosmos-Transfer2.5 (base and
+ControlNet, each with its plan; conditional frames in sample 0) instead: with ``--tiny`` the
+tiny one of ``scripts/make_tiny_cosmos_transfer.py``, without it Cosmos-Transfer2.5-2B's
+architecture cut to ``--blocks`` base blocks (and the ControlNet to the residuals those take),
+512 text tokens of 100352, default latents 24 30 52 (93 frames at 240x416, 9,360 tokens).
+A failing run writes ``{"error": ...}`` and exits with 1.
 """
 
 from __future__ import annotations
@@ -37,24 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--sharding", default="fsdp", choices=["fsdp", "none"])
+    parser.add_argument("--family", default="wan", choices=["wan", "cosmos-transfer"])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--latents", type=int, nargs=3, default=[21, 30, 52], metavar=("T", "H", "W"))
+    parser.add_argument("--latents", type=int, nargs=3, metavar=("T", "H", "W"),
+                        help="default: 21 30 52 (Wan), 24 30 52 (Cosmos)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
 
     import torch
 
-    from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
     from distill_pl.models.context_parallel import ContextParallel
     from distill_pl.scale.context_parallel_check import run_check
 
-    if args.tiny:
-        config, shape, text, model = TINY, (2, 3, 2, 8, 8), (5, TINY["text_dim"]), "tiny Wan"
-    else:
-        config = {**WAN_2_1_T2V_1_3B, "num_layers": args.blocks}
-        shape, text = (1, config["out_channels"], *args.latents), (512, config["text_dim"])
-        model = f"Wan2.1-T2V-1.3B cut to {args.blocks} blocks"
+    model, class_name, config, shape, text = (cosmos_case if args.family == "cosmos-transfer" else wan_case)(args)
     setup = dict(model=model, device=args.device, ulysses=args.ulysses, ring=args.ring, dtype=args.dtype,
                  sharding=args.sharding, latents=list(shape), text=list(text))
     out = Path(args.json)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if cp is None:
             raise ValueError("give --ulysses or --ring > 1")
         rows = run_check(out.with_suffix(".rows.json"), [dict(
-            cp=cp, class_name="WanTransformer3DModel", config=config, shape=shape, text=text,
+            cp=cp, class_name=class_name, config=config, shape=shape, text=text,
             device=torch.device(args.device), sharding=args.sharding,
             compute_dtype=None if args.dtype == "float32" else args.dtype)])
         result, code = {**setup, "rows": rows}, 0
@@ -75,6 +76,37 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return code
+
+
+def wan_case(args) -> tuple[str, str, dict, tuple[int, ...], tuple[int, int]]:
+    """(model name, class name, config, latent shape, text (L, D)) of the Wan check."""
+    from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B
+
+    if args.tiny:
+        return "tiny Wan", "WanTransformer3DModel", TINY, (2, 3, 2, 8, 8), (5, TINY["text_dim"])
+    config = {**WAN_2_1_T2V_1_3B, "num_layers": args.blocks}
+    shape = (1, config["out_channels"], *(args.latents or (21, 30, 52)))
+    model = f"Wan2.1-T2V-1.3B cut to {args.blocks} blocks"
+    return model, "WanTransformer3DModel", config, shape, (512, config["text_dim"])
+
+
+def cosmos_case(args) -> tuple[str, str, dict, tuple[int, ...], tuple[int, int]]:
+    """The same for Cosmos-Transfer2.5 (base + ControlNet)."""
+    from distill_pl.families.cosmos_transfer.adapter import text_input_dim
+    from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, TRANSFORMER_CLASS
+
+    if args.tiny:
+        from make_tiny_cosmos_transfer import CONTROLNET, LATENT_CHANNELS, TEXT_DIM, TRANSFORMER
+
+        config = {"transformer": TRANSFORMER, "controlnet": CONTROLNET}
+        return "tiny Cosmos-Transfer2.5", TRANSFORMER_CLASS, config, (2, LATENT_CHANNELS, 2, 8, 8), (5, TEXT_DIM)
+    base, controlnet = COSMOS_TRANSFER_2_5_2B["transformer"], COSMOS_TRANSFER_2_5_2B["controlnet"]
+    residuals = len(range(0, args.blocks, base["controlnet_block_every_n"]))
+    config = {"transformer": {**base, "num_layers": args.blocks},
+              "controlnet": {**controlnet, "n_controlnet_blocks": residuals}}
+    shape = (1, base["out_channels"], *(args.latents or (24, 30, 52)))
+    model = f"Cosmos-Transfer2.5-2B cut to {args.blocks} blocks ({residuals} ControlNet)"
+    return model, TRANSFORMER_CLASS, config, shape, (512, text_input_dim(base))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ done
 # the one device): on a GPU Ulysses 2 in float32 sharded with FSDP2, Ulysses 2 and ring 2 in
 # bfloat16 with the hooks only (ring needs cuDNN attention; unsharded in case FSDP2's gloo
 # collectives refuse CUDA tensors), the Wan2.1-1.3B architecture cut to 2 blocks at 81x240x416,
-# latents 21x30x52 (8,190 tokens); on the CPU (GPU_REPORT_TINY=1) the tiny Wan, Ulysses 2 only.
+# latents 21x30x52 (8,190 tokens), then Ulysses 2 and ring 2 in bfloat16 (hooks only) for the
+# Cosmos-Transfer2.5-2B architecture (base and ControlNet) cut to 2 blocks, latents 24x30x52
+# (9,360 tokens); on the CPU (GPU_REPORT_TINY=1) the tiny Wan, Ulysses 2 only.
 # A failed run is a row of the report, not its end.
 cp_runs=()
 if [[ "${GPU_REPORT_CONTEXT_PARALLEL:-1}" == 1 ]]; then
@@ -81,7 +83,9 @@ if [[ "${GPU_REPORT_CONTEXT_PARALLEL:-1}" == 1 ]]; then
   else
     cp_common=(--device cuda)
     cp_cases=("--ulysses 2 --dtype float32" "--ulysses 2 --dtype bfloat16 --sharding none"
-              "--ring 2 --dtype bfloat16 --sharding none")
+              "--ring 2 --dtype bfloat16 --sharding none"
+              "--family cosmos-transfer --ulysses 2 --dtype bfloat16 --sharding none"
+              "--family cosmos-transfer --ring 2 --dtype bfloat16 --sharding none")
   fi
   for i in "${!cp_cases[@]}"; do
     # shellcheck disable=SC2086  # a case is several arguments

@@ -72,8 +72,10 @@ def phase_loss(roles, settings: dict, phase: str, shape: tuple[int, ...], text: 
                control_channels: int, device: torch.device, seed: int = 1) -> torch.Tensor:
     """The phase's loss on inputs drawn from ``seed`` (latents of ``shape`` [B, C, T, H, W], text
     [B, L, D] for ``text`` = (L, D) with the last two tokens of sample 1 masked, a control of
-    ``control_channels``), with only the phase's trained roles trainable (as the stage's
-    optimizer toggling leaves them)."""
+    ``control_channels``; for a model that takes conditional frames, drawn ``cond_latents`` of
+    which sample 0 gives its first latent frame and sample 1 none, so the per-frame timesteps
+    and condition masks differ within a video), with only the phase's trained roles trainable
+    (as the stage's optimizer toggling leaves them)."""
     from distill_pl.models.conditioning import Conditioning
 
     g = torch.Generator().manual_seed(seed)
@@ -83,6 +85,8 @@ def phase_loss(roles, settings: dict, phase: str, shape: tuple[int, ...], text: 
     mask[1:, -2:] = False
     control = draw((shape[0], control_channels, *shape[2:])) if control_channels else None
     cond = Conditioning(draw((shape[0], *text)), mask.to(device), control)
+    if roles.student.takes_conditional_frames:
+        cond = cond.with_conditional_frames(draw(shape), torch.tensor([1, 0][: shape[0]], device=device))
     trained = roles.phases[phase]
     for name, network in roles.networks().items():
         if network is not None and name != "teacher":

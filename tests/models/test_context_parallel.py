@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill_pl.families.wan.adapter import WanDenoiser
 from distill_pl.families.cosmos_transfer.configs import COSMOS_TRANSFER_2_5_2B, TRANSFORMER_CLASS
 from distill_pl.families.registry import build_denoiser
+from distill_pl.families.wan.adapter import WanDenoiser
+from distill_pl.families.wan.experts import WanExpertsDenoiser
 from distill_pl.families.wan.vace import VACE_CP_PLAN, WanVACEDenoiser
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import ContextParallel, enable_context_parallel, stage_context_parallel
@@ -60,10 +61,21 @@ def test_the_stage_checks_the_plan_and_the_head_count(wan):
 
 
 def test_a_family_without_a_plan_is_refused():
-    """Cosmos-Transfer2.5 (published config, on the meta device) has no plan yet."""
+    """Wan 2.2's two experts (tiny, as one denoiser) have no plan yet."""
+    experts = WanExpertsDenoiser(config={"transformer": WAN, "transformer_2": WAN, "boundary_ratio": 0.875})
+    with pytest.raises(ValueError, match="context_parallel: WanExpertsDenoiser declares no context-parallel plan"):
+        stage_context_parallel({"ulysses": 2}, experts)
+
+
+def test_the_published_cosmos_transfer_plans_take_ulysses_dividing_its_heads():
+    """Cosmos-Transfer2.5-2B (published config, on the meta device): 16 heads in the base and in
+    the ControlNet."""
     cosmos = build_denoiser(TRANSFORMER_CLASS, COSMOS_TRANSFER_2_5_2B, on_meta=True)
-    with pytest.raises(ValueError, match="context_parallel: CosmosTransferDenoiser declares no context-parallel plan"):
-        stage_context_parallel({"ulysses": 2}, cosmos)
+    assert list(cosmos.context_parallel_plans) == ["transformer", "controlnet"]
+    assert stage_context_parallel({"ulysses": 8}, cosmos) == ContextParallel(ulysses=8)
+    with pytest.raises(ValueError, match="context_parallel.ulysses=3 must divide the 16 attention heads of "
+                                         "CosmosTransferDenoiser"):
+        stage_context_parallel({"ulysses": 3}, cosmos)
 
 
 def test_ring_needs_cuda(wan):

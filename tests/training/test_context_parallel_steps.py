@@ -13,6 +13,11 @@ reference gradient to a relative L2 error below 1e-5 (float32; the split changes
 of sums). Without the reduction's division by the data-parallel size alone the denoisers' error
 would be 0.5.
 
+The same for Cosmos-Transfer2.5 (base + ControlNet, each with its plan; conditional frames in
+sample 0, so the per-frame timesteps and condition masks differ within a video), and for
+Cosmos-Predict2.5 (the base plan alone) on one group of Ulysses 2 without sharding: the hooks
+alone, each denoiser's gradient summed over the group by hand.
+
 Ring attention is not run here: diffusers' CPU attention does not return the log-sum-exp that
 ring attention merges with (``scripts/check_context_parallel.py`` runs it on a GPU, in the GPU
 report). Slow: deselected by default.
@@ -25,6 +30,7 @@ import torch
 
 from distill_pl.models.context_parallel import ContextParallel
 from distill_pl.scale.context_parallel_check import run_check
+from tests.families.cosmos_tiny import PREDICT_TRANSFORMER, TEXT_DIM, script
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +51,33 @@ def test_ulysses_times_data_parallel_gives_the_losses_and_gradients_of_one_proce
                   text=(5, TINY["text_dim"]), device=torch.device("cpu"))
     rows = run_check(tmp_path / "rows.json", [dict(class_name="WanTransformer3DModel", config=TINY, **common),
                                               dict(class_name="WanVACETransformer3DModel", config=VACE, **common)])
+    check_rows(rows, ["WanTransformer3DModel", "WanVACETransformer3DModel"])
+
+
+def test_cosmos_transfer_under_ulysses_times_data_parallel_gives_the_losses_and_gradients_of_one_process(
+        tmp_path):
+    """As above for the tiny Cosmos-Transfer2.5 (16 latent and control channels, 2 heads x 16,
+    2 base and 2 ControlNet blocks), latents [2, 16, 2, 8, 8]: 32 tokens per video."""
+    config = {"transformer": script.TRANSFORMER, "controlnet": script.CONTROLNET}
+    rows = run_check(tmp_path / "rows.json", [dict(
+        class_name="CosmosTransformer3DModel", config=config, cp=ContextParallel(ulysses=2), data_parallel=2,
+        shape=(2, 16, 2, 8, 8), text=(5, TEXT_DIM), device=torch.device("cpu"))])
+    check_rows(rows, ["CosmosTransformer3DModel"])
+
+
+def test_cosmos_predict_under_ulysses_gives_the_losses_and_gradients_of_one_process(tmp_path):
+    """The tiny Cosmos-Predict2.5 on one unsharded group of 2 (the hooks alone)."""
+    rows = run_check(tmp_path / "rows.json", [dict(
+        class_name="Cosmos2_5_PredictBasePipeline", config=PREDICT_TRANSFORMER, cp=ContextParallel(ulysses=2),
+        sharding="none", shape=(2, 16, 2, 8, 8), text=(5, TEXT_DIM), device=torch.device("cpu"))])
+    check_rows(rows, ["Cosmos2_5_PredictBasePipeline"])
+
+
+def check_rows(rows: list[dict], class_names: list[str]) -> None:
+    """Rows of every phase of each class in order; split loss == reference loss (rel 1e-6), each
+    trained network's gradient within 1e-5 relative L2 error of the reference."""
     phases = ["KD step", "critic", "generator"]
-    assert [(r["class_name"], r["phase"]) for r in rows] == [
-        (name, phase) for name in ("WanTransformer3DModel", "WanVACETransformer3DModel") for phase in phases]
+    assert [(r["class_name"], r["phase"]) for r in rows] == [(name, phase) for name in class_names for phase in phases]
     expected = {"KD step": ["student"], "critic": ["fake_score", "discriminator"], "generator": ["student"]}
     for row in rows:
         assert row["loss_split"] == pytest.approx(row["loss_reference"], rel=1e-6), row

@@ -54,6 +54,11 @@ from torch import Tensor, nn
 
 from distill_pl.families.cosmos_transfer import padding_resize
 from distill_pl.families.cosmos_transfer.configs import CONTROLNET_CLASS, PIPELINE_CLASS, TRANSFORMER_CLASS
+from distill_pl.families.cosmos_transfer.context_parallel import (
+    COSMOS_CONTROLNET_CP_PLAN,
+    COSMOS_TRANSFORMER_CP_PLAN,
+    install_self_attention_processors,
+)
 from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.autoencoder import VideoAutoencoder, WanVAE
 from distill_pl.models.conditioning import Conditioning
@@ -146,6 +151,8 @@ class CosmosTransferDenoiser(Denoiser):
             cast_parameters(self.transformer, torch_dtype)
             cast_parameters(self.controlnet, torch_dtype)
         check_transfer_pair(dict(self.transformer.config), dict(self.controlnet.config), where)
+        install_self_attention_processors(self.transformer.transformer_blocks)
+        install_self_attention_processors(self.controlnet.control_blocks)
         cfg = self.transformer.config
         self.latent_channels = cfg.out_channels
         self.control_channels = cfg.out_channels
@@ -200,6 +207,12 @@ class CosmosTransferDenoiser(Denoiser):
     def fsdp_units(self) -> list[nn.Module]:
         """Every base block and every ControlNet block."""
         return [*self.transformer.transformer_blocks, *self.controlnet.control_blocks]
+
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """The base's and the ControlNet's plans (:mod:`.context_parallel`): both split their
+        tokens the same way, so each rank's ControlNet residuals meet its own base tokens."""
+        return {"transformer": COSMOS_TRANSFORMER_CP_PLAN, "controlnet": COSMOS_CONTROLNET_CP_PLAN}
 
     def requires_grad_(self, requires_grad: bool = True) -> "CosmosTransferDenoiser":
         """As ``nn.Module.requires_grad_``, but a frozen control branch stays frozen."""

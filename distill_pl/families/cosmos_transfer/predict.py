@@ -28,6 +28,10 @@ from torch import Tensor, nn
 from distill_pl.families.cosmos_transfer import padding_resize
 from distill_pl.families.cosmos_transfer.adapter import COSMOS_BLOCK_LINEARS, CosmosInputs, public_config, text_input_dim
 from distill_pl.families.cosmos_transfer.configs import PREDICT_PIPELINE_CLASS, TRANSFORMER_CLASS
+from distill_pl.families.cosmos_transfer.context_parallel import (
+    COSMOS_TRANSFORMER_CP_PLAN,
+    install_self_attention_processors,
+)
 from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
@@ -81,6 +85,7 @@ class CosmosPredictDenoiser(Denoiser):
                 f"{path or 'config'}: transformer in_channels {cfg.in_channels} != out_channels "
                 f"{cfg.out_channels} + 1 (the condition-mask channel): not a Cosmos 2.5 transformer"
             )
+        install_self_attention_processors(self.transformer.transformer_blocks)
         self.latent_channels = cfg.out_channels
         self.control_channels = 0
         self.num_blocks = len(self.transformer.transformer_blocks)
@@ -100,6 +105,11 @@ class CosmosPredictDenoiser(Denoiser):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.transformer.transformer_blocks
+
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """The transformer's plan (:mod:`.context_parallel`), Transfer2.5's base plan."""
+        return {"transformer": COSMOS_TRANSFORMER_CP_PLAN}
 
     @property
     def text_dim(self) -> int:
