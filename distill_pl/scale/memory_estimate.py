@@ -50,9 +50,20 @@ and 1-2% (DMD2) of the estimate).
 
 ``sharding="fsdp"`` (FSDP2, every transformer block sharded, a bf16 ``MixedPrecisionPolicy``
 instead of autocast) divides parameters, AdamW state, gradients and the AdamW temporary of
-every network but the VAE by the device count; activations are per device either way. Not
-counted, and left to the margin: the CUDA context and NCCL buffers, allocator fragmentation,
-FSDP's unsharded blocks in flight, the VAE's encoding of real clips (DMD2 critic, no grad,
+every network but the VAE by the device count; activations are per device either way.
+
+With the stage's ``context_parallel`` (``{ulysses: N, ring: M}``; FSDP2 only: it shards every
+network over all processes, the data-parallel and context-parallel ranks alike, so the
+division above is by all devices) each denoiser pass runs as one rank of a group of N x M
+processes (:func:`~distill_pl.scale.sequence_split.simulated_sequence_split`: the tokens after
+the patch embedding split N x M ways, the gathered outputs and block features at full size),
+plus what the exchanges of one attention call hold while it runs
+(:func:`~distill_pl.scale.sequence_split.exchange_buffer_bytes`, sized by the largest query of
+the pass). Each device holds its group's micro-batch; ``devices / (N x M)`` groups are
+data-parallel.
+
+Not counted, and left to the margin: the CUDA context and NCCL buffers, allocator
+fragmentation, FSDP's unsharded blocks in flight, the VAE's encoding of real clips (DMD2 critic, no grad,
 before the forward) and the decoding for validation and grids, buffers (RoPE tables, < 1 MB).
 """
 
@@ -261,9 +272,11 @@ def estimate_memory(
     if gradient_checkpointing is None:
         gradient_checkpointing = args["gradient_checkpointing"]
     cp = ContextParallel.from_setting(args.get("context_parallel"))
-    if cp is not None and (devices % cp.size or sharding != "fsdp"):
+    if cp is not None and devices % cp.size:
         raise ValueError(f"{config}: context_parallel ulysses={cp.ulysses} x ring={cp.ring} needs a multiple of "
-                         f"{cp.size} devices (got {devices}) and --sharding fsdp (got {sharding})")
+                         f"{cp.size} devices, got {devices}")
+    if cp is not None and sharding != "fsdp":
+        raise ValueError(f"{config}: context_parallel runs under FSDP2 only: pass --sharding fsdp (got {sharding})")
     class_name, transformer, source = _transformer_config(args["teacher"])
     vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
     method = STAGE_ROLES[stage]

@@ -77,8 +77,8 @@ def test_exchange_buffers_are_the_rank_query_times_the_closed_forms(tmp_path):
 
 
 @pytest.mark.parametrize(("setting", "kwargs", "message"), [
-    ({"ulysses": 4}, dict(devices=6, sharding="fsdp"), "needs a multiple of 4 devices (got 6) and --sharding fsdp"),
-    ({"ulysses": 2}, dict(devices=2, sharding="none"), "and --sharding fsdp (got none)"),
+    ({"ulysses": 4}, dict(devices=6, sharding="fsdp"), "ulysses=4 x ring=1 needs a multiple of 4 devices, got 6"),
+    ({"ulysses": 2}, dict(devices=2, sharding="none"), "context_parallel runs under FSDP2 only: pass --sharding fsdp (got none)"),
     ({"ulysses": 3}, dict(devices=3, sharding="fsdp"), "ulysses=3 must divide the 4 attention heads"),
     ({"ulysses": 0}, dict(devices=2, sharding="fsdp"), "context_parallel.ulysses must be an integer >= 1"),
 ])
