@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
+from diffusers.hooks.context_parallel import ContextParallelOutput, ContextParallelSplitHook, _get_submodule_by_name
+from diffusers.hooks.hooks import HookRegistry, ModelHook
 from torch import Tensor, nn
 
 from distill_pl.models import context_parallel
@@ -50,52 +52,47 @@ def gather_copies(tensor: Tensor, dim: int, processes: int) -> Tensor:
     return torch.cat([tensor] * processes, dim=dim)
 
 
-def _split_hook(metadata: dict, processes: int):
-    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+class _SplitHook(ContextParallelSplitHook):
+    """diffusers' split hook (which inputs or outputs, by name or position) keeping the first
+    ``1 / processes`` along the split dimension instead of the rank's chunk."""
 
-    class SplitHook(ContextParallelSplitHook):
-        """diffusers' split hook (which inputs or outputs, by name or position) keeping the
-        first ``1 / processes`` along the split dimension instead of the rank's chunk."""
+    def __init__(self, metadata: dict, processes: int) -> None:
+        super().__init__(metadata, parallel_config=None)
+        self.processes = processes
 
-        def _prepare_cp_input(self, x: Tensor, cp_input) -> Tensor:
-            if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
-                return x  # diffusers leaves such an input whole too
-            return x.narrow(cp_input.split_dim, 0, x.shape[cp_input.split_dim] // processes)
-
-    return SplitHook(metadata, parallel_config=None)
+    def _prepare_cp_input(self, x: Tensor, cp_input) -> Tensor:
+        if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
+            return x  # diffusers leaves such an input whole too
+        return x.narrow(cp_input.split_dim, 0, x.shape[cp_input.split_dim] // self.processes)
 
 
-def _gather_hook(outputs: list, processes: int):
-    from diffusers.hooks.hooks import ModelHook
+class _GatherHook(ModelHook):
+    """The plan's gathered outputs (one spec or None per output) at full size (:func:`gather_copies`)."""
 
-    class GatherHook(ModelHook):
-        """The plan's gathered outputs at full size (:func:`gather_copies`)."""
+    def __init__(self, outputs: list, processes: int) -> None:
+        super().__init__()
+        self.outputs, self.processes = outputs, processes
 
-        def post_forward(self, module: nn.Module, output):
-            single = isinstance(output, Tensor)
-            values = [output] if single else list(output)
-            for index, spec in enumerate(outputs):
-                if spec is not None:
-                    values[index] = gather_copies(values[index], spec.gather_dim, processes)
-            return values[0] if single else tuple(values)
-
-    return GatherHook()
+    def post_forward(self, module: nn.Module, output):
+        single = isinstance(output, Tensor)
+        values = [output] if single else list(output)
+        for index, spec in enumerate(self.outputs):
+            if spec is not None:
+                values[index] = gather_copies(values[index], spec.gather_dim, self.processes)
+        return values[0] if single else tuple(values)
 
 
 def _register_plan(backbone: nn.Module, plan: dict, processes: int) -> None:
     """Register ``plan`` (diffusers' ``_cp_plan`` format) on ``backbone`` as
     ``apply_context_parallel`` does, with the hooks above."""
-    from diffusers.hooks.context_parallel import ContextParallelOutput, _get_submodule_by_name
-    from diffusers.hooks.hooks import HookRegistry
-
     for module_id, spec in plan.items():
         modules = _get_submodule_by_name(backbone, module_id)
         for module in modules if isinstance(modules, list) else [modules]:
             if isinstance(spec, dict):
-                hook, name = _split_hook(spec, processes), f"cp_input---{module_id}"
+                hook, name = _SplitHook(spec, processes), f"cp_input---{module_id}"
             else:
                 outputs = [spec] if isinstance(spec, ContextParallelOutput) else list(spec)
-                hook, name = _gather_hook(outputs, processes), f"cp_output---{module_id}"
+                hook, name = _GatherHook(outputs, processes), f"cp_output---{module_id}"
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 

@@ -17,7 +17,8 @@ import yaml
 from distill_pl.models.context_parallel import ContextParallel
 from distill_pl.scale.memory_estimate import estimate_memory, saved_tensor_bytes
 from distill_pl.scale.sequence_split import exchange_buffer_bytes
-from tests.scale.test_memory_estimate import TINY_KD, init_args, live_bytes, profiled_peaks, tiny_batch
+from tests.scale.test_memory_estimate import (TINY_KD, init_args, kd_training_step, live_bytes, profiled_peaks,
+                                              tiny_batch)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"kd": ("configs/tiny/kd.yaml", "KD step"), "dmd2": ("configs/tiny/dmd2.yaml", "critic")}
@@ -116,16 +117,7 @@ def _measure_ulysses_kd_step(rank: int, port: int, out: str) -> None:
                                 torch.device("cpu"))
         batch = tiny_batch(TINY_KD, kd=True)
         saved, _ = saved_tensor_bytes(lambda: kd.phase_loss(0, batch)[0], [*kd.parameters(), *kd.buffers()])
-        optimizer = kd.configure_optimizers()
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            kd.phase_loss(0, batch)[0].backward()
-            torch.nn.utils.clip_grad_norm_(kd.student.parameters(), 10.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            kd.student_ema.update(kd.student)
-
+        step = kd_training_step(kd, batch)
         before = live_bytes(kd.parameters(), kd.buffers(), batch.values())
         peak = before + max(profiled_peaks([("first", step), ("second", step)]).values())
         Path(out, f"{rank}.json").write_text(json.dumps({"saved": saved, "peak": peak}))
