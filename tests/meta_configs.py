@@ -68,8 +68,11 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 def global_batch(cli: ParsedCLI, per_device: int) -> int:
+    """Samples per optimizer step: ``per_device`` samples on each data-parallel rank; with the
+    stage's ``context_parallel`` the processes of each group share one rank's samples."""
     trainer = cli.config["trainer"]
-    return trainer["num_nodes"] * trainer["devices"] * per_device
+    cp = getattr(cli.model, "context_parallel", None)
+    return trainer["num_nodes"] * trainer["devices"] // (cp.size if cp is not None else 1) * per_device
 
 
 def check_kd_recipe(cli: ParsedCLI) -> None:

@@ -50,14 +50,26 @@ and 1-2% (DMD2) of the estimate).
 
 ``sharding="fsdp"`` (FSDP2, every transformer block sharded, a bf16 ``MixedPrecisionPolicy``
 instead of autocast) divides parameters, AdamW state, gradients and the AdamW temporary of
-every network but the VAE by the device count; activations are per device either way. Not
-counted, and left to the margin: the CUDA context and NCCL buffers, allocator fragmentation,
-FSDP's unsharded blocks in flight, the VAE's encoding of real clips (DMD2 critic, no grad,
+every network but the VAE by the device count; activations are per device either way.
+
+With the stage's ``context_parallel`` (``{ulysses: N, ring: M}``; FSDP2 only: it shards every
+network over all processes, the data-parallel and context-parallel ranks alike, so the
+division above is by all devices) each denoiser pass runs as one rank of a group of N x M
+processes (:func:`~distill_pl.scale.sequence_split.simulated_sequence_split`: the tokens after
+the patch embedding split N x M ways, the gathered outputs and block features at full size),
+plus what the exchanges of one attention call hold while it runs
+(:func:`~distill_pl.scale.sequence_split.exchange_buffer_bytes`, sized by the largest query of
+the pass). Each device holds its group's micro-batch; ``devices / (N x M)`` groups are
+data-parallel.
+
+Not counted, and left to the margin: the CUDA context and NCCL buffers, allocator
+fragmentation, FSDP's unsharded blocks in flight, the VAE's encoding of real clips (DMD2 critic, no grad,
 before the forward) and the decoding for validation and grids, buffers (RoPE tables, < 1 MB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -75,10 +87,13 @@ from distill_pl.data.datamodule import VideoDataModule
 from distill_pl.data.memory import data_memory_line
 from distill_pl.models.autoencoder import autoencoder_config, empty_autoencoder, latent_grid
 from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.context_parallel import ContextParallel, check_context_parallel
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.families.registry import denoiser_config, published_configs, published_vae_configs
 from distill_pl.methods.dmd2 import DMD2Roles
 from distill_pl.methods.kd import KDRoles
 from distill_pl.methods.roles import Roles, config_denoisers
+from distill_pl.scale.sequence_split import exchange_buffer_bytes, simulated_sequence_split
 from distill_pl.util.paths import resolve_path
 
 GIB = 2**30
@@ -104,9 +119,17 @@ class FusedAttention(TorchFunctionMode):
     Wan2.1-1.3B forward at 81x480x832). Wan calls SDPA without mask or dropout.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: (elements, bytes per element) of the largest query seen: what a context-parallel
+        #: exchange buffer is sized by (:func:`~distill_pl.scale.sequence_split.exchange_buffer_bytes`)
+        self.largest_query = (0, 0)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            query = kwargs.get("query", args[0] if args else None)
+            self.largest_query = max(self.largest_query, (query.numel(), query.element_size()))
             return _flash_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -155,6 +178,8 @@ class Phase:
     gradients: int
     activations: int
     weight_copies: int
+    #: context parallel: what the exchanges of one attention call hold while it runs
+    exchange_buffers: int = 0
 
     @property
     def adamw_temporary(self) -> int:
@@ -163,7 +188,8 @@ class Phase:
 
     @property
     def extra(self) -> int:
-        return self.gradients + max(self.activations + self.weight_copies, self.adamw_temporary)
+        return self.gradients + max(self.activations + self.weight_copies + self.exchange_buffers,
+                                    self.adamw_temporary)
 
 
 @dataclass
@@ -193,6 +219,7 @@ class MemoryEstimate:
         rows = [(k, [v] * len(names)) for k, v in self.static.items()]
         for label, attr in (("gradients", "gradients"), ("activations (saved for backward)", "activations"),
                             ("autocast bf16 weight copies", "weight_copies"),
+                            ("context-parallel exchange buffers (one attention call)", "exchange_buffers"),
                             ("AdamW step temporary (after backward)", "adamw_temporary")):
             values = [getattr(self.phases[n], attr) for n in names]
             if any(values):
@@ -221,10 +248,12 @@ def estimate_memory(
     Args:
         config: a ``distill-pl fit`` config (KDModule or DMD2Module).
         gpu_gb: GPU memory in GiB (an "80 GB" H100 shows 79.6 GiB).
-        devices: data-parallel devices in all (None: ``trainer.num_nodes x trainer.devices``;
-            "auto" devices count as 1).
-        micro_batch: samples per forward (None: ``data.batch_size`` divided by
-            ``accumulate_micro_batches``).
+        devices: processes (GPUs) in all (None: ``trainer.num_nodes x trainer.devices``;
+            "auto" devices count as 1); with the stage's ``context_parallel`` of ``P`` processes
+            per group, ``devices / P`` of them are data-parallel.
+        micro_batch: samples per forward on each device (None: ``data.batch_size`` divided by
+            ``accumulate_micro_batches``); the ranks of a context-parallel group all load the
+            same samples.
         gradient_checkpointing: None: the config's setting.
         sharding: ``"fsdp"`` shards parameters, gradients and optimizer state over ``devices``.
         margin: fraction of ``gpu_gb`` kept free for what is not counted (see the module docstring).
@@ -242,6 +271,12 @@ def estimate_memory(
         micro_batch = math.ceil(data.batch_size / args.get("accumulate_micro_batches", 1))
     if gradient_checkpointing is None:
         gradient_checkpointing = args["gradient_checkpointing"]
+    cp = ContextParallel.from_setting(args.get("context_parallel"))
+    if cp is not None and devices % cp.size:
+        raise ValueError(f"{config}: context_parallel ulysses={cp.ulysses} x ring={cp.ring} needs a multiple of "
+                         f"{cp.size} devices, got {devices}")
+    if cp is not None and sharding != "fsdp":
+        raise ValueError(f"{config}: context_parallel runs under FSDP2 only: pass --sharding fsdp (got {sharding})")
     class_name, transformer, source = _transformer_config(args["teacher"])
     vae = _vae_config(args["vae_path"]) if args["vae_path"] else None
     method = STAGE_ROLES[stage]
@@ -255,6 +290,8 @@ def estimate_memory(
         built["vae"] = empty_autoencoder(vae, dtypes["vae"])
     static, trainable = _state_bytes(built, dtypes, roles.trained, devices, sharding)
     student = built["student"]
+    if cp is not None:
+        check_context_parallel(student, cp)  # a plan, and ulysses divides the heads
     latent = (student.latent_channels, *_latent_sizes(data, vae))
     text = (data.max_text_length, student.text_dim)
     # the loaded batch stays in host memory; the training step moves one micro-batch at a time
@@ -271,14 +308,17 @@ def estimate_memory(
               if sharding == "none" and dtypes[name] != compute]
     learnable = {id(p) for module in passes.values() for p in module.parameters() if p.requires_grad}
     phases = {}
-    for phase, forward in _phase_losses(compute_roles, settings, micro_batch, latent, text).items():
-        names = compute_roles.phases[phase]
-        for name, module in passes.items():
-            for p in module.parameters():  # the phase's networks; a LoRA fake score's base stays frozen
-                p.requires_grad_(name in names and id(p) in learnable)
-        with FusedAttention():
-            activations, weight_copies = saved_tensor_bytes(forward, state, copied)
-        phases[phase] = Phase(sum(trainable[n] for n in names), activations, weight_copies)
+    denoisers = [module for module in passes.values() if isinstance(module, Denoiser)]
+    with simulated_sequence_split(denoisers, cp) if cp is not None else contextlib.nullcontext():
+        for phase, forward in _phase_losses(compute_roles, settings, micro_batch, latent, text).items():
+            names = compute_roles.phases[phase]
+            for name, module in passes.items():
+                for p in module.parameters():  # the phase's networks; a LoRA fake score's base stays frozen
+                    p.requires_grad_(name in names and id(p) in learnable)
+            with FusedAttention() as attention:
+                activations, weight_copies = saved_tensor_bytes(forward, state, copied)
+            exchange = exchange_buffer_bytes(cp, *attention.largest_query) if cp is not None else 0
+            phases[phase] = Phase(sum(trainable[n] for n in names), activations, weight_copies, exchange)
 
     p_t, p_h, p_w = student.patch_size
     tokens = latent[1] // p_t * (latent[2] // p_h) * (latent[3] // p_w)
@@ -289,6 +329,10 @@ def estimate_memory(
         f"{tokens:,} tokens per video; micro-batch {micro_batch}; {precision}; gradient checkpointing "
         f"{'on' if gradient_checkpointing else 'off'}; {devices} device(s), sharding {sharding}",
     ]
+    if cp is not None:
+        header.append(f"context parallel: ulysses {cp.ulysses} x ring {cp.ring} = {cp.size} processes per pass "
+                      f"({tokens // cp.size:,} tokens each); {devices // cp.size} data-parallel group(s) of "
+                      f"micro-batch {micro_batch}; parameters, gradients and AdamW state sharded over all {devices}")
     if data.mode == "clips":  # KD reads pair shards, DMD2 decodes clips
         header.append(data_memory_line(data))
     return MemoryEstimate(header, static, phases, gpu_gb, margin)

@@ -151,24 +151,49 @@ def test_dmd2_config(wan):
     assert cli.datamodule.hparams.batch_size == h.accumulate_micro_batches  # micro-batches of 1
 
 
+def parse_14b_one_node(tmp_path: Path, monkeypatch, name: str):
+    """The 14B DMD2 config ``name`` parsed (its networks on meta, from a stand-in folder in
+    ``tmp_path``, no KD checkpoint); checked: the DMD2 recipe, one node of 8 GPUs, FSDP2."""
+    wan = MODELS["14b"]
+    monkeypatch.chdir(tmp_path)
+    write_stand_in(tmp_path / wan.folder, wan.transformer_config)
+    build_on_meta(monkeypatch, (WanTransformer3DModel, AutoencoderKLWan))
+    cli = parse(wan.configs / name, "--model.init_args.init_from=null")
+    check_dmd2_recipe(cli)
+    trainer = cli.config["trainer"]
+    assert (trainer["num_nodes"], trainer["devices"]) == (1, 8)
+    assert trainer["strategy"] == "distill_pl.training.strategies.FSDP2Strategy"
+    return cli
+
+
 @pytest.mark.slow  # three 14B networks on meta and peft's injection into 40 blocks: ~20 s
 def test_14b_dmd2_8gpu_config(tmp_path, monkeypatch):
     """dmd2.yaml's recipe on one node of 8 GPUs: FSDP2, a LoRA fake score on the frozen bf16
     teacher weights, a full float32 student, global batch 64 as 8 micro-batches of 1 per GPU."""
     wan = MODELS["14b"]
-    monkeypatch.chdir(tmp_path)
-    write_stand_in(tmp_path / wan.folder, wan.transformer_config)
-    build_on_meta(monkeypatch, (WanTransformer3DModel, AutoencoderKLWan))
-    cli = parse(wan.configs / "dmd2_8gpu.yaml", "--model.init_args.init_from=null")
+    cli = parse_14b_one_node(tmp_path, monkeypatch, "dmd2_8gpu.yaml")
     dmd2 = cli.model
-    check_dmd2_recipe(cli)
-    trainer = cli.config["trainer"]
-    assert (trainer["num_nodes"], trainer["devices"]) == (1, 8)
-    assert trainer["strategy"] == "distill_pl.training.strategies.FSDP2Strategy"
     assert dmd2.hparams.fake_score_lora_rank == 64 and dmd2.hparams.student_lora_rank is None
     trainable = [p for p in dmd2.fake_score.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert dmd2.fake_score.transformer.dtype == torch.bfloat16 and in_range(dmd2.teacher, wan)
     assert all(p.requires_grad and p.dtype == torch.float32 for p in dmd2.student.parameters())
     assert cli.datamodule.hparams.batch_size == dmd2.hparams.accumulate_micro_batches == 8
+    check_data(cli, dmd2, mode="clips")
+
+
+@pytest.mark.slow  # three 14B networks on meta: ~15 s
+def test_14b_dmd2_8gpu_context_parallel_config(tmp_path, monkeypatch):
+    """dmd2.yaml's recipe with its full fake score on one node of 8 GPUs: FSDP2 and Ulysses 2,
+    so 4 data-parallel groups x micro-batch 1 x 16 accumulation = global batch 64."""
+    wan = MODELS["14b"]
+    cli = parse_14b_one_node(tmp_path, monkeypatch, "dmd2_8gpu_cp.yaml")
+    dmd2 = cli.model
+    assert (dmd2.context_parallel.ulysses, dmd2.context_parallel.ring) == (2, 1)
+    assert dmd2.hparams.fake_score_lora_rank is None and dmd2.hparams.student_lora_rank is None
+    for net in (dmd2.student, dmd2.fake_score):
+        assert all(p.requires_grad and p.dtype == torch.float32 for p in net.parameters()) and in_range(net, wan)
+    assert dmd2.teacher.transformer.dtype == torch.bfloat16 and in_range(dmd2.teacher, wan)
+    assert dmd2.student.transformer.gradient_checkpointing and dmd2.fake_score.transformer.gradient_checkpointing
+    assert cli.datamodule.hparams.batch_size == dmd2.hparams.accumulate_micro_batches == 16
     check_data(cli, dmd2, mode="clips")

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill_pl.scale.memory_estimate import estimate_memory
 from tests.configs.test_wan_vace_configs import MODELS as VACE_MODELS
@@ -46,6 +47,9 @@ def training_configs() -> list[str]:
 
 
 def arguments(config: str) -> dict[str, dict]:
+    """A config with ``context_parallel`` runs under FSDP2 only: its 8-device FSDP2 arguments."""
+    if yaml.safe_load((REPO / config).read_text())["model"]["init_args"].get("context_parallel"):
+        return {name: kwargs for name, kwargs in REAL_SIZE_ARGUMENTS.items() if kwargs}
     real_size = Path(config).parent.name.startswith(("wan2.1-", "wan2.2-", "cosmos-"))
     return REAL_SIZE_ARGUMENTS if real_size else OWN_ARGUMENTS
 

@@ -139,13 +139,9 @@ def test_bf16_mixed_activations_match_a_real_autocast_forward(checkpointing, tmp
     assert estimate.activations + estimate.weight_copies == pytest.approx(measured, rel=0.05)
 
 
-def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
-    """Two real KD steps as the training loop (distill_pl/training/base.py) runs them:
-    gradients freed, forward, backward, clipping, AdamW, gradients freed, EMA. The second one
-    holds the AdamW state, as every later step does."""
-    estimate = estimate_memory(TINY_KD)
-    kd = KDModule(**init_args(TINY_KD))
-    batch = tiny_batch(TINY_KD, kd=True)
+def kd_training_step(kd: KDModule, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """A KD step as the training loop (distill_pl/training/base.py) runs it: gradients freed,
+    forward, backward, clipping, AdamW, gradients freed, EMA."""
     optimizer = kd.configure_optimizers()
 
     def step():
@@ -157,6 +153,17 @@ def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
         optimizer.zero_grad(set_to_none=True)
         kd.student_ema.update(kd.student)
 
+    return step
+
+
+def test_kd_total_matches_the_measured_peak_of_a_cpu_training_step():
+    """Two real KD steps as the training loop (distill_pl/training/base.py) runs them:
+    gradients freed, forward, backward, clipping, AdamW, gradients freed, EMA. The second one
+    holds the AdamW state, as every later step does."""
+    estimate = estimate_memory(TINY_KD)
+    kd = KDModule(**init_args(TINY_KD))
+    batch = tiny_batch(TINY_KD, kd=True)
+    step = kd_training_step(kd, batch)
     before = live_bytes(kd.parameters(), kd.buffers(), batch.values())
     measured = before + max(profiled_peaks([("first", step), ("second", step)]).values())
     print(f"tiny KD: estimated {estimate.total / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
