@@ -72,7 +72,7 @@ def check_context_parallel(denoiser: nn.Module, cp: ContextParallel) -> None:
     if not plans:
         raise ValueError(f"context_parallel: {name} declares no context-parallel plan (its family does not support it)")
     for attr in plans:
-        heads = getattr(denoiser, attr).config.num_attention_heads
+        heads = denoiser.get_submodule(attr).config.num_attention_heads
         if heads % cp.ulysses:
             raise ValueError(f"context_parallel.ulysses={cp.ulysses} must divide the {heads} attention heads of {name}")
 
@@ -103,7 +103,7 @@ def enable_context_parallel(denoiser: nn.Module, cp: ContextParallel, mesh, devi
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     config.setup(rank, world, device, mesh=mesh)
     for attr, plan in denoiser.context_parallel_plans.items():
-        backbone = getattr(denoiser, attr)
+        backbone = denoiser.get_submodule(attr)
         if backbone._parallel_config is not None:
             raise RuntimeError(f"context parallel is already enabled on {type(denoiser).__name__}.{attr}")
         if cp.ring > 1:

@@ -141,11 +141,11 @@ class Denoiser(nn.Module):
 
     @property
     def context_parallel_plans(self) -> dict[str, dict]:
-        """Context-parallel plans of the diffusers backbones: attribute name of a backbone
-        (a diffusers ``ModelMixin``) -> its plan in diffusers' ``_cp_plan`` format (which
-        inputs and outputs of which submodules are split over the tokens and gathered back);
-        see :mod:`distill_pl.models.context_parallel`. Empty (default): the family does not
-        support context parallelism."""
+        """Context-parallel plans of the diffusers backbones: module path of a backbone (a
+        diffusers ``ModelMixin``; dotted for a nested one, as ``get_submodule`` takes it) -> its
+        plan in diffusers' ``_cp_plan`` format (which inputs and outputs of which submodules are
+        split over the tokens and gathered back); see :mod:`distill_pl.models.context_parallel`.
+        Empty (default): the family does not support context parallelism."""
         return {}
 
     def compile_blocks(self, **compile_options) -> None:

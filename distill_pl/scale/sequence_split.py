@@ -105,7 +105,7 @@ def simulated_sequence_split(denoisers: Iterable[nn.Module], cp: ContextParallel
     denoisers = list(denoisers)
     for denoiser in denoisers:
         for attr, plan in denoiser.context_parallel_plans.items():
-            _register_plan(getattr(denoiser, attr), plan, cp.size)
+            _register_plan(denoiser.get_submodule(attr), plan, cp.size)
         denoiser.context_parallel_group = SimulatedGroup(cp.size)
     gather_tokens = context_parallel.gather_tokens
     context_parallel.gather_tokens = lambda tokens, group: gather_copies(tokens, 1, group.size())

@@ -16,6 +16,7 @@ from distill_pl.families.wan.experts import WanExpertsDenoiser
 from distill_pl.families.wan.vace import VACE_CP_PLAN, WanVACEDenoiser
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import ContextParallel, enable_context_parallel, stage_context_parallel
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.sharding import shard_stage_networks
 
 #: 2 heads x 8, patches (1, 2, 2)
@@ -60,11 +61,30 @@ def test_the_stage_checks_the_plan_and_the_head_count(wan):
     assert stage_context_parallel({"ulysses": 2}, vace) == ContextParallel(ulysses=2)
 
 
+class Planless(Denoiser):
+    """A denoiser whose family declares no context-parallel plan (the contract's default)."""
+
+
 def test_a_family_without_a_plan_is_refused():
-    """Wan 2.2's two experts (tiny, as one denoiser) have no plan yet."""
+    with pytest.raises(ValueError, match="context_parallel: Planless declares no context-parallel plan"):
+        stage_context_parallel({"ulysses": 2}, Planless())
+
+
+def test_two_experts_take_each_experts_plan_and_share_the_group():
+    """Wan 2.2's two experts (tiny, as one denoiser): Wan's plan under each expert's path, the
+    heads of both checked, the group set on both experts (each checks and gathers over it)."""
     experts = WanExpertsDenoiser(config={"transformer": WAN, "transformer_2": WAN, "boundary_ratio": 0.875})
-    with pytest.raises(ValueError, match="context_parallel: WanExpertsDenoiser declares no context-parallel plan"):
-        stage_context_parallel({"ulysses": 2}, experts)
+    plan = type(experts.high_noise.transformer)._cp_plan
+    assert experts.context_parallel_plans == {"high_noise.transformer": plan, "low_noise.transformer": plan}
+    assert stage_context_parallel({"ulysses": 2}, experts) == ContextParallel(ulysses=2)
+    with pytest.raises(ValueError, match="ulysses=4 must divide the 2 attention heads of WanExpertsDenoiser"):
+        stage_context_parallel({"ulysses": 4}, experts)
+    group = SimpleNamespace(size=lambda: 3)
+    experts.context_parallel_group = group
+    assert experts.high_noise.context_parallel_group is group and experts.low_noise.context_parallel_group is group
+    with pytest.raises(ValueError, match="32 tokens per video cannot be split over the 3 context-parallel"):
+        experts(torch.zeros(1, 3, 2, 8, 8), torch.tensor([0.5]),
+                Conditioning(torch.zeros(1, 4, 16), torch.ones(1, 4, dtype=torch.bool)))
 
 
 def test_the_published_cosmos_transfer_plans_take_ulysses_dividing_its_heads():

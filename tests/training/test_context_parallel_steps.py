@@ -73,6 +73,17 @@ def test_cosmos_predict_under_ulysses_gives_the_losses_and_gradients_of_one_proc
     check_rows(rows, ["Cosmos2_5_PredictBasePipeline"])
 
 
+def test_wan22_experts_under_ulysses_give_the_losses_and_gradients_of_one_process(tmp_path):
+    """Two tiny Wan experts as one denoiser (boundary 0.5: of each batch's levels 0.3 and 0.8,
+    one sample runs on each expert) on one unsharded group of 2 (the hooks alone): each expert
+    split with Wan's plan, the block features gathered by the expert that ran them."""
+    config = {"transformer": TINY, "transformer_2": TINY, "boundary_ratio": 0.5}
+    rows = run_check(tmp_path / "rows.json", [dict(
+        class_name="WanTransformer3DModel", config=config, cp=ContextParallel(ulysses=2), sharding="none",
+        shape=(2, 3, 2, 8, 8), text=(5, TINY["text_dim"]), device=torch.device("cpu"))])
+    check_rows(rows, ["WanTransformer3DModel"])
+
+
 def check_rows(rows: list[dict], class_names: list[str]) -> None:
     """Rows of every phase of each class in order; split loss == reference loss (rel 1e-6), each
     trained network's gradient within 1e-5 relative L2 error of the reference."""

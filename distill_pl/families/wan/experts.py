@@ -17,7 +17,8 @@ boundary between them, as ONE denoiser that routes each sample by its noise leve
   mask and latents concatenated on channels
   (:func:`~distill_pl.families.wan.image_condition.first_frame_condition`).
 - Module names: ``high_noise.transformer.*`` and ``low_noise.transformer.*`` (state dicts,
-  LoRA and FSDP units cover both experts; each expert's blocks are FSDP units).
+  LoRA and FSDP units cover both experts; each expert's blocks are FSDP units; context
+  parallelism splits each expert with Wan's plan).
 
 ``config`` (and :attr:`WanExpertsDenoiser.backbone_config`) is what
 :func:`~distill_pl.families.wan.layout.wan_folder_config` reads from a two-expert folder:
@@ -124,6 +125,25 @@ class WanExpertsDenoiser(Denoiser):
     @property
     def fsdp_units(self) -> list[nn.Module]:
         return [*self.high_noise.fsdp_units, *self.low_noise.fsdp_units]
+
+    @property
+    def context_parallel_plans(self) -> dict[str, dict]:
+        """Each expert's plan under its path (``high_noise.transformer``,
+        ``low_noise.transformer``): every call runs one expert or both on their parts of the
+        batch, each split over the same group."""
+        named = (("high_noise", self.high_noise), ("low_noise", self.low_noise))
+        return {f"{name}.{path}": plan for name, expert in named for path, plan in expert.context_parallel_plans.items()}
+
+    @property
+    def context_parallel_group(self):
+        """The context-parallel group (None: none), the experts': the expert that runs a sample
+        checks its token count and gathers its block features over it."""
+        return self.high_noise.context_parallel_group
+
+    @context_parallel_group.setter
+    def context_parallel_group(self, group) -> None:
+        for expert in self.experts:
+            expert.context_parallel_group = group
 
     def sampler_sigma(self, timestep: Tensor, sigma: Tensor) -> Tensor:
         return self.high_noise.sampler_sigma(timestep, sigma)
