@@ -87,7 +87,7 @@ def run_chain(work, kind: str, pairs_edit=lambda cfg: None, student_edit=lambda 
     return runs
 
 
-@pytest.mark.slow  # ~90 s on 2 cores; tests/training/test_dmd2_experts.py trains two experts by default
+@pytest.mark.slow  # ~90 s on 2 cores; tests/training/test_two_expert_stages.py trains two experts by default
 def test_two_expert_chain_trains_both_experts_through_the_cli(tmp_path):
     runs = run_chain(tmp_path, "t2v-a14b")
     meta, _ = read_shard_header(runs / "kd_pairs/train/shard_00000.safetensors")

@@ -1,8 +1,9 @@
-"""DMD2 with a two-expert teacher (the tiny Wan 2.2 T2V-A14B-shaped folder of
-scripts/make_tiny_wan22.py): a 2-step student whose levels lie on both sides of the experts'
-boundary trains both of its experts; the fake score is a two-expert copy of the teacher; a run
-killed and resumed with ``ckpt_path`` is bit-exact (optimizer moments and EMA are per parameter,
-so per expert); ``guidance_2`` weighs the teacher's CFG at the low-noise expert's levels only.
+"""The stages with a two-expert teacher (the tiny Wan 2.2 T2V-A14B-shaped folder of
+scripts/make_tiny_wan22.py). DMD2: a 2-step student whose levels lie on both sides of the
+experts' boundary trains both of its experts; the fake score is a two-expert copy of the
+teacher; a run killed and resumed with ``ckpt_path`` is bit-exact (optimizer moments and EMA
+are per parameter, so per expert). DMD2 and KD pair generation: ``guidance_2`` weighs the
+teacher's CFG at the low-noise expert's levels only.
 
 The batches are precomputed clip latents [4, 2, 4, 4] with random text embeddings, so no video
 is decoded.
@@ -17,9 +18,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill_pl.export.model_folders import save_teacher_folder
+from distill_pl.diffusion.sampling import sample_with_scheduler
+from distill_pl.export.model_folders import load_scheduler, save_teacher_folder
 from distill_pl.families.registry import build_denoiser
 from distill_pl.families.wan.experts import WanExpertsDenoiser
+from distill_pl.models.conditioning import Conditioning
+from distill_pl.models.guidance import velocity_fn
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd_pairs import KDPairGenerationModule
 from tests.families.wan22_tiny import write_tiny_wan22
@@ -126,6 +130,35 @@ def test_guidance_2_weighs_the_low_noise_levels_of_the_dmd_term(teacher_dir):
     assert torch.equal(loss(high, 3.0, 2.0), loss(high, 3.0, None))
     assert torch.equal(loss(low, 3.0, 2.0), loss(low, 2.0, None))
     assert not torch.equal(loss(low, 3.0, 2.0), loss(low, 3.0, None))
+
+
+def test_pair_generation_samples_the_teacher_with_guidance_2_and_records_it(teacher_dir):
+    """The pairs' teacher output is the 4-step CFG sample with ``guidance`` at the high-noise
+    expert's steps and ``guidance_2`` at the low-noise expert's (not the one-weight sample);
+    the metadata records ``guidance_2`` when it is set."""
+    clip = LatentClips()[0]
+    batch = {"video": torch.zeros(1, 3, 5, 32, 32), "control": torch.zeros(1, 3, 5, 32, 32),
+             "text_embeds": clip["text_embeds"][None], "text_mask": clip["text_mask"][None],
+             "index": torch.tensor([0]), "start": torch.tensor([0]), "split": ["train"], "caption": ["a"],
+             "path": ["a.mp4"]}
+    negative = torch.randn(1, *TEXT, generator=torch.Generator().manual_seed(123))
+    outputs, metadata = {}, {}
+    for guidance_2 in (None, 2.0):
+        pairs = KDPairGenerationModule(str(teacher_dir), vae_path=str(teacher_dir), num_steps=4, guidance=3.0,
+                                       guidance_2=guidance_2, storage_dtype="float32")
+        pairs.negative_prompt.set(negative, torch.ones(1, TEXT[0], dtype=torch.long))
+        outputs[guidance_2] = pairs.predict_step(batch, 0)["teacher_output"]
+        metadata[guidance_2] = pairs.pair_generation_metadata()
+    assert "guidance_2" not in metadata[None] and metadata[2.0]["guidance_2"] == 2.0
+
+    teacher = pairs.teacher
+    cond = Conditioning(batch["text_embeds"], batch["text_mask"])
+    noise = torch.randn(1, *LATENTS, generator=torch.Generator().manual_seed(0))  # example 0's seed: 0
+    with torch.no_grad():
+        expected = sample_with_scheduler(velocity_fn(teacher, cond, cond.with_text(negative, batch["text_mask"]), 3.0, 2.0),
+                                         noise, load_scheduler(str(teacher_dir)), 4, step_sigma=teacher.sampler_sigma)
+    torch.testing.assert_close(outputs[2.0], expected, rtol=0, atol=1e-6)
+    assert (outputs[2.0] - outputs[None]).abs().max() > 1e-3
 
 
 def test_guidance_2_with_a_one_network_teacher_is_a_one_line_error(tmp_path):
