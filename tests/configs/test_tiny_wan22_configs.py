@@ -87,7 +87,7 @@ def run_chain(work, kind: str, pairs_edit=lambda cfg: None, student_edit=lambda 
     return runs
 
 
-@pytest.mark.slow  # ~90 s on 2 cores; tests/training/test_two_expert_stages.py trains two experts by default
+@pytest.mark.slow  # 50-150 s on the shared 2 cores; tests/training/test_two_expert_stages.py trains two experts by default
 def test_two_expert_chain_trains_both_experts_through_the_cli(tmp_path):
     runs = run_chain(tmp_path, "t2v-a14b")
     meta, _ = read_shard_header(runs / "kd_pairs/train/shard_00000.safetensors")
@@ -122,7 +122,7 @@ def test_two_expert_chain_trains_both_experts_through_the_cli(tmp_path):
                        num_frames=FRAMES, max_text_length=8)
 
 
-@pytest.mark.slow  # ~60 s on 2 cores; tests/families/test_wan22.py checks TI2V-5B against WanPipeline by default
+@pytest.mark.slow  # 55-90 s on the shared 2 cores; tests/families/test_wan22.py checks TI2V-5B against WanPipeline by default
 def test_ti2v_chain_through_the_cli(tmp_path):
     runs = run_chain(tmp_path, "ti2v-5b")
     meta, _ = read_shard_header(runs / "kd_pairs/train/shard_00000.safetensors")
