@@ -145,11 +145,11 @@ def scalar_events(log_dir: Path, tag: str) -> dict[int, float]:
 
 
 def evaluate_tiny_runs(work: Path, config: str, report: Path, denoiser_options: dict, runner=run_cli,
-                       **data) -> dict:
-    """``distill-pl evaluate`` of a tiny family config (its KD and DMD2 exports against the
-    teacher at 2 and 1 steps; 2 samples per held-out window, one window per video, 2 bootstrap
-    draws; ``data`` overrides the data settings) in ``work`` by ``runner``; checks the rows of
-    ``report`` (an F1 as control fidelity) and returns it."""
+                       student_steps: int = 1, **data) -> dict:
+    """``distill-pl evaluate`` of a tiny family config (its KD and DMD2 exports, students of
+    ``student_steps`` steps, against the teacher at 2 and 1 steps; 2 samples per held-out
+    window, one window per video, 2 bootstrap draws; ``data`` overrides the data settings) in
+    ``work`` by ``runner``; checks the rows of ``report`` (an F1 as control fidelity) and returns it."""
     def edit(cfg):
         cfg.update(teacher_steps=2, few_steps=[1], samples_per_clip=2, bootstrap_resamples=2, batch_size=8,
                    sheet_clips=2, denoiser_options=denoiser_options)
@@ -160,7 +160,7 @@ def evaluate_tiny_runs(work: Path, config: str, report: Path, denoiser_options: 
     rows = {row["key"]: row for row in written["methods"]}
     fidelity = written["settings"]["control_fidelity"]["key"]
     assert list(rows) == ["teacher_2step", "teacher_1step", "student_kd", "student_dmd2"]
-    assert [rows[k]["nfe"] for k in rows] == [4, 2, 1, 1]  # CFG: two network calls per step
+    assert [rows[k]["nfe"] for k in rows] == [4, 2, student_steps, student_steps]  # CFG: two calls per step
     for row in list(rows.values())[1:]:
         assert 0 <= row[fidelity] <= 1 and row["frechet_distance"] >= 0 and row["psnr"] is not None
     return written

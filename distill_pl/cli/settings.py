@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 log = logging.getLogger("distill_pl.settings")
 
 #: the model's CFG weights (the common form u + w (c - u))
-GUIDANCE_WEIGHTS = ("guidance", "teacher_1step_guidance")
+GUIDANCE_WEIGHTS = ("guidance", "guidance_2", "teacher_1step_guidance")
 #: the model's step counts (KD pair generation's teacher steps, a teacher's validation samples)
 STEP_COUNTS = ("num_steps", "sample_steps")
 

@@ -49,7 +49,8 @@ Metadata (JSON under :data:`METADATA_KEY`):
   the teacher: ``teacher`` (absolute folder path), ``teacher_sha256`` (see
   :func:`teacher_fingerprint`), ``teacher_dtype``, ``vae_path`` (None = pixel space),
   ``scheduler`` (diffusers class name), ``scheduler_shift``, ``num_steps``, ``guidance`` (common
-  form ``u + w (c - u)``; Cosmos' ``g`` is ``w - 1``), ``guidance_form``, ``negative_prompt``,
+  form ``u + w (c - u)``; Cosmos' ``g`` is ``w - 1``), ``guidance_2`` (a two-expert teacher's
+  weight at its low-noise expert's levels; absent = ``guidance`` there), ``guidance_form``, ``negative_prompt``,
   ``seed`` (base noise seed, see :func:`example_seed`), ``denoiser_options`` (the teacher
   adapter's own options, e.g. a ControlNet's ``control_scale``), ``conditional_frame_probabilities``
   (how often 0, 1, ... conditional frames were drawn; [] or absent = none); shapes without the batch

@@ -6,7 +6,8 @@ Notation (rectified flow, ``x_s = (1 - s) x0 + s eps``, networks predict ``v = e
   ``s_0 = 1 > s_1 > ... > s_{K-1}`` (already shifted); one step at level ``s_k`` gives the
   clean estimate ``x0 = x - s_k S(x, s_k, c)``, re-noised with fresh noise to ``s_{k+1}``
   (:func:`~distill_pl.diffusion.sampling.few_step_sample`). K = 1: ``x_g = eps - S(eps, 1, c)``.
-- ``teacher``: the frozen CFG teacher (the "real" score), guidance ``w`` in ``u + w (c - u)``.
+- ``teacher``: the frozen CFG teacher (the "real" score), guidance ``w`` in ``u + w (c - u)``
+  (a two-expert teacher: ``guidance_2`` at the levels of its low-noise expert, if set).
 - ``fake_score``: tracks the score of the student's samples (flow matching on them).
 - ``discriminator``: a head on block ``feature_block`` of the fake score (``discriminator_on=
   "fake_score"``) or of the teacher (``"teacher"``).
@@ -195,6 +196,8 @@ class DMD2Objective:
     ``conditional_frame_probabilities``: how often 0, 1, 2, ... leading latent frames of the
     real clip are given to the networks as conditional frames (() = never); on them the
     networks' clean estimates are the given latents, so every loss there is zero.
+    ``guidance_2``: a two-expert teacher's CFG weight at the levels its low-noise expert
+    denoises (None: ``guidance`` everywhere; not with ``decoupled``).
     """
 
     student: nn.Module
@@ -221,6 +224,7 @@ class DMD2Objective:
     ca_t_min: float | None = None
     ca_t_max: float | None = None
     conditional_frame_probabilities: tuple[float, ...] = ()
+    guidance_2: float | None = None
 
     def __post_init__(self) -> None:
         check_trained_step_input(self.trained_step_input, self.phased)
@@ -228,6 +232,9 @@ class DMD2Objective:
             if not self.phased:
                 raise ValueError("phase_boundaries is a setting of Phased DMD: set phased (phased_dmd) to use it")
             phase_boundary_indices(self.phase_boundaries, self.student_sigmas)
+        if self.decoupled and self.guidance_2 is not None:
+            raise ValueError("guidance_2 is not supported with Decoupled DMD (decoupled_dmd): its CA term "
+                             "takes one guidance weight; leave guidance_2 unset (null)")
         own = (self.dm_weight, self.ca_weight, self.dm_t_min, self.dm_t_max, self.ca_t_min, self.ca_t_max)
         if not self.decoupled and own != (1.0, 1.0, None, None, None, None):
             raise ValueError("dm_weight, ca_weight and the dm_/ca_ t ranges are settings of Decoupled DMD: "
@@ -486,7 +493,7 @@ class DMD2Objective:
                                                                 sigma_ca, cond, uncond)
                     x0_real_ca = classifier_free_guidance(x0_uncond_ca, x0_cond_ca, self.guidance)
             else:
-                teacher = velocity_fn(self.teacher, cond, uncond, self.guidance)
+                teacher = velocity_fn(self.teacher, cond, uncond, self.guidance, self.guidance_2)
                 x0_real = x0_from_velocity(x_t_dm, s_dm, teacher(x_t_dm, s_dm))
         use_gan = self.gan_weight != 0
         if use_gan:
@@ -650,9 +657,9 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
     (``DMD2Module``'s arguments by name: ``guidance``, ``gan_weight``, ``critic_gan_weight``,
     ``discriminator_on``, ``trained_step_input``, ``phased_dmd``, ``t_min``, ``t_max``; the
     Decoupled DMD ones, ``decoupled_dmd``, ``dm_weight``, ``ca_weight``, ``dm_t_min/max``,
-    ``ca_t_min/max``, where given), the student's noise levels (already shifted), the
-    teacher's timestep shift, how often conditional frames are drawn and the Phased DMD phase
-    boundaries (members of ``student_sigmas``; None: one phase per step)."""
+    ``ca_t_min/max``, where given; ``guidance_2``, where given), the student's noise levels
+    (already shifted), the teacher's timestep shift, how often conditional frames are drawn and
+    the Phased DMD phase boundaries (members of ``student_sigmas``; None: one phase per step)."""
     decoupled = {field: settings[name] for field, name in DECOUPLED_SETTINGS.items() if name in settings}
     return DMD2Objective(
         student=networks.student, teacher=networks.teacher, fake_score=networks.fake_score,
@@ -662,5 +669,6 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
         student_sigmas=student_sigmas, trained_step_input=settings["trained_step_input"],
         phased=settings["phased_dmd"], phase_boundaries=phase_boundaries, shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
         conditional_frame_probabilities=tuple(conditional_frame_probabilities),
+        guidance_2=settings.get("guidance_2"),
     )
 

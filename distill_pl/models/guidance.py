@@ -21,6 +21,15 @@ def negative_conditioning(cond: Conditioning, embeds: Tensor, mask: Tensor | Non
     return cond.with_text(embeds, mask)
 
 
+def check_guidance_2(denoiser: Denoiser, guidance_2: float | None, key: str = "guidance_2") -> None:
+    """ValueError naming the setting ``key`` when ``guidance_2`` (the low-noise expert's CFG
+    weight) is set for a denoiser of one network (``Denoiser.low_noise_levels`` is None)."""
+    if guidance_2 is not None and denoiser.low_noise_levels(torch.ones(1, dtype=torch.float64)) is None:
+        raise ValueError(f"{key}={guidance_2:g}: the low-noise expert's CFG weight needs a two-expert teacher "
+                         f"(a folder with transformer_2/ and boundary_ratio); {type(denoiser).__name__} is one "
+                         f"network: leave {key} unset (null)")
+
+
 def velocity_fn(
     denoiser: Denoiser,
     cond: Conditioning,
@@ -35,8 +44,7 @@ def velocity_fn(
     pipelines' ``guidance_scale_2``), ``guidance`` at the others; None: ``guidance``
     everywhere. ValueError for ``guidance_2`` with a denoiser of one network.
     """
-    if guidance_2 is not None and denoiser.low_noise_levels(torch.ones(1, dtype=torch.float64)) is None:
-        raise ValueError("guidance_2 (the low-noise expert's CFG weight) needs a two-expert denoiser")
+    check_guidance_2(denoiser, guidance_2)
     if guidance == 1.0 and guidance_2 in (None, 1.0):
         return lambda x_t, sigma: denoiser(x_t, sigma, cond)
 
@@ -59,12 +67,13 @@ def sampling_velocity_fn(
     cond: Conditioning,
     uncond: Conditioning | None = None,
     guidance: float = 1.0,
+    guidance_2: float | None = None,
 ):
-    """:func:`velocity_fn` for a sampler started from ``noise`` [B, C, T, H, W]: on the
+    """:func:`velocity_fn` (``guidance_2`` as there) for a sampler started from ``noise`` [B, C, T, H, W]: on the
     conditional frames of ``cond`` (if any) the velocity is ``noise - cond.cond_latents``, the
     straight path to the given latents (:func:`keep_conditional_frames`); without conditional
     frames, :func:`velocity_fn` itself."""
-    fn = velocity_fn(denoiser, cond, uncond, guidance)
+    fn = velocity_fn(denoiser, cond, uncond, guidance, guidance_2)
     if cond.cond_latents is None:
         return fn
     mask = cond.conditional_frame_mask(noise.shape[2], noise.dtype)

@@ -71,7 +71,7 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import stage_context_parallel
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.guidance import check_guidance_2, velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import export_student_of_run, load_scheduler, scheduler_shift
@@ -122,6 +122,10 @@ class DMD2Module(StageModule):
         teacher_dtype: parameter dtype of the frozen teacher (e.g. "bfloat16" to save memory).
         guidance: teacher CFG weight ``w`` in the common form ``u + w (c - u)``
             (the recipe's guidance 5 in the form ``c + g (c - u)`` is ``w = 6``).
+        guidance_2: a two-expert teacher's (Wan 2.2 A14B) CFG weight at the levels its
+            low-noise expert denoises, in the DMD term (the pipelines' ``guidance_scale_2``);
+            None: ``guidance`` everywhere. ValueError for a teacher of one network and with
+            ``decoupled_dmd``.
         student_update_freq: steps per cycle: ``freq - 1`` critic steps, then 1 student step.
         t_min, t_max: ``t ~ U[t_min, t_max]``, then the teacher's shift, gives ``sigma``.
         gan_weight: weight of the generator's GAN loss (``L_G = L_DMD + gan_weight * L_GAN``).
@@ -214,6 +218,7 @@ class DMD2Module(StageModule):
         vae_dtype: str = "float32",
         teacher_dtype: str = "float32",
         guidance: float = 6.0,
+        guidance_2: float | None = None,
         student_update_freq: int = 5,
         t_min: float = 0.02,
         t_max: float = 0.98,
@@ -290,6 +295,7 @@ class DMD2Module(StageModule):
         self.fake_score = roles.fake_score
         self.student = roles.student
         self.teacher = roles.teacher
+        check_guidance_2(self.teacher, guidance_2, "model.init_args.guidance_2")
         self.feature_block = roles.feature_block
         self.discriminator = roles.discriminator
         self.student_ema = roles.student_ema
@@ -360,8 +366,10 @@ class DMD2Module(StageModule):
 
     def guidance_uncond(self, cond: Conditioning) -> Conditioning | None:
         """The teacher's unconditional branch: None at guidance 1 (``u + 1 (c - u) = c``, no
-        unconditional pass, so no negative prompt is needed), else :meth:`null_conditioning`."""
-        return None if self.hparams.guidance == 1 else self.null_conditioning(cond)
+        unconditional pass, so no negative prompt is needed; with ``guidance_2`` unset or 1
+        too), else :meth:`null_conditioning`."""
+        h = self.hparams
+        return None if h.guidance == 1 and h.guidance_2 in (None, 1) else self.null_conditioning(cond)
 
     @torch.no_grad()
     def conditioning(self, batch: dict) -> Conditioning:
@@ -533,7 +541,7 @@ class DMD2Module(StageModule):
         g = torch.Generator(device="cpu").manual_seed(seed)
         eps = torch.randn(clip_latent_shape(batch, self.autoencoder, self.student.latent_channels), generator=g).to(like)
         w = self.hparams.guidance
-        teacher = velocity_fn(self.teacher, cond, self.guidance_uncond(cond), w)
+        teacher = velocity_fn(self.teacher, cond, self.guidance_uncond(cond), w, self.hparams.guidance_2)
         steps = len(self.student_levels)
         return {
             f"student {steps}-step": self.autoencoder.decode(self.objective.generate(eps, cond, generator=g)),

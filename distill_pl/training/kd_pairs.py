@@ -31,7 +31,7 @@ from distill_pl.diffusion.conditional_frames import draw_num_conditional_frames
 from distill_pl.diffusion.sampling import sample_with_scheduler, scheduler_step_sigmas, trajectory_steps
 from distill_pl.models.autoencoder import VideoAutoencoder, build_autoencoder
 from distill_pl.families.registry import load_denoiser
-from distill_pl.models.guidance import sampling_velocity_fn
+from distill_pl.models.guidance import check_guidance_2, sampling_velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.export.model_folders import load_scheduler, scheduler_shift
 from distill_pl.util.paths import resolve_path
@@ -65,6 +65,10 @@ class KDPairGenerationModule(L.LightningModule):
         guidance: CFG weight ``w`` in the common form ``u + w (c - u)``, the unconditional
             branch from the datamodule's negative prompt. The reference recipe writes ``c + g (c - u)``:
             its guidance 7 is ``w = 8`` here (:func:`~distill_pl.diffusion.flow.cosmos_guidance_to_w`).
+        guidance_2: a two-expert teacher's (Wan 2.2 A14B) CFG weight at the levels its
+            low-noise expert denoises (the pipelines' ``guidance_scale_2``); None: ``guidance``
+            everywhere. ValueError for a teacher of one network. Recorded in the pairs'
+            metadata when set.
         seed: base seed; example ``i`` of a split gets noise
             :func:`~distill_pl.data.pairs.example_noise` of ``example_seed(seed, split, i)``
             (``seed + i`` for train), drawn on the CPU, whatever the batch it falls in.
@@ -97,6 +101,7 @@ class KDPairGenerationModule(L.LightningModule):
         vae_path: str | None = None,
         num_steps: int = 36,
         guidance: float = 8.0,
+        guidance_2: float | None = None,
         seed: int = 0,
         dtype: str = "float32",
         storage_dtype: str = "bfloat16",
@@ -107,6 +112,7 @@ class KDPairGenerationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.teacher = load_denoiser(teacher, dtype=dtype, **(denoiser_options or {})).requires_grad_(False).eval()
+        check_guidance_2(self.teacher, guidance_2, "model.init_args.guidance_2")
         self.conditional_frame_probabilities = resolve_conditional_frames(
             self.teacher, conditional_frame_probabilities)
         self.autoencoder = build_autoencoder(vae_path, dtype)
@@ -166,6 +172,7 @@ class KDPairGenerationModule(L.LightningModule):
             "trajectory_sigmas": self.trajectory_levels,
             "denoiser_options": dict(h.denoiser_options or {}),
             **(frames if self.conditional_frame_probabilities else {}),
+            **({} if h.guidance_2 is None else {"guidance_2": float(h.guidance_2)}),
         }
 
     def build_shard(self, rows: list[dict], common: dict) -> tuple[dict[str, Tensor], dict]:
@@ -193,7 +200,7 @@ class KDPairGenerationModule(L.LightningModule):
         noise = torch.stack([example_noise(seed, shape) for seed in seeds])
         start = noise.to(self.device)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        fn = sampling_velocity_fn(self.teacher, start, cond, uncond, self.hparams.guidance)
+        fn = sampling_velocity_fn(self.teacher, start, cond, uncond, self.hparams.guidance, self.hparams.guidance_2)
         states: dict[int, tuple[float, Tensor]] = {}
 
         def keep_state(i: int, sigma: float, x: Tensor) -> None:

@@ -4,10 +4,8 @@ image-to-video; float32, the tiny random pipelines of scripts/make_tiny_wan22.py
 own layout and loaded back through the family registry), the routing between the experts, and
 the one-line errors for bad folders and images."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +22,8 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.guidance import velocity_fn
 from distill_pl.models.loading import ModelFolderError
 from distill_pl.models.lora import add_lora, lora_parameters
+from tests.families.wan22_tiny import tiny_wan22_script
 
-REPO = Path(__file__).resolve().parents[2]
 #: max |project - pipeline| over latents of order 1 (batched CFG call against the pipeline's
 #: two calls; the latents' normalisation by division against multiplication by the reciprocal)
 TOLERANCE = 1e-5
@@ -36,17 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = {"t2v-a14b": 32, "i2v-a14b": 32, "ti2v-5b": 64}  # latents [1, 4, 3, 4, 4] for each
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """kind -> (folder, the pipeline it was saved from)."""
-    script = _script()
+    script = tiny_wan22_script()
     root = tmp_path_factory.mktemp("wan22")
     found = {}
     for kind in script.KINDS:
@@ -207,7 +198,7 @@ def test_guidance_2_needs_two_experts(tiny):
     one = load_denoiser(tiny["ti2v-5b"][0])
     noise, prompt, negative = inputs()
     cond = Conditioning(prompt)
-    with pytest.raises(ValueError, match="guidance_2 .* needs a two-expert denoiser"):
+    with pytest.raises(ValueError, match="guidance_2=.* needs a two-expert teacher"):
         velocity_fn(one, cond, cond.with_text(negative, None), GUIDANCE, GUIDANCE_2)
 
 

@@ -10,8 +10,8 @@ deliberate change of the estimate re-records the file:
     PYTHONPATH=. .venv/bin/python -m tests.scale.test_estimate_golden
 
 The configs name their teachers relative to the working directory: ``teachers/tiny`` (in the
-repository), the tiny Wan VACE and Cosmos-Transfer2.5 teachers their scripts write under
-``runs/``, and the Wan2.1-VACE stand-in folders (configs and empty weights) under
+repository), the tiny Wan VACE, Wan 2.2 (T2V-A14B and TI2V-5B) and Cosmos-Transfer2.5 teachers
+their scripts write under ``runs/``, and the Wan2.1-VACE stand-in folders (configs and empty weights) under
 ``checkpoints/``; the Wan2.1-T2V, Wan2.2 and Cosmos-Transfer2.5-2B folders are absent, so the
 estimate takes their published configs.
 """
@@ -30,6 +30,7 @@ import yaml
 from distill_pl.scale.memory_estimate import estimate_memory
 from tests.configs.test_wan_vace_configs import MODELS as VACE_MODELS
 from tests.configs.test_wan_vace_configs import write_vace_stand_in
+from tests.families.wan22_tiny import write_tiny_wan22
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("estimate_peaks.json")
@@ -76,6 +77,8 @@ def write_teacher_folders(root: Path) -> None:
         _script("make_tiny_cosmos_transfer").write_tiny_cosmos_transfer(root / "runs/tiny-cosmos-transfer2.5/teacher")
     finally:
         sys.path.remove(str(REPO / "scripts"))
+    for kind in ("t2v-a14b", "ti2v-5b"):
+        write_tiny_wan22(root / f"runs/tiny-wan2.2-{kind}/teacher", kind)
     for model in VACE_MODELS.values():
         write_vace_stand_in(root / model.folder, model.transformer_config)
 
