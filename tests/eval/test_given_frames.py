@@ -4,7 +4,6 @@ the first-frame PSNR against the image); a tiny two-expert Wan 2.2 I2V teacher (
 exported from it) evaluated through the CLI with the low-noise expert's own CFG weight. A
 pooling stand-in replaces the frame feature network: these tests are about which frames enter."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -24,8 +23,8 @@ from distill_pl.eval.metric_cache import MetricCache
 from distill_pl.export.model_folders import save_student_folder
 from distill_pl.families.registry import load_denoiser
 from distill_pl.util.paths import resolve_path
+from tests.families.wan22_tiny import write_tiny_wan22
 
-REPO = Path(__file__).resolve().parents[2]
 WINDOWS, SEEDS, FRAMES, SIZE = 2, 2, 4, 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,16 +86,9 @@ def test_a_difference_in_the_given_frame_changes_only_the_image_psnr(tmp_path, m
         _scores(tmp_path, "every", videos, clips, given_frames=FRAMES)
 
 
-def _tiny_wan22():
-    spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_two_expert_image_to_video_teacher_is_evaluated_on_its_generated_frames(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_module, "FrameFeatureNet", PooledFrames)  # the network: tests/eval/test_evaluate.py
-    teacher = _tiny_wan22().write_tiny_wan22(tmp_path / "teacher", "i2v-a14b")
+    teacher = write_tiny_wan22(tmp_path / "teacher", "i2v-a14b")
     student = save_student_folder(tmp_path / "student", load_denoiser(str(teacher)), 3.0, teacher=teacher)
     clips = resolve_path(BUNDLED_CLIPS)
     write_manifest(tmp_path / "manifest.jsonl",

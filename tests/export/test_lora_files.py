@@ -11,7 +11,6 @@ recorded from the pipeline's scheduler). Tiny random folders of scripts/make_tin
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from distill_pl.models.lora import lora_parameters
 from distill_pl.models.student_init import STUDENT_PREFIX
 from distill_pl.training.dmd2 import DMD2Module
 from tests.families.test_wan_vace import vace_folder  # noqa: F401
+from tests.families.wan22_tiny import write_tiny_wan22
 
-REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 FRAMES = 9
 SIZE = {"t2v-a14b": 32, "i2v-a14b": 32, "ti2v-5b": 64}  # latents [1, 4, 3, 4, 4] for each
@@ -41,14 +40,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """kind -> the tiny teacher pipeline folder, written on first use."""
-    spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     root = tmp_path_factory.mktemp("wan22_lora")
 
     class Folders(dict):
         def __missing__(self, kind):
-            self[kind] = script.write_tiny_wan22(root / kind, kind)
+            self[kind] = write_tiny_wan22(root / kind, kind)
             return self[kind]
 
     return Folders()

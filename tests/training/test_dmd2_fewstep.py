@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from distill_pl.training.dmd2 import DMD2Module
 from tests.training.test_dmd2 import FAST, StepRecorder, dm, kd_checkpoint, teacher_dir, tiny_config, trainer  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[2]
 SIGMAS = [1.0, 0.75, 0.5, 0.25]
 
 
@@ -68,13 +66,9 @@ def test_phases_at_the_experts_boundary_train_each_phases_steps(dm, tmp_path):
     error says); with it the high phase trains step 0 (the high-noise expert at sigma 1), the low
     phase a step among 1..3 from the student's own chain, and an expert changes only when it ran
     a step with gradient."""
-    import importlib.util
+    from tests.families.wan22_tiny import write_tiny_wan22
 
-    spec = importlib.util.spec_from_file_location("make_tiny_wan22", REPO / "scripts/make_tiny_wan22.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    folder = tmp_path / "a14b"
-    script.tiny_wan22_pipeline("t2v-a14b").save_pretrained(folder, safe_serialization=True)
+    folder = write_tiny_wan22(tmp_path / "a14b", "t2v-a14b")
     phased = dict(phased_dmd=True, phase_generator_steps=1, phase_boundaries="experts", student_update_freq=2)
     with pytest.raises(ValueError, match=r"boundary sigma 0.875 .* need 0.7 \(before the teacher's timestep shift 3\)"):
         DMD2Module(str(folder), student_sigmas=SIGMAS, **phased)
