@@ -30,7 +30,8 @@ COUNTS = (1, 2, 4, 8, 16, 32, 64)
 REAL_SIZE = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b",
              "cosmos-transfer2.5-2b")
 #: (config, model settings changed from the config's): the shipped KD and DMD2 configs, the
-#: 8-GPU Wan2.1-14B DMD2 config, and LoRA students where they change the count
+#: 8-GPU Wan2.1-14B DMD2 configs, and LoRA students where they change the count (the two-expert
+#: Wan 2.2 A14B: LoRA adapters on both experts of student and fake score)
 ROWS = [
     *((f"configs/{folder}/{stage}.yaml", {}) for folder in REAL_SIZE for stage in ("kd", "dmd2")),
     ("configs/wan2.1-t2v-14b/dmd2_8gpu.yaml", {}),
@@ -38,6 +39,8 @@ ROWS = [
     ("configs/wan2.1-t2v-14b/dmd2_8gpu_cp.yaml", {}),
     ("configs/wan2.1-t2v-1.3b/dmd2.yaml", {"student_lora_rank": 64, "fake_score_lora_rank": 64}),
     ("configs/cosmos-transfer2.5-2b/dmd2.yaml", {"student_lora_rank": 64, "fake_score_lora_rank": 64}),
+    ("configs/wan2.2-t2v-a14b/dmd2.yaml", {"student_lora_rank": 64, "fake_score_lora_rank": 64}),
+    ("configs/wan2.2-i2v-a14b/dmd2.yaml", {"student_lora_rank": 64, "fake_score_lora_rank": 64}),
 ]
 
 
