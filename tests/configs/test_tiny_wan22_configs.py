@@ -9,6 +9,8 @@ through the teacher's shift 3) lie on both sides, so KD and DMD2 train both expe
 use ``guidance_2`` for the low-noise expert. The exported KD student, called through
 ``WanPipeline`` as documented (2 steps, its levels bound to the scheduler, no CFG), gives the
 project's 2-step sample. TI2V-5B: one transformer with per-token timesteps, a one-step student.
+The T2V-A14B pairs and KD run in the default suite; its DMD2, export and evaluation, and the
+whole TI2V-5B chain, are slow.
 """
 
 from __future__ import annotations
@@ -50,15 +52,13 @@ def changed(before: dict, after: dict) -> bool:
     return before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def run_chain(work, kind: str, pairs_edit=lambda cfg: None, student_edit=lambda cfg: None):
-    """Teacher, pairs (4 teacher steps), KD (2 steps), DMD2 (10 steps: 2 student updates) and
-    ``distill-pl export`` of the DMD2 checkpoint in ``work``; returns the runs' folder."""
+def pairs_and_kd(work, kind: str):
+    """Teacher, pairs (4 teacher steps) and KD (2 steps) in ``work``; returns the runs' folder."""
     configs, runs = f"configs/tiny-wan2.2-{kind}", work / f"runs/tiny-wan2.2-{kind}"
     write_tiny_wan22(runs / "teacher", kind)
 
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 4
-        pairs_edit(cfg)
         small_data(cfg, num_examples=2, num_val_examples=2, shard_size=2)
 
     run_in_process(["predict", "--config", str(edited_config(f"{configs}/kd_pairs.yaml", work / "p.yaml", pairs))],
@@ -66,45 +66,51 @@ def run_chain(work, kind: str, pairs_edit=lambda cfg: None, student_edit=lambda 
 
     def kd(cfg):
         short_kd_trainer(cfg["trainer"], 2)
-        student_edit(cfg)
         small_data(cfg)
 
     fit_short_run(work, f"{configs}/kd.yaml", "kd.yaml", kd, runs / "kd", steps=2, runner=run_in_process)
+    return runs
 
+
+def dmd2_and_export(work, kind: str, runs) -> None:
+    """DMD2 (10 steps: 2 student updates) from the KD run in ``runs``, and ``distill-pl export``
+    of its checkpoint, equal to the run's own export."""
     def dmd2(cfg):
         short_dmd2_trainer(cfg["trainer"], 10)
         cfg["model"]["init_args"]["discriminator_hidden"] = 8
-        student_edit(cfg)
         small_data(cfg, samples_per_epoch=20)
 
-    fit_short_run(work, f"{configs}/dmd2.yaml", "d.yaml", dmd2, runs / "dmd2", steps=10, runner=run_in_process)
+    fit_short_run(work, f"configs/tiny-wan2.2-{kind}/dmd2.yaml", "d.yaml", dmd2, runs / "dmd2", steps=10,
+                  runner=run_in_process)
     again = work / "dmd2_again"
     export_main(["--ckpt", str(runs / "dmd2/checkpoints/last.ckpt"), "--out", str(again),
                  "--teacher", str(runs / "teacher")])
     settings = pipeline_export_settings(runs / "dmd2/export", "WanPipeline", "WanTransformer3DModel")
     assert json.loads((again / "student.json").read_text()) == settings
     assert not changed(expert_weights(again, None), expert_weights(runs / "dmd2/export", None))
-    return runs
 
 
-@pytest.mark.slow  # 50-150 s on the shared 2 cores; tests/training/test_two_expert_stages.py trains two experts by default
-def test_two_expert_chain_trains_both_experts_through_the_cli(tmp_path):
-    runs = run_chain(tmp_path, "t2v-a14b")
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    """(work folder, runs folder) of the T2V-A14B pairs and KD run."""
+    work = tmp_path_factory.mktemp("tiny_wan22_a14b")
+    return work, pairs_and_kd(work, "t2v-a14b")
+
+
+def test_two_expert_pairs_and_kd_train_both_experts_through_the_cli(a14b):
+    """Default suite (about 20 s): the pairs record both guidance weights; KD changes both
+    experts; the exported KD student through ``WanPipeline`` (2 steps, its levels bound, no CFG)
+    is the project's 2-step Euler sample, its second step on the low-noise expert."""
+    _, runs = a14b
     meta, _ = read_shard_header(runs / "kd_pairs/train/shard_00000.safetensors")
     assert meta["guidance"] == 8.0 and meta["guidance_2"] == 6.0 and meta["trajectory_sigmas"] == [0.75]
-
-    teacher, kd, dmd2 = runs / "teacher", runs / "kd/export", runs / "dmd2/export"
-    for before, after in ((teacher, kd), (kd, dmd2)):  # DMD2 starts from the KD run's EMA, the KD export
-        for expert in EXPERTS:
-            assert changed(expert_weights(before, expert), expert_weights(after, expert)), (after, expert)
-    for export in (kd, dmd2):
-        index = json.loads((export / "model_index.json").read_text())
-        assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
-        assert json.loads((export / "student_steps.json").read_text())["noise_levels"] == [1.0, 0.75]
-
-    # the exported KD student through WanPipeline (2 steps, its levels bound, no CFG) is the
-    # project's 2-step Euler sample; its second step ran the low-noise expert
+    teacher, kd = runs / "teacher", runs / "kd/export"
+    for expert in EXPERTS:
+        assert changed(expert_weights(teacher, expert), expert_weights(kd, expert)), expert
+    index = json.loads((kd / "model_index.json").read_text())
+    assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
     steps = json.loads((kd / "student_steps.json").read_text())
+    assert steps["noise_levels"] == [1.0, 0.75]
     pipe = WanPipeline.from_pretrained(str(kd), local_files_only=True, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler.set_timesteps = functools.partial(pipe.scheduler.set_timesteps, sigmas=steps["scheduler_sigmas"])
@@ -117,14 +123,26 @@ def test_two_expert_chain_trains_both_experts_through_the_cli(tmp_path):
                       num_inference_steps=2, guidance_scale=1.0, output_type="latent").frames
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
-    evaluate_tiny_runs(tmp_path, "configs/tiny-wan2.2-t2v-a14b/eval.yaml",
+
+@pytest.mark.slow  # 40-100 s on the shared 2 cores: DMD2, export and evaluation on the default test's KD run
+def test_two_expert_dmd2_trains_both_experts_and_evaluates_through_the_cli(a14b):
+    work, runs = a14b
+    dmd2_and_export(work, "t2v-a14b", runs)
+    kd, dmd2 = runs / "kd/export", runs / "dmd2/export"  # DMD2 starts from the KD run's EMA, the KD export
+    for expert in EXPERTS:
+        assert changed(expert_weights(kd, expert), expert_weights(dmd2, expert)), expert
+    index = json.loads((dmd2 / "model_index.json").read_text())
+    assert index["boundary_ratio"] == 0.875 and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    assert json.loads((dmd2 / "student_steps.json").read_text())["noise_levels"] == [1.0, 0.75]
+    evaluate_tiny_runs(work, "configs/tiny-wan2.2-t2v-a14b/eval.yaml",
                        runs / "eval/report.json", {}, runner=run_in_process, student_steps=2,
                        num_frames=FRAMES, max_text_length=8)
 
 
 @pytest.mark.slow  # 55-90 s on the shared 2 cores; tests/families/test_wan22.py checks TI2V-5B against WanPipeline by default
 def test_ti2v_chain_through_the_cli(tmp_path):
-    runs = run_chain(tmp_path, "ti2v-5b")
+    runs = pairs_and_kd(tmp_path, "ti2v-5b")
+    dmd2_and_export(tmp_path, "ti2v-5b", runs)
     meta, _ = read_shard_header(runs / "kd_pairs/train/shard_00000.safetensors")
     assert meta["latent_shape"] == [4, 2, 4, 4] and "guidance_2" not in meta
     teacher, kd, dmd2 = runs / "teacher", runs / "kd/export", runs / "dmd2/export"
