@@ -73,38 +73,35 @@ EXPERTS_BOUNDARY = "experts"
 
 
 def resolve_phase_boundaries(
-    setting: Sequence[float] | str | None, student_sigmas: Sequence[float], levels: Sequence[float], shift: float,
-    shifted: bool, low_noise_levels: Callable[[Tensor], Tensor | None],
+    setting: Sequence[float] | str | None, student_sigmas: Sequence[float], levels: Sequence[float],
+    low_noise_levels: Callable[[Tensor], Tensor | None],
 ) -> tuple[float, ...] | None:
     """The Phased DMD phase boundaries as noise levels (members of ``levels``, the student's
-    levels after the shift) from the setting ``phase_boundaries``: None (every level a boundary,
-    returned as None); values of ``student_sigmas`` (as the config writes them, before the
-    shift unless ``shifted``; :func:`phase_boundary_indices` checks them); or
-    :data:`EXPERTS_BOUNDARY`: the level at a two-expert student's boundary, where
-    ``low_noise_levels`` (its :meth:`~distill_pl.models.denoiser.Denoiser.low_noise_levels`)
-    switches experts (:func:`experts_boundary`). A student level sits there when it is within
-    1e-6 of that boundary. One-line ValueError naming ``phase_boundaries`` otherwise (for a
-    one-network student, or no level at the boundary: then it says the value to add to
-    ``student_sigmas``)."""
+    levels after the shift, decreasing) from the setting ``phase_boundaries``: None (every level
+    a boundary, returned as None); values of ``student_sigmas`` (as the config writes them;
+    :func:`phase_boundary_indices` checks them); or :data:`EXPERTS_BOUNDARY`: for a two-expert
+    student, the first (largest) level its low-noise expert runs (``low_noise_levels``, its
+    :meth:`~distill_pl.models.denoiser.Denoiser.low_noise_levels`), so that each phase holds
+    exactly the steps one expert runs. One-line ValueError naming ``phase_boundaries`` for a
+    one-network student or for levels that all run on one expert (naming the experts' boundary
+    level, :func:`experts_boundary`)."""
     if setting is None:
         return None
     if isinstance(setting, str):
         if setting != EXPERTS_BOUNDARY:
             raise ValueError(f"phase_boundaries must be a list of student_sigmas or {EXPERTS_BOUNDARY!r}, "
                              f"got {setting!r}")
-        boundary = experts_boundary(low_noise_levels)
-        if boundary is None:
-            raise ValueError(f"phase_boundaries: {EXPERTS_BOUNDARY!r} needs a two-expert student whose experts "
-                             "switch inside (0, 1); this student is one network")
-        at = [i for i, level in enumerate(levels) if abs(level - boundary) <= 1e-6]
-        if not at:
-            written = boundary if shifted else unshift_sigma(boundary, shift)
-            how = "student_sigmas_shifted: true" if shifted else f"before the teacher's timestep shift {shift:g}"
+        routed = low_noise_levels(torch.tensor(list(levels), dtype=torch.float64))
+        if routed is None:
+            raise ValueError(f"phase_boundaries: {EXPERTS_BOUNDARY!r} needs a two-expert student; "
+                             "this student is one network")
+        low = routed.tolist()
+        if all(low) or not any(low):
             raise ValueError(
-                f"phase_boundaries: {EXPERTS_BOUNDARY!r}: no student level sits at the experts' boundary sigma "
-                f"{boundary:g} (the boundary timestep {1000 * boundary:g} / 1000): student_sigmas "
-                f"{list(student_sigmas)} need {written!r} ({how}) among them")
-        return (levels[at[0]],)
+                f"phase_boundaries: {EXPERTS_BOUNDARY!r}: the student levels {[round(x, 6) for x in levels]} (after "
+                f"the shift) all run on the {'low' if all(low) else 'high'}-noise expert; its phases need levels "
+                f"on both sides of the experts' boundary sigma {experts_boundary(low_noise_levels)}")
+        return (levels[low.index(True)],)
     return tuple(levels[i] for i in phase_boundary_indices(setting, student_sigmas))
 
 

@@ -174,7 +174,8 @@ class DMD2Module(StageModule):
             one step per phase; a list of values of ``student_sigmas`` (as written there),
             decreasing, strictly inside (0, 1): the phases are the intervals between them (1
             and 0 at the ends), each training a step drawn among its steps; ``"experts"``: the
-            student level at a two-expert student's boundary (two phases). Needs ``phased_dmd``.
+            first level a two-expert student's low-noise expert runs (two phases, each with
+            the steps one expert runs). Needs ``phased_dmd``.
         phase_generator_steps: generator updates per Phased DMD phase (the last phase runs
             to the end); needed with ``phased_dmd``.
         denoiser_options: the adapter's own options for every network loaded from the teacher
@@ -307,7 +308,6 @@ class DMD2Module(StageModule):
         self.student_levels = student_noise_levels(student_sigmas, self.shift, student_sigmas_shifted)
         #: Phased DMD's phase boundaries as student levels (None: one phase per step)
         self.phase_boundaries = resolve_phase_boundaries(phase_boundaries, student_sigmas, self.student_levels,
-                                                         self.shift, student_sigmas_shifted,
                                                          self.student.low_noise_levels)
         if export_dir:
             self.teacher.check_student_levels(self.student_levels)

@@ -138,6 +138,20 @@ def test_two_expert_dmd2_trains_both_experts_and_evaluates_through_the_cli(a14b)
                        runs / "eval/report.json", {}, runner=run_in_process, student_steps=2,
                        num_frames=FRAMES, max_text_length=8)
 
+    # Phased DMD at the experts' boundary: levels 1.0 (high-noise expert) and 0.75 (low-noise),
+    # one phase each, two generator updates per phase; both experts change
+    def phased(cfg):
+        short_dmd2_trainer(cfg["trainer"], 20)
+        cfg["trainer"]["default_root_dir"] = "runs/tiny-wan2.2-t2v-a14b/phased_dmd"
+        cfg["model"]["init_args"].update(discriminator_hidden=8, phased_dmd=True, phase_boundaries="experts",
+                                         phase_generator_steps=2)
+        small_data(cfg, samples_per_epoch=40)
+
+    fit_short_run(work, "configs/tiny-wan2.2-t2v-a14b/dmd2.yaml", "phased.yaml", phased, runs / "phased_dmd",
+                  steps=20, runner=run_in_process)
+    for expert in EXPERTS:
+        assert changed(expert_weights(kd, expert), expert_weights(runs / "phased_dmd/export", expert)), expert
+
 
 @pytest.mark.slow  # 55-90 s on the shared 2 cores; tests/families/test_wan22.py checks TI2V-5B against WanPipeline by default
 def test_ti2v_chain_through_the_cli(tmp_path):

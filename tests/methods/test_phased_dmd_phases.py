@@ -18,7 +18,6 @@ from distill_pl.diffusion.student_steps import (
     resolve_phase_boundaries,
     student_noise_levels,
     subinterval_bounds,
-    unshift_sigma,
 )
 from distill_pl.methods.dmd2 import DMD2Draws, DMD2Objective
 from distill_pl.models.conditioning import Conditioning
@@ -206,29 +205,25 @@ def wan_routing(sigma: torch.Tensor) -> torch.Tensor:
     return (1000.0 * sigma.double()).float() < 875.0
 
 
-def test_experts_boundary_is_the_student_level_at_the_routing_switch():
+def test_experts_boundary_is_the_first_level_of_the_low_noise_expert():
     assert experts_boundary(wan_routing) == 0.875
     assert experts_boundary(lambda sigma: None) is None
     shift = 5.0
-    at_boundary = [1.0, unshift_sigma(0.875, shift), 0.5, 0.25]
-    levels = student_noise_levels(at_boundary, shift, shifted=False)
-    assert resolve_phase_boundaries("experts", at_boundary, levels, shift, False, wan_routing) == (levels[1],)
-    assert resolve_phase_boundaries("experts", [1.0, 0.875, 0.5], (1.0, 0.875, 0.5), shift, True,
-                                    wan_routing) == (0.875,)
-    assert resolve_phase_boundaries(None, at_boundary, levels, shift, False, wan_routing) is None
-    assert resolve_phase_boundaries([0.5], at_boundary, levels, shift, False, wan_routing) == (levels[2],)
-    # no level there: the message says which level would be (as student_sigmas writes it)
-    plain = [1.0, 0.75, 0.5, 0.25]
-    with pytest.raises(ValueError, match=r"sigma 0.875 \(the boundary timestep 875 / 1000\).*"
-                                         r"need 0.58333333\d* \(before the teacher's timestep shift 5\)") as error:
-        resolve_phase_boundaries("experts", plain, student_noise_levels(plain, shift, False), shift, False, wan_routing)
-    assert "\n" not in str(error.value) and str(error.value).startswith("phase_boundaries")
-    with pytest.raises(ValueError, match=r"need 0.875 \(student_sigmas_shifted: true\)"):
-        resolve_phase_boundaries("experts", plain, tuple(plain), shift, True, wan_routing)
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    levels = student_noise_levels(sigmas, shift, shifted=False)  # 1, 0.9375, 0.833.., 0.625
+    assert resolve_phase_boundaries("experts", sigmas, levels, wan_routing) == (levels[2],)
+    assert resolve_phase_boundaries("experts", sigmas, (1.0, 0.875, 0.87, 0.5), wan_routing) == (0.87,)
+    assert resolve_phase_boundaries(None, sigmas, levels, wan_routing) is None
+    assert resolve_phase_boundaries([0.5], sigmas, levels, wan_routing) == (levels[2],)
+    # every level on one expert: the message names the experts' boundary
+    for one_side, expert in (((1.0, 0.9375, 0.875), "high"), ((0.5, 0.25), "low")):
+        with pytest.raises(ValueError, match=rf"all run on the {expert}-noise expert.*boundary sigma 0.875") as error:
+            resolve_phase_boundaries("experts", list(one_side), one_side, wan_routing)
+        assert "\n" not in str(error.value) and str(error.value).startswith("phase_boundaries")
     with pytest.raises(ValueError, match="needs a two-expert student"):
-        resolve_phase_boundaries("experts", plain, tuple(plain), shift, True, lambda sigma: None)
+        resolve_phase_boundaries("experts", sigmas, tuple(sigmas), lambda sigma: None)
     with pytest.raises(ValueError, match="phase_boundaries must be a list"):
-        resolve_phase_boundaries("expert", plain, tuple(plain), shift, True, wan_routing)
+        resolve_phase_boundaries("expert", sigmas, tuple(sigmas), wan_routing)
 
 
 class Affine(nn.Module):
