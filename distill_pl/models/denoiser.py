@@ -329,3 +329,21 @@ class Denoiser(nn.Module):
         adapter = next(c for c in type(self).__mro__ if issubclass(c, Denoiser) and not issubclass(c, FSDPModule))
         with init_empty_weights(include_buffers=False):
             return adapter.from_config(self.backbone_config, **self.adapter_options)
+
+
+class TransformerDenoiser(Denoiser):
+    """A :class:`Denoiser` around ONE diffusers transformer, ``self.transformer`` (its only
+    backbone): gradient checkpointing and the model folder are the transformer's."""
+
+    transformer: nn.Module
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in backward (non-reentrant ``torch.utils.checkpoint``)."""
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write the transformer as a diffusers model folder (config.json + safetensors)."""
+        self.transformer.save_pretrained(folder, safe_serialization=True)

@@ -34,14 +34,14 @@ from distill_pl.families.cosmos_transfer.context_parallel import (
 )
 from distill_pl.families.cosmos_transfer.export import save_cosmos_student_pipeline
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.denoiser import TransformerDenoiser
 from distill_pl.models.loading import cast_parameters, find_diffusers_model_folder, parse_dtype
 from distill_pl.util.paths import resolve_path
 
 padding_resize.install()
 
 
-class CosmosPredictDenoiser(Denoiser):
+class CosmosPredictDenoiser(TransformerDenoiser):
     """Cosmos-Predict2.5 as one velocity predictor ``(x_t, sigma, cond) -> v``.
 
     Exactly one of ``path`` (a local ``Cosmos2_5_PredictBasePipeline`` folder or a folder with
@@ -132,15 +132,6 @@ class CosmosPredictDenoiser(Denoiser):
                       padding_mask=inputs.padding_mask, return_dict=False)
         run = inputs.velocity(lambda: self.transformer(**kwargs)[0], x_t, sigma, cond)
         return self.run_with_feature_tap(run, feature_block, x_t)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
-            self.transformer.enable_gradient_checkpointing()
-        else:
-            self.transformer.disable_gradient_checkpointing()
-
-    def save_pretrained(self, folder: str) -> None:
-        self.transformer.save_pretrained(folder, safe_serialization=True)
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),

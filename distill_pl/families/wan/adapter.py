@@ -28,7 +28,7 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor
 
 from distill_pl.models.conditioning import Conditioning
-from distill_pl.models.denoiser import Denoiser
+from distill_pl.models.denoiser import TransformerDenoiser
 from distill_pl.models.loading import cast_parameters, find_diffusers_model_folder, parse_dtype
 from distill_pl.util.paths import resolve_path
 
@@ -44,7 +44,7 @@ def wan_timestep(sigma: Tensor) -> Tensor:
     return (1000.0 * sigma.double()).float()
 
 
-class WanDenoiser(Denoiser):
+class WanDenoiser(TransformerDenoiser):
     """Wan transformer as a velocity predictor ``(x_t, sigma, cond) -> v``.
 
     Exactly one of ``path`` (a local diffusers folder: the transformer folder or a pipeline
@@ -205,17 +205,6 @@ class WanDenoiser(Denoiser):
             raise ValueError(
                 f"cond.control must be {expected} (matching x_t), got {list(control.shape)}"
             )
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block in backward (non-reentrant ``torch.utils.checkpoint``)."""
-        if enabled:
-            self.transformer.enable_gradient_checkpointing()
-        else:
-            self.transformer.disable_gradient_checkpointing()
-
-    def save_pretrained(self, folder: str) -> None:
-        """Write a diffusers transformer folder (config.json + safetensors)."""
-        self.transformer.save_pretrained(folder, safe_serialization=True)
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
