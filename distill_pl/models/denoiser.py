@@ -133,6 +133,21 @@ class Denoiser(nn.Module):
         discriminator's feature taps and the units of gradient checkpointing."""
         raise NotImplementedError
 
+    def feature_blocks(self, feature_block: int) -> list[nn.Module]:
+        """Every module whose output ``forward(..., feature_block=k)`` can return as features:
+        ``[blocks[k]]`` by default; a model of several networks (Wan 2.2's two experts) lists
+        block ``k`` of each, one of which gives each sample's features."""
+        return [self.blocks[feature_block]]
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """Pipeline component folder name -> the diffusers model (``ModelMixin``) that
+        :meth:`save_components` writes there: by default each ``ModelMixin`` child module under
+        its own name (``transformer``, and e.g. ``controlnet``)."""
+        from diffusers import ModelMixin
+
+        return {name: module for name, module in self.named_children() if isinstance(module, ModelMixin)}
+
     @property
     def fsdp_units(self) -> list[nn.Module]:
         """Modules sharded as one FSDP unit each (then the denoiser as the root unit):

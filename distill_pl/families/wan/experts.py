@@ -122,6 +122,16 @@ class WanExpertsDenoiser(Denoiser):
         """The high-noise expert's blocks (each expert taps its own block ``feature_block``)."""
         return self.high_noise.blocks
 
+    def feature_blocks(self, feature_block: int) -> list[nn.Module]:
+        """Block ``feature_block`` of the high-noise expert, then of the low-noise one: each
+        sample's features come from the expert that owns its noise level."""
+        return [expert.blocks[feature_block] for expert in self.experts]
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """The experts' transformers: ``transformer`` (high noise), ``transformer_2`` (low noise)."""
+        return {"transformer": self.high_noise.transformer, SECOND_EXPERT: self.low_noise.transformer}
+
     @property
     def fsdp_units(self) -> list[nn.Module]:
         return [*self.high_noise.fsdp_units, *self.low_noise.fsdp_units]
