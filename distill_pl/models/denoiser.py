@@ -302,9 +302,11 @@ class Denoiser(nn.Module):
         raise NotImplementedError
 
     def save_components(self, folder: str) -> None:
-        """Write the model's component folders into a teacher or pipeline folder ``folder``
-        (default: :meth:`save_pretrained` into ``folder/transformer``)."""
-        self.save_pretrained(str(Path(folder) / "transformer"))
+        """Write the model's component folders into a teacher or pipeline folder ``folder``:
+        each of :attr:`components` as a diffusers model folder (config.json + safetensors)
+        ``folder/<component>``."""
+        for name, model in self.components.items():
+            model.save_pretrained(str(Path(folder) / name), safe_serialization=True)
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),

@@ -209,13 +209,9 @@ class WanExpertsDenoiser(Denoiser):
             expert.set_gradient_checkpointing(enabled)
 
     def save_pretrained(self, folder: str) -> None:
-        """``folder/transformer`` and ``folder/transformer_2`` (:meth:`save_components`)."""
+        """``folder/transformer`` (high noise) and ``folder/transformer_2`` (low noise):
+        :meth:`save_components` of :attr:`components`."""
         self.save_components(folder)
-
-    def save_components(self, folder: str) -> None:
-        """The experts as ``transformer/`` (high noise) and ``transformer_2/`` (low noise)."""
-        self.high_noise.save_pretrained(str(Path(folder) / "transformer"))
-        self.low_noise.save_pretrained(str(Path(folder) / SECOND_EXPERT))
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
