@@ -133,6 +133,21 @@ class Denoiser(nn.Module):
         discriminator's feature taps and the units of gradient checkpointing."""
         raise NotImplementedError
 
+    def feature_blocks(self, feature_block: int) -> list[nn.Module]:
+        """Every module whose output ``forward(..., feature_block=k)`` can return as features:
+        ``[blocks[k]]`` by default; a model of several networks (Wan 2.2's two experts) lists
+        block ``k`` of each, one of which gives each sample's features."""
+        return [self.blocks[feature_block]]
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """Pipeline component folder name -> the diffusers model (``ModelMixin``) that
+        :meth:`save_components` writes there: by default each ``ModelMixin`` child module under
+        its own name (``transformer``, and e.g. ``controlnet``)."""
+        from diffusers import ModelMixin
+
+        return {name: module for name, module in self.named_children() if isinstance(module, ModelMixin)}
+
     @property
     def fsdp_units(self) -> list[nn.Module]:
         """Modules sharded as one FSDP unit each (then the denoiser as the root unit):
@@ -287,9 +302,11 @@ class Denoiser(nn.Module):
         raise NotImplementedError
 
     def save_components(self, folder: str) -> None:
-        """Write the model's component folders into a teacher or pipeline folder ``folder``
-        (default: :meth:`save_pretrained` into ``folder/transformer``)."""
-        self.save_pretrained(str(Path(folder) / "transformer"))
+        """Write the model's component folders into a teacher or pipeline folder ``folder``:
+        each of :attr:`components` as a diffusers model folder (config.json + safetensors)
+        ``folder/<component>``."""
+        for name, model in self.components.items():
+            model.save_pretrained(str(Path(folder) / name), safe_serialization=True)
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),

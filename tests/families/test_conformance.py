@@ -1,8 +1,10 @@
 """Conformance of every model family in the registry to the Denoiser contract.
 
 One case per key of ``distill_pl.families.registry.FAMILIES`` (a registry line adds a
-case), each on tiny random components saved in the family's official diffusers pipeline
-layout, float32, CPU.
+case), plus one per layout that a key's adapter picks with ``Denoiser.variant`` (keyed
+``"<class name>[<layout>]"``, e.g. ``"WanTransformer3DModel[t2v-a14b]"``: Wan 2.2's two-expert
+T2V-A14B and I2V-A14B, and TI2V-5B), each on tiny random components saved in the family's
+official diffusers pipeline layout, float32, CPU.
 
 A new family passes when:
 
@@ -10,9 +12,10 @@ A new family passes when:
    a subclass of ``Denoiser`` whose ``class_name`` is that key. The adapter tells its sizes
    (``latent_channels``, ``control_channels`` (0 for no control), ``text_dim``, ``num_blocks``,
    ``feature_dim``, ``patch_size``), and every name in ``lora_targets`` is the end of the path
-   of a Linear layer inside ``blocks``. A family that takes a control says, on its own adapter
-   class (not inherited), how its exported student takes the control video
-   (``control_input``, which goes into ``student.json``).
+   of a Linear layer inside ``blocks``. Its ``components`` (pipeline component folder name ->
+   the diffusers model saved there) hold all its parameters. A family that takes a control
+   says, on its own adapter class (not inherited), how its exported student takes the control
+   video (``control_input``, which goes into ``student.json``).
 2. Forward. Given latents ``x_t`` [B, C, T, H, W] (T, H, W multiples of ``patch_size``), a noise
    level ``sigma`` [B] and a ``Conditioning`` with the text embedding [B, L, text_dim], its
    mask [B, L] and the control [B, control_channels, T, H, W] (None without control), it
@@ -21,11 +24,17 @@ A new family passes when:
    the sample runs alone as when it runs in the batch.
 3. Feature taps. ``forward(..., feature_block=k)`` returns ``(velocity, features)``. The
    velocity is exactly the one of the plain call: asking for features changes nothing.
-   ``features`` is [B, feature_dim, T/pt, H/ph, W/pw]: the output of ``blocks[k]`` arranged
-   on the token grid (``tokens_to_grid``). A ``k`` outside 0..num_blocks-1 raises ValueError.
+   ``features`` is [B, feature_dim, T/pt, H/ph, W/pw]: each sample's is the output of block
+   ``k`` arranged on the token grid (``tokens_to_grid``), the block being one of
+   ``feature_blocks(k)`` (``[blocks[k]]``; for two experts, block ``k`` of each: a batch with
+   levels on both sides of the boundary takes each sample's features from its expert). Checked
+   sample by sample: run alone, exactly one of ``feature_blocks(k)`` runs, and its output is the
+   sample's features, the same as in the batch. A ``k`` outside 0..num_blocks-1 raises
+   ValueError.
 4. Save and load. ``save_components(folder)`` writes one diffusers model folder per
-   component of the pipeline (``transformer/``, and e.g. ``controlnet/``), each named after the
-   child module of the adapter that it holds. Loading ``folder`` with the registry's
+   component of the pipeline (``transformer/``, and e.g. ``controlnet/``, or the two experts'
+   ``transformer/`` and ``transformer_2/``), each holding the diffusers model that
+   ``components`` names for it. Loading ``folder`` with the registry's
    ``load_denoiser(folder, **adapter_options)`` gives back the same adapter class and options,
    the same weights and the same output. ``pretrained_state_dict(folder)`` returns those
    weights under the keys of ``state_dict()``.
@@ -42,13 +51,15 @@ A new family passes when:
    student's weights, and its ``scheduler/`` loads too. The folder is the family's official
    diffusers pipeline: ``model_index.json`` names the pipeline class, and
    ``<PipelineClass>.from_pretrained(folder)`` loads it with the student's weights in its
-   components and every component the index lists.
+   components (``components``, by name) and every component the index lists.
 7. Regional compilation (slow set: inductor compiles each block for about a minute on 2
    cores). ``compile_blocks()`` (each of ``fsdp_units`` compiled on its own) gives the
    velocity and the parameter gradients of the eager network within 1e-5 (float32, CPU).
 8. This test can build it. ``TINY_FAMILIES`` below has a builder of tiny random
    components in the family's pipeline layout, reused from the family's own tests or
-   scripts. A registry key without a builder fails here and names what is missing.
+   scripts. A registry key without a builder fails here and names what is missing. A layout
+   key (``"<class name>[<layout>]"``) adds a case; its adapter is the one the registry picks
+   for the tiny folder, whose ``class_name`` is the part before ``[``.
 
 Known gaps are marked ``xfail(strict=True)`` per family in ``TINY_FAMILIES`` (``gaps``). A fix
 makes the case pass, which fails it as XPASS, until the marker is removed.
@@ -76,9 +87,9 @@ from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
 from distill_pl.families.registry import (
     FAMILIES,
-    adapter_class,
     build_denoiser,
     denoiser_config,
+    folder_adapter,
     folder_class_name,
     load_denoiser,
 )
@@ -90,6 +101,7 @@ from distill_pl.export.model_folders import (
 )
 from tests.cli_helpers import REPO
 from tests.families import cosmos_tiny
+from tests.families.wan22_tiny import write_tiny_wan22
 from tests.families.test_wan_pipeline_parity import tiny_vae
 
 _spec = importlib.util.spec_from_file_location("make_tiny_wan_vace", REPO / "scripts/make_tiny_wan_vace.py")
@@ -127,7 +139,20 @@ class TinyFamily:
     gaps: dict[str, str] = field(default_factory=dict)
 
 
-#: registry key -> its tiny builder; a new registry line needs one here
+def wan22_layout(kind: str) -> Callable[[Path], object]:
+    """Writes the tiny Wan 2.2 pipeline of ``kind`` (``tests/families/wan22_tiny.py``)."""
+    return lambda folder: write_tiny_wan22(folder, kind)
+
+
+#: the Wan 2.2 layouts' known gaps
+WAN22_GAPS = {"test_save_load_round_trip": (
+    "the layout (two experts' boundary_ratio, TI2V's expand_timesteps) is read from model_index.json, "
+    "which save_components does not write: its folder reloads as one Wan 2.1 transformer; Wan 2.2 "
+    "loads from its pipeline folder")}
+
+
+#: registry key (or ``"<registry key>[<layout>]"``) -> its tiny builder; a new registry line
+#: needs one here
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "WanTransformer3DModel": TinyFamily(write_tiny_wan, "WanPipeline"),
     "WanVACETransformer3DModel": TinyFamily(
@@ -145,25 +170,33 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "a bare transformer/ folder (no model_index.json) is read as Cosmos-Transfer2.5, whose "
             "transformer class Predict shares; Predict loads from its pipeline folder")},
     ),
+    # Wan 2.2: layouts of WanTransformer3DModel that its adapter's ``variant`` picks
+    "WanTransformer3DModel[t2v-a14b]": TinyFamily(wan22_layout("t2v-a14b"), "WanPipeline", gaps=WAN22_GAPS),
+    "WanTransformer3DModel[i2v-a14b]": TinyFamily(
+        wan22_layout("i2v-a14b"), "WanImageToVideoPipeline", gaps=WAN22_GAPS),
+    "WanTransformer3DModel[ti2v-5b]": TinyFamily(wan22_layout("ti2v-5b"), "WanPipeline", gaps=WAN22_GAPS),
 }
+#: the cases that are layouts of a registry key rather than registry keys
+LAYOUT_KEYS = sorted(key for key in TINY_FAMILIES if "[" in key)
 
 
 @dataclass
 class Family:
-    class_name: str
+    class_name: str  # the registry key (a layout key's part before "[")
     tiny: TinyFamily
     teacher: Path  # the tiny pipeline folder
     net: Denoiser  # loaded from it through the registry, weights moved (a student != the teacher)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(FAMILIES) + LAYOUT_KEYS)
 def family(request, tmp_path_factory, one_thread) -> Family:
-    class_name = request.param
-    if class_name not in TINY_FAMILIES:
-        pytest.fail(f"{class_name} is in the registry but has no tiny builder: add it to TINY_FAMILIES "
+    key = request.param
+    if key not in TINY_FAMILIES:
+        pytest.fail(f"{key} is in the registry but has no tiny builder: add it to TINY_FAMILIES "
                     f"in {Path(__file__).relative_to(REPO)}")
-    tiny = TINY_FAMILIES[class_name]
-    teacher = tmp_path_factory.mktemp(class_name) / "pipeline"
+    class_name = key.partition("[")[0]
+    tiny = TINY_FAMILIES[key]
+    teacher = tmp_path_factory.mktemp("family") / "pipeline"
     tiny.write_pipeline(teacher)
     net = load_denoiser(teacher, **tiny.options).eval()
     torch.manual_seed(1)
@@ -220,8 +253,9 @@ def assert_same_weights(got: dict, expected: dict) -> None:
 
 
 def test_declares_the_contract(family):
-    cls = adapter_class(family.class_name)
+    cls = folder_adapter(family.teacher)  # the registered adapter or the one of the folder's layout
     net = family.net
+    assert family.class_name in FAMILIES
     assert issubclass(cls, Denoiser) and type(net) is cls and cls.class_name == family.class_name
     for name in ("latent_channels", "text_dim", "num_blocks", "feature_dim"):
         assert isinstance(getattr(net, name), int) and getattr(net, name) > 0, name
@@ -231,6 +265,8 @@ def test_declares_the_contract(family):
     linears = [path for path, m in net.blocks.named_modules() if isinstance(m, nn.Linear)]
     assert net.lora_targets
     assert [t for t in net.lora_targets if not any(p.endswith(t) for p in linears)] == []
+    owned = {id(p) for module in net.components.values() for p in module.parameters()}
+    assert net.components and owned == {id(p) for p in net.parameters()}, "components do not hold every weight"
     if net.control_channels:
         assert isinstance(cls.__dict__.get("control_input"), str), \
             f"{cls.__name__} takes a control but does not say how its exported student takes it"
@@ -259,20 +295,32 @@ def test_forward_shapes(family):
 def test_feature_taps(family, which):
     net = family.net
     block = 0 if which == "first" else net.num_blocks - 1
-    x_t, sigma, cond = make_inputs(net)
+    x_t, sigma, cond = make_inputs(net)  # two experts: the levels lie on both sides of the boundary
     plain = velocity(net, x_t, sigma, cond)
-    hooked = []
-    hook = net.blocks[block].register_forward_hook(lambda module, args, output: hooked.append(output))
-    try:
-        v, features = velocity(net, x_t, sigma, cond, feature_block=block)
-    finally:
-        hook.remove()
+
+    def tapped(x_t, sigma, cond) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(velocity, features, the outputs of those of feature_blocks(block) that ran)"""
+        hooked = []
+        hooks = [m.register_forward_hook(lambda module, args, output: hooked.append(output))
+                 for m in net.feature_blocks(block)]
+        try:
+            return *velocity(net, x_t, sigma, cond, feature_block=block), hooked
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    v, features, hooked = tapped(x_t, sigma, cond)
     assert torch.equal(v, plain)
     pt, ph, pw = net.patch_size
     batch, _, frames, height, width = x_t.shape
     assert features.shape == (batch, net.feature_dim, frames // pt, height // ph, width // pw)
-    assert len(hooked) == 1 and hooked[0].shape == (batch, features[0, 0].numel(), net.feature_dim)
-    assert torch.equal(features, net.tokens_to_grid(hooked[0], x_t.shape))
+    assert sum(len(output) for output in hooked) == batch
+    for i in range(batch):
+        one = slice(i, i + 1)
+        _, alone, hooked = tapped(x_t[one], sigma[one], cond.select(one))
+        assert len(hooked) == 1 and hooked[0].shape == (1, features[0, 0].numel(), net.feature_dim)
+        assert torch.equal(alone, net.tokens_to_grid(hooked[0], x_t[one].shape))
+        torch.testing.assert_close(alone, features[one], rtol=0, atol=1e-5)
     for bad in (-1, net.num_blocks):
         with pytest.raises(ValueError):
             velocity(net, x_t, sigma, cond, feature_block=bad)
@@ -281,11 +329,10 @@ def test_feature_taps(family, which):
 def test_save_load_round_trip(family, tmp_path):
     net = family.net
     net.save_components(str(tmp_path))
-    children = {name for name, _ in net.named_children()}
-    assert children <= {p.name for p in tmp_path.iterdir()}
-    for name in children:
+    assert net.components and set(net.components) <= {p.name for p in tmp_path.iterdir()}
+    for name, module in net.components.items():
         config = json.loads((tmp_path / name / "config.json").read_text())
-        assert isinstance(getattr(net, name), getattr(diffusers, config["_class_name"]))
+        assert isinstance(module, getattr(diffusers, config["_class_name"]))
     assert folder_class_name(tmp_path) == family.class_name
 
     reloaded = load_denoiser(tmp_path, **family.tiny.options).eval()
@@ -322,7 +369,7 @@ def test_export_reloads(family, exported):
     x_t, sigma, cond = make_inputs(net)
     assert torch.equal(velocity(reloaded, x_t, sigma, cond), velocity(net, x_t, sigma, cond))
 
-    for name, module in net.named_children():  # each component with its own diffusers class
+    for name, module in net.components.items():  # each component with its own diffusers class
         config = json.loads((exported / name / "config.json").read_text())
         loaded = getattr(diffusers, config["_class_name"]).from_pretrained(str(exported / name))
         assert_same_weights(loaded.state_dict(), module.state_dict())
@@ -345,7 +392,7 @@ def test_export_is_the_official_pipeline(family, exported):
         pipe = pipeline_class.from_pretrained(str(exported), local_files_only=True, **absent)
     assert type(pipe) is pipeline_class
     assert {k for k in listed if getattr(pipe, k, None) is None} == set()
-    for name, module in family.net.named_children():
+    for name, module in family.net.components.items():
         assert name in listed
         assert_same_weights(getattr(pipe, name).state_dict(), module.state_dict())
 

@@ -122,6 +122,16 @@ class WanExpertsDenoiser(Denoiser):
         """The high-noise expert's blocks (each expert taps its own block ``feature_block``)."""
         return self.high_noise.blocks
 
+    def feature_blocks(self, feature_block: int) -> list[nn.Module]:
+        """Block ``feature_block`` of the high-noise expert, then of the low-noise one: each
+        sample's features come from the expert that owns its noise level."""
+        return [expert.blocks[feature_block] for expert in self.experts]
+
+    @property
+    def components(self) -> dict[str, nn.Module]:
+        """The experts' transformers: ``transformer`` (high noise), ``transformer_2`` (low noise)."""
+        return {"transformer": self.high_noise.transformer, SECOND_EXPERT: self.low_noise.transformer}
+
     @property
     def fsdp_units(self) -> list[nn.Module]:
         return [*self.high_noise.fsdp_units, *self.low_noise.fsdp_units]
@@ -199,13 +209,9 @@ class WanExpertsDenoiser(Denoiser):
             expert.set_gradient_checkpointing(enabled)
 
     def save_pretrained(self, folder: str) -> None:
-        """``folder/transformer`` and ``folder/transformer_2`` (:meth:`save_components`)."""
+        """``folder/transformer`` (high noise) and ``folder/transformer_2`` (low noise):
+        :meth:`save_components` of :attr:`components`."""
         self.save_components(folder)
-
-    def save_components(self, folder: str) -> None:
-        """The experts as ``transformer/`` (high noise) and ``transformer_2/`` (low noise)."""
-        self.high_noise.save_pretrained(str(Path(folder) / "transformer"))
-        self.low_noise.save_pretrained(str(Path(folder) / SECOND_EXPERT))
 
     def save_student_pipeline(
         self, folder: str, teacher: str | None, shift: float, noise_levels: tuple[float, ...] = (1.0,),
