@@ -16,7 +16,7 @@ from torch import Tensor
 from distill_pl.diffusion.sampling import StudentSampler, sample_with_scheduler, student_sample
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.guidance import velocity_fn
+from distill_pl.models.guidance import uses_cfg, velocity_fn
 
 Sampler = Callable[[Tensor, Conditioning, Conditioning], Tensor]
 
@@ -41,7 +41,7 @@ def teacher_method(teacher: Denoiser, scheduler, steps: int, guidance: float, ke
     e.g. ``teacher_36step_w6``) with ``key_with_guidance``: a second teacher row with the same
     steps at another guidance (the evaluation's extra reference). Its name gives both weights
     (``"teacher 36-step CFG w=8 low-noise w=5"``)."""
-    cfg = guidance != 1.0 or guidance_2 not in (None, 1.0)
+    cfg = uses_cfg(guidance, guidance_2)
 
     def sample(noise: Tensor, cond: Conditioning, uncond: Conditioning) -> Tensor:
         fn = velocity_fn(teacher, cond, uncond if cfg else None, guidance, guidance_2)

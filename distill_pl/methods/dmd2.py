@@ -667,7 +667,8 @@ def dmd2_objective(networks, settings: Mapping, student_sigmas: tuple[float, ...
         guidance=settings["guidance"], gan_weight=settings["gan_weight"],
         critic_gan_weight=settings["critic_gan_weight"], discriminator_on=settings["discriminator_on"],
         student_sigmas=student_sigmas, trained_step_input=settings["trained_step_input"],
-        phased=settings["phased_dmd"], phase_boundaries=phase_boundaries, shift=shift, t_min=settings["t_min"], t_max=settings["t_max"], **decoupled,
+        phased=settings["phased_dmd"], phase_boundaries=phase_boundaries, shift=shift, t_min=settings["t_min"],
+        t_max=settings["t_max"], **decoupled,
         conditional_frame_probabilities=tuple(conditional_frame_probabilities),
         guidance_2=settings.get("guidance_2"),
     )

@@ -30,6 +30,13 @@ def check_guidance_2(denoiser: Denoiser, guidance_2: float | None, key: str = "g
                          f"network: leave {key} unset (null)")
 
 
+def uses_cfg(guidance: float, guidance_2: float | None = None) -> bool:
+    """Whether CFG at ``guidance`` (and ``guidance_2`` at a two-expert model's low-noise
+    levels) needs the unconditional branch: False only when every weight is 1
+    (``u + 1 (c - u) = c``)."""
+    return guidance != 1.0 or guidance_2 not in (None, 1.0)
+
+
 def velocity_fn(
     denoiser: Denoiser,
     cond: Conditioning,
@@ -45,7 +52,7 @@ def velocity_fn(
     everywhere. ValueError for ``guidance_2`` with a denoiser of one network.
     """
     check_guidance_2(denoiser, guidance_2)
-    if guidance == 1.0 and guidance_2 in (None, 1.0):
+    if not uses_cfg(guidance, guidance_2):
         return lambda x_t, sigma: denoiser(x_t, sigma, cond)
 
     branches = branch_velocities(denoiser, cond, uncond)

@@ -71,7 +71,7 @@ from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.models.conditioning import Conditioning
 from distill_pl.models.context_parallel import stage_context_parallel
 from distill_pl.models.denoiser import Denoiser
-from distill_pl.models.guidance import check_guidance_2, velocity_fn
+from distill_pl.models.guidance import check_guidance_2, uses_cfg, velocity_fn
 from distill_pl.models.negative_prompt import NegativePrompt
 from distill_pl.models.sharding import is_sharded, shard_stage_networks
 from distill_pl.export.model_folders import export_student_of_run, load_scheduler, scheduler_shift
@@ -368,8 +368,7 @@ class DMD2Module(StageModule):
         """The teacher's unconditional branch: None at guidance 1 (``u + 1 (c - u) = c``, no
         unconditional pass, so no negative prompt is needed; with ``guidance_2`` unset or 1
         too), else :meth:`null_conditioning`."""
-        h = self.hparams
-        return None if h.guidance == 1 and h.guidance_2 in (None, 1) else self.null_conditioning(cond)
+        return self.null_conditioning(cond) if uses_cfg(self.hparams.guidance, self.hparams.guidance_2) else None
 
     @torch.no_grad()
     def conditioning(self, batch: dict) -> Conditioning:
