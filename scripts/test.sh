@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the environment and run the default (fast) test suite.
+# Set up the environment and run the default (fast) test suite, spread over the machine's
+# cores by pytest-xdist (-n auto: one worker per core; extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n auto "$@"
