@@ -9,8 +9,8 @@ through the teacher's shift 3) lie on both sides, so KD and DMD2 train both expe
 use ``guidance_2`` for the low-noise expert. The exported KD student, called through
 ``WanPipeline`` as documented (2 steps, its levels bound to the scheduler, no CFG), gives the
 project's 2-step sample. TI2V-5B: one transformer with per-token timesteps, a one-step student.
-The T2V-A14B pairs and KD run in the default suite; its DMD2, export and evaluation, and the
-whole TI2V-5B chain, are slow.
+All of it runs in the default suite (each test is one chain; pytest-xdist runs them beside
+the other tests).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def a14b(tmp_path_factory):
 
 
 def test_two_expert_pairs_and_kd_train_both_experts_through_the_cli(a14b):
-    """Default suite (about 20 s): the pairs record both guidance weights; KD changes both
+    """The pairs record both guidance weights; KD changes both
     experts; the exported KD student through ``WanPipeline`` (2 steps, its levels bound, no CFG)
     is the project's 2-step Euler sample, its second step on the low-noise expert."""
     _, runs = a14b
@@ -124,7 +124,6 @@ def test_two_expert_pairs_and_kd_train_both_experts_through_the_cli(a14b):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow  # 40-100 s on the shared 2 cores: DMD2, export and evaluation on the default test's KD run
 def test_two_expert_dmd2_trains_both_experts_and_evaluates_through_the_cli(a14b):
     work, runs = a14b
     dmd2_and_export(work, "t2v-a14b", runs)
@@ -153,7 +152,6 @@ def test_two_expert_dmd2_trains_both_experts_and_evaluates_through_the_cli(a14b)
         assert changed(expert_weights(kd, expert), expert_weights(runs / "phased_dmd/export", expert)), expert
 
 
-@pytest.mark.slow  # 55-90 s on the shared 2 cores; tests/families/test_wan22.py checks TI2V-5B against WanPipeline by default
 def test_ti2v_chain_through_the_cli(tmp_path):
     runs = pairs_and_kd(tmp_path, "ti2v-5b")
     dmd2_and_export(tmp_path, "ti2v-5b", runs)
