@@ -435,10 +435,11 @@ class DMD2Module(StageModule):
     def phase_loss(self, phase: int, batch: dict, draws: DMD2Draws) -> tuple[Tensor, dict[str, Tensor]]:
         return self.micro_batch_loss(phase == self.hparams.student_update_freq - 1, batch, draws)
 
-    def after_update(self, phase: int) -> None:
-        """The student's EMA, after each applied student step."""
+    def after_update(self, phase: int, skipped_experts: dict[str, tuple[str, ...]]) -> None:
+        """The student's EMA, after each applied student step (an expert whose own update was
+        skipped keeps its average)."""
         if phase == self.hparams.student_update_freq - 1 and self.student_ema is not None:
-            self.student_ema.update(self.student)
+            self.student_ema.update(self.student, skip=skipped_experts.get("student", ()))
 
     def sharded_networks(self) -> tuple[torch.nn.Module, ...]:
         if is_sharded(self.student):
