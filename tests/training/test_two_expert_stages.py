@@ -11,6 +11,7 @@ is decoded.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -107,6 +108,82 @@ def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, 
         for state_a, state_b in zip(opt_a.state.values(), opt_b.state.values()):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(state_a[key], state_b[key])
+
+
+class ExpertChanges(L.Callback):
+    """Per step: which experts of the student, its EMA and the fake score changed (keys
+    ``<network>.<expert>``), and whether the discriminator did."""
+
+    #: network -> the state-dict prefix of its experts
+    networks = {"student": "", "student_ema": "module.", "fake_score": ""}
+
+    def __init__(self):
+        self.rows: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._before = {n: tensors(getattr(module, n)) for n in (*self.networks, "discriminator")}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        after = {n: tensors(getattr(module, n)) for n in self._before}
+        row = {f"{n}.{e}": expert_changed(self._before[n], after[n], prefix + e)
+               for n, prefix in self.networks.items() for e in ("high_noise", "low_noise")}
+        row["discriminator"] = any(not torch.equal(v, after["discriminator"][k]) for k, v in self._before["discriminator"].items())
+        self.rows.append(row)
+
+
+def test_a_non_finite_gradient_in_one_expert_skips_that_expert_only(teacher_dir):
+    """Every sample's noise level and trained step fixed so that each step trains both experts
+    (sample 0 the high-noise one, sample 1 the low-noise one); a NaN put into the gradient of
+    the fake score's high-noise expert at critic step 2 and of the student's low-noise expert at
+    student step 3 (2-step cycles, 5 steps): that expert's weights, optimizer state and EMA stay, the
+    other expert and the discriminator move, the step counts as applied, and the skips are
+    counted per expert (logged and in the checkpointed counters)."""
+    dmd2 = module(teacher_dir, student_update_freq=2)
+    draws_of = dmd2.step_draws
+
+    def one_sample_per_expert(batch, step):
+        draws = draws_of(batch, step)
+        draws.sigma = torch.tensor([0.95, 0.5])  # timesteps 950 >= 875 > 500
+        draws.step = torch.tensor([0, 1])  # student levels 1.0 (high-noise expert) and 0.75 (low-noise)
+        return draws
+
+    dmd2.step_draws = one_sample_per_expert
+    for step, expert in {2: dmd2.fake_score.high_noise, 3: dmd2.student.low_noise}.items():
+        for p in expert.parameters():
+            p.register_hook(lambda g, at=step: g * math.nan if dmd2.global_step == at else g)
+    changes = ExpertChanges()
+    t = trainer(5, [changes])
+    with pytest.warns(UserWarning, match=r"DMD2 step 2 \(critic phase\): non-finite gradient in "
+                                         r"fake_score.high_noise only, its update skipped, the rest applied"):
+        t.fit(dmd2, train_dataloaders=loader())
+
+    for step, row in enumerate(changes.rows):
+        critic = step % 2 == 0
+        expected = {name: name.startswith("student") != critic for name in row}
+        if step == 2:
+            expected["fake_score.high_noise"] = False
+        if step == 3:
+            expected["student.low_noise"] = expected["student_ema.low_noise"] = False
+        assert row == expected, (step, row)
+    critic, student = t.optimizers
+
+    def adam_steps_of(optimizer, expert):
+        return {int(optimizer.state[p]["step"]) for p in expert.parameters()}
+
+    assert adam_steps_of(critic, dmd2.fake_score.high_noise) == {2}
+    assert adam_steps_of(critic, dmd2.fake_score.low_noise) == {3}
+    assert adam_steps_of(student, dmd2.student.high_noise) == {2}
+    assert adam_steps_of(student, dmd2.student.low_noise) == {1}
+    assert all(torch.isfinite(p).all() for p in dmd2.parameters())
+
+    metrics = t.callback_metrics
+    assert metrics["train/nonfinite_steps"] == 0 and metrics["train/update_skipped"] == 0
+    assert {k: float(v) for k, v in metrics.items() if k.startswith("train/nonfinite_steps_")} == {
+        "train/nonfinite_steps_fake_score.high_noise": 1.0, "train/nonfinite_steps_fake_score.low_noise": 0.0,
+        "train/nonfinite_steps_student.high_noise": 0.0, "train/nonfinite_steps_student.low_noise": 1.0}
+    counters = dmd2.nonfinite.state_dict()["nonfinite_experts"]
+    assert counters["student.low_noise"] == {"total": 1, "streak": 1}
+    assert counters["fake_score.high_noise"] == {"total": 1, "streak": 0}  # applied again at step 4
 
 
 def test_guidance_2_weighs_the_low_noise_levels_of_the_dmd_term(teacher_dir):
