@@ -74,28 +74,42 @@ def expert_changed(before: dict, after: dict, expert: str) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"{expert}."))
 
 
-def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, tmp_path):
+@pytest.mark.parametrize("fake_score_experts", ["per_expert", "shared"])
+def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, tmp_path, fake_score_experts):
     """10 steps straight (2 student steps, 8 critic steps) vs. killed at step 7 and resumed from
     the step-5 checkpoint: every weight, EMA weight and optimizer moment equal, bit for bit;
-    both experts of the student and of the fake score moved."""
-    full = module(teacher_dir)
-    assert isinstance(full.fake_score, WanExpertsDenoiser)  # one fake score per expert
+    both experts of the student moved, and the fake score: one per expert (both moved), or
+    shared: one network, a copy of the teacher's low-noise expert, which alone the checkpoint
+    holds as fake_score.*."""
+    full = module(teacher_dir, fake_score_experts=fake_score_experts)
+    shared = fake_score_experts == "shared"
+    if shared:
+        assert not full.fake_score.named_experts
+        assert tensors(full.fake_score).keys() == tensors(full.teacher.low_noise).keys()
+        assert all(torch.equal(v, full.teacher.low_noise.state_dict()[k]) for k, v in tensors(full.fake_score).items())
+    else:
+        assert isinstance(full.fake_score, WanExpertsDenoiser)  # one fake score per expert
     student_before, fake_before = tensors(full.student), tensors(full.fake_score)
     t_full = trainer(10)
     t_full.fit(full, train_dataloaders=loader())
-    for name, before in (("student", student_before), ("fake_score", fake_before)):
-        after = tensors(getattr(full, name))
-        for expert in ("high_noise", "low_noise"):
-            assert expert_changed(before, after, expert), f"{name}.{expert} did not train"
+    for expert in ("high_noise", "low_noise"):
+        assert expert_changed(student_before, tensors(full.student), expert), f"student.{expert} did not train"
+        if not shared:
+            assert expert_changed(fake_before, tensors(full.fake_score), expert), f"fake_score.{expert} did not train"
+    if shared:
+        assert expert_changed(fake_before, tensors(full.fake_score), "transformer")
 
     ckpts = tmp_path / "ckpts"
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpts, every_n_train_steps=5, save_top_k=-1)
     killed = trainer(10, [saver, Kill(7)], enable_checkpointing=True, root=tmp_path)
     with pytest.raises(Killed):
-        killed.fit(module(teacher_dir), train_dataloaders=loader())
+        killed.fit(module(teacher_dir, fake_score_experts=fake_score_experts), train_dataloaders=loader())
     (ckpt,) = ckpts.glob("*step=5.ckpt")
+    stored = {k for k in torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"] if k.startswith("fake_score.")}
+    fake_score_of = full.teacher.low_noise if shared else full.teacher
+    assert stored == {f"fake_score.{k}" for k in fake_score_of.state_dict()}
 
-    resumed = module(teacher_dir)
+    resumed = module(teacher_dir, fake_score_experts=fake_score_experts)
     t_resumed = trainer(10)
     t_resumed.fit(resumed, train_dataloaders=loader(), ckpt_path=ckpt)
     for name in ("student", "fake_score", "discriminator", "student_ema"):
@@ -238,15 +252,29 @@ def test_pair_generation_samples_the_teacher_with_guidance_2_and_records_it(teac
     assert (outputs[2.0] - outputs[None]).abs().max() > 1e-3
 
 
-def test_guidance_2_with_a_one_network_teacher_is_a_one_line_error(tmp_path):
-    folder = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_network_dir(tmp_path_factory) -> Path:
+    """A tiny Wan 2.1 teacher folder: one network."""
+    folder = tmp_path_factory.mktemp("one") / "teacher"
     save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
         text_dim=384, freq_dim=16, ffn_dim=32, num_layers=2)), "unipc", shift=2.0)
-    for stage in (lambda: DMD2Module(str(folder), guidance_2=4.0),
-                  lambda: KDPairGenerationModule(str(folder), guidance_2=4.0)):
+    return folder
+
+
+def test_guidance_2_with_a_one_network_teacher_is_a_one_line_error(one_network_dir):
+    for stage in (lambda: DMD2Module(str(one_network_dir), guidance_2=4.0),
+                  lambda: KDPairGenerationModule(str(one_network_dir), guidance_2=4.0)):
         with pytest.raises(ValueError, match=r"^model.init_args.guidance_2=4: .*two-expert teacher[^\n]*$"):
             stage()
+
+
+def test_shared_fake_score_needs_a_two_expert_teacher(one_network_dir, teacher_dir):
+    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='shared': .*two-expert teacher"
+                                         r".*WanDenoiser is one network[^\n]*$"):
+        DMD2Module(str(one_network_dir), fake_score_experts="shared")
+    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='both': must be 'per_expert' or 'shared'$"):
+        DMD2Module(str(teacher_dir), fake_score_experts="both")
 
 
 def test_guidance_2_with_decoupled_dmd_is_refused(teacher_dir):
