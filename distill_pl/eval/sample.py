@@ -3,9 +3,9 @@
 A teacher folder is sampled with ``steps`` steps of its scheduler and CFG ``guidance`` (a
 two-expert teacher, Wan 2.2 A14B: ``guidance_2`` at the levels of its low-noise expert, the
 pipelines' ``guidance_scale_2``; unset: ``guidance`` there too; a teacher of one network
-refuses it in one line); a student folder (one with ``student_steps.json``) with its own noise levels, no CFG (Euler
-re-noising, the re-noising noise seeded like the noise), loaded with the adapter options its
-``student.json`` records (e.g. Cosmos' ``control_scale``).
+refuses it in one line); a student folder (one with ``student_steps.json``) with its own
+noise levels, no CFG (Euler re-noising, the re-noising noise seeded like the noise), loaded
+with the adapter options its ``student.json`` records (e.g. Cosmos' ``control_scale``).
 
 Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``,
 ``side_by_side_<i>.mp4`` (control | sample | ground truth, left to right) and ``grid_<i>.png``

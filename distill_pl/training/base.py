@@ -252,7 +252,7 @@ class StageModule(L.LightningModule):
         A non-finite loss (``finite`` False) or gradient skips the update: every gradient is
         set to None before ``optimizer.step()``, which then changes nothing but still counts
         as Lightning's step. A non-finite gradient confined to some experts of the phase's
-        networks sets only their gradients to None (:meth:`_drop_nonfinite_experts`); the
+        networks sets only their gradients to None (:func:`_drop_nonfinite_experts`); the
         norms and the clipping are then those of the rest.
         """
         norms: dict[str, Tensor] = {}

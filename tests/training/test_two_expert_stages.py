@@ -86,7 +86,8 @@ def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, 
     if shared:
         assert not full.fake_score.named_experts
         assert tensors(full.fake_score).keys() == tensors(full.teacher.low_noise).keys()
-        assert all(torch.equal(v, full.teacher.low_noise.state_dict()[k]) for k, v in tensors(full.fake_score).items())
+        low_noise = full.teacher.low_noise.state_dict()
+        assert all(torch.equal(v, low_noise[k]) for k, v in tensors(full.fake_score).items())
     else:
         assert isinstance(full.fake_score, WanExpertsDenoiser)  # one fake score per expert
     student_before, fake_before = tensors(full.student), tensors(full.fake_score)
@@ -105,7 +106,8 @@ def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, 
     with pytest.raises(Killed):
         killed.fit(module(teacher_dir, fake_score_experts=fake_score_experts), train_dataloaders=loader())
     (ckpt,) = ckpts.glob("*step=5.ckpt")
-    stored = {k for k in torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"] if k.startswith("fake_score.")}
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    stored = {k for k in stored if k.startswith("fake_score.")}
     fake_score_of = full.teacher.low_noise if shared else full.teacher
     assert stored == {f"fake_score.{k}" for k in fake_score_of.state_dict()}
 
@@ -141,7 +143,8 @@ class ExpertChanges(L.Callback):
         after = {n: tensors(getattr(module, n)) for n in self._before}
         row = {f"{n}.{e}": expert_changed(self._before[n], after[n], prefix + e)
                for n, prefix in self.networks.items() for e in ("high_noise", "low_noise")}
-        row["discriminator"] = any(not torch.equal(v, after["discriminator"][k]) for k, v in self._before["discriminator"].items())
+        before = self._before["discriminator"]
+        row["discriminator"] = any(not torch.equal(v, after["discriminator"][k]) for k, v in before.items())
         self.rows.append(row)
 
 
@@ -273,7 +276,8 @@ def test_shared_fake_score_needs_a_two_expert_teacher(one_network_dir, teacher_d
     with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='shared': .*two-expert teacher"
                                          r".*WanDenoiser is one network[^\n]*$"):
         DMD2Module(str(one_network_dir), fake_score_experts="shared")
-    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='both': must be 'per_expert' or 'shared'$"):
+    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='both': must be "
+                                         r"'per_expert' or 'shared'$"):
         DMD2Module(str(teacher_dir), fake_score_experts="both")
 
 
