@@ -1,9 +1,11 @@
 """``distill-pl sample``: samples of a teacher or an exported student folder on validation clips.
 
-A teacher folder is sampled with ``steps`` steps of its scheduler and CFG ``guidance``; a
-student folder (one with ``student_steps.json``) with its own noise levels, no CFG (Euler
-re-noising, the re-noising noise seeded like the noise), loaded with the adapter options its
-``student.json`` records (e.g. Cosmos' ``control_scale``).
+A teacher folder is sampled with ``steps`` steps of its scheduler and CFG ``guidance`` (a
+two-expert teacher, Wan 2.2 A14B: ``guidance_2`` at the levels of its low-noise expert, the
+pipelines' ``guidance_scale_2``; unset: ``guidance`` there too; a teacher of one network
+refuses it in one line); a student folder (one with ``student_steps.json``) with its own
+noise levels, no CFG (Euler re-noising, the re-noising noise seeded like the noise), loaded
+with the adapter options its ``student.json`` records (e.g. Cosmos' ``control_scale``).
 
 Writes, for each video: ``sample_<i>.mp4``, ``control_<i>.mp4``, ``ground_truth_<i>.mp4``,
 ``side_by_side_<i>.mp4`` (control | sample | ground truth, left to right) and ``grid_<i>.png``
@@ -26,7 +28,7 @@ from distill_pl.cli.settings import check_step_count, warn_guidance
 from distill_pl.util.media import frame_grid, side_by_side, upscale, write_mp4, write_png
 from distill_pl.models.autoencoder import build_autoencoder
 from distill_pl.families.registry import load_denoiser
-from distill_pl.models.guidance import negative_conditioning, velocity_fn
+from distill_pl.models.guidance import check_guidance_2, negative_conditioning, velocity_fn
 from distill_pl.export.model_folders import (
     STUDENT_STEPS_FILE,
     load_scheduler,
@@ -49,14 +51,18 @@ def sample_teacher(
     seed: int = 0,
     fps: int = 8,
     scale: int = 4,
+    guidance_2: float | None = None,
 ) -> list[Path]:
     """Sample ``num_videos`` validation clips' controls and captions with the teacher (or the
-    student) folder ``teacher``."""
+    student) folder ``teacher`` (see the module docstring for ``guidance`` and ``guidance_2``)."""
     check_step_count("--steps", steps)  # before any model loads
     is_student = (resolve_path(teacher) / STUDENT_STEPS_FILE).is_file()
     if not is_student:
         warn_guidance("--guidance", guidance)
+        warn_guidance("--guidance_2", guidance_2)
     denoiser = load_denoiser(teacher, **student_adapter_options_of(teacher)).eval()
+    if not is_student:
+        check_guidance_2(denoiser, guidance_2, "--guidance_2")
     scheduler = load_scheduler(teacher)
     levels = student_noise_levels_of(teacher) if is_student else None
     if is_student:
@@ -81,7 +87,8 @@ def sample_teacher(
             if is_student:
                 x0 = student_sample(velocity_fn(denoiser, cond), noise, levels, student_sampler_of(teacher), g)
             else:
-                fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance)
+                fn = velocity_fn(denoiser, cond, negative_conditioning(cond, null_embeds, null_mask), guidance,
+                                 guidance_2)
                 x0 = denoiser.finish_sample(sample_with_scheduler(fn, noise, scheduler, steps, progress=True,
                                                                   step_sigma=denoiser.sampler_sigma), cond)
             video = autoencoder.decode(x0)

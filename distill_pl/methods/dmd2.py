@@ -79,7 +79,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, get_args
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +120,10 @@ from distill_pl.models.lora import add_lora
 from distill_pl.util.randomness import randn
 
 TrainedStepInput = Literal["backward_simulation", "noised_real"]
+#: a two-expert teacher's fake score: a copy of the teacher (one expert per noise range, each
+#: trained on its own levels) or one expert's copy serving every level (see :func:`shared_fake_score`)
+FakeScoreExperts = Literal["per_expert", "shared"]
+FAKE_SCORE_EXPERTS = get_args(FakeScoreExperts)
 
 
 def check_trained_step_input(trained_step_input: str, phased: bool) -> None:
@@ -532,6 +536,25 @@ class DMD2Objective:
         return loss, logs
 
 
+def shared_fake_score(network: Denoiser) -> Denoiser:
+    """The fake score that serves every noise level as one network, for a two-expert teacher
+    (``fake_score_experts: shared``): the low-noise expert (the last of
+    :attr:`~distill_pl.models.denoiser.Denoiser.named_experts`) of ``network``, the
+    two-expert fake score as built (a trainable copy of the teacher), standing alone as a
+    denoiser of one network.
+
+    Why the low-noise one: a fake score starts as the teacher, so that the DMD gradient starts
+    from the student's gap alone; the low-noise expert IS the teacher at every level below the
+    experts' boundary, and the critic and the DMD term draw most of their levels there
+    (``sigma = shift(t)``, ``t ~ U[0.02, 0.98]``, is below Wan 2.2 T2V-A14B's boundary 0.875
+    for ``t < 0.875 / (shift - (shift - 1) 0.875)``: 71% of the draws at Wan's default shift 3,
+    59% at shift 5). Above the boundary it starts off the teacher and learns those levels from
+    the student's samples as it learns every level. (Above a shift of 7 most draws lie above
+    the boundary, where a copy of the high-noise expert would start closer.)
+    """
+    return list(network.named_experts.values())[-1]
+
+
 class DMD2Roles(Roles):
     """DMD2's networks (see the module docstring): ``student`` (float32, or with
     ``student_lora_rank`` its initial weights frozen in ``teacher_dtype`` with float32 LoRA
@@ -542,7 +565,9 @@ class DMD2Roles(Roles):
     :class:`~distill_pl.models.discriminator.DiscriminatorHead` on block ``feature_block``'s
     features) and ``student_ema`` (an EMA of the student, or None). The critic phase trains
     the fake score (its adapters only, with LoRA) and the discriminator, the generator phase
-    the student (its adapters only, with LoRA)."""
+    the student (its adapters only, with LoRA). A two-expert teacher's fake score is a
+    two-expert copy (one fake score per expert, ``fake_score_experts: per_expert``) or one
+    expert's copy serving every level (``shared``: :func:`shared_fake_score`)."""
 
     phases = {"critic": ("fake_score", "discriminator"), "generator": ("student",)}
 
@@ -565,7 +590,8 @@ class DMD2Roles(Roles):
         initialise_student: Callable[[Denoiser], object] | None = None,
     ) -> "DMD2Roles":
         """The roles on the current device from DMD2's settings (``DMD2Module``'s arguments by
-        name; read: ``teacher_dtype``, ``gradient_checkpointing``, ``fake_score_lora_rank``,
+        name; read: ``teacher_dtype``, ``gradient_checkpointing``, ``fake_score_experts``
+        (where given; default ``per_expert``), ``fake_score_lora_rank``,
         ``fake_score_lora_alpha``, ``fake_score_lora_targets``, ``student_lora_rank``,
         ``student_lora_alpha``, ``student_lora_targets``, ``feature_block`` (None: the
         middle block), ``discriminator_hidden``, ``ema_decay``, ``seed``).
@@ -577,13 +603,22 @@ class DMD2Roles(Roles):
         global RNG is left as it was). A LoRA student's base is likewise the float32 copy or
         a copy of the teacher; ``initialise_student(student)`` (e.g. loading ``init_from``)
         gives it its weights, then its adapters are added, drawn from ``seed + 1``; then the
-        EMA (if any) copies the student. ``compute_dtype``: see
+        EMA (if any) copies the student. With ``fake_score_experts: shared`` the fake score is
+        :func:`shared_fake_score` of that network (before any adapters). ``compute_dtype``: see
         :func:`~distill_pl.methods.roles.build_dtype`. ValueError for a ``feature_block``
-        outside the teacher's blocks.
+        outside the teacher's blocks, an unknown ``fake_score_experts``, and ``shared`` with
+        a teacher of one network.
         """
         teacher_dtype, checkpointing = settings["teacher_dtype"], settings["gradient_checkpointing"]
         lora_rank, student_rank, seed = settings["fake_score_lora_rank"], settings["student_lora_rank"], settings["seed"]
+        experts = settings.get("fake_score_experts", "per_expert")
+        if experts not in FAKE_SCORE_EXPERTS:
+            raise ValueError(f"model.init_args.fake_score_experts={experts!r}: must be 'per_expert' or 'shared'")
         fake_score = make(build_dtype("float32", compute_dtype), checkpointing)
+        if experts == "shared" and not fake_score.named_experts:
+            raise ValueError(f"model.init_args.fake_score_experts='shared': a fake score shared by the experts needs "
+                             f"a two-expert teacher (a folder with transformer_2/ and boundary_ratio); "
+                             f"{type(fake_score).__name__} is one network: use 'per_expert' (the default)")
         lora_base = student_rank is not None and teacher_dtype != "float32"
         if not lora_base:
             student = copy.deepcopy(fake_score)
@@ -599,9 +634,11 @@ class DMD2Roles(Roles):
             copied.set_gradient_checkpointing(checkpointing)
             return copied
 
-        if lora_rank is not None:  # frozen base in the teacher's dtype + LoRA adapters
-            if teacher_dtype != "float32":
-                fake_score = trainable_copy_of_teacher()
+        if lora_rank is not None and teacher_dtype != "float32":  # a LoRA fake score's base: the teacher's dtype
+            fake_score = trainable_copy_of_teacher()
+        if experts == "shared":
+            fake_score = shared_fake_score(fake_score)
+        if lora_rank is not None:  # frozen base + LoRA adapters
             add_lora(fake_score, lora_rank, settings["fake_score_lora_alpha"], settings["fake_score_lora_targets"],
                      seed=seed)
         if lora_base:  # the LoRA student's base in the teacher's dtype

@@ -281,6 +281,15 @@ class Denoiser(nn.Module):
         pipeline feeds its transformer. Default: ``sigmas[i]`` itself."""
         return sigma
 
+    @property
+    def named_experts(self) -> dict[str, "Denoiser"]:
+        """A model of several experts, each denoising its own range of noise levels (Wan 2.2
+        A14B's two): submodule name -> expert, itself a :class:`Denoiser` of one network,
+        from the highest noise levels to the lowest. Each expert's gradient is its own (the
+        non-finite policy can skip one expert's update alone) and each can stand alone (a
+        shared DMD2 fake score is a copy of one). Empty (the default): one network."""
+        return {}
+
     def low_noise_levels(self, sigma: Tensor) -> Tensor | None:
         """bool [B]: True where a two-expert model hands ``sigma`` [B] to its low-noise expert
         (the levels that take the pipeline's ``guidance_scale_2``); None for a model of one

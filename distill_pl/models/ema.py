@@ -24,9 +24,14 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+    def update(self, model: nn.Module, skip: tuple[str, ...] = ()) -> None:
+        """One EMA step toward ``model``'s parameters, except those under the submodules named
+        in ``skip`` (e.g. ``("high_noise",)``: an expert whose update was skipped keeps its
+        average); buffers are copied."""
+        prefixes = tuple(f"{name}." for name in skip)
+        for (name, ema_p), p in zip(self.module.named_parameters(), model.parameters()):
+            if not name.startswith(prefixes):
+                ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
 

@@ -20,12 +20,17 @@
    a non-finite loss stops the micro-batch loop; a non-finite loss or accumulated gradient
    skips the update: every gradient is set to None and ``optimizer.step()`` is still called,
    so Lightning's step counter, the phase, the data position and the step-keyed randomness
-   stay in lockstep while nothing moves;
+   stay in lockstep while nothing moves. A network of several experts
+   (:attr:`~distill_pl.models.denoiser.Denoiser.named_experts`) whose non-finite gradient is
+   confined to some experts' parameters has only those experts' gradients set to None: the
+   rest of the update (the other experts, the phase's other networks) is applied;
 5. clipping of the accumulated gradient (total norm over the phase's networks), the optimizer
    step, the stage's learning-rate scheduler (if it has one) and, after an applied update,
-   :meth:`~StageModule.after_update` (the EMA);
+   :meth:`~StageModule.after_update` (the EMA, told which experts' updates were skipped);
 6. logging: ``train/<key>`` of the phase's logs and ``train/grad_norm_<group>``,
-   ``train/update_skipped`` and ``train/nonfinite_steps``.
+   ``train/update_skipped`` and ``train/nonfinite_steps`` (whole updates skipped), and for
+   each expert of a trained network ``train/nonfinite_steps_<network>.<expert>`` (its
+   updates skipped, alone or with the whole step's; e.g. ``train/nonfinite_steps_student.high_noise``).
 
 It also holds the checkpoint hooks of every stage (frozen submodules left out of checkpoints
 and put back on load, :func:`~distill_pl.models.finite_weights.check_finite`, the non-finite
@@ -49,6 +54,7 @@ from torch import Tensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.utils import clip_grads_with_norm_
 
+from distill_pl.models.denoiser import Denoiser
 from distill_pl.models.finite_weights import check_finite
 from distill_pl.models.sharding import gradient_sync, is_sharded
 from distill_pl.training.nonfinite import gradient_norm, strategy_of
@@ -114,8 +120,10 @@ class StageModule(L.LightningModule):
         its rows of the draws."""
         raise NotImplementedError
 
-    def after_update(self, phase: int) -> None:
-        """Called after an applied (not skipped) update of ``phase``: e.g. the EMA update."""
+    def after_update(self, phase: int, skipped_experts: dict[str, tuple[str, ...]]) -> None:
+        """Called after an applied (not skipped) update of ``phase``: e.g. the EMA update.
+        ``skipped_experts``: network -> its experts whose own update was skipped (a
+        non-finite gradient confined to them), which the EMA leaves as they are."""
 
     def export(self, export_dir: str) -> None:
         """Write the trained model to ``export_dir`` (at the end of fit)."""
@@ -208,11 +216,13 @@ class StageModule(L.LightningModule):
                     if not finite:
                         break
                     self.manual_backward(weight * loss)
-            applied, norms = self._update(optimizer, finite, groups, max_norm)
+            applied, norms, skipped = self._update(optimizer, finite, groups, max_norm)
         self._step_lr_scheduler(optimizer, step)
         if applied:
-            self.after_update(phase)
-        self.nonfinite.record(applied, step, self.phase_name(phase))
+            self.after_update(phase, skipped)
+        experts = {f"{network}.{expert}": applied and expert not in skipped.get(network, ())
+                   for network, module in groups.items() for expert in experts_of(module)}
+        self.nonfinite.record(applied, step, self.phase_name(phase), experts)
         self._log_step(step, logs, norms, applied, size)
         return total
 
@@ -235,34 +245,38 @@ class StageModule(L.LightningModule):
 
     def _update(
         self, optimizer, finite: bool, groups: dict[str, torch.nn.Module], max_norm: float | None
-    ) -> tuple[bool, dict[str, Tensor]]:
+    ) -> tuple[bool, dict[str, Tensor], dict[str, tuple[str, ...]]]:
         """Gradient norms (+ clipping) of the accumulated gradients, one optimizer step.
-        Returns (applied, norms).
+        Returns (applied, norms, the experts skipped alone: network -> expert names).
 
         A non-finite loss (``finite`` False) or gradient skips the update: every gradient is
         set to None before ``optimizer.step()``, which then changes nothing but still counts
-        as Lightning's step.
+        as Lightning's step. A non-finite gradient confined to some experts of the phase's
+        networks sets only their gradients to None (:func:`_drop_nonfinite_experts`); the
+        norms and the clipping are then those of the rest.
         """
         norms: dict[str, Tensor] = {}
+        skipped: dict[str, tuple[str, ...]] = {}
         if finite:
-            grads = {
-                name: [p.grad for p in module.parameters() if p.grad is not None]
-                for name, module in groups.items()
-            }
-            # sharded (DTensor) gradients: the norm of the full gradient, the same on every rank
-            norms = {name: gradient_norm(gs) for name, gs in grads.items()}
+            norms = _gradient_norms(groups)
             total = torch.stack(list(norms.values())).square().sum().sqrt()
             finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
+            if not finite:
+                skipped = _drop_nonfinite_experts(groups)
+                if skipped:
+                    norms = _gradient_norms(groups)
+                    total = torch.stack(list(norms.values())).square().sum().sqrt()
+                    finite = bool(torch.isfinite(total))
             if finite and max_norm is not None:
                 params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
                 with implicit_replication():  # a plain total norm may scale DTensor gradients
                     clip_grads_with_norm_(params, max_norm, total)
         if not finite:
-            norms = {}
+            norms, skipped = {}, {}
             optimizer.zero_grad(set_to_none=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # frees the gradients until this optimizer's next step
-        return finite, norms
+        return finite, norms, skipped
 
     def _step_lr_scheduler(self, optimizer, step: int) -> None:
         """Step the learning-rate schedulers of ``optimizer``, if it has any: after every
@@ -294,6 +308,7 @@ class StageModule(L.LightningModule):
         common = {
             "train/update_skipped": float(not applied),
             "train/nonfinite_steps": float(self.nonfinite.total),
+            **{f"train/nonfinite_steps_{name}": float(count) for name, count in self.nonfinite.expert_total.items()},
         }
         if self.num_phases > 1:
             common = {"train/phase": float(self.phase(step)), **common}
@@ -347,6 +362,33 @@ class StageModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.get("export_dir"):
             self.export(self.hparams.export_dir)
+
+
+def experts_of(network: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The experts of a trained network by name (:attr:`~distill_pl.models.denoiser.Denoiser.named_experts`;
+    none for a network of one, or one that is not a denoiser)."""
+    return network.named_experts if isinstance(network, Denoiser) else {}
+
+
+def _gradient_norms(groups: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
+    """The total L2 norm of each group's gradients (of the full gradients when sharded: the
+    same value on every rank)."""
+    return {name: gradient_norm([p.grad for p in module.parameters() if p.grad is not None])
+            for name, module in groups.items()}
+
+
+def _drop_nonfinite_experts(groups: dict[str, torch.nn.Module]) -> dict[str, tuple[str, ...]]:
+    """Set to None the gradients of every expert (of the networks in ``groups``) whose
+    gradient norm is non-finite; returns network -> the experts dropped (none: empty)."""
+    dropped: dict[str, tuple[str, ...]] = {}
+    for network, module in groups.items():
+        for name, expert in experts_of(module).items():
+            params = [p for p in expert.parameters() if p.grad is not None]
+            if params and not bool(torch.isfinite(gradient_norm([p.grad for p in params]))):
+                for p in params:
+                    p.grad = None
+                dropped[network] = (*dropped.get(network, ()), name)
+    return dropped
 
 
 def micro_batch(batch: dict, rows: slice) -> dict:

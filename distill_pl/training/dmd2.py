@@ -79,6 +79,7 @@ from distill_pl.methods.dmd2 import (
     DMD2Draws,
     DMD2Objective,
     DMD2Roles,
+    FakeScoreExperts,
     TrainedStepInput,
     check_trained_step_input,
     dmd2_objective,
@@ -150,6 +151,13 @@ class DMD2Module(StageModule):
             An int ``r``: the fake score is the teacher (frozen, in ``teacher_dtype``) with
             rank-``r`` float32 LoRA adapters (peft; ``distill_pl.models.lora``), and only the
             adapters (+ the discriminator head) are trained by the critic optimizer.
+        fake_score_experts: with a two-expert teacher (Wan 2.2 A14B), ``"per_expert"`` (the
+            default): the fake score is a two-expert copy of the teacher, one fake score per
+            expert, each trained on the levels its expert owns (as Phased DMD's authors do:
+            one fake score per phase); ``"shared"``: ONE network, a copy of the teacher's
+            low-noise expert, serves every level (half the fake score's weights, gradients
+            and AdamW state; why that expert: :func:`~distill_pl.methods.dmd2.shared_fake_score`).
+            ``"shared"`` with a teacher of one network is a one-line ValueError.
         fake_score_lora_alpha: LoRA scale ``alpha / r`` (None: ``alpha = r``, scale 1).
         fake_score_lora_targets: Linear layers given adapters, matched as suffixes of module
             paths (None: q, k, v, out of both attentions and the two FFN linears of every block).
@@ -240,6 +248,7 @@ class DMD2Module(StageModule):
         accumulate_micro_batches: int = 1,
         gradient_checkpointing: bool = False,
         fake_score_lora_rank: int | None = None,
+        fake_score_experts: FakeScoreExperts = "per_expert",
         fake_score_lora_alpha: float | None = None,
         fake_score_lora_targets: list[str] | None = None,
         student_lora_rank: int | None = None,
@@ -435,10 +444,11 @@ class DMD2Module(StageModule):
     def phase_loss(self, phase: int, batch: dict, draws: DMD2Draws) -> tuple[Tensor, dict[str, Tensor]]:
         return self.micro_batch_loss(phase == self.hparams.student_update_freq - 1, batch, draws)
 
-    def after_update(self, phase: int) -> None:
-        """The student's EMA, after each applied student step."""
+    def after_update(self, phase: int, skipped_experts: dict[str, tuple[str, ...]]) -> None:
+        """The student's EMA, after each applied student step (an expert whose own update was
+        skipped keeps its average)."""
         if phase == self.hparams.student_update_freq - 1 and self.student_ema is not None:
-            self.student_ema.update(self.student)
+            self.student_ema.update(self.student, skip=skipped_experts.get("student", ()))
 
     def sharded_networks(self) -> tuple[torch.nn.Module, ...]:
         if is_sharded(self.student):

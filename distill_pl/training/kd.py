@@ -303,10 +303,11 @@ class KDModule(StageModule):
         loss = self.objective().loss(noise, target, cond, trajectory, trajectory_sigmas)
         return loss, {"loss": loss}
 
-    def after_update(self, phase: int) -> None:
-        """The EMA update, after every applied (not skipped) optimizer step."""
+    def after_update(self, phase: int, skipped_experts: dict[str, tuple[str, ...]]) -> None:
+        """The EMA update, after every applied (not skipped) optimizer step (an expert whose
+        own update was skipped keeps its average)."""
         if self.student_ema is not None:
-            self.student_ema.update(self.student)
+            self.student_ema.update(self.student, skip=skipped_experts.get("student", ()))
 
     def sharded_networks(self) -> tuple[torch.nn.Module, ...]:
         return (self.student,) if is_sharded(self.student) else ()

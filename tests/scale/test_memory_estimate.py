@@ -28,6 +28,7 @@ from distill_pl.families.registry import build_denoiser
 from distill_pl.training.dmd2 import DMD2Module
 from distill_pl.training.kd import KDModule
 from distill_pl.families.wan.configs import WAN_2_1_T2V_1_3B, WAN_2_1_T2V_14B, WAN_T2V_CLASS
+from tests.families.wan22_tiny import write_tiny_wan22
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_KD = "configs/tiny/kd.yaml"
@@ -239,6 +240,29 @@ def test_lora_fake_score_counts_frozen_base_and_trainable_adapters(tmp_path):
     critic_plain = plain.phases["critic"].gradients - plain.static["fake_score: float32, trainable"]
     assert estimate.phases["critic"].gradients == critic_plain + rows["fake_score: LoRA adapters, trainable"]
     assert estimate.phases["generator"] == plain.phases["generator"]
+
+
+def test_a_shared_fake_score_counts_one_expert(tmp_path):
+    """The tiny two-expert DMD2 config on a tiny T2V-A14B-shaped folder: with
+    ``fake_score_experts: shared`` the fake score's weights, AdamW moments and critic gradients
+    are one expert's, half those of one fake score per expert; the student's rows stay, and the
+    peak is lower."""
+    teacher = write_tiny_wan22(tmp_path / "teacher", "t2v-a14b")
+    config = yaml.safe_load(Path("configs/tiny-wan2.2-t2v-a14b/dmd2.yaml").read_text())
+    config["model"]["init_args"].update(teacher=str(teacher), vae_path=str(teacher))
+    estimates = {}
+    for experts in ("per_expert", "shared"):
+        config["model"]["init_args"]["fake_score_experts"] = experts
+        (tmp_path / f"{experts}.yaml").write_text(yaml.safe_dump(config))
+        estimates[experts] = estimate_memory(str(tmp_path / f"{experts}.yaml"))
+    per_expert, shared = estimates["per_expert"], estimates["shared"]
+    weights = "fake_score: float32, trainable"
+    assert 2 * shared.static[weights] == per_expert.static[weights] > 0
+    assert 2 * shared.static["fake_score: AdamW moments"] == per_expert.static["fake_score: AdamW moments"]
+    assert shared.static["student: float32, trainable"] == per_expert.static["student: float32, trainable"]
+    critic = shared.phases["critic"].gradients
+    assert critic == per_expert.phases["critic"].gradients - shared.static[weights]
+    assert shared.total < per_expert.total
 
 
 def test_the_data_side_of_a_wan_pair_generation_config(capsys):

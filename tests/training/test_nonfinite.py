@@ -37,6 +37,31 @@ def test_policy_counts_streaks_and_stops_at_the_limit():
         NonFinitePolicy("KD", 0)
 
 
+def test_policy_counts_each_expert_and_stops_on_one_experts_streak():
+    """An expert's skips count whether alone (the step applied) or with the whole update; its
+    streak runs over the updates of its phase and stops the run at the limit; the counters
+    round-trip through the state dict (and a state without them loads as zeros)."""
+    policy = NonFinitePolicy("DMD2", max_consecutive=3)
+    with pytest.warns(UserWarning, match=r"DMD2 step 0: non-finite gradient in student.high_noise only, "
+                                         r"its update skipped, the rest applied \(student.high_noise: 1 in a row"):
+        policy.record(True, 0, experts={"student.high_noise": False, "student.low_noise": True})
+    policy.record(True, 1, experts={"fake_score.high_noise": True})  # another phase: no student streak change
+    with pytest.warns(UserWarning, match="DMD2 step 2: non-finite loss or gradient, update skipped"):
+        policy.record(False, 2, experts={"student.high_noise": False, "student.low_noise": False})
+    assert (policy.total, policy.streak) == (1, 1)
+    assert policy.expert_total == {"student.high_noise": 2, "student.low_noise": 1, "fake_score.high_noise": 0}
+    restored = NonFinitePolicy("DMD2", 3)
+    restored.load_state_dict(policy.state_dict())
+    assert (restored.expert_total, restored.expert_streak) == (policy.expert_total, policy.expert_streak)
+    with pytest.raises(NonFiniteTrainingError, match="DMD2 stopped at step 4: 3 consecutive updates of "
+                                                     "student.high_noise were skipped"):
+        restored.record(True, 4, experts={"student.high_noise": False, "student.low_noise": True})
+    assert "nonfinite_experts" not in NonFinitePolicy("KD", 2).state_dict()
+    empty = NonFinitePolicy("KD", 2)
+    empty.load_state_dict({"nonfinite_total": 1, "nonfinite_streak": 0})
+    assert empty.expert_total == {}
+
+
 def test_check_finite_names_the_tensor():
     check_finite({"a": torch.ones(2), "steps": torch.tensor([3])}, "x")
     with pytest.raises(NonFiniteWeightsError, match="refusing to write a file: 1 tensor.*'b'"):

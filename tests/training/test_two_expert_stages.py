@@ -11,6 +11,7 @@ is decoded.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -73,28 +74,44 @@ def expert_changed(before: dict, after: dict, expert: str) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"{expert}."))
 
 
-def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, tmp_path):
+@pytest.mark.parametrize("fake_score_experts", ["per_expert", "shared"])
+def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, tmp_path, fake_score_experts):
     """10 steps straight (2 student steps, 8 critic steps) vs. killed at step 7 and resumed from
     the step-5 checkpoint: every weight, EMA weight and optimizer moment equal, bit for bit;
-    both experts of the student and of the fake score moved."""
-    full = module(teacher_dir)
-    assert isinstance(full.fake_score, WanExpertsDenoiser)  # one fake score per expert
+    both experts of the student moved, and the fake score: one per expert (both moved), or
+    shared: one network, a copy of the teacher's low-noise expert, which alone the checkpoint
+    holds as fake_score.*."""
+    full = module(teacher_dir, fake_score_experts=fake_score_experts)
+    shared = fake_score_experts == "shared"
+    if shared:
+        assert not full.fake_score.named_experts
+        assert tensors(full.fake_score).keys() == tensors(full.teacher.low_noise).keys()
+        low_noise = full.teacher.low_noise.state_dict()
+        assert all(torch.equal(v, low_noise[k]) for k, v in tensors(full.fake_score).items())
+    else:
+        assert isinstance(full.fake_score, WanExpertsDenoiser)  # one fake score per expert
     student_before, fake_before = tensors(full.student), tensors(full.fake_score)
     t_full = trainer(10)
     t_full.fit(full, train_dataloaders=loader())
-    for name, before in (("student", student_before), ("fake_score", fake_before)):
-        after = tensors(getattr(full, name))
-        for expert in ("high_noise", "low_noise"):
-            assert expert_changed(before, after, expert), f"{name}.{expert} did not train"
+    for expert in ("high_noise", "low_noise"):
+        assert expert_changed(student_before, tensors(full.student), expert), f"student.{expert} did not train"
+        if not shared:
+            assert expert_changed(fake_before, tensors(full.fake_score), expert), f"fake_score.{expert} did not train"
+    if shared:
+        assert expert_changed(fake_before, tensors(full.fake_score), "transformer")
 
     ckpts = tmp_path / "ckpts"
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpts, every_n_train_steps=5, save_top_k=-1)
     killed = trainer(10, [saver, Kill(7)], enable_checkpointing=True, root=tmp_path)
     with pytest.raises(Killed):
-        killed.fit(module(teacher_dir), train_dataloaders=loader())
+        killed.fit(module(teacher_dir, fake_score_experts=fake_score_experts), train_dataloaders=loader())
     (ckpt,) = ckpts.glob("*step=5.ckpt")
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    stored = {k for k in stored if k.startswith("fake_score.")}
+    fake_score_of = full.teacher.low_noise if shared else full.teacher
+    assert stored == {f"fake_score.{k}" for k in fake_score_of.state_dict()}
 
-    resumed = module(teacher_dir)
+    resumed = module(teacher_dir, fake_score_experts=fake_score_experts)
     t_resumed = trainer(10)
     t_resumed.fit(resumed, train_dataloaders=loader(), ckpt_path=ckpt)
     for name in ("student", "fake_score", "discriminator", "student_ema"):
@@ -107,6 +124,83 @@ def test_two_expert_dmd2_trains_both_experts_and_resumes_bit_exact(teacher_dir, 
         for state_a, state_b in zip(opt_a.state.values(), opt_b.state.values()):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(state_a[key], state_b[key])
+
+
+class ExpertChanges(L.Callback):
+    """Per step: which experts of the student, its EMA and the fake score changed (keys
+    ``<network>.<expert>``), and whether the discriminator did."""
+
+    #: network -> the state-dict prefix of its experts
+    networks = {"student": "", "student_ema": "module.", "fake_score": ""}
+
+    def __init__(self):
+        self.rows: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._before = {n: tensors(getattr(module, n)) for n in (*self.networks, "discriminator")}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        after = {n: tensors(getattr(module, n)) for n in self._before}
+        row = {f"{n}.{e}": expert_changed(self._before[n], after[n], prefix + e)
+               for n, prefix in self.networks.items() for e in ("high_noise", "low_noise")}
+        before = self._before["discriminator"]
+        row["discriminator"] = any(not torch.equal(v, after["discriminator"][k]) for k, v in before.items())
+        self.rows.append(row)
+
+
+def test_a_non_finite_gradient_in_one_expert_skips_that_expert_only(teacher_dir):
+    """Every sample's noise level and trained step fixed so that each step trains both experts
+    (sample 0 the high-noise one, sample 1 the low-noise one); a NaN put into the gradient of
+    the fake score's high-noise expert at critic step 2 and of the student's low-noise expert at
+    student step 3 (2-step cycles, 5 steps): that expert's weights, optimizer state and EMA stay, the
+    other expert and the discriminator move, the step counts as applied, and the skips are
+    counted per expert (logged and in the checkpointed counters)."""
+    dmd2 = module(teacher_dir, student_update_freq=2)
+    draws_of = dmd2.step_draws
+
+    def one_sample_per_expert(batch, step):
+        draws = draws_of(batch, step)
+        draws.sigma = torch.tensor([0.95, 0.5])  # timesteps 950 >= 875 > 500
+        draws.step = torch.tensor([0, 1])  # student levels 1.0 (high-noise expert) and 0.75 (low-noise)
+        return draws
+
+    dmd2.step_draws = one_sample_per_expert
+    for step, expert in {2: dmd2.fake_score.high_noise, 3: dmd2.student.low_noise}.items():
+        for p in expert.parameters():
+            p.register_hook(lambda g, at=step: g * math.nan if dmd2.global_step == at else g)
+    changes = ExpertChanges()
+    t = trainer(5, [changes])
+    with pytest.warns(UserWarning, match=r"DMD2 step 2 \(critic phase\): non-finite gradient in "
+                                         r"fake_score.high_noise only, its update skipped, the rest applied"):
+        t.fit(dmd2, train_dataloaders=loader())
+
+    for step, row in enumerate(changes.rows):
+        critic = step % 2 == 0
+        expected = {name: name.startswith("student") != critic for name in row}
+        if step == 2:
+            expected["fake_score.high_noise"] = False
+        if step == 3:
+            expected["student.low_noise"] = expected["student_ema.low_noise"] = False
+        assert row == expected, (step, row)
+    critic, student = t.optimizers
+
+    def adam_steps_of(optimizer, expert):
+        return {int(optimizer.state[p]["step"]) for p in expert.parameters()}
+
+    assert adam_steps_of(critic, dmd2.fake_score.high_noise) == {2}
+    assert adam_steps_of(critic, dmd2.fake_score.low_noise) == {3}
+    assert adam_steps_of(student, dmd2.student.high_noise) == {2}
+    assert adam_steps_of(student, dmd2.student.low_noise) == {1}
+    assert all(torch.isfinite(p).all() for p in dmd2.parameters())
+
+    metrics = t.callback_metrics
+    assert metrics["train/nonfinite_steps"] == 0 and metrics["train/update_skipped"] == 0
+    assert {k: float(v) for k, v in metrics.items() if k.startswith("train/nonfinite_steps_")} == {
+        "train/nonfinite_steps_fake_score.high_noise": 1.0, "train/nonfinite_steps_fake_score.low_noise": 0.0,
+        "train/nonfinite_steps_student.high_noise": 0.0, "train/nonfinite_steps_student.low_noise": 1.0}
+    counters = dmd2.nonfinite.state_dict()["nonfinite_experts"]
+    assert counters["student.low_noise"] == {"total": 1, "streak": 1}
+    assert counters["fake_score.high_noise"] == {"total": 1, "streak": 0}  # applied again at step 4
 
 
 def test_guidance_2_weighs_the_low_noise_levels_of_the_dmd_term(teacher_dir):
@@ -161,15 +255,30 @@ def test_pair_generation_samples_the_teacher_with_guidance_2_and_records_it(teac
     assert (outputs[2.0] - outputs[None]).abs().max() > 1e-3
 
 
-def test_guidance_2_with_a_one_network_teacher_is_a_one_line_error(tmp_path):
-    folder = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_network_dir(tmp_path_factory) -> Path:
+    """A tiny Wan 2.1 teacher folder: one network."""
+    folder = tmp_path_factory.mktemp("one") / "teacher"
     save_teacher_folder(folder, build_denoiser("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
         text_dim=384, freq_dim=16, ffn_dim=32, num_layers=2)), "unipc", shift=2.0)
-    for stage in (lambda: DMD2Module(str(folder), guidance_2=4.0),
-                  lambda: KDPairGenerationModule(str(folder), guidance_2=4.0)):
+    return folder
+
+
+def test_guidance_2_with_a_one_network_teacher_is_a_one_line_error(one_network_dir):
+    for stage in (lambda: DMD2Module(str(one_network_dir), guidance_2=4.0),
+                  lambda: KDPairGenerationModule(str(one_network_dir), guidance_2=4.0)):
         with pytest.raises(ValueError, match=r"^model.init_args.guidance_2=4: .*two-expert teacher[^\n]*$"):
             stage()
+
+
+def test_shared_fake_score_needs_a_two_expert_teacher(one_network_dir, teacher_dir):
+    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='shared': .*two-expert teacher"
+                                         r".*WanDenoiser is one network[^\n]*$"):
+        DMD2Module(str(one_network_dir), fake_score_experts="shared")
+    with pytest.raises(ValueError, match=r"^model.init_args.fake_score_experts='both': must be "
+                                         r"'per_expert' or 'shared'$"):
+        DMD2Module(str(teacher_dir), fake_score_experts="both")
 
 
 def test_guidance_2_with_decoupled_dmd_is_refused(teacher_dir):

@@ -108,6 +108,11 @@ class WanExpertsDenoiser(Denoiser):
         return self.high_noise, self.low_noise
 
     @property
+    def named_experts(self) -> dict[str, WanDenoiser]:
+        """``{"high_noise": ..., "low_noise": ...}``, highest noise levels first."""
+        return {"high_noise": self.high_noise, "low_noise": self.low_noise}
+
+    @property
     def backbone_config(self) -> dict:
         config = {
             "transformer": self.high_noise.transformer_config, SECOND_EXPERT: self.low_noise.transformer_config,
