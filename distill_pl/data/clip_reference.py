@@ -6,7 +6,9 @@ re-derives the clip exactly as :class:`~distill_pl.data.clips.ClipDataset` made 
 cropped (:func:`~distill_pl.data.clips.resize_center_crop`), the control computed at that
 size (:class:`~distill_pl.data.controls.ControlSettings`: canny edges or a blur), or, with
 ``control: video``, the same frames of the clip's control video, referenced by its own path
-and sha256 beside the clip's. A referenced file whose content changed since the shard was
+and sha256 beside the clip's. With ``control: clip`` a row may reference the conditioning
+image its manifest line named (:mod:`~distill_pl.data.condition_images`), by path and
+sha256 too: it replaces the control's first frame. A referenced file whose content changed since the shard was
 written is refused (:class:`ChangedVideoError` naming it).
 """
 
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from distill_pl.data.clips import open_video, resize_center_crop
+from distill_pl.data.condition_images import decode_image, with_first_frame
 from distill_pl.data.controls import ControlSettings
 from distill_pl.util.hashing import file_sha256
 
@@ -65,10 +68,11 @@ class ReferencedClips:
         self._checked: dict[tuple[str, str], tuple[int, int]] = {}
         self._readers: OrderedDict[str, decord.VideoReader] = OrderedDict()
         self._cache: dict[tuple[str, str | None], tuple[Tensor, Tensor]] = {}
+        self._images: dict[str, Tensor] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_readers": OrderedDict(), "_cache": {}}
+        return {**self.__dict__, "_readers": OrderedDict(), "_cache": {}, "_images": {}}
 
     def check(self, path: str, sha256: str, where: str) -> None:
         """ChangedVideoError naming ``path`` (and ``where``, the referencing shard) unless the
@@ -88,9 +92,13 @@ class ReferencedClips:
             )
         self._checked[(path, sha256)] = stamp
 
-    def _reader(self, path: str) -> decord.VideoReader:
+    def _check_process(self) -> None:
+        """A DataLoader worker starts with no reader, frame cache or image of the parent's."""
         if self._pid != os.getpid():
-            self._readers, self._cache, self._pid = OrderedDict(), {}, os.getpid()
+            self._readers, self._cache, self._images, self._pid = OrderedDict(), {}, {}, os.getpid()
+
+    def _reader(self, path: str) -> decord.VideoReader:
+        self._check_process()
         if path in self._readers:
             self._readers.move_to_end(path)
         else:
@@ -123,15 +131,34 @@ class ReferencedClips:
             self._cache[key] = (frames, control)
         return self._cache[key]
 
-    def read(self, path: str, start: int, control_path: str | None = None) -> tuple[Tensor, Tensor]:
+    def _image(self, path: str) -> Tensor:
+        """The conditioning image at ``path`` resized and cropped like the frames: [3, 1, H, W]
+        in [-1, 1], decoded once per process."""
+        self._check_process()
+        if path not in self._images:
+            try:
+                frame = decode_image(path)
+            except Exception as err:  # Pillow raises several error types
+                raise ChangedVideoError(f"{path}: cannot read the conditioning image ({err})") from None
+            self._images[path] = resize_center_crop(frame, self.settings.height, self.settings.width)
+        return self._images[path]
+
+    def read(self, path: str, start: int, control_path: str | None = None,
+             image_path: str | None = None) -> tuple[Tensor, Tensor]:
         """(video, control) [3, T, H, W] float32 in [-1, 1] of the clip at ``start`` of ``path``;
-        ``control_path``: its control video (``control: video``; checked by :meth:`check` first)."""
+        ``control_path``: its control video (``control: video``), ``image_path``: the image
+        that replaces the control's first frame (``control: clip``); both checked by
+        :meth:`check` first."""
         s = self.settings
         if not s.controls.computed and control_path is None:
             raise ValueError(f"{path}: control: video needs the clip's control video (none referenced)")
         indices = list(range(start, start + (s.num_frames - 1) * s.frame_stride + 1, s.frame_stride))
         if self.cache_frames:
             frames, control = self._cached(path, control_path)
-            return frames[:, indices].contiguous(), control[:, indices].contiguous()
-        video = self._frames(path, indices)
-        return video, s.controls.compute(video) if s.controls.computed else self._frames(control_path, indices)
+            video, control = frames[:, indices].contiguous(), control[:, indices].contiguous()
+        else:
+            video = self._frames(path, indices)
+            control = s.controls.compute(video) if s.controls.computed else self._frames(control_path, indices)
+        if image_path is not None:
+            control = with_first_frame(control, self._image(image_path))
+        return video, control

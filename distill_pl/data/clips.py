@@ -31,7 +31,9 @@ Probing (``probe="eager"``, the default): at construction every video is opened 
 pool (with a progress bar for large manifests) and its last frame this split can need is
 decoded, not only its header; with ``control: video`` its control video is checked against it
 (:func:`~distill_pl.data.control_videos.check_control_video`: a mismatch is an error naming
-both files); unusable videos (missing, unreadable, too short for a window of the split) are skipped, each logged on ``distill_pl.data`` with its reason, and listed in
+both files); with ``control: clip`` the conditioning image the manifest names (``image``, see
+:mod:`~distill_pl.data.condition_images`), if any, is decoded (missing or unreadable: an error
+naming the manifest, the clip and the key); unusable videos (missing, unreadable, too short for a window of the split) are skipped, each logged on ``distill_pl.data`` with its reason, and listed in
 ``skipped``. ``probe="lazy"``: nothing is opened at construction; a video is probed when an
 item first needs it, and an unusable one is then a read fault (below). ``known_unusable``
 ({path: reason}, e.g. the files the start-up check
@@ -63,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from distill_pl.data.condition_images import check_condition_image, decode_image, with_first_frame
 from distill_pl.data.control_videos import check_control_video, control_video_path, video_format
 from distill_pl.data.controls import ControlName, ControlSettings
 from distill_pl.data.manifest import ManifestEntry, read_manifest
@@ -150,13 +153,15 @@ def resize_center_crop(frames: Tensor, height: int, width: int) -> Tensor:
 @dataclass(frozen=True)
 class VideoPart:
     """The part of a video a split draws windows from: starts in [first, last_start];
-    ``control``: its control video (``control: video``), else None."""
+    ``control``: its control video (``control: video``), else None; ``image``: the
+    conditioning image the manifest names (``control: clip``), else None (the first frame)."""
 
     path: Path
     caption: str
     first: int
     last_start: int
     control: Path | None = None
+    image: Path | None = None
 
 
 class ClipDataset(Dataset):
@@ -164,8 +169,10 @@ class ClipDataset(Dataset):
 
     Items are dicts: ``video`` [3, T, H, W] float32, ``control`` [3, T, H, W] in [-1, 1] (the
     ``control`` setting, see :mod:`distill_pl.data.controls`), ``caption`` str, ``path`` str (the video's absolute path from the
-    manifest), ``start`` int (first frame index), and with ``control: video`` ``control_path``
-    str (the control video's absolute path). Frame indices are
+    manifest), ``start`` int (first frame index), with ``control: video`` ``control_path``
+    str (the control video's absolute path), and with ``control: clip`` ``image_path`` str (the
+    manifest's conditioning image, absolute, which is then the control's first frame; "" when
+    the line names none and the control's first frame is the clip's). Frame indices are
     ``start + frame_stride * arange(num_frames)``. ``videos`` lists the candidate videos
     (:class:`VideoPart` when probed eagerly, :class:`ManifestEntry` when lazily); see the
     module docstring for sampling, probing and read faults.
@@ -251,6 +258,7 @@ class ClipDataset(Dataset):
         """Readers, caches and read-fault counts: per process, never shared with workers."""
         self._readers: OrderedDict[Path, decord.VideoReader] = OrderedDict()
         self._cache: dict[Path, tuple[Tensor, Tensor] | str] = {}
+        self._images: dict[Path, Tensor] = {}
         self._parts: dict[int, VideoPart | None] = {}
         self._order: tuple[int, np.ndarray] | None = None
         self.read_failures: dict[str, str] = {}
@@ -288,6 +296,9 @@ class ClipDataset(Dataset):
             return None, f"unreadable video: {_first_line(err)}"
         if control is not None:
             check_control_video(path, clip_format, control, open_video)
+        image = entry.image if self.controls.control == "clip" else None
+        if image is not None:
+            check_condition_image(image, path, self.manifest)
         boundary = total - round(total * self.val_fraction)
         first, end = (0, boundary) if self.split == "train" else (boundary, total)
         if end - first < self.span:
@@ -298,7 +309,7 @@ class ClipDataset(Dataset):
             return None, f"unreadable video: frame {end - 1} of {total}: {_first_line(err)}"
         finally:
             del reader
-        return VideoPart(path, entry.caption, first, end - self.span, control), ""
+        return VideoPart(path, entry.caption, first, end - self.span, control, image), ""
 
     def part(self, i: int) -> VideoPart | None:
         """The usable part of video ``i`` (probed on first use when probing is lazy; None if
@@ -378,7 +389,7 @@ class ClipDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_readers", "_cache", "_parts"):
+        for key in ("_readers", "_cache", "_parts", "_images"):
             state[key] = type(state[key])()
         return state
 
@@ -423,12 +434,25 @@ class ClipDataset(Dataset):
         return cached
 
     def _clip(self, video: VideoPart, start: int) -> tuple[Tensor, Tensor]:
+        """(clip, control) [3, T, H, W] of the window at ``start``; the control's first frame
+        is the manifest's conditioning image when it names one."""
         indices = list(range(start, start + self.span, self.frame_stride))
         if self.cache_frames:
             frames, control = self._cached(video)
             local = [i - video.first for i in indices]
-            return frames[:, local], control[:, local]
-        return self._with_control(video, indices)
+            frames, control = frames[:, local], control[:, local]
+        else:
+            frames, control = self._with_control(video, indices)
+        if video.image is not None:
+            control = with_first_frame(control, self._image(video.image))
+        return frames, control
+
+    def _image(self, path: Path) -> Tensor:
+        """The conditioning image at ``path`` resized and cropped like the frames: [3, 1, H, W]
+        in [-1, 1], decoded once per process."""
+        if path not in self._images:
+            self._images[path] = resize_center_crop(decode_image(path), self.height, self.width)
+        return self._images[path]
 
     def _report(self, path: Path, reason: str) -> None:
         """Log a failing file once per process."""
@@ -468,6 +492,7 @@ class ClipDataset(Dataset):
                 "path": str(video.path),
                 "start": start,
                 **({"control_path": str(video.control)} if video.control is not None else {}),
+                **({"image_path": str(video.image or "")} if self.controls.control == "clip" else {}),
             }
         raise TooManyBadVideosError(
             f"manifest {self.manifest} ({self.split} split): item {index} and its {MAX_REPLACEMENTS} "

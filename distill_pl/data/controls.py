@@ -5,7 +5,8 @@
 - ``blur``: the clip blurred (:func:`~distill_pl.data.blur_control.blur_control`),
   Cosmos-Transfer2.5's "vis" control;
 - ``clip``: the clip itself, for image-to-video models, whose ``encode_control`` takes its
-  first frame as the conditioning image (Wan 2.2 I2V A14B and TI2V);
+  first frame as the conditioning image (Wan 2.2 I2V A14B and TI2V); a manifest line may name
+  another image, which then replaces that first frame (:mod:`distill_pl.data.condition_images`);
 - ``video``: a precomputed control video per clip (e.g. depth or segmentation), named in the
   manifest under ``controls[control_key]`` (:mod:`distill_pl.data.control_videos`).
 
@@ -53,7 +54,8 @@ class ControlSettings:
     @property
     def given_frames(self) -> int:
         """Leading pixel frames of the clip the control gives the model as they are: 1 for
-        ``clip`` (the image of image-to-video, the clip's first frame), 0 for the others (the
+        ``clip`` (the image of image-to-video: the clip's first frame or the manifest's
+        ``image``), 0 for the others (the
         model generates every frame). The evaluation leaves these frames out of its quality
         metrics and measures them apart."""
         return 1 if self.control == "clip" else 0

@@ -7,7 +7,9 @@ Mode ``"clips"`` serves :class:`ClipDataset` windows. Batches are dicts:
   -1 / +1 canny edges, ``blur``, or ``video``: the manifest's control videos; see
   :mod:`distill_pl.data.controls`)
 - ``caption``     list[str];  ``path`` list[str];  ``start`` [B] long (first frame index);
-  with ``control: video`` also ``control_path`` list[str] (the control videos)
+  with ``control: video`` also ``control_path`` list[str] (the control videos), with
+  ``control: clip`` also ``image_path`` list[str] (the manifest's conditioning images, "" for
+  a clip without one; the image is the control's first frame)
 - ``text_embeds`` [B, L, D] float32 (zero at padding), ``text_mask`` [B, L] bool
 
 Embeddings of every caption and of the negative prompt are computed in ``setup`` through a

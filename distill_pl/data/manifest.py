@@ -3,7 +3,9 @@
 One JSON object per line: ``{"path": "clips/a.mp4", "caption": "a dog running"}``, optionally
 with the clip's precomputed control videos by name, ``"controls": {"depth": "depth/a.mp4"}``
 (read with the data setting ``control: video``, ``control_key: depth``; see
-:mod:`distill_pl.data.control_videos`). A relative path is relative to the manifest's folder;
+:mod:`distill_pl.data.control_videos`), and the conditioning image an image-to-video model is
+given instead of the clip's first frame, ``"image": "images/a.png"`` (read with ``control:
+clip``; see :mod:`distill_pl.data.condition_images`). A relative path is relative to the manifest's folder;
 absolute paths are accepted. Blank lines are ignored. ``write_manifest`` writes paths relative
 to the manifest's folder.
 """
@@ -15,17 +17,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill_pl.data.condition_images import IMAGE_KEY
 from distill_pl.util.media import atomic_write
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    """A video file (absolute, normalised path), its caption and its control videos by name
-    (absolute, normalised paths)."""
+    """A video file (absolute, normalised path), its caption, its control videos by name and
+    its conditioning image (None: the clip's first frame) (absolute, normalised paths)."""
 
     path: Path
     caption: str
     controls: dict[str, Path] = field(default_factory=dict)
+    image: Path | None = None
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
@@ -53,8 +57,12 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
             controls = record.get("controls", {})
             if not isinstance(controls, dict) or not all(isinstance(v, str) and v for v in controls.values()):
                 raise ValueError(f"{where}: 'controls' must map names to video paths, e.g. {{\"depth\": \"depth/a.mp4\"}}")
+            image = record.get(IMAGE_KEY)
+            if image is not None and not (isinstance(image, str) and image):
+                raise ValueError(f"{where}: '{IMAGE_KEY}' must be an image path, e.g. \"images/a.png\"")
             entries.append(ManifestEntry(_absolute(manifest, record["path"]), record["caption"],
-                                         {name: _absolute(manifest, path) for name, path in controls.items()}))
+                                         {name: _absolute(manifest, path) for name, path in controls.items()},
+                                         None if image is None else _absolute(manifest, image)))
     if not entries:
         raise ValueError(f"manifest {manifest} has no entries")
     return entries
@@ -72,7 +80,8 @@ def write_manifest(path: str | Path, entries: list[ManifestEntry]) -> Path:
     lines = [
         json.dumps(
             {"path": relative(e.path), "caption": e.caption,
-             **({"controls": {name: relative(p) for name, p in e.controls.items()}} if e.controls else {})},
+             **({"controls": {name: relative(p) for name, p in e.controls.items()}} if e.controls else {}),
+             **({IMAGE_KEY: relative(e.image)} if e.image is not None else {})},
             ensure_ascii=False,
         )
         + "\n"

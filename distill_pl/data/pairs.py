@@ -34,16 +34,19 @@ tensor                  shape, dtype                    meaning
 Not stored: the noise, regenerated from ``seed`` (:func:`example_noise`) and checked against the
 row's ``noise_sha256`` (:func:`noise_fingerprint`); the clip and its control, stored by
 reference (video path, ``start`` and the clip settings below; with ``control: video`` also
-the control video's path) and re-derived at read time (:mod:`distill_pl.data.clip_reference`),
-after checking each referenced video's ``video_sha256``.
+the control video's path; with ``control: clip`` the conditioning image the manifest named,
+if any) and re-derived at read time (:mod:`distill_pl.data.clip_reference`), after checking
+each referenced file's ``video_sha256``.
 
 Metadata (JSON under :data:`METADATA_KEY`):
 
 - per shard: ``shard_index``, ``count`` (= S), ``first_index``, ``captions`` and ``paths``
   (lists of S strings: the prompt and the source video of every row), ``noise_sha256`` (S hex
   digests), ``text_prompts`` (the P prompts of the table rows), ``video_sha256`` ({path: sha256}
-  of every referenced video, control videos included); with ``control: video`` also
-  ``control_paths`` (S strings: the control video of every row);
+  of every referenced file, control videos and conditioning images included); with ``control:
+  video`` also ``control_paths`` (S strings: the control video of every row); with ``control:
+  clip`` and a manifest that names conditioning images also ``image_paths`` (S strings: the
+  image of every row, "" for a row whose image is its clip's first frame);
 - common to every shard of a split: ``format_version``, ``split``, ``num_examples``,
   ``shard_size``, ``storage_dtype``, ``trajectory_sigmas`` (the requested levels, [] = none);
   the teacher: ``teacher`` (absolute folder path), ``teacher_sha256`` (see
@@ -126,8 +129,9 @@ PER_SHARD_KEYS = {
     1: ("shard_index", "count", "first_index", "captions", "paths"),
     2: ("shard_index", "count", "first_index", "captions", "paths", "noise_sha256", "text_prompts", "video_sha256"),
 }
-#: per-shard metadata of some shards only: ``control_paths`` (``control: video``)
-OPTIONAL_PER_SHARD_KEYS = ("control_paths",)
+#: per-shard metadata of some shards only: ``control_paths`` (``control: video``),
+#: ``image_paths`` (``control: clip`` with conditioning images named in the manifest)
+OPTIONAL_PER_SHARD_KEYS = ("control_paths", "image_paths")
 #: metadata every shard must have
 REQUIRED_KEYS = (
     "format_version", "split", "num_examples", "shard_size", "teacher", "teacher_sha256",
@@ -233,7 +237,8 @@ def build_pair_shard(
     ``rows``: one dict per example, in index order, with ``teacher_output`` [C, T', H', W'],
     ``text_embeds`` [L, D], ``text_mask`` [L], ``seed``, ``index``, ``start`` (0-dim), the
     noise's ``noise_sha256``, ``caption`` and ``path`` (with ``control: video`` also
-    ``control_path``, the row's control video); with trajectory levels also
+    ``control_path``, the row's control video; with ``control: clip`` also ``image_path``, the
+    row's conditioning image or ""); with trajectory levels also
     ``teacher_trajectory`` [K, C, T', H', W'] and ``trajectory_sigmas`` [K]; with
     ``conditional_frame_probabilities`` also ``num_cond_frames`` (0-dim). ``common``: the
     common metadata (``storage_dtype``, ``trajectory_sigmas``, ...). ``negative``: the
@@ -255,6 +260,9 @@ def build_pair_shard(
         tensors["num_cond_frames"] = torch.stack([torch.as_tensor(row["num_cond_frames"]) for row in rows]).long()
     paths = [row["path"] for row in rows]
     control_paths = [row["control_path"] for row in rows] if "control_path" in rows[0] else []
+    image_paths = [row.get("image_path", "") for row in rows]
+    if not any(image_paths):  # no row names an image: the shard is written as before images existed
+        image_paths = []
     metadata = {
         **common,
         "format_version": FORMAT_VERSION,
@@ -264,8 +272,10 @@ def build_pair_shard(
         "paths": paths,
         "noise_sha256": [row["noise_sha256"] for row in rows],
         "text_prompts": prompts,
-        "video_sha256": {path: video_digests(path) for path in dict.fromkeys(paths + control_paths)},
+        "video_sha256": {path: video_digests(path)
+                         for path in dict.fromkeys(paths + control_paths + [p for p in image_paths if p])},
         **({"control_paths": control_paths} if control_paths else {}),
+        **({"image_paths": image_paths} if image_paths else {}),
     }
     return tensors, metadata
 
@@ -308,7 +318,11 @@ def _check_shard(path: Path, metadata: dict, tensors: dict[str, tuple[list[int],
         control_paths = metadata.get("control_paths", [])
         if metadata.get("control") == "video" and len(control_paths) != count:
             raise ShardError(f"{path}: control: video, but control_paths does not have {count} entries")
-        missing = sorted(set(metadata["paths"] + control_paths) - set(metadata["video_sha256"]))
+        image_paths = metadata.get("image_paths", [])
+        if image_paths and len(image_paths) != count:
+            raise ShardError(f"{path}: image_paths does not have {count} entries")
+        referenced = metadata["paths"] + control_paths + [p for p in image_paths if p]
+        missing = sorted(set(referenced) - set(metadata["video_sha256"]))
         if missing:
             raise ShardError(f"{path}: video_sha256 lacks the referenced videos {missing[:3]}")
         dtype, prompts = storage_dtype(metadata["storage_dtype"]), len(metadata["text_prompts"])
@@ -382,7 +396,8 @@ class PairShardDataset(Dataset):
         trajectory if any; version 1: the tensors of :data:`V1_EXAMPLE_TENSORS` but
         ``start``), ``caption`` and, for version 2, ``path``, ``noise_sha256`` and
         ``video_sha256`` (the digest of that video), with ``control: video`` also
-        ``control_path`` and ``control_sha256``. A row holding non-finite values warns,
+        ``control_path`` and ``control_sha256``, with conditioning images also ``image_path``
+        and ``image_sha256`` ("" for a row without one). A row holding non-finite values warns,
         naming the shard file, the row and the tensors."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} KD pairs")
@@ -408,6 +423,9 @@ class PairShardDataset(Dataset):
             if "control_paths" in metadata:
                 control_path = metadata["control_paths"][row]
                 stored.update(control_path=control_path, control_sha256=metadata["video_sha256"][control_path])
+            if "image_paths" in metadata:
+                image_path = metadata["image_paths"][row]
+                stored.update(image_path=image_path, image_sha256=metadata["video_sha256"].get(image_path, ""))
         return stored
 
     @staticmethod
@@ -471,6 +489,9 @@ class PairRowDecoder:
         self._clips.check(video_path, item.pop("video_sha256"), where=where)
         if control_path is not None:
             self._clips.check(control_path, item.pop("control_sha256"), where=where)
-        item["video"], item["control"] = self._clips.read(video_path, start, control_path)
+        image_path, image_sha256 = item.pop("image_path", ""), item.pop("image_sha256", "")
+        if image_path:
+            self._clips.check(image_path, image_sha256, where=where)
+        item["video"], item["control"] = self._clips.read(video_path, start, control_path, image_path or None)
         item["noise"] = noise
         return item

@@ -19,7 +19,8 @@ measure per control modality (the data setting ``control``, :mod:`distill_pl.dat
   segmentation accuracy: texture edges of the video that the control lacks lower the
   precision, so a perfect video scores below 1; compare a student's value with the
   teacher's rows of the same report.
-- ``clip`` (image-to-video: the control is the clip, its first frame the conditioning image)
+- ``clip`` (image-to-video: the control is the clip, its first frame the conditioning image:
+  the clip's own or the manifest's ``image``, :mod:`~distill_pl.data.condition_images`)
   -> ``image_psnr``: PSNR in dB (data range 2) of the generated video's given frames (the
   first, :attr:`~distill_pl.data.controls.ControlSettings.given_frames`) against the image.
   The model is handed that frame, so this is the conditioning-frame agreement, reported apart:
@@ -69,7 +70,8 @@ class ControlFidelity:
                       "texture edges lower it, so compare with the teacher's rows, not with 1"),
             "clip": ("first-frame PSNR vs image (dB)", 2,
                      "PSNR (data range 2) of the generated video's first frame against the conditioning image "
-                     "(the clip's first frame), which the model is given; every other column leaves that frame out"),
+                     "(the clip's first frame, or the image its manifest line names), which the model is given; "
+                     "every other column leaves that frame out"),
         }
         title, digits, definition = described[c.control]
         return dict(control=c.modality, key=self.key, title=title, digits=digits, higher_is_better=True,

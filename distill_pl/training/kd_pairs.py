@@ -92,7 +92,8 @@ class KDPairGenerationModule(L.LightningModule):
     ``trajectory_sigmas`` [B, K]; with conditional frames ``num_cond_frames`` [B] long;
     ``text_embeds`` [B, L, D], ``text_mask`` [B, L], ``seed``,
     ``index`` and ``start`` [B] long, and the lists ``noise_sha256``, ``split``, ``caption``,
-    ``path`` (with ``control: video`` also ``control_path``).
+    ``path`` (with ``control: video`` also ``control_path``, with ``control: clip`` also
+    ``image_path``: the conditioning image the manifest named, or "").
     """
 
     def __init__(
@@ -224,6 +225,8 @@ class KDPairGenerationModule(L.LightningModule):
         }
         if "control_path" in batch:  # control: video: the shard references the control video too
             prediction["control_path"] = list(batch["control_path"])
+        if "image_path" in batch:  # control: clip: the shard references the manifest's images too
+            prediction["image_path"] = list(batch["image_path"])
         if cond.num_cond_frames is not None:
             prediction["num_cond_frames"] = cond.num_cond_frames.cpu()
         if self.trajectory_steps:

@@ -121,3 +121,20 @@ def test_local_litdata_rank_split_reads_the_streaming_batches_of_each_rank(tmp_p
         assert [batch.tolist() for batch in local] == expected, rank
         seen |= {i for batch in expected for i in batch}
     assert len(seen) == len(local) * batch_size * replicas  # the ranks are disjoint
+
+
+def test_streamed_pairs_with_conditioning_images_equal_the_shard_items(tmp_path):
+    """Pairs whose manifest names a conditioning image for one clip: the streaming copy keeps
+    each row's image reference ("" for the clip without one), and its items equal the shard
+    reader's."""
+    from tests.data.test_condition_images import dataset, manifest_with_image, write_image, write_split_of
+
+    manifest = manifest_with_image(tmp_path)
+    write_image(tmp_path / "images" / "a.png", 48, 80, seed=5)
+    layout = write_split_of(tmp_path, dataset(manifest, cache_frames=False))
+    optimize(layout.folder.parent, tmp_path / "streaming", chunk_size=2)
+    local = PairShardDataset(layout.folder)
+    streamed = StreamingShardDataset(str(tmp_path / "streaming" / "train"))
+    assert streamed.metadata == local.metadata and streamed.metadata["control"] == "clip"
+    for i in range(4):
+        assert_items_equal(streamed[i], local[i])

@@ -10,7 +10,7 @@ deliberate change of the estimate re-records the file:
     PYTHONPATH=. .venv/bin/python -m tests.scale.test_estimate_golden
 
 The configs name their teachers relative to the working directory: ``teachers/tiny`` (in the
-repository), the tiny Wan VACE, Wan 2.2 (T2V-A14B and TI2V-5B) and Cosmos-Transfer2.5 teachers
+repository), the tiny Wan VACE, Wan 2.2 (T2V-A14B, I2V-A14B and TI2V-5B) and Cosmos-Transfer2.5 teachers
 their scripts write under ``runs/``, and the Wan2.1-VACE stand-in folders (configs and empty weights) under
 ``checkpoints/``; the Wan2.1-T2V, Wan2.2 and Cosmos-Transfer2.5-2B folders are absent, so the
 estimate takes their published configs.
@@ -77,7 +77,7 @@ def write_teacher_folders(root: Path) -> None:
         _script("make_tiny_cosmos_transfer").write_tiny_cosmos_transfer(root / "runs/tiny-cosmos-transfer2.5/teacher")
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    for kind in ("t2v-a14b", "ti2v-5b"):
+    for kind in ("t2v-a14b", "i2v-a14b", "ti2v-5b"):
         write_tiny_wan22(root / f"runs/tiny-wan2.2-{kind}/teacher", kind)
     for model in VACE_MODELS.values():
         write_vace_stand_in(root / model.folder, model.transformer_config)
