@@ -176,7 +176,9 @@ class WanExpertsDenoiser(Denoiser):
         """Velocity (and features after block ``feature_block``) of each sample from the
         expert owning its noise level. Levels on the meta device (a memory estimate) have no
         values: the high-noise expert runs the whole batch (a split batch holds the same
-        activations)."""
+        activations). Sharded over several processes, an expert that owns no sample here but
+        one on another process runs on this batch's first sample, and zero times its output is
+        added to the result (:meth:`_experts_to_run`)."""
         self.high_noise._check_inputs(x_t, sigma, cond)
         if sigma.is_meta:
             return self.high_noise(x_t, sigma, cond, feature_block)
