@@ -194,6 +194,25 @@ def test_a_mixed_batch_runs_each_sample_on_its_expert_and_trains_it(tiny):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loras.values())
 
 
+def test_an_expert_needed_on_another_process_runs_on_a_placeholder(tiny, monkeypatch):
+    """Sharded over several processes, an expert that another data-parallel rank runs is called
+    here too (FSDP2 all-gathers and reduce-scatters each unit over all processes): this
+    process's batch, all at high-noise levels, keeps the high-noise expert's velocity and
+    features, and the low-noise expert gets zero gradients (not none), so its reduction runs."""
+    denoiser = load_denoiser(tiny["t2v-a14b"][0]).eval()
+    noise, prompt, _ = inputs()
+    x_t, sigma, cond = torch.cat([noise, noise.flip(-1)]), torch.tensor([0.95, 0.9]), Conditioning(prompt.repeat(2, 1, 1))
+    with torch.no_grad():
+        alone = denoiser.high_noise(x_t, sigma, cond, feature_block=1)
+    monkeypatch.setattr(type(denoiser), "_experts_to_run", lambda self, low: (True, True))
+    velocity, features = denoiser(x_t, sigma, cond, feature_block=1)
+    assert torch.equal(velocity, alone[0]) and torch.equal(features, alone[1])
+    (velocity.square().mean() + features.mean()).backward()
+    low = [p.grad for p in denoiser.low_noise.parameters()]
+    assert all(g is not None for g in low) and all(not g.any() for g in low)
+    assert any(p.grad.any() for p in denoiser.high_noise.parameters())
+
+
 def test_guidance_2_needs_two_experts(tiny):
     one = load_denoiser(tiny["ti2v-5b"][0])
     noise, prompt, negative = inputs()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_condition
@@ -175,22 +176,51 @@ class WanExpertsDenoiser(Denoiser):
         """Velocity (and features after block ``feature_block``) of each sample from the
         expert owning its noise level. Levels on the meta device (a memory estimate) have no
         values: the high-noise expert runs the whole batch (a split batch holds the same
-        activations)."""
+        activations). Sharded over several processes, an expert that owns no sample here but
+        one on another process runs on this batch's first sample, and zero times its output is
+        added to the result (:meth:`_experts_to_run`)."""
         self.high_noise._check_inputs(x_t, sigma, cond)
         if sigma.is_meta:
             return self.high_noise(x_t, sigma, cond, feature_block)
         low = self.low_noise_levels(sigma)
-        if not low.any():
+        run_high, run_low = self._experts_to_run(low)
+        if not run_low:
             return self.high_noise(x_t, sigma, cond, feature_block)
-        if low.all():
+        if not run_high:
             return self.low_noise(x_t, sigma, cond, feature_block)
         high = ~low
-        from_high = self.high_noise(x_t[high], sigma[high], cond.select(high), feature_block)
-        from_low = self.low_noise(x_t[low], sigma[low], cond.select(low), feature_block)
+        parts, placeholders = [], []
+        for expert, mine in ((self.high_noise, high), (self.low_noise, low)):
+            if mine.any():
+                out = expert(x_t[mine], sigma[mine], cond.select(mine), feature_block)
+                parts.append(out if feature_block is not None else (out,))
+            else:  # needed on another process only: run it on this process's first sample, unused
+                out = expert(x_t[:1], sigma[:1], cond.select(slice(0, 1)), feature_block)
+                placeholders.extend(out if feature_block is not None else (out,))
+        # nothing of the placeholder's values, but its backward (zero gradients) joins FSDP's reduction
+        unused = sum(t.sum() for t in placeholders) * 0.0 if placeholders else None
         order = torch.cat([high.nonzero()[:, 0], low.nonzero()[:, 0]]).argsort()
-        if feature_block is None:
-            return torch.cat([from_high, from_low])[order]
-        return tuple(torch.cat([h, l])[order] for h, l in zip(from_high, from_low))
+        merged = []
+        for tensors in zip(*parts):
+            joined = torch.cat(tensors)[order]
+            merged.append(joined if unused is None else joined + unused.to(joined.dtype))
+        return merged[0] if feature_block is None else tuple(merged)
+
+    def _experts_to_run(self, low: Tensor) -> tuple[bool, bool]:
+        """(run the high-noise expert, run the low-noise one) for a batch whose low-noise
+        levels are ``low`` (bool [B]): each expert that owns a sample here, or, when the
+        experts are sharded with FSDP2 over several processes, on any process. Sharded, every
+        process must call the same FSDP units (each forward all-gathers the unit's weights
+        over all of them, each backward reduce-scatters its gradients), yet each data-parallel
+        rank routes its own samples; a process that owns no sample of an expert another one
+        runs calls it anyway on a placeholder (see :meth:`forward`)."""
+        needed = torch.stack([(~low).any(), low.any()])
+        if isinstance(self, FSDPModule) and torch.distributed.get_world_size() > 1:
+            # the stages shard every network over all processes (distill_pl.models.sharding)
+            needed = needed.to(torch.int32)
+            torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
+        run_high, run_low = (bool(n) for n in needed.tolist())
+        return run_high, run_low
 
     def finish_sample(self, x0: Tensor, cond: Conditioning) -> Tensor:
         return self.low_noise.finish_sample(x0, cond)
