@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_condition
-from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config
+from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config, write_layout_index
 from distill_pl.families.wan.ti2v import WanTI2VDenoiser
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
@@ -213,9 +213,17 @@ class WanExpertsDenoiser(Denoiser):
         for expert in self.experts:
             expert.set_gradient_checkpointing(enabled)
 
+    def save_components(self, folder: str) -> None:
+        """``folder/transformer`` (high noise), ``folder/transformer_2`` (low noise) and
+        ``folder/model_index.json`` with the pipeline class, ``boundary_ratio`` and
+        ``expand_timesteps`` (:func:`~distill_pl.families.wan.layout.write_layout_index`): the
+        folder reloads as these two experts."""
+        super().save_components(folder)
+        write_layout_index(folder, self.pipeline_class_name, self.components,
+                           boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+
     def save_pretrained(self, folder: str) -> None:
-        """``folder/transformer`` (high noise) and ``folder/transformer_2`` (low noise):
-        :meth:`save_components` of :attr:`components`."""
+        """:meth:`save_components`."""
         self.save_components(folder)
 
     def save_student_pipeline(

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from distill_pl.families.wan.adapter import WanDenoiser, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_latent
+from distill_pl.families.wan.layout import write_layout_index
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 
@@ -63,6 +64,12 @@ class WanTI2VDenoiser(WanDenoiser):
     def backbone_config(self) -> dict:
         return {"transformer": self.transformer_config, "expand_timesteps": True}
 
+    def save_components(self, folder: str) -> None:
+        """``folder/transformer`` and ``folder/model_index.json`` with ``expand_timesteps``
+        (:func:`~distill_pl.families.wan.layout.write_layout_index`): the folder reloads as TI2V."""
+        super().save_components(folder)
+        write_layout_index(folder, self.pipeline_class_name, self.components, expand_timesteps=True)
+
     def _control_channels(self) -> int:
         """Image-to-video: the first latent frame, the latents' channels; else 0."""
         return self.transformer.config.out_channels if self.image_to_video else 0
@@ -89,13 +96,20 @@ class WanTI2VDenoiser(WanDenoiser):
         per_token = grid[:, ::p_h, ::p_w].flatten()
         return per_token[None] * wan_timestep(sigma)[:, None]
 
+    def control_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Image-to-video: the clean first latent frame [B, C, 1, H, W]; text-to-video: None."""
+        if not self.image_to_video:
+            return None
+        batch, channels, _, height, width = latent_shape
+        return (batch, channels, 1, height, width)
+
     def _check_control(self, x_t: Tensor, control: Tensor | None) -> None:
         if not self.image_to_video:
             if control is not None:
                 raise ValueError("this Wan 2.2 TI2V model is text-to-video (image_to_video=False), "
                                  "but cond.control was given")
             return
-        expected = [x_t.shape[0], self.latent_channels, 1, *x_t.shape[3:]]
+        expected = list(self.control_shape(x_t.shape))
         if control is None or list(control.shape) != expected:
             got = None if control is None else list(control.shape)
             raise ValueError(f"cond.control of a Wan 2.2 TI2V image-to-video model is the clean first "
