@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, wan_timestep
+from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, check_one_source, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_condition
 from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config, write_layout_index
 from distill_pl.families.wan.ti2v import WanTI2VDenoiser
@@ -74,8 +74,7 @@ class WanExpertsDenoiser(Denoiser):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if (path is None) == (config is None):
-            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
+        check_one_source(self, path, config)
         if path is not None:
             root = resolve_path(path)
             config = wan_folder_config(root)

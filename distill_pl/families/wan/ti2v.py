@@ -41,16 +41,11 @@ class WanTI2VDenoiser(WanDenoiser):
         "(expand_timesteps=True); without an image, WanPipeline"
     )
 
-    def __init__(
-        self,
-        path: str | None = None,
-        config: dict | None = None,
-        gradient_checkpointing: bool = False,
-        dtype: str = "float32",
-        image_to_video: bool = False,
-    ) -> None:
+    def __init__(self, *, image_to_video: bool = False, **backbone) -> None:
+        """``backbone``: :class:`~distill_pl.families.wan.adapter.WanDenoiser`'s ``path``,
+        ``config``, ``gradient_checkpointing`` and ``dtype``."""
         self.image_to_video = bool(image_to_video)
-        super().__init__(path=path, config=config, gradient_checkpointing=gradient_checkpointing, dtype=dtype)
+        super().__init__(**backbone)
 
     @property
     def adapter_options(self) -> dict:
