@@ -262,6 +262,16 @@ class Denoiser(nn.Module):
         grid = (frames // p_t, height // p_h, width // p_w)
         return tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], *grid)
 
+    def control_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The shape of ``Conditioning.control`` for latents ``x_t`` of ``latent_shape``
+        [B, C, T, H, W]: [B, control_channels, T, H, W] by default (a control on the latent
+        grid); a model that takes fewer control frames (an image's one latent frame) says so;
+        None for a model without control."""
+        if self.control_channels == 0:
+            return None
+        batch, _, *grid = latent_shape
+        return (batch, self.control_channels, *grid)
+
     def encode_control(self, control: Tensor, autoencoder: "VideoAutoencoder") -> Tensor | None:
         """What ``Conditioning.control`` holds for this model, from the control video
         [B, 3, T, H, W] in [-1, 1]: None for a model without control, else by default the

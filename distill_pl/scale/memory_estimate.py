@@ -427,13 +427,14 @@ def _batch_bytes(method: type[Roles], b: int, data, latent: tuple[int, ...], tex
 def _phase_losses(roles: Roles, settings: dict, b: int, latent: tuple, text: tuple) -> dict[str, Callable[[], Tensor]]:
     """phase -> the method's forward of that phase on meta inputs, returning the loss:
     latents [b, *latent] (a new tensor each), sigma [b], text [b, *text] + mask and the
-    student's control channels at the latent grid."""
+    student's control (``Denoiser.control_shape``: its channels on the latent grid, or e.g. an
+    image's one latent frame)."""
     def meta(*shape, dtype=torch.float32) -> Tensor:
         return torch.zeros(*shape, dtype=dtype, device="meta")
 
-    control = roles.student.control_channels
+    control = roles.student.control_shape((b, *latent))
     cond = Conditioning(meta(b, *text), meta(b, text[0], dtype=torch.bool),
-                        meta(b, control, *latent[1:]) if control else None)
+                        None if control is None else meta(*control))
     return roles.phase_losses(settings, lambda: meta(b, *latent), meta(b), cond)
 
 

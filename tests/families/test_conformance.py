@@ -3,8 +3,8 @@
 One case per key of ``distill_pl.families.registry.FAMILIES`` (a registry line adds a
 case), plus one per layout that a key's adapter picks with ``Denoiser.variant`` (keyed
 ``"<class name>[<layout>]"``, e.g. ``"WanTransformer3DModel[t2v-a14b]"``: Wan 2.2's two-expert
-T2V-A14B and I2V-A14B, and TI2V-5B), each on tiny random components saved in the family's
-official diffusers pipeline layout, float32, CPU.
+T2V-A14B and I2V-A14B, and TI2V-5B text-to-video and image-to-video), each on tiny random
+components saved in the family's official diffusers pipeline layout, float32, CPU.
 
 A new family passes when:
 
@@ -18,8 +18,9 @@ A new family passes when:
    video (``control_input``, which goes into ``student.json``).
 2. Forward. Given latents ``x_t`` [B, C, T, H, W] (T, H, W multiples of ``patch_size``), a noise
    level ``sigma`` [B] and a ``Conditioning`` with the text embedding [B, L, text_dim], its
-   mask [B, L] and the control [B, control_channels, T, H, W] (None without control), it
-   returns the velocity with the shape and dtype of ``x_t``, finite. The velocity changes
+   mask [B, L] and the control of shape ``control_shape(x_t.shape)`` (by default
+   [B, control_channels, T, H, W]; TI2V image-to-video: the image's clean latent frame
+   [B, C, 1, H, W]; None without control), it returns the velocity with the shape and dtype of ``x_t``, finite. The velocity changes
    with sigma, with the text and with the control. Each sample's velocity is the same when
    the sample runs alone as when it runs in the batch.
 3. Feature taps. ``forward(..., feature_block=k)`` returns ``(velocity, features)``. The
@@ -34,7 +35,8 @@ A new family passes when:
 4. Save and load. ``save_components(folder)`` writes one diffusers model folder per
    component of the pipeline (``transformer/``, and e.g. ``controlnet/``, or the two experts'
    ``transformer/`` and ``transformer_2/``), each holding the diffusers model that
-   ``components`` names for it. Loading ``folder`` with the registry's
+   ``components`` names for it, and what reloading needs besides (Wan 2.2: the
+   ``model_index.json`` with the layout, ``boundary_ratio`` and ``expand_timesteps``). Loading ``folder`` with the registry's
    ``load_denoiser(folder, **adapter_options)`` gives back the same adapter class and options,
    the same weights and the same output. ``pretrained_state_dict(folder)`` returns those
    weights under the keys of ``state_dict()``.
@@ -144,13 +146,6 @@ def wan22_layout(kind: str) -> Callable[[Path], object]:
     return lambda folder: write_tiny_wan22(folder, kind)
 
 
-#: the Wan 2.2 layouts' known gaps
-WAN22_GAPS = {"test_save_load_round_trip": (
-    "the layout (two experts' boundary_ratio, TI2V's expand_timesteps) is read from model_index.json, "
-    "which save_components does not write: its folder reloads as one Wan 2.1 transformer; Wan 2.2 "
-    "loads from its pipeline folder")}
-
-
 #: registry key (or ``"<registry key>[<layout>]"``) -> its tiny builder; a new registry line
 #: needs one here
 TINY_FAMILIES: dict[str, TinyFamily] = {
@@ -171,10 +166,13 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "transformer class Predict shares; Predict loads from its pipeline folder")},
     ),
     # Wan 2.2: layouts of WanTransformer3DModel that its adapter's ``variant`` picks
-    "WanTransformer3DModel[t2v-a14b]": TinyFamily(wan22_layout("t2v-a14b"), "WanPipeline", gaps=WAN22_GAPS),
-    "WanTransformer3DModel[i2v-a14b]": TinyFamily(
-        wan22_layout("i2v-a14b"), "WanImageToVideoPipeline", gaps=WAN22_GAPS),
-    "WanTransformer3DModel[ti2v-5b]": TinyFamily(wan22_layout("ti2v-5b"), "WanPipeline", gaps=WAN22_GAPS),
+    "WanTransformer3DModel[t2v-a14b]": TinyFamily(wan22_layout("t2v-a14b"), "WanPipeline"),
+    "WanTransformer3DModel[i2v-a14b]": TinyFamily(wan22_layout("i2v-a14b"), "WanImageToVideoPipeline"),
+    "WanTransformer3DModel[ti2v-5b]": TinyFamily(wan22_layout("ti2v-5b"), "WanPipeline"),
+    # TI2V-5B image-to-video: the same folder (exported as WanPipeline, whose components
+    # WanImageToVideoPipeline takes); the control is the image's clean latent frame
+    "WanTransformer3DModel[ti2v-5b-i2v]": TinyFamily(
+        wan22_layout("ti2v-5b"), "WanPipeline", options={"image_to_video": True}),
 }
 #: the cases that are layouts of a registry key rather than registry keys
 LAYOUT_KEYS = sorted(key for key in TINY_FAMILIES if "[" in key)
@@ -228,7 +226,8 @@ def exported(family, tmp_path_factory) -> Path:
 
 def make_inputs(net: Denoiser, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """Inputs from the adapter's declared sizes: a 2 x 2 x 3 token grid (non-square), 5 text
-    tokens of which sample 0 masks the last 2 (zeroed, as the text encoders give them)."""
+    tokens of which sample 0 masks the last 2 (zeroed, as the text encoders give them), a
+    control of the adapter's ``control_shape``."""
     pt, ph, pw = net.patch_size
     sizes = (2 * pt, 2 * ph, 3 * pw)
     g = torch.Generator().manual_seed(seed)
@@ -237,7 +236,8 @@ def make_inputs(net: Denoiser, batch: int = 2, seed: int = 0) -> tuple[torch.Ten
     mask = torch.ones(batch, 5, dtype=torch.bool)
     mask[0, -2:] = False
     text = torch.randn(batch, 5, net.text_dim, generator=g) * mask[..., None]
-    control = torch.randn(batch, net.control_channels, *sizes, generator=g) if net.control_channels else None
+    control_shape = net.control_shape(x_t.shape)
+    control = None if control_shape is None else torch.randn(control_shape, generator=g)
     return x_t, sigma, Conditioning(text, mask, control)
 
 

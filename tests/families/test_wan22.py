@@ -241,6 +241,35 @@ def test_experts_of_different_shapes_are_a_one_line_error(tiny, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_saved_components_hold_the_layout_in_the_pipelines_model_index(tiny, tmp_path):
+    """``save_components`` writes the pipeline's own ``model_index.json`` (class, boundary_ratio,
+    expand_timesteps, the experts) with the components it does not hold as ``[null, null]``;
+    the conformance test reloads such folders."""
+    for kind, (folder, _) in tiny.items():
+        denoiser = load_denoiser(folder)
+        denoiser.save_components(str(tmp_path / kind))
+        pipeline_index = json.loads((folder / "model_index.json").read_text())
+        absent = {"vae", "scheduler"}  # the teacher folder's components that are not the denoiser's
+        assert json.loads((tmp_path / kind / "model_index.json").read_text()) == {
+            key: [None, None] if key in absent else value for key, value in pipeline_index.items()}
+
+
+def test_a_two_expert_folder_without_its_model_index_is_a_one_line_error(tiny, tmp_path):
+    """Model folders saved before ``save_components`` wrote the layout: two experts without the
+    index are refused (read as Wan 2.1 they would lose the low-noise expert); one TI2V
+    transformer without it is read as Wan 2.1, as before."""
+    folder = tmp_path / "experts"
+    load_denoiser(tiny["t2v-a14b"][0]).save_components(str(folder))
+    (folder / "model_index.json").unlink()
+    with pytest.raises(ModelFolderError, match=r"experts: holds transformer_2/ .* but no model_index.json") as err:
+        load_denoiser(folder)
+    assert "\n" not in str(err.value)
+    one = tmp_path / "ti2v"
+    load_denoiser(tiny["ti2v-5b"][0]).save_components(str(one))
+    (one / "model_index.json").unlink()
+    assert type(load_denoiser(one)).__name__ == "WanDenoiser"
+
+
 def test_image_of_the_wrong_size_is_a_one_line_error(tiny):
     folder = tiny["i2v-a14b"][0]
     vae = WanVAE(str(folder))

@@ -312,3 +312,21 @@ def test_latents_mode_puts_latents_and_no_pixels_on_the_device():
     text_bytes = 4 * 512 * 4096 + 512
     assert _batch_bytes(DMD2Roles, 1, clips, latent, text) == 4 * 2 * 3 * 81 * 480 * 832 + text_bytes
     assert _batch_bytes(DMD2Roles, 1, latents, latent, text) == 4 * 2 * 16 * 21 * 60 * 104 + text_bytes
+
+
+def test_a_ti2v_image_to_video_student_is_estimated_with_its_image_latent_frame(tmp_path):
+    """TI2V-5B image-to-video takes the image's one clean latent frame as its control
+    (``Denoiser.control_shape``), not a control on the whole latent grid: the estimate runs its
+    steps with that control and keeps the text-to-video student's weights and optimizer rows."""
+    from tests.families.wan22_tiny import write_tiny_wan22
+
+    teacher = write_tiny_wan22(tmp_path / "teacher", "ti2v-5b")
+    config = yaml.safe_load(Path("configs/tiny-wan2.2-ti2v-5b/dmd2.yaml").read_text())
+    config["model"]["init_args"].update(teacher=str(teacher), vae_path=str(teacher))
+    estimates = {}
+    for image_to_video in (False, True):
+        config["model"]["init_args"]["denoiser_options"] = {"image_to_video": image_to_video}
+        (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
+        estimates[image_to_video] = estimate_memory(str(tmp_path / "dmd2.yaml"))
+    assert estimates[True].static == estimates[False].static
+    assert estimates[True].phases.keys() == estimates[False].phases.keys()

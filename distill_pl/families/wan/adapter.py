@@ -44,6 +44,13 @@ def wan_timestep(sigma: Tensor) -> Tensor:
     return (1000.0 * sigma.double()).float()
 
 
+def check_one_source(adapter: object, path: str | None, config: dict | None) -> None:
+    """ValueError unless exactly one of ``path`` (a local folder) or ``config`` is given: the
+    two ways a Wan adapter is built."""
+    if (path is None) == (config is None):
+        raise ValueError(f"{type(adapter).__name__} needs exactly one of `path` (a local folder) or `config`")
+
+
 class WanDenoiser(TransformerDenoiser):
     """Wan transformer as a velocity predictor ``(x_t, sigma, cond) -> v``.
 
@@ -77,8 +84,7 @@ class WanDenoiser(TransformerDenoiser):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if (path is None) == (config is None):
-            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
+        check_one_source(self, path, config)
         torch_dtype = parse_dtype(dtype)
         if path is not None:
             self.folder = find_diffusers_model_folder(path, self.class_name, "transformer")

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, wan_timestep
+from distill_pl.families.wan.adapter import WAN_BLOCK_LINEARS, WanDenoiser, check_one_source, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_condition
-from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config
+from distill_pl.families.wan.layout import SECOND_EXPERT, wan_folder_config, write_layout_index
 from distill_pl.families.wan.ti2v import WanTI2VDenoiser
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
@@ -75,8 +75,7 @@ class WanExpertsDenoiser(Denoiser):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if (path is None) == (config is None):
-            raise ValueError(f"{type(self).__name__} needs exactly one of `path` (a local folder) or `config`")
+        check_one_source(self, path, config)
         if path is not None:
             root = resolve_path(path)
             config = wan_folder_config(root)
@@ -243,9 +242,17 @@ class WanExpertsDenoiser(Denoiser):
         for expert in self.experts:
             expert.set_gradient_checkpointing(enabled)
 
+    def save_components(self, folder: str) -> None:
+        """``folder/transformer`` (high noise), ``folder/transformer_2`` (low noise) and
+        ``folder/model_index.json`` with the pipeline class, ``boundary_ratio`` and
+        ``expand_timesteps`` (:func:`~distill_pl.families.wan.layout.write_layout_index`): the
+        folder reloads as these two experts."""
+        super().save_components(folder)
+        write_layout_index(folder, self.pipeline_class_name, self.components,
+                           boundary_ratio=self.boundary_ratio, expand_timesteps=self.expand_timesteps)
+
     def save_pretrained(self, folder: str) -> None:
-        """``folder/transformer`` (high noise) and ``folder/transformer_2`` (low noise):
-        :meth:`save_components` of :attr:`components`."""
+        """:meth:`save_components`."""
         self.save_components(folder)
 
     def save_student_pipeline(

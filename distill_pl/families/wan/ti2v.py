@@ -22,6 +22,7 @@ from torch import Tensor
 
 from distill_pl.families.wan.adapter import WanDenoiser, wan_timestep
 from distill_pl.families.wan.image_condition import first_frame_latent
+from distill_pl.families.wan.layout import write_layout_index
 from distill_pl.models.autoencoder import VideoAutoencoder
 from distill_pl.models.conditioning import Conditioning
 
@@ -40,16 +41,11 @@ class WanTI2VDenoiser(WanDenoiser):
         "(expand_timesteps=True); without an image, WanPipeline"
     )
 
-    def __init__(
-        self,
-        path: str | None = None,
-        config: dict | None = None,
-        gradient_checkpointing: bool = False,
-        dtype: str = "float32",
-        image_to_video: bool = False,
-    ) -> None:
+    def __init__(self, *, image_to_video: bool = False, **backbone) -> None:
+        """``backbone``: :class:`~distill_pl.families.wan.adapter.WanDenoiser`'s ``path``,
+        ``config``, ``gradient_checkpointing`` and ``dtype``."""
         self.image_to_video = bool(image_to_video)
-        super().__init__(path=path, config=config, gradient_checkpointing=gradient_checkpointing, dtype=dtype)
+        super().__init__(**backbone)
 
     @property
     def adapter_options(self) -> dict:
@@ -62,6 +58,12 @@ class WanTI2VDenoiser(WanDenoiser):
     @property
     def backbone_config(self) -> dict:
         return {"transformer": self.transformer_config, "expand_timesteps": True}
+
+    def save_components(self, folder: str) -> None:
+        """``folder/transformer`` and ``folder/model_index.json`` with ``expand_timesteps``
+        (:func:`~distill_pl.families.wan.layout.write_layout_index`): the folder reloads as TI2V."""
+        super().save_components(folder)
+        write_layout_index(folder, self.pipeline_class_name, self.components, expand_timesteps=True)
 
     def _control_channels(self) -> int:
         """Image-to-video: the first latent frame, the latents' channels; else 0."""
@@ -89,13 +91,20 @@ class WanTI2VDenoiser(WanDenoiser):
         per_token = grid[:, ::p_h, ::p_w].flatten()
         return per_token[None] * wan_timestep(sigma)[:, None]
 
+    def control_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Image-to-video: the clean first latent frame [B, C, 1, H, W]; text-to-video: None."""
+        if not self.image_to_video:
+            return None
+        batch, channels, _, height, width = latent_shape
+        return (batch, channels, 1, height, width)
+
     def _check_control(self, x_t: Tensor, control: Tensor | None) -> None:
         if not self.image_to_video:
             if control is not None:
                 raise ValueError("this Wan 2.2 TI2V model is text-to-video (image_to_video=False), "
                                  "but cond.control was given")
             return
-        expected = [x_t.shape[0], self.latent_channels, 1, *x_t.shape[3:]]
+        expected = list(self.control_shape(x_t.shape))
         if control is None or list(control.shape) != expected:
             got = None if control is None else list(control.shape)
             raise ValueError(f"cond.control of a Wan 2.2 TI2V image-to-video model is the clean first "

@@ -93,15 +93,10 @@ class WanVACEDenoiser(WanDenoiser):
         "pipeline's default, all ones: control everywhere), no reference images"
     )
 
-    def __init__(
-        self,
-        path: str | None = None,
-        config: dict | None = None,
-        gradient_checkpointing: bool = False,
-        dtype: str = "float32",
-        conditioning_scale: float = 1.0,
-    ) -> None:
-        super().__init__(path=path, config=config, gradient_checkpointing=gradient_checkpointing, dtype=dtype)
+    def __init__(self, *, conditioning_scale: float = 1.0, **backbone) -> None:
+        """``backbone``: :class:`~distill_pl.families.wan.adapter.WanDenoiser`'s ``path``,
+        ``config``, ``gradient_checkpointing`` and ``dtype``."""
+        super().__init__(**backbone)
         self.conditioning_scale = float(conditioning_scale)
 
     @property
