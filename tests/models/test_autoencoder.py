@@ -73,3 +73,19 @@ def test_pixel_space_is_identity_and_build(tiny_vae_folder):
     x = video()
     assert pixels.encode(x) is x and pixels.decode(x) is x
     assert isinstance(build_autoencoder(str(tiny_vae_folder[0])), WanVAE)
+
+
+def test_runs_in_its_own_dtype_inside_bf16_autocast(tiny_vae_folder):
+    """bf16-mixed training wraps the VAE in autocast; it still encodes and decodes in float32."""
+    root, _ = tiny_vae_folder
+    autoencoder = WanVAE(str(root))
+    x = video()
+    with torch.no_grad():
+        latents, decoded = autoencoder.encode(x), autoencoder.decode(autoencoder.encode(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            latents_mixed = autoencoder.encode(x)
+            decoded_mixed = autoencoder.decode(latents_mixed)
+            sampled_mixed = autoencoder.encode_sample(x, torch.Generator().manual_seed(0))
+        sampled = autoencoder.encode_sample(x, torch.Generator().manual_seed(0))
+    assert torch.equal(latents_mixed, latents) and torch.equal(decoded_mixed, decoded)
+    assert torch.equal(sampled_mixed, sampled)
