@@ -8,8 +8,9 @@ random 32 x 32 PNG, so resizing leaves it as it is and the pipeline gets the sam
 carphone_distorted without one (its first frame is the image). The pairs and KD run in the
 default suite: the shards reference the image, their control's first frame is it, and the
 exported KD student, called through ``WanImageToVideoPipeline`` with that image as documented
-(2 steps, its levels bound to the scheduler, no CFG), gives the project's 2-step sample. DMD2,
-export and the evaluation, and the TI2V-5B image-to-video KD variant, are slow.
+(2 steps, its levels bound to the scheduler, no CFG), gives the project's 2-step sample; DMD2,
+export and the evaluation follow, and a TI2V-5B image-to-video KD variant. All in the default
+suite (pytest-xdist runs the file beside the others).
 """
 
 from __future__ import annotations
@@ -134,7 +135,6 @@ def test_i2v_pairs_reference_the_image_and_the_kd_student_reloads_as_the_pipelin
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow  # DMD2, export and evaluation on the default test's KD run
 def test_i2v_dmd2_trains_both_experts_and_evaluates_against_the_image(a14b):
     """DMD2 (10 steps: 2 student updates) from the KD run trains both experts; ``distill-pl
     export`` of its checkpoint equals the run's export; the evaluation scores the given first
@@ -176,7 +176,7 @@ def test_i2v_dmd2_trains_both_experts_and_evaluates_against_the_image(a14b):
         assert np.isfinite(row["image_psnr"]) and row["image_psnr"] > 0 and row["frechet_distance"] >= 0
 
 
-@pytest.mark.slow  # TI2V-5B image-to-video: pairs and KD with the image, 64 x 64 clips
+# TI2V-5B image-to-video: pairs and KD with the image, 64 x 64 clips
 def test_ti2v_image_to_video_kd_through_the_cli(tmp_path):
     """configs/tiny-wan2.2-ti2v-5b with ``image_to_video: true`` and ``control: clip``: the pairs
     reference the manifest's image, and the teacher's samples and the KD student's keep its
