@@ -67,6 +67,7 @@ def pipeline_one_step(folder, noise, text_embeds, control):
                     output_type="latent").frames
 
 
+@pytest.mark.slow  # 85-100 s beside the default suite; tests/families/test_conformance.py checks the family's contract and export by default
 def test_pairs_kd_dmd2_evaluate_through_the_cli(work):
     def pairs(cfg):
         cfg["model"]["init_args"]["num_steps"] = 2
