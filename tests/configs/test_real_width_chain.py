@@ -109,11 +109,16 @@ def write_real_width_wan(folder: Path, config: RealSizeConfig, text: Path) -> No
 
 
 def fit(work, source: str, runs: str, edit, steps: int):
-    """``distill-pl fit`` of ``source`` after ``edit``; the run folder, its last checkpoint at ``steps``."""
+    """``distill-pl fit`` of ``source`` after ``edit``; the run folder, its last checkpoint at
+    ``steps``. The step checkpoint beside ``last.ckpt`` (the same state, up to 6 GB at these
+    widths) is deleted: the chains would otherwise fill tens of GB of disk."""
     run_cli(["fit", "--config", str(edited_config(source, work / Path(source).name, edit))], cwd=work,
             timeout=TIMEOUT)
     run = work / runs / Path(source).stem
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == steps
+    for checkpoint in (run / "checkpoints").glob("*.ckpt"):
+        if checkpoint.name != "last.ckpt":
+            checkpoint.unlink()
     return run
 
 
@@ -163,3 +168,4 @@ def test_pairs_kd_dmd2_export_at_real_width(tmp_path, umt5_xxl_width, config):
         assert all(torch.isfinite(p).all() for p in transformer.parameters())
     exported = load(dmd2_run / "export/transformer").state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in load(again / "transformer").state_dict().items())
+    shutil.rmtree(work)  # passed: free the case's disk (up to ~20 GB at 14B width) before the next one
