@@ -258,15 +258,10 @@ class StageModule(L.LightningModule):
         norms: dict[str, Tensor] = {}
         skipped: dict[str, tuple[str, ...]] = {}
         if finite:
-            norms = _gradient_norms(groups)
-            total = torch.stack(list(norms.values())).square().sum().sqrt()
+            norms, total = _gradient_norms(groups)
+            if not torch.isfinite(total) and (skipped := _drop_nonfinite_experts(groups)):
+                norms, total = _gradient_norms(groups)  # of the gradients left
             finite = bool(torch.isfinite(total))  # gradients are all-reduced: same on every rank
-            if not finite:
-                skipped = _drop_nonfinite_experts(groups)
-                if skipped:
-                    norms = _gradient_norms(groups)
-                    total = torch.stack(list(norms.values())).square().sum().sqrt()
-                    finite = bool(torch.isfinite(total))
             if finite and max_norm is not None:
                 params = [p for module in groups.values() for p in module.parameters() if p.grad is not None]
                 with implicit_replication():  # a plain total norm may scale DTensor gradients
@@ -370,11 +365,12 @@ def experts_of(network: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return network.named_experts if isinstance(network, Denoiser) else {}
 
 
-def _gradient_norms(groups: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
-    """The total L2 norm of each group's gradients (of the full gradients when sharded: the
-    same value on every rank)."""
-    return {name: gradient_norm([p.grad for p in module.parameters() if p.grad is not None])
-            for name, module in groups.items()}
+def _gradient_norms(groups: dict[str, torch.nn.Module]) -> tuple[dict[str, Tensor], Tensor]:
+    """The total L2 norm of each group's gradients and of all of them (of the full gradients
+    when sharded: the same values on every rank)."""
+    norms = {name: gradient_norm([p.grad for p in module.parameters() if p.grad is not None])
+             for name, module in groups.items()}
+    return norms, torch.stack(list(norms.values())).square().sum().sqrt()
 
 
 def _drop_nonfinite_experts(groups: dict[str, torch.nn.Module]) -> dict[str, tuple[str, ...]]:
